@@ -1,0 +1,1 @@
+//! Source folder + apprunner.yaml → OCI image, without Docker (filled by the builder issue).

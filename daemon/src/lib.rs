@@ -1,0 +1,1 @@
+//! The control plane: services, revisions, deployments, autoscaler, admin API and metrics (filled by the daemon issue).

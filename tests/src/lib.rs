@@ -1,0 +1,1 @@
+//! Helpers shared by lull's end-to-end and privileged tests.
