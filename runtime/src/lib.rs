@@ -8,7 +8,9 @@
 pub mod cgroup;
 pub mod digest;
 pub mod import;
+pub mod instance;
 pub mod layers;
+pub mod logs;
 pub mod pull;
 pub mod reference;
 pub mod store;

@@ -1,1 +1,4 @@
-//! Helpers shared by lull's end-to-end and privileged tests.
+//! Helpers shared by lull's end-to-end and privileged tests: unique names, scratch dirs and
+//! cleanup guards, so that two runs never collide and a failed test leaves nothing behind.
+
+pub mod scratch;

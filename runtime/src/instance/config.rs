@@ -1,0 +1,145 @@
+//! What one instance is launched with, and the files its shim leaves behind.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::LinuxResources;
+use serde::{Deserialize, Serialize};
+
+use crate::logs::LogLimits;
+
+/// Everything the shim needs to launch an instance; written as `launch.json` in the instance dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchConfig {
+    pub id: String,
+    /// The instance dir: bundle (`config.json`), `rootfs/`, `upper/`, `work/`, `logs/`, state files.
+    pub dir: PathBuf,
+    /// Where unpacked layers live.
+    pub layers_dir: PathBuf,
+    /// Layer dir names inside `layers_dir`, lowest first.
+    pub layers: Vec<String>,
+    /// libcontainer's state root.
+    pub state_root: PathBuf,
+    pub process: ProcessConfig,
+    pub hostname: String,
+    /// Network namespace to join; `None` gives the instance a new, empty one.
+    pub netns: Option<PathBuf>,
+    /// Absolute cgroup path (e.g. `/lull/<id>`), the same in every hierarchy.
+    pub cgroups_path: String,
+    pub resources: LinuxResources,
+    pub log_limits: LogLimits,
+}
+
+/// The instance's main process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessConfig {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// The image's `User` (`name`, `uid`, `name:group`, `uid:gid`; empty = root).
+    pub user: String,
+}
+
+/// Written by the shim once the instance runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimState {
+    pub init_pid: i32,
+    pub init_start_time: u64,
+    pub shim_pid: i32,
+    pub shim_start_time: u64,
+    pub started_at: String,
+}
+
+/// How an instance's main process ended; written by the shim as `exit.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when the process exited.
+    pub code: Option<i32>,
+    /// Signal number when it was killed.
+    pub signal: Option<i32>,
+    pub finished_at: String,
+    /// Set by the runtime when the cgroup recorded an OOM kill.
+    #[serde(default)]
+    pub oom_killed: bool,
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            _ if self.oom_killed => write!(
+                f,
+                "killed by the kernel's OOM killer (memory limit reached)"
+            ),
+            (Some(code), _) => write!(f, "exited with code {code}"),
+            (_, Some(sig)) => write!(f, "killed by signal {sig}"),
+            _ => write!(f, "ended with unknown status"),
+        }
+    }
+}
+
+/// The files of an instance dir.
+pub struct InstancePaths {
+    pub dir: PathBuf,
+}
+
+impl InstancePaths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        InstancePaths { dir: dir.into() }
+    }
+    pub fn launch(&self) -> PathBuf {
+        self.dir.join("launch.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn exit(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+    pub fn shim_log(&self) -> PathBuf {
+        self.dir.join("shim.log")
+    }
+    pub fn empty_layer(&self) -> PathBuf {
+        self.dir.join("empty")
+    }
+}
+
+/// Writes `value` as JSON at `path` atomically (temp file, fsync, rename).
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a JSON file; `Ok(None)` when it does not exist.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}

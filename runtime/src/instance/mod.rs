@@ -1,0 +1,421 @@
+//! Instances: one image running in its own namespaces and cgroup, launched through youki's
+//! libcontainer by a per-instance shim (see [`shim`]) forked by the [`zygote`].
+//!
+//! Files of an instance live in `<instances>/<id>/` (see [`InstancePaths`]); libcontainer's state
+//! in `<state_root>/<id>/`. Both survive the daemon, so a restarted daemon finds every instance
+//! again ([`InstanceManager::recover`]).
+
+pub mod config;
+pub mod overlay;
+pub mod pidfd;
+pub mod process;
+pub mod shim;
+pub mod spec;
+pub mod user;
+pub mod zygote;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libcontainer::container::Container;
+use oci_spec::runtime::LinuxResources;
+
+pub use config::{ExitStatus, InstancePaths, LaunchConfig, ProcessConfig, ShimState};
+use config::{read_json, write_json_atomic};
+use pidfd::{PidFd, is_same_process_alive};
+pub use process::{ImageProcess, ProcessOverrides, resolve_process};
+pub use zygote::Zygote;
+
+use crate::logs::LogLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error(
+        "instance id {0:?} must be 1 to 63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit"
+    )]
+    BadId(String),
+    #[error("instance {0} already exists")]
+    Exists(String),
+    #[error("instance {0} not found")]
+    NotFound(String),
+    #[error("instance {id}: {source}")]
+    Process {
+        id: String,
+        source: process::ProcessError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Zygote(#[from] zygote::ZygoteError),
+    #[error("delete instance {id}: {message}")]
+    Delete { id: String, message: String },
+    #[error("instance {id}: {source}")]
+    Signal { id: String, source: std::io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
+    move |source| InstanceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Checks an instance id (it names dirs, cgroups and the hostname).
+pub fn validate_id(id: &str) -> Result<(), InstanceError> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(InstanceError::BadId(id.to_owned()))
+    }
+}
+
+/// Where the instance manager keeps things and how it starts its zygote.
+#[derive(Debug, Clone)]
+pub struct InstancesConfig {
+    /// `<data>/instances`.
+    pub instances_dir: PathBuf,
+    /// `<data>/layers`.
+    pub layers_dir: PathBuf,
+    /// libcontainer's state root (e.g. `/run/lull/containers`).
+    pub state_root: PathBuf,
+    /// Parent of every instance cgroup (e.g. `/lull`).
+    pub cgroup_parent: String,
+    /// The program that serves the zygote, and its arguments.
+    pub zygote_program: PathBuf,
+    pub zygote_args: Vec<String>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct InstanceRequest {
+    pub id: String,
+    /// Unpacked layer dir names inside the layers dir, lowest first.
+    pub layers: Vec<String>,
+    pub image: ImageProcess,
+    pub overrides: ProcessOverrides,
+    pub resources: LinuxResources,
+    pub netns: Option<PathBuf>,
+    pub log_limits: LogLimits,
+}
+
+/// A running (or exited, not yet deleted) instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    pub paths_dir: PathBuf,
+    pub cgroups_path: String,
+    pub state: ShimState,
+    init: Option<PidFd>,
+    shim: Option<PidFd>,
+}
+
+impl Instance {
+    pub fn paths(&self) -> InstancePaths {
+        InstancePaths::new(&self.paths_dir)
+    }
+
+    pub fn init_pid(&self) -> i32 {
+        self.state.init_pid
+    }
+
+    /// Sends a signal to the instance's main process (pid 1 inside it).
+    pub fn signal(&self, signal: i32) -> Result<bool, InstanceError> {
+        match &self.init {
+            Some(fd) => fd.signal(signal).map_err(|source| InstanceError::Signal {
+                id: self.id.clone(),
+                source,
+            }),
+            None => Ok(false),
+        }
+    }
+
+    /// True once the main process has exited.
+    pub fn has_exited(&self) -> bool {
+        self.init.as_ref().is_none_or(PidFd::has_exited)
+    }
+
+    /// Waits for the instance to end and returns how it ended (from the shim's `exit.json`).
+    pub async fn wait(&self) -> Result<ExitStatus, InstanceError> {
+        if let Some(init) = &self.init {
+            init.exited().await.map_err(io_err(&self.paths_dir))?;
+        }
+        if let Some(shim) = &self.shim {
+            shim.exited().await.map_err(io_err(&self.paths_dir))?;
+        }
+        self.exit_status()?.ok_or_else(|| InstanceError::Io {
+            path: self.paths().exit(),
+            source: std::io::Error::other(
+                "the shim ended without recording an exit status (see shim.log)",
+            ),
+        })
+    }
+
+    /// The recorded exit status, if the instance has ended.
+    pub fn exit_status(&self) -> Result<Option<ExitStatus>, InstanceError> {
+        let path = self.paths().exit();
+        read_json(&path).map_err(io_err(&path))
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
+    pub async fn stop(&self, grace: Duration) -> Result<ExitStatus, InstanceError> {
+        self.signal(libc::SIGTERM)?;
+        if tokio::time::timeout(grace, self.wait()).await.is_err() {
+            tracing::info!(instance = %self.id, "did not stop within {grace:?} of SIGTERM: killing");
+            self.signal(libc::SIGKILL)?;
+        }
+        self.wait().await
+    }
+}
+
+/// What [`InstanceManager::recover`] found for one instance dir.
+#[derive(Debug)]
+pub enum Recovered {
+    /// Still running: handed back to be adopted.
+    Running(Instance),
+    /// Ended while nobody watched; its status is known. Not yet deleted.
+    Exited(Instance, ExitStatus),
+    /// Its process is gone and its status was lost (or it never started): deleted already.
+    Removed { id: String },
+}
+
+/// Launches, finds and deletes instances.
+pub struct InstanceManager {
+    cfg: InstancesConfig,
+    zygote: Arc<Zygote>,
+}
+
+impl InstanceManager {
+    pub fn new(cfg: InstancesConfig) -> Result<Self, InstanceError> {
+        for dir in [&cfg.instances_dir, &cfg.state_root] {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let zygote = Arc::new(Zygote::spawn(&cfg.zygote_program, &cfg.zygote_args)?);
+        Ok(InstanceManager { cfg, zygote })
+    }
+
+    pub fn config(&self) -> &InstancesConfig {
+        &self.cfg
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.cfg.instances_dir.join(id)
+    }
+
+    /// The cgroup path of instance `id`.
+    pub fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id)
+    }
+
+    /// Starts an instance and returns once its process runs.
+    pub async fn launch(&self, req: InstanceRequest) -> Result<Instance, InstanceError> {
+        validate_id(&req.id)?;
+        let process = resolve_process(&req.image, &req.overrides).map_err(|source| {
+            InstanceError::Process {
+                id: req.id.clone(),
+                source,
+            }
+        })?;
+        let dir = self.dir(&req.id);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(InstanceError::Exists(req.id));
+            }
+            Err(e) => {
+                return Err(InstanceError::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
+        }
+        let cfg = LaunchConfig {
+            id: req.id.clone(),
+            dir: dir.clone(),
+            layers_dir: self.cfg.layers_dir.clone(),
+            layers: req.layers,
+            state_root: self.cfg.state_root.clone(),
+            process,
+            hostname: req.id.clone(),
+            netns: req.netns,
+            cgroups_path: self.cgroups_path(&req.id),
+            resources: req.resources,
+            log_limits: req.log_limits,
+        };
+        let launch_path = InstancePaths::new(&dir).launch();
+        write_json_atomic(&launch_path, &cfg).map_err(io_err(&launch_path))?;
+
+        let zygote = self.zygote.clone();
+        let cfg_for_launch = cfg.clone();
+        let launched = tokio::task::spawn_blocking(move || zygote.launch(&cfg_for_launch))
+            .await
+            .map_err(|e| InstanceError::Io {
+                path: dir.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        let state = match launched {
+            Ok(state) => state,
+            Err(e) => {
+                // The shim cleaned up its mounts and libcontainer state; the dir keeps shim.log
+                // for diagnosis until the instance is deleted.
+                return Err(e.into());
+            }
+        };
+        let init = PidFd::open(state.init_pid).ok();
+        let shim = PidFd::open(state.shim_pid).ok();
+        Ok(Instance {
+            id: cfg.id,
+            paths_dir: dir,
+            cgroups_path: cfg.cgroups_path,
+            state,
+            init,
+            shim,
+        })
+    }
+
+    /// Classifies every instance dir left by a previous daemon.
+    pub fn recover(&self) -> Result<Vec<Recovered>, InstanceError> {
+        let mut found = Vec::new();
+        let entries =
+            fs::read_dir(&self.cfg.instances_dir).map_err(io_err(&self.cfg.instances_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.cfg.instances_dir))?;
+            let Ok(id) = entry.file_name().into_string() else {
+                continue;
+            };
+            if validate_id(&id).is_err() {
+                continue;
+            }
+            found.push(self.recover_one(&id)?);
+        }
+        Ok(found)
+    }
+
+    fn recover_one(&self, id: &str) -> Result<Recovered, InstanceError> {
+        let paths = InstancePaths::new(self.dir(id));
+        let state: Option<ShimState> = read_json(&paths.state()).map_err(io_err(&paths.state()))?;
+        let exit: Option<ExitStatus> = read_json(&paths.exit()).map_err(io_err(&paths.exit()))?;
+        let Some(state) = state else {
+            self.remove_files(id)?;
+            return Ok(Recovered::Removed { id: id.to_owned() });
+        };
+        let instance = |state: ShimState| {
+            let alive = |pid, start| {
+                if is_same_process_alive(pid, start) {
+                    PidFd::open(pid).ok()
+                } else {
+                    None
+                }
+            };
+            Instance {
+                id: id.to_owned(),
+                paths_dir: paths.dir.clone(),
+                cgroups_path: self.cgroups_path(id),
+                init: alive(state.init_pid, state.init_start_time),
+                shim: alive(state.shim_pid, state.shim_start_time),
+                state,
+            }
+        };
+        if let Some(exit) = exit {
+            return Ok(Recovered::Exited(instance(state), exit));
+        }
+        if is_same_process_alive(state.init_pid, state.init_start_time) {
+            return Ok(Recovered::Running(instance(state)));
+        }
+        self.remove_files(id)?;
+        Ok(Recovered::Removed { id: id.to_owned() })
+    }
+
+    /// Kills (if still running) and deletes an instance: libcontainer state, cgroups, the rootfs
+    /// mount and the instance dir. Deleting an instance that is already gone is not an error.
+    pub async fn delete(&self, instance: Instance) -> Result<(), InstanceError> {
+        if !instance.has_exited() {
+            instance.signal(libc::SIGKILL)?;
+            let _ = tokio::time::timeout(Duration::from_secs(10), instance.wait()).await;
+        }
+        let id = instance.id.clone();
+        drop(instance);
+        self.remove_files(&id)
+    }
+
+    /// Removes what an instance left on the host (blocking, quick).
+    pub fn remove_files(&self, id: &str) -> Result<(), InstanceError> {
+        validate_id(id)?;
+        let state_dir = self.cfg.state_root.join(id);
+        if state_dir.exists() {
+            match Container::load(state_dir.clone()) {
+                Ok(mut container) => {
+                    if let Err(e) = container.delete(true) {
+                        tracing::warn!(instance = %id, "libcontainer delete: {e}; removing its state by hand");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %id, "load libcontainer state: {e}; removing it by hand")
+                }
+            }
+            if state_dir.exists() {
+                fs::remove_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+            }
+        }
+        let paths = InstancePaths::new(self.dir(id));
+        overlay::unmount(&paths.rootfs()).map_err(|e| InstanceError::Delete {
+            id: id.to_owned(),
+            message: e.to_string(),
+        })?;
+        if paths.dir.exists() {
+            fs::remove_dir_all(&paths.dir).map_err(io_err(&paths.dir))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub fn sample_launch_config() -> LaunchConfig {
+        LaunchConfig {
+            id: "web-1".into(),
+            dir: "/var/lib/lull/instances/web-1".into(),
+            layers_dir: "/var/lib/lull/layers".into(),
+            layers: vec!["a".into()],
+            state_root: "/run/lull/containers".into(),
+            process: ProcessConfig {
+                args: vec!["/app/server".into()],
+                env: vec!["PATH=/bin".into()],
+                cwd: "/app".into(),
+                user: "app".into(),
+            },
+            hostname: "web-1".into(),
+            netns: Some("/run/lull/netns/test".into()),
+            cgroups_path: "/lull/web-1".into(),
+            resources: LinuxResources::default(),
+            log_limits: LogLimits::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        for good in ["a", "web-1", "svc.rev_2", &"x".repeat(63)] {
+            validate_id(good).unwrap();
+        }
+        for bad in ["", "-a", "A", "a/b", "../x", &"x".repeat(64), "a b"] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

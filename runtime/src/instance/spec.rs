@@ -1,0 +1,199 @@
+//! The OCI runtime spec (`config.json`) of one instance, from its launch configuration.
+//!
+//! Defaults follow runc's: the default mounts, masked and read-only paths of `oci-spec`, own
+//! pid/ipc/uts/mount/cgroup/network namespaces, Docker's default capability set (not all
+//! capabilities), `no_new_privileges`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    Capability, LinuxCapabilities, LinuxNamespace, LinuxNamespaceType, PosixRlimitBuilder,
+    PosixRlimitType, Spec, User,
+};
+
+use super::LaunchConfig;
+use super::user::ResolvedUser;
+
+/// Docker's default capability set: what images expect, far from "all capabilities".
+pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Open files allowed per process inside an instance (containerd's default), lowered to what
+/// the daemon itself may grant (raising a hard limit needs CAP_SYS_RESOURCE, which some hosts
+/// withhold even from root).
+pub const NOFILE_LIMIT: u64 = 1_048_576;
+
+/// [`NOFILE_LIMIT`] capped by this process's hard limit.
+pub fn nofile_limit() -> u64 {
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((_, hard)) => hard.min(NOFILE_LIMIT),
+        Err(_) => 1024,
+    }
+}
+
+/// Builds the spec. `rootfs` is relative to the bundle (the instance dir).
+pub fn build_spec(cfg: &LaunchConfig, user: &ResolvedUser) -> Spec {
+    let mut spec = Spec::default();
+    spec.set_version("1.2.0".to_owned());
+    spec.set_hostname(Some(cfg.hostname.clone()));
+
+    let mut root = oci_spec::runtime::Root::default();
+    root.set_path(PathBuf::from("rootfs"));
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+
+    let mut process = oci_spec::runtime::Process::default();
+    process.set_args(Some(cfg.process.args.clone()));
+    let mut env = cfg.process.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    process.set_env(Some(env));
+    process.set_cwd(PathBuf::from(&cfg.process.cwd));
+    process.set_no_new_privileges(Some(true));
+
+    let mut oci_user = User::default();
+    oci_user.set_uid(user.uid);
+    oci_user.set_gid(user.gid);
+    if !user.additional_gids.is_empty() {
+        oci_user.set_additional_gids(Some(user.additional_gids.clone()));
+    }
+    process.set_user(oci_user);
+
+    let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    let mut capabilities = LinuxCapabilities::default();
+    capabilities.set_bounding(Some(caps.clone()));
+    capabilities.set_effective(Some(caps.clone()));
+    capabilities.set_permitted(Some(caps));
+    capabilities.set_inheritable(Some(HashSet::new()));
+    capabilities.set_ambient(Some(HashSet::new()));
+    process.set_capabilities(Some(capabilities));
+
+    let nofile = PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitNofile)
+        .soft(nofile_limit())
+        .hard(nofile_limit())
+        .build()
+        .expect("all rlimit fields are set");
+    process.set_rlimits(Some(vec![nofile]));
+    spec.set_process(Some(process));
+
+    let mut linux = oci_spec::runtime::Linux::default();
+    let namespaces = [
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Cgroup,
+        LinuxNamespaceType::Network,
+    ]
+    .into_iter()
+    .map(|typ| {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(typ);
+        if typ == LinuxNamespaceType::Network {
+            ns.set_path(cfg.netns.clone());
+        }
+        ns
+    })
+    .collect();
+    linux.set_namespaces(Some(namespaces));
+    linux.set_cgroups_path(Some(PathBuf::from(&cfg.cgroups_path)));
+    linux.set_resources(Some(cfg.resources.clone()));
+    spec.set_linux(Some(linux));
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::test_support::sample_launch_config;
+
+    #[test]
+    fn spec_isolates_and_drops_privileges() {
+        let cfg = sample_launch_config();
+        let user = ResolvedUser {
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![50],
+            home: "/home/app".into(),
+        };
+        let spec = build_spec(&cfg, &user);
+        let json = serde_json::to_value(&spec).unwrap();
+
+        assert_eq!(json["hostname"], cfg.hostname);
+        assert_eq!(json["root"]["path"], "rootfs");
+        assert_eq!(json["process"]["args"], serde_json::json!(cfg.process.args));
+        assert_eq!(json["process"]["user"]["uid"], 1000);
+        assert_eq!(
+            json["process"]["user"]["additionalGids"],
+            serde_json::json!([50])
+        );
+        assert_eq!(json["process"]["noNewPrivileges"], true);
+        assert!(
+            json["process"]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == "HOME=/home/app")
+        );
+        let bounding = json["process"]["capabilities"]["bounding"]
+            .as_array()
+            .unwrap();
+        assert_eq!(bounding.len(), 14);
+        assert!(!bounding.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        assert!(
+            json["process"]["capabilities"]["inheritable"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+
+        let ns: Vec<&str> = json["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        for want in ["pid", "ipc", "uts", "mount", "cgroup", "network"] {
+            assert!(ns.contains(&want), "namespace {want} missing from {ns:?}");
+        }
+        let net = json["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "network")
+            .unwrap();
+        assert_eq!(net["path"], "/run/lull/netns/test");
+        assert_eq!(json["linux"]["cgroupsPath"], cfg.cgroups_path);
+        assert!(
+            json["linux"]["maskedPaths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == "/proc/kcore")
+        );
+        assert!(
+            json["linux"]["readonlyPaths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == "/proc/sys")
+        );
+    }
+}

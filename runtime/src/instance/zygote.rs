@@ -1,0 +1,237 @@
+//! The zygote: a single-threaded helper process, exec'd by the daemon, that forks one shim per
+//! instance.
+//!
+//! libcontainer's `build()` clones from the calling thread and changes process-wide state
+//! (working directory, dumpable flag), which deadlocks or races inside a multi-threaded tokio
+//! process. The daemon therefore never calls it: it sends a [`LaunchConfig`] over a
+//! `SOCK_SEQPACKET` socket to the zygote, which forks (safe: it has one thread), the child
+//! detaches into its own session and forks the shim, and the shim does the libcontainer calls
+//! and reports back. The zygote exits when the daemon goes away; shims do not.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Mutex;
+
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
+use nix::unistd::{ForkResult, fork};
+use serde::{Deserialize, Serialize};
+
+use super::config::{LaunchConfig, ShimState};
+use super::shim;
+
+/// The fd number the zygote finds its socket at.
+pub const ZYGOTE_FD: RawFd = 3;
+const MAX_MESSAGE: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    #[error("start zygote {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("zygote socket: {0}")]
+    Socket(nix::Error),
+    #[error("zygote exited (its log is on the daemon's stderr)")]
+    Gone,
+    #[error("zygote protocol: {0}")]
+    Protocol(String),
+    #[error("launch {id}: {message}")]
+    Launch { id: String, message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    Launch(Box<LaunchConfig>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Response {
+    Launched(ShimState),
+    Failed(String),
+}
+
+/// The daemon's handle on its zygote.
+pub struct Zygote {
+    sock: Mutex<OwnedFd>,
+    child: Mutex<Child>,
+}
+
+impl Zygote {
+    /// Starts `program args...` with the zygote socket at fd [`ZYGOTE_FD`]. The program must call
+    /// [`serve`] (the `lull` binary does for `lull __zygote`).
+    pub fn spawn(program: &Path, args: &[String]) -> Result<Zygote, ZygoteError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(ZygoteError::Socket)?;
+        let theirs_raw = theirs.as_raw_fd();
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
+        // functions (dup2, fcntl) on fds that are open in the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                if theirs_raw == ZYGOTE_FD {
+                    if libc::fcntl(ZYGOTE_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_raw, ZYGOTE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| ZygoteError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })?;
+        drop(theirs);
+        Ok(Zygote {
+            sock: Mutex::new(ours),
+            child: Mutex::new(child),
+        })
+    }
+
+    /// Launches an instance (blocking: call from a blocking thread). Returns when the instance's
+    /// process runs, or with the reason it could not start.
+    pub fn launch(&self, cfg: &LaunchConfig) -> Result<ShimState, ZygoteError> {
+        let request = serde_json::to_vec(&Request::Launch(Box::new(cfg.clone())))
+            .map_err(|e| ZygoteError::Protocol(e.to_string()))?;
+        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        send(sock.as_raw_fd(), &request, MsgFlags::MSG_NOSIGNAL).map_err(|e| match e {
+            nix::Error::EPIPE | nix::Error::ECONNRESET => ZygoteError::Gone,
+            e => ZygoteError::Socket(e),
+        })?;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(ZygoteError::Socket)?;
+        if n == 0 {
+            return Err(ZygoteError::Gone);
+        }
+        match serde_json::from_slice(&buf[..n]).map_err(|e| ZygoteError::Protocol(e.to_string()))? {
+            Response::Launched(state) => Ok(state),
+            Response::Failed(message) => Err(ZygoteError::Launch {
+                id: cfg.id.clone(),
+                message,
+            }),
+        }
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The zygote's main loop, on the socket at `fd`. Returns the process exit code. Must run in a
+/// freshly exec'd, single-threaded process.
+pub fn serve(fd: RawFd) -> i32 {
+    // Die with the daemon: shims are detached and live on, the zygote has nothing left to do.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // SAFETY: the daemon passed this fd to us at exec; nothing else in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) => return 0,
+            Ok(n) => n,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("zygote: receive: {e}");
+                return 1;
+            }
+        };
+        let response = match serde_json::from_slice::<Request>(&buf[..n]) {
+            Ok(Request::Launch(cfg)) => launch(&cfg, sock.as_raw_fd()),
+            Err(e) => Response::Failed(format!("zygote: bad request: {e}")),
+        };
+        let bytes = match serde_json::to_vec(&response) {
+            Ok(b) => b,
+            Err(e) => format!("{{\"Failed\":\"zygote: encode response: {e}\"}}").into_bytes(),
+        };
+        if let Err(e) = send(sock.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+            tracing::error!("zygote: send: {e}");
+            return 1;
+        }
+    }
+}
+
+fn launch(cfg: &LaunchConfig, zygote_sock: RawFd) -> Response {
+    let (report_r, report_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return Response::Failed(format!("report pipe: {e}")),
+    };
+    // SAFETY: the zygote is single-threaded, so the child may run arbitrary code after fork.
+    match unsafe { fork() } {
+        Err(e) => Response::Failed(format!("fork: {e}")),
+        Ok(ForkResult::Child) => {
+            drop(report_r);
+            // SAFETY: closing our copy of the zygote socket in the child; the fd is not used again here.
+            unsafe { libc::close(zygote_sock) };
+            let _ = nix::unistd::setsid();
+            // SAFETY: still single-threaded.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => shim::run(cfg, report_w),
+                // SAFETY: _exit ends the intermediate child without running the parent's atexit handlers.
+                Ok(ForkResult::Parent { .. }) => unsafe { libc::_exit(0) },
+                // SAFETY: as above.
+                Err(_) => unsafe { libc::_exit(1) },
+            }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(report_w);
+            let _ = nix::sys::wait::waitpid(child, None);
+            let mut line = String::new();
+            let mut reader = BufReader::new(std::fs::File::from(report_r));
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => Response::Failed(
+                    "the instance shim died before reporting (see shim.log in the instance dir)"
+                        .into(),
+                ),
+                Ok(_) => match serde_json::from_str::<Result<ShimState, String>>(&line) {
+                    Ok(Ok(state)) => Response::Launched(state),
+                    Ok(Err(message)) => Response::Failed(message),
+                    Err(e) => Response::Failed(format!("shim report: {e}")),
+                },
+            }
+        }
+    }
+}
+
+/// Where the zygote and its shims write diagnostics: stderr in the zygote, the instance's
+/// `shim.log` in a shim. Not fd 2 itself, because libcontainer's init (forked from the shim)
+/// points fd 2 at the app's stderr pipe and would mix its own messages into the app's log.
+static DIAGNOSTICS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(2);
+
+pub(crate) fn set_diagnostics_fd(fd: RawFd) {
+    DIAGNOSTICS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A `std::io::Write` for the zygote's log subscriber (see [`DIAGNOSTICS_FD`]).
+pub struct DiagnosticsWriter;
+
+impl std::io::Write for DiagnosticsWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let fd = DIAGNOSTICS_FD.load(std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: writes from a valid buffer to an fd this process keeps open for its lifetime.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

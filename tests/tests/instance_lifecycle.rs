@@ -1,0 +1,180 @@
+//! Privileged: instances launched through the zygote, shim and libcontainer, on a layer made by
+//! hand from Debian's busybox-static (the image store has its own tests).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lull_runtime::instance::{
+    ImageProcess, InstanceManager, InstanceRequest, InstancesConfig, ProcessOverrides,
+};
+use lull_runtime::logs::{self, LogLimits, Stream};
+use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under, unique_name};
+use oci_spec_helpers::resources;
+
+mod oci_spec_helpers {
+    pub fn resources() -> oci_spec::runtime::LinuxResources {
+        oci_spec::runtime::LinuxResources::default()
+    }
+}
+
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "hostname", "ls", "sleep", "id", "ps", "true", "seq",
+];
+
+/// A layer dir holding busybox, its applets and a passwd with an unprivileged user.
+fn busybox_layer(layers: &Path) -> String {
+    let name = "busybox".to_owned();
+    let root = layers.join(&name);
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static is installed (.ci/run installs it)");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/tmp:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    name
+}
+
+struct Fixture {
+    scratch: ScratchDir,
+    cgroups: CgroupParentGuard,
+    manager: InstanceManager,
+    layer: String,
+}
+
+fn fixture() -> Fixture {
+    let scratch = ScratchDir::new("lull-inst").unwrap();
+    let cgroups = CgroupParentGuard::new("lull-test");
+    let layers = scratch.path().join("layers");
+    let layer = busybox_layer(&layers);
+    let manager = InstanceManager::new(InstancesConfig {
+        instances_dir: scratch.path().join("instances"),
+        layers_dir: layers,
+        state_root: scratch.path().join("state"),
+        cgroup_parent: cgroups.parent.clone(),
+        zygote_program: PathBuf::from(env!("CARGO_BIN_EXE_lull-test-zygote")),
+        zygote_args: vec![],
+    })
+    .unwrap();
+    Fixture {
+        scratch,
+        cgroups,
+        manager,
+        layer,
+    }
+}
+
+fn request(f: &Fixture, id: &str, script: &str) -> InstanceRequest {
+    InstanceRequest {
+        id: id.to_owned(),
+        layers: vec![f.layer.clone()],
+        image: ImageProcess {
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        },
+        overrides: ProcessOverrides::default(),
+        resources: resources(),
+        netns: None,
+        log_limits: LogLimits::default(),
+    }
+}
+
+#[tokio::test]
+async fn runs_isolated_and_records_output_and_exit() {
+    let f = fixture();
+    let id = unique_name("i");
+    let script = "echo out-line; echo err-line >&2; echo host=$(hostname); echo pid=$$; echo uid=$(id -u); ls /proc | grep -c '^[0-9]'; exit 3";
+    let mut req = request(&f, &id, script);
+    req.overrides.user = Some("app".into());
+    let inst = f.manager.launch(req).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), inst.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code, Some(3), "{status:?}");
+
+    let records = logs::read_all(&inst.paths().logs()).unwrap();
+    let out: Vec<&str> = records
+        .iter()
+        .filter(|r| r.stream == Stream::Stdout)
+        .map(|r| r.text.as_str())
+        .collect();
+    let err: Vec<&str> = records
+        .iter()
+        .filter(|r| r.stream == Stream::Stderr)
+        .map(|r| r.text.as_str())
+        .collect();
+    assert_eq!(out[0], "out-line");
+    assert_eq!(err, vec!["err-line"]);
+    assert!(out.contains(&format!("host={id}").as_str()), "{out:?}");
+    assert!(
+        out.contains(&"pid=1"),
+        "the shell is pid 1 in its own pid namespace: {out:?}"
+    );
+    assert!(out.contains(&"uid=1000"), "runs as the image user: {out:?}");
+    // Only the shell and the few commands of the pipeline are visible, not the host's processes.
+    let visible: usize = out.last().unwrap().parse().unwrap();
+    assert!(visible <= 4, "{visible} processes visible inside: {out:?}");
+
+    f.manager.delete(inst).await.unwrap();
+    assert!(mounts_under(f.scratch.path()).is_empty());
+    assert!(!f.scratch.path().join("instances").join(&id).exists());
+    assert!(!f.scratch.path().join("state").join(&id).exists());
+    for dir in f.cgroups.dirs() {
+        assert!(
+            !dir.join(&id).exists(),
+            "cgroup {} left behind",
+            dir.join(&id).display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn stop_sends_sigterm_then_sigkill() {
+    let f = fixture();
+    // A pid 1 that ignores SIGTERM must be killed after the grace period.
+    let inst = f
+        .manager
+        .launch(request(
+            &f,
+            &unique_name("i"),
+            "trap '' TERM; while :; do sleep 1; done",
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let status = inst.stop(Duration::from_millis(500)).await.unwrap();
+    assert_eq!(status.signal, Some(libc::SIGKILL), "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    f.manager.delete(inst).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_command_fails_with_the_reason() {
+    let f = fixture();
+    let mut req = request(&f, &unique_name("i"), "");
+    req.image.cmd = vec!["/no/such/binary".into()];
+    match f.manager.launch(req).await {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("/no/such/binary") || msg.contains("No such file"),
+                "{msg}"
+            );
+        }
+        Ok(inst) => {
+            // libcontainer may report the exec failure as an exit instead.
+            let status = inst.wait().await.unwrap();
+            assert!(!status.success(), "{status:?}");
+            f.manager.delete(inst).await.unwrap();
+        }
+    }
+}
