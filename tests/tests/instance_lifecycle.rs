@@ -1,13 +1,14 @@
 //! Privileged: instances launched through the zygote, shim and libcontainer, on a layer made by
 //! hand from Debian's busybox-static (the image store has its own tests).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lull_runtime::instance::{
     ImageProcess, InstanceManager, InstanceRequest, InstancesConfig, ProcessOverrides,
 };
 use lull_runtime::logs::{self, LogLimits, Stream};
+use lull_tests::busybox::busybox_layer;
 use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under, unique_name};
 use oci_spec_helpers::resources;
 
@@ -15,31 +16,6 @@ mod oci_spec_helpers {
     pub fn resources() -> oci_spec::runtime::LinuxResources {
         oci_spec::runtime::LinuxResources::default()
     }
-}
-
-const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "hostname", "ls", "sleep", "id", "ps", "true", "seq",
-];
-
-/// A layer dir holding busybox, its applets and a passwd with an unprivileged user.
-fn busybox_layer(layers: &Path) -> String {
-    let name = "busybox".to_owned();
-    let root = layers.join(&name);
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::create_dir_all(root.join("tmp")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("busybox-static is installed (.ci/run installs it)");
-    for applet in APPLETS {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/tmp:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
-    name
 }
 
 struct Fixture {

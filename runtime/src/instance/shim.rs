@@ -27,13 +27,16 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 pub(crate) fn run(cfg: &LaunchConfig, report: OwnedFd) -> ! {
     let paths = InstancePaths::new(&cfg.dir);
     redirect_stdio(&paths.shim_log());
-    // SAFETY: plain prctl/signal calls with integer arguments; we are single-threaded.
+    // The shim must survive the signals aimed at a terminal's or a service's processes, but it
+    // must not ignore them (SIG_IGN is inherited across exec, and a shell cannot trap a signal
+    // ignored at its start): a no-op handler is reset to the default at the app's exec.
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: prctl takes integers; signal installs a handler that does nothing (async-signal-safe).
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGHUP, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        for sig in [libc::SIGPIPE, libc::SIGINT, libc::SIGHUP, libc::SIGTERM] {
+            libc::signal(sig, ignore as *const () as libc::sighandler_t);
+        }
     }
     let mut report = File::from(report);
     match launch(cfg, &paths) {

@@ -1,0 +1,120 @@
+//! Privileged: the process managing instances is killed with SIGKILL while an app logs
+//! continuously. The app keeps running, no log line is lost, an instance that exits meanwhile
+//! has its status recorded, and a new manager adopts what still runs.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lull_runtime::instance::{InstanceManager, InstancesConfig, Recovered};
+use lull_runtime::logs;
+use lull_tests::busybox::busybox_layer;
+use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under, unique_name};
+
+#[tokio::test]
+async fn instances_outlive_a_killed_manager_without_losing_output() {
+    let scratch = ScratchDir::new("lull-death").unwrap();
+    let cgroups = CgroupParentGuard::new("lull-test");
+    let dirs = ["instances", "layers", "state"].map(|d| scratch.path().join(d));
+    let layer = busybox_layer(&dirs[1]);
+    let logger = unique_name("log");
+    let quitter = unique_name("quit");
+    let mut manager = Command::new(env!("CARGO_BIN_EXE_lull-test-manager"))
+        .args(dirs.iter().map(|d| d.as_os_str()))
+        .arg(&cgroups.parent)
+        .arg(env!("CARGO_BIN_EXE_lull-test-zygote"))
+        .arg(&layer)
+        .args([
+            &logger,
+            "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo tick $i; usleep 500; done",
+        ])
+        .args([&quitter, "sleep 1; echo bye; exit 7"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(manager.stdout.take().unwrap()).lines();
+    let mut zygote_pids = Vec::new();
+    loop {
+        let line = lines.next().expect("manager output").unwrap();
+        if line == "ready" {
+            break;
+        }
+        assert!(line.starts_with("launched "), "{line}");
+    }
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if stat.contains("(lull-test-zygo")
+            && stat.split(' ').nth(3) == Some(&manager.id().to_string())
+        {
+            zygote_pids.push(entry.file_name().into_string().unwrap());
+        }
+    }
+    assert_eq!(zygote_pids.len(), 1, "the manager has one zygote");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    manager.kill().unwrap(); // SIGKILL
+    manager.wait().unwrap();
+    // The app goes on logging, and the second instance exits, while nobody manages them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let zygote_stat =
+        std::fs::read_to_string(PathBuf::from("/proc").join(&zygote_pids[0]).join("stat"))
+            .unwrap_or_default();
+    let zygote_state = zygote_stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+    assert!(
+        !zygote_stat.contains("(lull-test-zygo") || zygote_state == Some("Z"),
+        "the zygote dies with its manager: {zygote_stat}"
+    );
+
+    let manager = InstanceManager::new(InstancesConfig {
+        instances_dir: dirs[0].clone(),
+        layers_dir: dirs[1].clone(),
+        state_root: dirs[2].clone(),
+        cgroup_parent: cgroups.parent.clone(),
+        zygote_program: PathBuf::from(env!("CARGO_BIN_EXE_lull-test-zygote")),
+        zygote_args: vec![],
+    })
+    .unwrap();
+    let mut running = None;
+    let mut exited = None;
+    for found in manager.recover().unwrap() {
+        match found {
+            Recovered::Running(inst) if inst.id == logger => running = Some(inst),
+            Recovered::Exited(inst, status) if inst.id == quitter => exited = Some((inst, status)),
+            other => panic!("unexpected recovery result {other:?}"),
+        }
+    }
+    let (quit_inst, status) =
+        exited.expect("the instance that exited meanwhile is found with its status");
+    assert_eq!(status.code, Some(7));
+    let quit_logs = logs::read_all(&quit_inst.paths().logs()).unwrap();
+    assert_eq!(
+        quit_logs
+            .iter()
+            .map(|r| r.text.as_str())
+            .collect::<Vec<_>>(),
+        vec!["bye"]
+    );
+
+    let inst = running.expect("the logging instance is adopted");
+    let status = inst.stop(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status.code, Some(0), "{status:?}");
+    let records = logs::read_all(&inst.paths().logs()).unwrap();
+    let ticks: Vec<u64> = records
+        .iter()
+        .map(|r| {
+            r.text
+                .strip_prefix("tick ")
+                .expect("only ticks")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(ticks.len() > 100, "only {} lines logged", ticks.len());
+    for (i, t) in ticks.iter().enumerate() {
+        assert_eq!(*t, i as u64 + 1, "line {} lost or duplicated", i + 1);
+    }
+    manager.delete(inst).await.unwrap();
+    manager.delete(quit_inst).await.unwrap();
+    assert!(mounts_under(scratch.path()).is_empty());
+}
