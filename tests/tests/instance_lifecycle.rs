@@ -4,19 +4,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use lull_runtime::cgroup::{Gate, Resources};
 use lull_runtime::instance::{
     ImageProcess, InstanceManager, InstanceRequest, InstancesConfig, ProcessOverrides,
 };
 use lull_runtime::logs::{self, LogLimits, Stream};
 use lull_tests::busybox::busybox_layer;
 use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under, unique_name};
-use oci_spec_helpers::resources;
-
-mod oci_spec_helpers {
-    pub fn resources() -> oci_spec::runtime::LinuxResources {
-        oci_spec::runtime::LinuxResources::default()
-    }
-}
 
 struct Fixture {
     scratch: ScratchDir,
@@ -56,7 +50,7 @@ fn request(f: &Fixture, id: &str, script: &str) -> InstanceRequest {
             ..Default::default()
         },
         overrides: ProcessOverrides::default(),
-        resources: resources(),
+        resources: Resources::default(),
         netns: None,
         log_limits: LogLimits::default(),
     }
@@ -153,4 +147,79 @@ async fn a_missing_command_fails_with_the_reason() {
             f.manager.delete(inst).await.unwrap();
         }
     }
+}
+
+#[tokio::test]
+async fn memory_limit_kills_are_reported_as_oom() {
+    let f = fixture();
+    let mut req = request(
+        &f,
+        &unique_name("i"),
+        "exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+    );
+    req.resources = Resources {
+        memory_bytes: Some(16 << 20),
+        ..Default::default()
+    };
+    let inst = f.manager.launch(req).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), inst.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.oom_killed, "{status:?}");
+    assert!(status.to_string().contains("OOM"), "{status}");
+    f.manager.delete(inst).await.unwrap();
+}
+
+/// CPU used by the instance over `window`, as a fraction of one CPU, from its cgroup counter.
+async fn cpu_share(inst: &lull_runtime::instance::Instance, window: Duration) -> f64 {
+    let before = inst.cgroup.cpu_usage_ns().unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(window).await;
+    let used = inst.cgroup.cpu_usage_ns().unwrap() - before;
+    used as f64 / started.elapsed().as_nanos() as f64
+}
+
+#[tokio::test]
+async fn the_gate_throttles_a_spinner_and_restores_it() {
+    let f = fixture();
+    let mut req = request(&f, &unique_name("i"), "while :; do :; done");
+    req.resources = Resources {
+        cpu: Some(1.0),
+        ..Default::default()
+    };
+    let inst = f.manager.launch(req).await.unwrap();
+    let gate = inst.open_gate().unwrap();
+
+    // Thresholds for the unthrottled share stay low: CI machines are shared and busy.
+    let restored = cpu_share(&inst, Duration::from_millis(500)).await;
+    assert!(
+        restored > 0.1,
+        "spinner got only {:.1}% of a CPU before throttling",
+        restored * 100.0
+    );
+
+    assert!(gate.throttle().unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await; // the quota already granted runs out
+    let throttled = cpu_share(&inst, Duration::from_secs(2)).await;
+    assert!(
+        throttled <= 0.003,
+        "throttled spinner still got {:.3}% of a CPU",
+        throttled * 100.0
+    );
+
+    assert!(gate.restore().unwrap());
+    let resumed = cpu_share(&inst, Duration::from_millis(500)).await;
+    assert!(
+        resumed > 0.1,
+        "spinner got only {:.1}% of a CPU after restore",
+        resumed * 100.0
+    );
+    eprintln!(
+        "restored {:.1}%, throttled {:.3}%, resumed {:.1}%",
+        restored * 100.0,
+        throttled * 100.0,
+        resumed * 100.0
+    );
+    f.manager.delete(inst).await.unwrap();
 }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libcontainer::container::Container;
-use oci_spec::runtime::LinuxResources;
 
 pub use config::{ExitStatus, InstancePaths, LaunchConfig, ProcessConfig, ShimState};
 use config::{read_json, write_json_atomic};
@@ -28,6 +27,9 @@ use pidfd::{PidFd, is_same_process_alive};
 pub use process::{ImageProcess, ProcessOverrides, resolve_process};
 pub use zygote::Zygote;
 
+use crate::cgroup::{
+    CgroupError, CgroupLayout, CpuGate, CpuLimit, GateError, InstanceCgroup, Resources,
+};
 use crate::logs::LogLimits;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,10 @@ pub enum InstanceError {
     Delete { id: String, message: String },
     #[error("instance {id}: {source}")]
     Signal { id: String, source: std::io::Error },
+    #[error("instance {id}: {source}")]
+    Cgroup { id: String, source: CgroupError },
+    #[error("instance {id}: {source}")]
+    Gate { id: String, source: GateError },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
@@ -104,7 +110,7 @@ pub struct InstanceRequest {
     pub layers: Vec<String>,
     pub image: ImageProcess,
     pub overrides: ProcessOverrides,
-    pub resources: LinuxResources,
+    pub resources: Resources,
     pub netns: Option<PathBuf>,
     pub log_limits: LogLimits,
 }
@@ -116,6 +122,9 @@ pub struct Instance {
     pub paths_dir: PathBuf,
     pub cgroups_path: String,
     pub state: ShimState,
+    pub cgroup: InstanceCgroup,
+    /// The CPU limit the gate restores.
+    pub cpu_limit: CpuLimit,
     init: Option<PidFd>,
     shim: Option<PidFd>,
 }
@@ -161,10 +170,25 @@ impl Instance {
         })
     }
 
-    /// The recorded exit status, if the instance has ended.
+    /// The recorded exit status, if the instance has ended; a SIGKILL is reported as an OOM kill
+    /// when the instance's memory cgroup counted one.
     pub fn exit_status(&self) -> Result<Option<ExitStatus>, InstanceError> {
         let path = self.paths().exit();
-        read_json(&path).map_err(io_err(&path))
+        let mut status: Option<ExitStatus> = read_json(&path).map_err(io_err(&path))?;
+        if let Some(status) = &mut status {
+            if status.signal == Some(libc::SIGKILL) && self.cgroup.oom_kills().unwrap_or(0) > 0 {
+                status.oom_killed = true;
+            }
+        }
+        Ok(status)
+    }
+
+    /// Opens the instance's CPU gate (files opened once; flipping it is one write).
+    pub fn open_gate(&self) -> Result<CpuGate, InstanceError> {
+        CpuGate::open(&self.cgroup, self.cpu_limit).map_err(|source| InstanceError::Gate {
+            id: self.id.clone(),
+            source,
+        })
     }
 
     /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
@@ -193,6 +217,7 @@ pub enum Recovered {
 pub struct InstanceManager {
     cfg: InstancesConfig,
     zygote: Arc<Zygote>,
+    layout: CgroupLayout,
 }
 
 impl InstanceManager {
@@ -200,8 +225,34 @@ impl InstanceManager {
         for dir in [&cfg.instances_dir, &cfg.state_root] {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
+        let layout = CgroupLayout::host().map_err(|source| InstanceError::Cgroup {
+            id: String::new(),
+            source,
+        })?;
+        tracing::info!(
+            cgroups = if layout.is_v2() { "v2" } else { "v1 (hybrid)" },
+            "instance manager ready"
+        );
         let zygote = Arc::new(Zygote::spawn(&cfg.zygote_program, &cfg.zygote_args)?);
-        Ok(InstanceManager { cfg, zygote })
+        Ok(InstanceManager {
+            cfg,
+            zygote,
+            layout,
+        })
+    }
+
+    /// The host's cgroup layout.
+    pub fn cgroup_layout(&self) -> &CgroupLayout {
+        &self.layout
+    }
+
+    fn instance_cgroup(&self, id: &str) -> Result<InstanceCgroup, InstanceError> {
+        InstanceCgroup::new(&self.layout, Path::new(&self.cgroups_path(id))).map_err(|source| {
+            InstanceError::Cgroup {
+                id: id.to_owned(),
+                source,
+            }
+        })
     }
 
     pub fn config(&self) -> &InstancesConfig {
@@ -220,6 +271,13 @@ impl InstanceManager {
     /// Starts an instance and returns once its process runs.
     pub async fn launch(&self, req: InstanceRequest) -> Result<Instance, InstanceError> {
         validate_id(&req.id)?;
+        let cgroup_err = |source| InstanceError::Cgroup {
+            id: req.id.clone(),
+            source,
+        };
+        let cpu_limit = req.resources.cpu_limit().map_err(cgroup_err)?;
+        let resources = req.resources.to_linux_resources().map_err(cgroup_err)?;
+        let cgroup = self.instance_cgroup(&req.id)?;
         let process = resolve_process(&req.image, &req.overrides).map_err(|source| {
             InstanceError::Process {
                 id: req.id.clone(),
@@ -249,7 +307,7 @@ impl InstanceManager {
             hostname: req.id.clone(),
             netns: req.netns,
             cgroups_path: self.cgroups_path(&req.id),
-            resources: req.resources,
+            resources,
             log_limits: req.log_limits,
         };
         let launch_path = InstancePaths::new(&dir).launch();
@@ -278,6 +336,8 @@ impl InstanceManager {
             paths_dir: dir,
             cgroups_path: cfg.cgroups_path,
             state,
+            cgroup,
+            cpu_limit,
             init,
             shim,
         })
@@ -309,6 +369,20 @@ impl InstanceManager {
             self.remove_files(id)?;
             return Ok(Recovered::Removed { id: id.to_owned() });
         };
+        let launch: Option<LaunchConfig> =
+            read_json(&paths.launch()).map_err(io_err(&paths.launch()))?;
+        let cpu_limit = launch
+            .as_ref()
+            .and_then(|l| l.resources.cpu().clone())
+            .and_then(|cpu| {
+                CpuLimit::new(
+                    cpu.quota().and_then(|q| u64::try_from(q).ok()),
+                    cpu.period().unwrap_or(100_000),
+                )
+                .ok()
+            })
+            .unwrap_or(CpuLimit::UNLIMITED);
+        let cgroup = self.instance_cgroup(id)?;
         let instance = |state: ShimState| {
             let alive = |pid, start| {
                 if is_same_process_alive(pid, start) {
@@ -324,6 +398,8 @@ impl InstanceManager {
                 init: alive(state.init_pid, state.init_start_time),
                 shim: alive(state.shim_pid, state.shim_start_time),
                 state,
+                cgroup: cgroup.clone(),
+                cpu_limit,
             }
         };
         if let Some(exit) = exit {
@@ -367,6 +443,24 @@ impl InstanceManager {
                 fs::remove_dir_all(&state_dir).map_err(io_err(&state_dir))?;
             }
         }
+        // libcontainer removes the cgroup on delete; this catches what a crash left behind.
+        if let Ok(cgroup) = self.instance_cgroup(id) {
+            if cgroup.exists() {
+                cgroup.remove().map_err(|source| InstanceError::Cgroup {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            }
+        }
+        // libcontainer removes the cgroup on delete; this catches what a crash left behind.
+        if let Ok(cgroup) = self.instance_cgroup(id) {
+            if cgroup.exists() {
+                cgroup.remove().map_err(|source| InstanceError::Cgroup {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            }
+        }
         let paths = InstancePaths::new(self.dir(id));
         overlay::unmount(&paths.rootfs()).map_err(|e| InstanceError::Delete {
             id: id.to_owned(),
@@ -399,7 +493,7 @@ pub(crate) mod test_support {
             hostname: "web-1".into(),
             netns: Some("/run/lull/netns/test".into()),
             cgroups_path: "/lull/web-1".into(),
-            resources: LinuxResources::default(),
+            resources: Default::default(),
             log_limits: LogLimits::default(),
         }
     }

@@ -1,0 +1,143 @@
+//! `cargo xtask test`: the whole test suite, in stages, each timed, under CI's time budget.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// CI stops at 90 minutes; stop starting stages past this point so the run ends with a clear
+/// message rather than being killed.
+const BUDGET: Duration = Duration::from_secs(80 * 60);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TestArgs {
+    /// Run only the named stages (comma separated): lint, unit, fixtures, privileged, e2e, vm, bench.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+}
+
+struct Stage {
+    name: &'static str,
+    what: &'static str,
+    needs_root: bool,
+    commands: Vec<Vec<String>>,
+}
+
+fn cargo(args: &[&str]) -> Vec<String> {
+    std::iter::once("cargo").chain(args.iter().copied()).map(str::to_owned).collect()
+}
+
+fn stages() -> Vec<Stage> {
+    vec![
+        Stage {
+            name: "lint",
+            what: "cargo fmt --check and clippy -D warnings",
+            needs_root: false,
+            commands: vec![
+                cargo(&["fmt", "--all", "--", "--check"]),
+                cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+            ],
+        },
+        Stage {
+            name: "unit",
+            what: "unit and fake-backed tests (no host changes)",
+            needs_root: false,
+            commands: vec![cargo(&["test", "--workspace", "--lib", "--bins"])],
+        },
+        Stage {
+            name: "fixtures",
+            what: "fixture images built and pushed to the local registry",
+            needs_root: false,
+            commands: vec![cargo(&["xtask", "fixtures"])],
+        },
+        Stage {
+            name: "privileged",
+            what: "privileged integration tests (namespaces, cgroups, mounts, real registry)",
+            needs_root: true,
+            commands: vec![cargo(&["test", "--workspace", "--tests", "--exclude", "lull-tests"]), cargo(&["test", "-p", "lull-tests", "--tests"])],
+        },
+        Stage {
+            name: "e2e",
+            what: "end to end: the README's main-job command",
+            needs_root: true,
+            commands: vec![cargo(&["xtask", "demo"])],
+        },
+        Stage {
+            name: "vm",
+            what: "the cgroup-v2 path on a real kernel under qemu",
+            needs_root: false,
+            commands: vec![cargo(&["xtask", "vm-check"])],
+        },
+        Stage {
+            name: "bench",
+            what: "benchmark smoke runs (correctness of the harness, not speed)",
+            needs_root: true,
+            commands: vec![cargo(&["xtask", "bench", "runtime", "--smoke"])],
+        },
+    ]
+}
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    let all = stages();
+    for name in &args.only {
+        if !all.iter().any(|s| s.name == name) {
+            bail!("unknown stage {name:?} in --only (stages: {})", all.iter().map(|s| s.name).collect::<Vec<_>>().join(", "));
+        }
+    }
+    let selected: Vec<&Stage> = all.iter().filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name)).collect();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    if let Some(stage) = selected.iter().find(|s| s.needs_root && !root) {
+        bail!("stage {:?} needs root (namespaces, cgroups, mounts): run `sudo -E cargo xtask test` or pick stages with --only", stage.name);
+    }
+
+    let started = Instant::now();
+    let mut report = Vec::new();
+    for stage in selected {
+        if started.elapsed() > BUDGET {
+            print_report(&report);
+            bail!(
+                "stopping before stage {:?}: {} elapsed, over the {}-minute budget that keeps CI under its 90-minute limit",
+                stage.name,
+                fmt_duration(started.elapsed()),
+                BUDGET.as_secs() / 60
+            );
+        }
+        eprintln!("\n==> stage {}: {}", stage.name, stage.what);
+        let stage_started = Instant::now();
+        for command in &stage.commands {
+            eprintln!("    $ {}", command.join(" "));
+            let status = Command::new(&command[0])
+                .args(&command[1..])
+                .status()
+                .with_context(|| format!("run {}", command[0]))?;
+            if !status.success() {
+                report.push((stage.name, stage_started.elapsed(), false));
+                print_report(&report);
+                bail!("stage {:?} failed: `{}` {status}", stage.name, command.join(" "));
+            }
+        }
+        report.push((stage.name, stage_started.elapsed(), true));
+        eprintln!("<== stage {} passed in {}", stage.name, fmt_duration(stage_started.elapsed()));
+    }
+    print_report(&report);
+    eprintln!("all stages passed in {}", fmt_duration(started.elapsed()));
+    Ok(())
+}
+
+fn print_report(report: &[(&str, Duration, bool)]) {
+    eprintln!("\nstage        duration   result");
+    for (name, took, ok) in report {
+        eprintln!("{name:<12} {:>9}   {}", fmt_duration(*took), if *ok { "passed" } else { "FAILED" });
+    }
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{:.1}s", d.as_secs_f64()) }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
