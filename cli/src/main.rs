@@ -1,1 +1,104 @@
-fn main() {}
+//! The one `lull` binary. Today it drives the runtime directly (images and instances on this
+//! host); the daemon and its client commands arrive with the control-plane issue.
+
+mod images;
+mod run;
+mod instances;
+mod probe;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lull_runtime::host::{Runtime, RuntimeConfig, DEFAULT_DATA_DIR, DEFAULT_RUN_DIR, ZYGOTE_ARG};
+
+#[derive(Debug, Parser)]
+#[command(name = "lull", version, about = "A self-hosted App Runner for a bare Linux VM")]
+struct Cli {
+    /// Where images, layers and instances are kept.
+    #[arg(long, global = true, env = "LULL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Runtime state cleared at reboot (libcontainer state, network namespaces).
+    #[arg(long, global = true, env = "LULL_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// Parent cgroup of every instance.
+    #[arg(long, global = true, env = "LULL_CGROUP_PARENT", default_value = lull_runtime::host::DEFAULT_CGROUP_PARENT)]
+    cgroup_parent: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Images: pull, import, list, remove, collect garbage.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
+    /// Run an image as an isolated instance.
+    Run(run::RunArgs),
+    /// List instances on this host.
+    Ps,
+    /// Show an instance's output (timestamps in RFC 3339 UTC, oldest first).
+    Logs(instances::LogsArgs),
+    /// Stop an instance: SIGTERM, then SIGKILL after the grace period.
+    Stop(instances::StopArgs),
+    /// Delete an instance (stopping it first if it runs).
+    Rm(instances::RmArgs),
+    /// Internal: the single-threaded process that launches instances.
+    #[command(name = "__zygote", hide = true)]
+    Zygote,
+}
+
+fn main() -> ExitCode {
+    // The zygote must stay single-threaded: dispatch it before anything starts threads.
+    if std::env::args().nth(1).as_deref() == Some(ZYGOTE_ARG) {
+        init_logging(true);
+        let code = lull_runtime::instance::zygote::serve(lull_runtime::instance::zygote::ZYGOTE_FD);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    init_logging(false);
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lull: start async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lull: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(zygote: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LULL_LOG").unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if zygote {
+        builder.with_ansi(false).with_writer(|| lull_runtime::instance::zygote::DiagnosticsWriter).init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
+}
+
+fn open_runtime(cli: &Cli) -> Result<Runtime> {
+    let mut config = RuntimeConfig::new(&cli.data_dir, &cli.run_dir).context("find the lull executable")?;
+    config.cgroup_parent = cli.cgroup_parent.clone();
+    Runtime::open(config).context("open the runtime")
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
+        Command::Run(args) => run::run(open_runtime(&cli)?, args).await,
+        Command::Ps => instances::ps(&open_runtime(&cli)?),
+        Command::Logs(args) => instances::logs(&cli.data_dir, args).await,
+        Command::Stop(args) => instances::stop(&open_runtime(&cli)?, args).await,
+        Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args).await,
+        Command::Zygote => unreachable!("dispatched before argument parsing"),
+    }
+}

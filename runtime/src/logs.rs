@@ -377,3 +377,89 @@ mod tests {
         }
     }
 }
+
+/// Follows an instance's log as it grows, across rotations (`tail -F`).
+pub struct Follower {
+    dir: PathBuf,
+    reader: Option<(BufReader<File>, u64)>,
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// Starts at the end of what is already written.
+    pub fn from_end(dir: &Path) -> Follower {
+        let mut f = Follower { dir: dir.to_owned(), reader: None, partial: Vec::new() };
+        if let Some((mut reader, inode)) = f.open_current() {
+            use std::io::Seek;
+            let _ = reader.seek(io::SeekFrom::End(0));
+            f.reader = Some((reader, inode));
+        }
+        f
+    }
+
+    fn open_current(&self) -> Option<(BufReader<File>, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let file = File::open(self.dir.join(CURRENT)).ok()?;
+        let inode = file.metadata().ok()?.ino();
+        Some((BufReader::new(file), inode))
+    }
+
+    /// Records written since the last call.
+    pub fn poll(&mut self) -> Vec<LogRecord> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        loop {
+            if self.reader.is_none() {
+                self.reader = self.open_current();
+                if self.reader.is_none() {
+                    return out;
+                }
+            }
+            let Some((reader, inode)) = self.reader.as_mut() else { return out };
+            loop {
+                match reader.read_until(b'\n', &mut self.partial) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if self.partial.ends_with(b"\n") => {
+                        let line = String::from_utf8_lossy(&self.partial[..self.partial.len() - 1]).into_owned();
+                        if let Some(r) = parse_record(&line) {
+                            out.push(r);
+                        }
+                        self.partial.clear();
+                    }
+                    Ok(_) => break,
+                }
+            }
+            // At the end of our file: if it was rotated away, continue with the new one.
+            let current = fs::metadata(self.dir.join(CURRENT)).map(|m| m.ino()).ok();
+            if current.is_some() && current != Some(*inode) {
+                self.reader = None;
+                self.partial.clear();
+                continue;
+            }
+            return out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod follower_tests {
+    use super::*;
+
+    #[test]
+    fn follows_across_rotation_without_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), LogLimits { max_file_bytes: 300, max_rotated: 3 }).unwrap();
+        w.record(Stream::Stdout, false, b"before").unwrap();
+        let mut f = Follower::from_end(dir.path());
+        let mut seen = Vec::new();
+        for i in 0..30 {
+            w.record(Stream::Stdout, false, format!("n{i}").as_bytes()).unwrap();
+            if i % 4 == 0 {
+                seen.extend(f.poll().into_iter().map(|r| r.text));
+            }
+        }
+        seen.extend(f.poll().into_iter().map(|r| r.text));
+        let want: Vec<String> = (0..30).map(|i| format!("n{i}")).collect();
+        assert_eq!(seen, want);
+    }
+}

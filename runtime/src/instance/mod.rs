@@ -361,6 +361,15 @@ impl InstanceManager {
         Ok(found)
     }
 
+    /// Finds one instance, classified as [`recover`](Self::recover) does (a dead one is removed).
+    pub fn get(&self, id: &str) -> Result<Option<Recovered>, InstanceError> {
+        validate_id(id)?;
+        if !self.dir(id).exists() {
+            return Ok(None);
+        }
+        self.recover_one(id).map(Some)
+    }
+
     fn recover_one(&self, id: &str) -> Result<Recovered, InstanceError> {
         let paths = InstancePaths::new(self.dir(id));
         let state: Option<ShimState> = read_json(&paths.state()).map_err(io_err(&paths.state()))?;
