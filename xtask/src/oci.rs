@@ -5,6 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use flate2::Compression;
@@ -231,6 +232,8 @@ impl Read for RandomReader {
 /// An OCI image layout directory being written.
 pub struct LayoutWriter {
     dir: PathBuf,
+    /// Numbers the temporary files of layers being written (layers may be written in parallel).
+    next_temp: AtomicU64,
 }
 
 impl LayoutWriter {
@@ -243,6 +246,7 @@ impl LayoutWriter {
             .with_context(|| format!("create {}", dir.display()))?;
         let layout = LayoutWriter {
             dir: dir.to_path_buf(),
+            next_temp: AtomicU64::new(0),
         };
         layout.write_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         Ok(layout)
@@ -264,7 +268,8 @@ impl LayoutWriter {
     }
 
     fn temp_blob_path(&self) -> PathBuf {
-        self.dir.join("blobs/sha256/.incoming")
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("blobs/sha256/.incoming-{n}"))
     }
 
     /// Stores `bytes` as a blob and returns its descriptor.
@@ -280,7 +285,7 @@ impl LayoutWriter {
     }
 
     /// Writes a gzip-compressed layer holding `entries` (sorted by path here, so parents come
-    /// before their children) and returns its digests.
+    /// before their children) and returns its digests. Safe to call from several threads.
     pub fn add_layer(
         &self,
         mut entries: Vec<Entry>,
@@ -510,7 +515,12 @@ mod tests {
             .read_to_end(&mut tar_bytes)
             .unwrap();
         assert_eq!(sha256_digest(&tar_bytes), la.diff_id);
-        assert!(!a.dir().join("blobs/sha256/.incoming").exists());
+        let leftovers: Vec<_> = fs::read_dir(a.dir().join("blobs/sha256"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
 
     #[test]
