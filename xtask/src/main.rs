@@ -4,10 +4,16 @@
 mod fixtures;
 mod oci;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "lull's build, test and VM automation")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "lull's build, test and VM automation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,9 +27,17 @@ enum Command {
     Fixtures(fixtures::FixturesArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Fixtures(args) => fixtures::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line; no backtrace, whatever RUST_BACKTRACE says.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
