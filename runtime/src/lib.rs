@@ -14,3 +14,4 @@ pub mod logs;
 pub mod pull;
 pub mod reference;
 pub mod store;
+pub mod host;

@@ -383,12 +383,19 @@ pub struct Follower {
     dir: PathBuf,
     reader: Option<(BufReader<File>, u64)>,
     partial: Vec<u8>,
+    /// Rotated files still to print before the current one.
+    backlog: Vec<PathBuf>,
 }
 
 impl Follower {
+    /// Starts with the oldest record kept (rotated files first), then follows.
+    pub fn from_start(dir: &Path) -> Follower {
+        Follower { dir: dir.to_owned(), reader: None, partial: Vec::new(), backlog: log_files(dir).into_iter().filter(|p| !p.ends_with(CURRENT)).collect() }
+    }
+
     /// Starts at the end of what is already written.
     pub fn from_end(dir: &Path) -> Follower {
-        let mut f = Follower { dir: dir.to_owned(), reader: None, partial: Vec::new() };
+        let mut f = Follower { dir: dir.to_owned(), reader: None, partial: Vec::new(), backlog: Vec::new() };
         if let Some((mut reader, inode)) = f.open_current() {
             use std::io::Seek;
             let _ = reader.seek(io::SeekFrom::End(0));
@@ -408,6 +415,15 @@ impl Follower {
     pub fn poll(&mut self) -> Vec<LogRecord> {
         use std::os::unix::fs::MetadataExt;
         let mut out = Vec::new();
+        for path in std::mem::take(&mut self.backlog) {
+            if let Ok(file) = File::open(&path) {
+                for line in BufReader::new(file).split(b'\n').map_while(Result::ok) {
+                    if let Some(r) = parse_record(&String::from_utf8_lossy(&line)) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
         loop {
             if self.reader.is_none() {
                 self.reader = self.open_current();

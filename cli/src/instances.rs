@@ -1,0 +1,105 @@
+//! `lull ps|logs|stop|rm`: instances on this host.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lull_netns::NetNs;
+use lull_runtime::host::Runtime;
+use lull_runtime::instance::config::read_json;
+use lull_runtime::instance::pidfd::is_same_process_alive;
+use lull_runtime::instance::{ExitStatus, InstancePaths, Recovered, ShimState};
+use lull_runtime::logs;
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub id: String,
+    /// Keep printing new output.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    pub id: String,
+    /// Seconds between SIGTERM and SIGKILL.
+    #[arg(long, default_value = "10")]
+    pub grace: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    pub id: String,
+}
+
+pub fn ps(runtime: &Runtime) -> Result<ExitCode> {
+    println!("{:<40} {:<28} {:>8}  STARTED", "INSTANCE", "STATUS", "PID");
+    let dir = runtime.config.instances_dir();
+    let mut ids: Vec<String> = std::fs::read_dir(&dir).with_context(|| dir.display().to_string())?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+    ids.sort();
+    for id in ids {
+        let paths = InstancePaths::new(dir.join(&id));
+        let state: Option<ShimState> = read_json(&paths.state()).ok().flatten();
+        let exit: Option<ExitStatus> = read_json(&paths.exit()).ok().flatten();
+        let (status, pid, started) = match (&state, &exit) {
+            (_, Some(exit)) => (exit.to_string(), "-".to_owned(), state.as_ref().map(|s| s.started_at.clone()).unwrap_or_default()),
+            (Some(s), None) if is_same_process_alive(s.init_pid, s.init_start_time) => ("running".to_owned(), s.init_pid.to_string(), s.started_at.clone()),
+            (Some(s), None) => ("dead (status lost)".to_owned(), "-".to_owned(), s.started_at.clone()),
+            (None, None) => ("starting or failed to start".to_owned(), "-".to_owned(), String::new()),
+        };
+        println!("{id:<40} {status:<28} {pid:>8}  {started}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn logs(data_dir: &Path, args: &LogsArgs) -> Result<ExitCode> {
+    lull_runtime::instance::validate_id(&args.id)?;
+    let paths = InstancePaths::new(data_dir.join("instances").join(&args.id));
+    if !paths.dir.exists() {
+        bail!("instance {} not found", args.id);
+    }
+    let mut follower = logs::Follower::from_start(&paths.logs());
+    loop {
+        for r in follower.poll() {
+            println!("{} {} {}", r.time, r.stream.as_str(), r.text);
+        }
+        if !args.follow || paths.exit().exists() {
+            for r in follower.poll() {
+                println!("{} {} {}", r.time, r.stream.as_str(), r.text);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+pub async fn stop(runtime: &Runtime, args: &StopArgs) -> Result<ExitCode> {
+    match runtime.instances.get(&args.id)? {
+        None => bail!("instance {} not found", args.id),
+        Some(Recovered::Running(instance)) => {
+            let status = instance.stop(Duration::from_secs(args.grace)).await?;
+            println!("instance {} {status}", args.id);
+        }
+        Some(Recovered::Exited(_, status)) => println!("instance {} had already ended: {status}", args.id),
+        Some(Recovered::Removed { .. }) => println!("instance {} was dead; its leftovers were removed", args.id),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rm(runtime: &Runtime, args: &RmArgs) -> Result<ExitCode> {
+    match runtime.instances.get(&args.id)? {
+        None => bail!("instance {} not found", args.id),
+        Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => runtime.instances.delete(instance).await?,
+        Some(Recovered::Removed { .. }) => {}
+    }
+    if let Ok(netns) = NetNs::open(&runtime.config.netns_dir(), &args.id) {
+        netns.destroy()?;
+    }
+    println!("removed {}", args.id);
+    Ok(ExitCode::SUCCESS)
+}
