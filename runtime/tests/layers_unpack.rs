@@ -653,7 +653,19 @@ fn hostile_corpus() -> Vec<Hostile> {
     let long_path = format!("{}/file", "d".repeat(100)).repeat(50);
     let mut big_pax = file("after-big-pax", b"");
     big_pax.pax = vec![("SCHILY.xattr.user.big".into(), vec![b'x'; 2 << 20])];
+    let mut pax_sparse = file("GNUSparseFile.1/data", b"1\n0\n1\n");
+    pax_sparse.pax = vec![
+        ("GNU.sparse.major".into(), b"1".to_vec()),
+        ("GNU.sparse.minor".into(), b"0".to_vec()),
+        ("GNU.sparse.name".into(), b"data".to_vec()),
+    ];
     vec![
+        hostile(
+            "PAX sparse file",
+            &[pax_sparse],
+            "GNUSparseFile.1/data",
+            |e| matches!(e, LayerError::UnsupportedType { .. }),
+        ),
         hostile(
             "dotdot",
             &[file("../lull-escape", b"x")],

@@ -889,6 +889,14 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta,
         for record in pax {
             let record = record.map_err(|_| invalid(name, "malformed PAX record"))?;
             let key = record.key_bytes();
+            if key.starts_with(b"GNU.sparse.") {
+                // GNU's PAX sparse formats keep a sparse map inside the data, which the tar
+                // crate would unpack as file content: refuse rather than write a wrong file.
+                return Err(LayerError::UnsupportedType {
+                    entry: name.to_owned(),
+                    kind: "GNU sparse file in PAX format".to_owned(),
+                });
+            }
             if key == b"mtime" {
                 if let Some(precise) = parse_pax_time(record.value_bytes()) {
                     mtime = precise;
