@@ -76,7 +76,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(zygote: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LULL_LOG").unwrap_or_else(|_| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LULL_LOG").unwrap_or_else(|_| "warn,libcgroups=error".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if zygote {
         builder.with_ansi(false).with_writer(|| lull_runtime::instance::zygote::DiagnosticsWriter).init();

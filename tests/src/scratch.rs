@@ -125,12 +125,40 @@ fn rmdir_tree(dir: &Path) {
     }
 }
 
+/// Pids listed in `cgroup.procs` anywhere under `dir`.
+fn pids_under(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                pids_under(&e.path(), out);
+            }
+        }
+    }
+}
+
 impl Drop for CgroupParentGuard {
     fn drop(&mut self) {
-        for dir in self.dirs() {
-            if dir.exists() {
-                rmdir_tree(&dir);
+        // A failed test may leave instances running: kill whatever is still in the test's
+        // cgroups (their pid namespaces die with their init), then remove the groups.
+        let dirs: Vec<PathBuf> = self.dirs().into_iter().filter(|d| d.exists()).collect();
+        for _ in 0..100 {
+            let mut pids = Vec::new();
+            for dir in &dirs {
+                pids_under(dir, &mut pids);
             }
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for dir in dirs {
+            rmdir_tree(&dir);
         }
     }
 }

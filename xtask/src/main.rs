@@ -1,8 +1,10 @@
 //! `cargo xtask`: lull's build, test and VM automation, written in Rust so it runs wherever
 //! cargo does.
 
+mod demo;
 mod fixtures;
 mod oci;
+mod test_cmd;
 
 use std::process::ExitCode;
 
@@ -25,12 +27,20 @@ enum Command {
     /// Build the static fixture app, write its OCI images under target/fixtures and push them
     /// to the test registry ($LULL_REGISTRY, default 127.0.0.1:5000) when it answers
     Fixtures(fixtures::FixturesArgs),
+    /// Run the whole test suite in stages (lint, unit, fixtures, privileged, e2e, vm, bench),
+    /// timing each, within CI's time budget
+    Test(test_cmd::TestArgs),
+    /// lull's main job end to end: build, push the fixture image, run it and show it answering
+    /// HTTP
+    Demo,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fixtures(args) => fixtures::run(&args),
+        Command::Test(args) => test_cmd::run(&args),
+        Command::Demo => demo::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,8 +85,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
     }
     let selected: Vec<&Stage> = all.iter().filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name)).collect();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc_geteuid() } == 0;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
     if let Some(stage) = selected.iter().find(|s| s.needs_root && !root) {
         bail!("stage {:?} needs root (namespaces, cgroups, mounts): run `sudo -E cargo xtask test` or pick stages with --only", stage.name);
     }
@@ -135,9 +135,4 @@ fn print_report(report: &[(&str, Duration, bool)]) {
 pub fn fmt_duration(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{:.1}s", d.as_secs_f64()) }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
