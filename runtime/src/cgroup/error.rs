@@ -54,8 +54,5 @@ pub enum CgroupError {
     #[error("invalid cpu limit: {reason}")]
     InvalidCpuLimit { reason: String },
     #[error("invalid resource {field}: {reason}")]
-    InvalidResource {
-        field: &'static str,
-        reason: String,
-    },
+    InvalidResource { field: &'static str, reason: String },
 }

@@ -50,7 +50,9 @@ impl FakeCgroupFs {
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // A test that panicked while holding the lock has failed already; keep the data.
-        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

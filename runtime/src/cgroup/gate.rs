@@ -7,10 +7,10 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use super::{CgroupFs, Controller, ControlFile, CpuLimit, HostCgroupFs, InstanceCgroup};
+use super::{CgroupFs, ControlFile, Controller, CpuLimit, HostCgroupFs, InstanceCgroup};
 
 /// What the proxy sees of an instance's CPU: throttle when idle, restore when busy.
 ///
@@ -136,17 +136,22 @@ impl CpuGate {
         cgroup: &InstanceCgroup,
         limit: CpuLimit,
     ) -> Result<CpuGate, GateError> {
-        let dir = cgroup
-            .controller_dir(Controller::Cpu)
-            .ok_or_else(|| GateError::NoCpuController {
-                cgroups_path: cgroup.cgroups_path().to_path_buf(),
-            })?;
+        let dir =
+            cgroup
+                .controller_dir(Controller::Cpu)
+                .ok_or_else(|| GateError::NoCpuController {
+                    cgroups_path: cgroup.cgroups_path().to_path_buf(),
+                })?;
         let throttled = CpuLimit::THROTTLED;
         let (throttle_writes, restore_writes, burst_path) = if cgroup.is_v2() {
             let path = dir.join("cpu.max");
             let cpu_max = open(fs, &path)?;
             (
-                vec![ControlWrite::new(&cpu_max, &path, throttled.cpu_max_value())],
+                vec![ControlWrite::new(
+                    &cpu_max,
+                    &path,
+                    throttled.cpu_max_value(),
+                )],
                 vec![ControlWrite::new(&cpu_max, &path, limit.cpu_max_value())],
                 dir.join("cpu.max.burst"),
             )
@@ -379,7 +384,10 @@ mod tests {
             fs.writes(),
             vec![(tree.cpu_dir.join("cpu.max"), b"1000 1000000".to_vec())]
         );
-        assert_eq!(fs::read(tree.cpu_dir.join("cpu.max")).unwrap(), b"1000 1000000");
+        assert_eq!(
+            fs::read(tree.cpu_dir.join("cpu.max")).unwrap(),
+            b"1000 1000000"
+        );
         assert_eq!(gate.state(), GateState::Throttled);
 
         // Repeated calls are free and say so.
@@ -395,7 +403,10 @@ mod tests {
                 (tree.cpu_dir.join("cpu.max"), b"max 100000".to_vec()),
             ]
         );
-        assert_eq!(fs::read(tree.cpu_dir.join("cpu.max")).unwrap(), b"max 100000");
+        assert_eq!(
+            fs::read(tree.cpu_dir.join("cpu.max")).unwrap(),
+            b"max 100000"
+        );
         assert_eq!(gate.state(), GateState::Restored);
     }
 
@@ -451,7 +462,10 @@ mod tests {
         assert!(gate.throttle().unwrap());
         assert_eq!(
             names(&fs),
-            pairs(&[("cpu.cfs_quota_us", "1000"), ("cpu.cfs_period_us", "1000000")])
+            pairs(&[
+                ("cpu.cfs_quota_us", "1000"),
+                ("cpu.cfs_period_us", "1000000")
+            ])
         );
         fs.clear_writes();
         assert!(gate.restore().unwrap());
@@ -558,8 +572,8 @@ mod tests {
             ..V1Hierarchies::default()
         });
         let cgroup = InstanceCgroup::new(&layout, Path::new("/lull/inst")).unwrap();
-        let err = CpuGate::open_with(&FakeCgroupFs::new(), &cgroup, CpuLimit::UNLIMITED)
-            .unwrap_err();
+        let err =
+            CpuGate::open_with(&FakeCgroupFs::new(), &cgroup, CpuLimit::UNLIMITED).unwrap_err();
         assert_eq!(err.to_string(), "cgroup /lull/inst has no cpu controller");
     }
 
@@ -625,7 +639,10 @@ mod tests {
             pairs(&[("cpu.max", "1000 1000000"), ("cpu.max", "max 100000")])
         );
         assert_eq!(gate.state(), GateState::Restored);
-        assert_eq!(fs::read(tree.cpu_dir.join("cpu.max")).unwrap(), b"max 100000");
+        assert_eq!(
+            fs::read(tree.cpu_dir.join("cpu.max")).unwrap(),
+            b"max 100000"
+        );
     }
 
     #[test]
@@ -665,9 +682,10 @@ mod tests {
         assert_eq!(writes.len() % 2, 0);
         for pair in writes.chunks(2) {
             assert!(
-                pair == pairs(&[("cpu.cfs_quota_us", "1000"), ("cpu.cfs_period_us", "1000000")])
-                    || pair
-                        == pairs(&[("cpu.cfs_quota_us", "-1"), ("cpu.cfs_period_us", "100000")]),
+                pair == pairs(&[
+                    ("cpu.cfs_quota_us", "1000"),
+                    ("cpu.cfs_period_us", "1000000")
+                ]) || pair == pairs(&[("cpu.cfs_quota_us", "-1"), ("cpu.cfs_period_us", "100000")]),
                 "{pair:?}"
             );
         }

@@ -193,14 +193,10 @@ impl InstanceCgroup {
             CgroupDirs::V1(_) => {
                 let quota_path = dir.join("cpu.cfs_quota_us");
                 let quota_text = read(&quota_path)?;
-                let quota: i64 =
-                    quota_text
-                        .trim()
-                        .parse()
-                        .map_err(|_| CgroupError::Parse {
-                            path: quota_path.clone(),
-                            reason: format!("{:?} is not a number", quota_text.trim()),
-                        })?;
+                let quota: i64 = quota_text.trim().parse().map_err(|_| CgroupError::Parse {
+                    path: quota_path.clone(),
+                    reason: format!("{:?} is not a number", quota_text.trim()),
+                })?;
                 let period = read_number(&dir.join("cpu.cfs_period_us"))?;
                 let quota = u64::try_from(quota).ok();
                 CpuLimit::new(quota, period).map_err(|error| CgroupError::Parse {
@@ -222,7 +218,11 @@ fn relative_cgroups_path(cgroups_path: &Path) -> Result<PathBuf, CgroupError> {
     }
     // `Path::components` drops `.` silently; look at the raw segments instead.
     let mut relative = PathBuf::new();
-    for segment in cgroups_path.as_os_str().as_bytes().split(|byte| *byte == b'/') {
+    for segment in cgroups_path
+        .as_os_str()
+        .as_bytes()
+        .split(|byte| *byte == b'/')
+    {
         match segment {
             b"" => {}
             b"." | b".." => return Err(invalid("contains . or ..")),
@@ -330,7 +330,10 @@ mod tests {
             mount_point: PathBuf::from("/sys/fs/cgroup"),
         };
         let cgroup = InstanceCgroup::new(&v2, Path::new("/lull/abc")).unwrap();
-        assert_eq!(cgroup.all_dirs(), vec![Path::new("/sys/fs/cgroup/lull/abc")]);
+        assert_eq!(
+            cgroup.all_dirs(),
+            vec![Path::new("/sys/fs/cgroup/lull/abc")]
+        );
         assert_eq!(
             cgroup.controller_dir(Controller::Freezer),
             Some(Path::new("/sys/fs/cgroup/lull/abc"))
@@ -382,7 +385,10 @@ mod tests {
         assert_eq!(cgroup.memory_peak().unwrap(), Some(8192));
         assert_eq!(cgroup.oom_kills().unwrap(), 1);
         assert_eq!(cgroup.pids_current().unwrap(), 7);
-        assert_eq!(cgroup.cpu_limit().unwrap(), CpuLimit::from_vcpus(0.25).unwrap());
+        assert_eq!(
+            cgroup.cpu_limit().unwrap(),
+            CpuLimit::from_vcpus(0.25).unwrap()
+        );
 
         fs::remove_file(dir.join("memory.peak")).unwrap();
         assert_eq!(cgroup.memory_peak().unwrap(), None);

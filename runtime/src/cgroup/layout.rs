@@ -120,12 +120,11 @@ impl CgroupLayout {
     /// Where a hierarchy is mounted twice, a mount of its root wins over a bind mount of a
     /// subdirectory, then the first in the table.
     pub fn detect(mountinfo: &Path) -> Result<CgroupLayout, CgroupError> {
-        let text = std::fs::read_to_string(mountinfo).map_err(|source| {
-            CgroupError::ReadMountinfo {
+        let text =
+            std::fs::read_to_string(mountinfo).map_err(|source| CgroupError::ReadMountinfo {
                 path: mountinfo.to_path_buf(),
                 source,
-            }
-        })?;
+            })?;
         CgroupLayout::parse(&text, mountinfo)
     }
 
@@ -209,9 +208,7 @@ struct MountEntry<'a> {
 impl<'a> MountEntry<'a> {
     /// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue`
     fn parse(line: &'a str) -> Result<MountEntry<'a>, &'static str> {
-        let (before, after) = line
-            .split_once(" - ")
-            .ok_or("missing \" - \" separator")?;
+        let (before, after) = line.split_once(" - ").ok_or("missing \" - \" separator")?;
         let mut fields = before.split(' ');
         let root = fields.nth(3).ok_or("missing root field")?;
         let mount_point = fields.next().ok_or("missing mount point field")?;
@@ -236,7 +233,9 @@ fn unescape(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 4 <= bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let value = (bytes[i + 1] - b'0') as u32 * 64
                 + (bytes[i + 2] - b'0') as u32 * 8
@@ -317,7 +316,10 @@ mod tests {
         assert_eq!(v1.cpuacct.as_deref(), Some(both));
         assert_eq!(v1.pids, None);
         assert_eq!(v1.freezer, None);
-        assert_eq!(v1.distinct_dirs(), vec![both, Path::new("/sys/fs/cgroup/memory")]);
+        assert_eq!(
+            v1.distinct_dirs(),
+            vec![both, Path::new("/sys/fs/cgroup/memory")]
+        );
     }
 
     #[test]
@@ -367,7 +369,10 @@ mod tests {
             origin(),
         )
         .unwrap_err();
-        assert!(matches!(err, CgroupError::MountinfoLine { line: 2, .. }), "{err}");
+        assert!(
+            matches!(err, CgroupError::MountinfoLine { line: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -375,7 +380,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mountinfo");
         std::fs::write(&path, HYBRID).unwrap();
-        assert!(matches!(CgroupLayout::detect(&path).unwrap(), CgroupLayout::V1(_)));
+        assert!(matches!(
+            CgroupLayout::detect(&path).unwrap(),
+            CgroupLayout::V1(_)
+        ));
         let missing = dir.path().join("missing");
         let err = CgroupLayout::detect(&missing).unwrap_err();
         assert_eq!(

@@ -269,7 +269,10 @@ mod tests {
         assert!(linux.cpu().is_none());
         assert!(linux.memory().is_none());
         assert!(linux.pids().is_none());
-        assert_eq!(Resources::default().cpu_limit().unwrap(), CpuLimit::UNLIMITED);
+        assert_eq!(
+            Resources::default().cpu_limit().unwrap(),
+            CpuLimit::UNLIMITED
+        );
     }
 
     #[test]
@@ -280,19 +283,27 @@ mod tests {
         }
         .to_linux_resources()
         .unwrap_err();
-        assert_eq!(err.to_string(), "invalid resource pids: 0 is not a positive number");
+        assert_eq!(
+            err.to_string(),
+            "invalid resource pids: 0 is not a positive number"
+        );
         let err = Resources {
             memory_bytes: Some(u64::MAX),
             ..Resources::default()
         }
         .to_linux_resources()
         .unwrap_err();
-        assert!(err.to_string().starts_with("invalid resource memory_bytes"), "{err}");
-        assert!(Resources {
-            cpu: Some(0.001),
-            ..Resources::default()
-        }
-        .to_linux_resources()
-        .is_err());
+        assert!(
+            err.to_string().starts_with("invalid resource memory_bytes"),
+            "{err}"
+        );
+        assert!(
+            Resources {
+                cpu: Some(0.001),
+                ..Resources::default()
+            }
+            .to_linux_resources()
+            .is_err()
+        );
     }
 }
