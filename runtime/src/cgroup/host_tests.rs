@@ -49,11 +49,12 @@ fn test_cgroup() -> TestCgroup {
     };
     let cgroup = InstanceCgroup::new(&layout, &PathBuf::from(unique_name())).unwrap();
     assert!(!cgroup.exists());
-    cgroup.create().unwrap();
+    // The guard exists before the first mkdir, so a half-made cgroup is removed too.
     let test = TestCgroup {
         cgroup,
         child: None,
     };
+    test.cgroup.create().unwrap();
     // The machine is shared with other builds: the highest weight keeps the restored share
     // near a full CPU, so that it measures the gate rather than the load.
     let cpu_dir = test.cgroup.controller_dir(Controller::Cpu).unwrap();
