@@ -5,6 +5,7 @@ mod demo;
 mod fixtures;
 mod oci;
 mod test_cmd;
+mod vm_check;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,8 @@ enum Command {
     /// lull's main job end to end: build, push the fixture image, run it and show it answering
     /// HTTP
     Demo,
+    /// Boot Debian's kernel under qemu with cgroup v2 and check the CPU gate there
+    VmCheck(vm_check::VmCheckOpts),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Fixtures(args) => fixtures::run(&args),
         Command::Test(args) => test_cmd::run(&args),
         Command::Demo => demo::run(),
+        Command::VmCheck(opts) => vm_check::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
