@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use lull_runtime::pull::{Credentials, PullOptions};
 use lull_runtime::reference::Reference;
@@ -20,6 +20,8 @@ pub enum ImageCommand {
     Ls,
     /// Remove an image reference (the image goes when no reference is left).
     Rm { reference: String },
+    /// Delete blobs and unpacked layers that no image and no instance uses.
+    Gc,
 }
 
 #[derive(Debug, Args)]
@@ -47,11 +49,20 @@ pub struct RegistryArgs {
 
 impl RegistryArgs {
     pub fn options(&self) -> Result<PullOptions> {
-        let mut options = PullOptions { docker_config: self.docker_config.clone(), insecure_registries: self.insecure_registries.clone(), ..Default::default() };
+        let mut options = PullOptions {
+            docker_config: self.docker_config.clone(),
+            insecure_registries: self.insecure_registries.clone(),
+            ..Default::default()
+        };
         if let Some(username) = &self.username {
             let mut password = String::new();
-            std::io::stdin().read_to_string(&mut password).context("read the password from stdin")?;
-            options.credentials = Some(Credentials::new(username.clone(), password.trim_end_matches(['\r', '\n'])));
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("read the password from stdin")?;
+            options.credentials = Some(Credentials::new(
+                username.clone(),
+                password.trim_end_matches(['\r', '\n']),
+            ));
         }
         Ok(options)
     }
@@ -70,11 +81,13 @@ pub struct ImportArgs {
 }
 
 pub fn parse_reference(text: &str) -> Result<Reference> {
-    text.parse::<Reference>().with_context(|| format!("image reference {text:?}"))
+    text.parse::<Reference>()
+        .with_context(|| format!("image reference {text:?}"))
 }
 
 pub async fn run(data_dir: &Path, cmd: &ImageCommand) -> Result<ExitCode> {
-    let store = ImageStore::open(data_dir).with_context(|| format!("open the image store in {}", data_dir.display()))?;
+    let store = ImageStore::open(data_dir)
+        .with_context(|| format!("open the image store in {}", data_dir.display()))?;
     match cmd {
         ImageCommand::Pull(args) => {
             let reference = parse_reference(&args.reference)?;
@@ -83,24 +96,55 @@ pub async fn run(data_dir: &Path, cmd: &ImageCommand) -> Result<ExitCode> {
         }
         ImageCommand::Import(args) => {
             let record = import(&store, args).await?;
-            println!("imported {} ({})", record.references.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), record.manifest_digest);
+            println!(
+                "imported {} ({})",
+                record
+                    .references
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                record.manifest_digest
+            );
         }
         ImageCommand::Ls => {
-            println!("{:<60} {:<20} {:>10} {:>6}", "REFERENCE", "DIGEST", "SIZE", "LAYERS");
+            println!(
+                "{:<60} {:<20} {:>10} {:>6}",
+                "REFERENCE", "DIGEST", "SIZE", "LAYERS"
+            );
             for record in store.list()? {
                 let size: u64 = record.layers.iter().map(|l| l.size).sum();
                 let short = &record.manifest_digest.hex()[..12];
-                let refs = if record.references.is_empty() { vec!["<none>".to_owned()] } else { record.references.iter().map(ToString::to_string).collect() };
+                let refs = if record.references.is_empty() {
+                    vec!["<none>".to_owned()]
+                } else {
+                    record.references.iter().map(ToString::to_string).collect()
+                };
                 for r in refs {
-                    println!("{r:<60} sha256:{short:<13} {:>10} {:>6}", crate::size::human(size), record.layers.len());
+                    println!(
+                        "{r:<60} sha256:{short:<13} {:>10} {:>6}",
+                        crate::size::human(size),
+                        record.layers.len()
+                    );
                 }
             }
         }
         ImageCommand::Rm { reference } => {
             let reference = parse_reference(reference)?;
             let removed = store.remove(&reference)?;
-            println!("removed {reference} {removed:?}");
+            if removed.record_removed {
+                println!(
+                    "removed {reference} and image {} (run `lull image gc` to free its blobs)",
+                    removed.manifest_digest
+                );
+            } else {
+                println!(
+                    "removed {reference} (image {} is still referenced)",
+                    removed.manifest_digest
+                );
+            }
         }
+        ImageCommand::Gc => unreachable!("dispatched with the runtime"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -109,12 +153,36 @@ async fn import(store: &ImageStore, args: &ImportArgs) -> Result<ImageRecord> {
     let meta = std::fs::metadata(&args.path).with_context(|| format!("{}", args.path.display()))?;
     let tag = args.tag.as_deref().map(parse_reference).transpose()?;
     if meta.is_dir() {
-        let Some(tag) = tag else { bail!("importing the OCI layout {} needs --tag <reference>", args.path.display()) };
-        Ok(store.import_oci_layout(&args.path, args.name.as_deref(), &tag).await?)
+        let Some(tag) = tag else {
+            bail!(
+                "importing the OCI layout {} needs --tag <reference>",
+                args.path.display()
+            )
+        };
+        Ok(store
+            .import_oci_layout(&args.path, args.name.as_deref(), &tag)
+            .await?)
     } else {
         if args.name.is_some() {
-            bail!("--name applies to OCI layouts; {} is a file (a docker-archive)", args.path.display());
+            bail!(
+                "--name applies to OCI layouts; {} is a file (a docker-archive)",
+                args.path.display()
+            );
         }
-        Ok(store.import_docker_archive(&args.path, tag.as_ref()).await?)
+        Ok(store
+            .import_docker_archive(&args.path, tag.as_ref())
+            .await?)
     }
+}
+
+pub async fn gc(runtime: &lull_runtime::host::Runtime) -> Result<ExitCode> {
+    let report = runtime.collect_garbage().await?;
+    println!(
+        "removed {} blobs ({}), {} unpacked layers; kept {} layers still used by instances",
+        report.store.removed_blobs.len(),
+        crate::size::human(report.store.freed_bytes),
+        report.layers.len(),
+        report.layers_in_use
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use lull_netns::NetNs;
 use lull_runtime::host::Runtime;
@@ -37,17 +37,40 @@ pub struct RmArgs {
 pub fn ps(runtime: &Runtime) -> Result<ExitCode> {
     println!("{:<40} {:<28} {:>8}  STARTED", "INSTANCE", "STATUS", "PID");
     let dir = runtime.config.instances_dir();
-    let mut ids: Vec<String> = std::fs::read_dir(&dir).with_context(|| dir.display().to_string())?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+    let mut ids: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| dir.display().to_string())?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     ids.sort();
     for id in ids {
         let paths = InstancePaths::new(dir.join(&id));
         let state: Option<ShimState> = read_json(&paths.state()).ok().flatten();
         let exit: Option<ExitStatus> = read_json(&paths.exit()).ok().flatten();
         let (status, pid, started) = match (&state, &exit) {
-            (_, Some(exit)) => (exit.to_string(), "-".to_owned(), state.as_ref().map(|s| s.started_at.clone()).unwrap_or_default()),
-            (Some(s), None) if is_same_process_alive(s.init_pid, s.init_start_time) => ("running".to_owned(), s.init_pid.to_string(), s.started_at.clone()),
-            (Some(s), None) => ("dead (status lost)".to_owned(), "-".to_owned(), s.started_at.clone()),
-            (None, None) => ("starting or failed to start".to_owned(), "-".to_owned(), String::new()),
+            (_, Some(exit)) => (
+                exit.to_string(),
+                "-".to_owned(),
+                state
+                    .as_ref()
+                    .map(|s| s.started_at.clone())
+                    .unwrap_or_default(),
+            ),
+            (Some(s), None) if is_same_process_alive(s.init_pid, s.init_start_time) => (
+                "running".to_owned(),
+                s.init_pid.to_string(),
+                s.started_at.clone(),
+            ),
+            (Some(s), None) => (
+                "dead (status lost)".to_owned(),
+                "-".to_owned(),
+                s.started_at.clone(),
+            ),
+            (None, None) => (
+                "starting or failed to start".to_owned(),
+                "-".to_owned(),
+                String::new(),
+            ),
         };
         println!("{id:<40} {status:<28} {pid:>8}  {started}");
     }
@@ -85,8 +108,12 @@ pub async fn stop(runtime: &Runtime, args: &StopArgs) -> Result<ExitCode> {
             let status = instance.stop(Duration::from_secs(args.grace)).await?;
             println!("instance {} {status}", args.id);
         }
-        Some(Recovered::Exited(_, status)) => println!("instance {} had already ended: {status}", args.id),
-        Some(Recovered::Removed { .. }) => println!("instance {} was dead; its leftovers were removed", args.id),
+        Some(Recovered::Exited(_, status)) => {
+            println!("instance {} had already ended: {status}", args.id)
+        }
+        Some(Recovered::Removed { .. }) => {
+            println!("instance {} was dead; its leftovers were removed", args.id)
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -94,7 +121,9 @@ pub async fn stop(runtime: &Runtime, args: &StopArgs) -> Result<ExitCode> {
 pub async fn rm(runtime: &Runtime, args: &RmArgs) -> Result<ExitCode> {
     match runtime.instances.get(&args.id)? {
         None => bail!("instance {} not found", args.id),
-        Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => runtime.instances.delete(instance).await?,
+        Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => {
+            runtime.instances.delete(instance).await?
+        }
         Some(Recovered::Removed { .. }) => {}
     }
     if let Ok(netns) = NetNs::open(&runtime.config.netns_dir(), &args.id) {

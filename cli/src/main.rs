@@ -2,9 +2,9 @@
 //! host); the daemon and its client commands arrive with the control-plane issue.
 
 mod images;
-mod run;
 mod instances;
 mod probe;
+mod run;
 mod size;
 
 use std::path::PathBuf;
@@ -12,10 +12,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lull_runtime::host::{Runtime, RuntimeConfig, DEFAULT_DATA_DIR, DEFAULT_RUN_DIR, ZYGOTE_ARG};
+use lull_runtime::host::{DEFAULT_DATA_DIR, DEFAULT_RUN_DIR, Runtime, RuntimeConfig, ZYGOTE_ARG};
 
 #[derive(Debug, Parser)]
-#[command(name = "lull", version, about = "A self-hosted App Runner for a bare Linux VM")]
+#[command(
+    name = "lull",
+    version,
+    about = "A self-hosted App Runner for a bare Linux VM"
+)]
 struct Cli {
     /// Where images, layers and instances are kept.
     #[arg(long, global = true, env = "LULL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -36,7 +40,7 @@ enum Command {
     #[command(subcommand)]
     Image(images::ImageCommand),
     /// Run an image as an isolated instance.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List instances on this host.
     Ps,
     /// Show an instance's output (timestamps in RFC 3339 UTC, oldest first).
@@ -59,7 +63,10 @@ fn main() -> ExitCode {
     }
     init_logging(false);
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lull: start async runtime: {e}");
@@ -76,23 +83,29 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(zygote: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LULL_LOG").unwrap_or_else(|_| "warn,libcgroups=error".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LULL_LOG")
+        .unwrap_or_else(|_| "warn,libcgroups=error".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if zygote {
-        builder.with_ansi(false).with_writer(|| lull_runtime::instance::zygote::DiagnosticsWriter).init();
+        builder
+            .with_ansi(false)
+            .with_writer(|| lull_runtime::instance::zygote::DiagnosticsWriter)
+            .init();
     } else {
         builder.with_writer(std::io::stderr).init();
     }
 }
 
 fn open_runtime(cli: &Cli) -> Result<Runtime> {
-    let mut config = RuntimeConfig::new(&cli.data_dir, &cli.run_dir).context("find the lull executable")?;
+    let mut config =
+        RuntimeConfig::new(&cli.data_dir, &cli.run_dir).context("find the lull executable")?;
     config.cgroup_parent = cli.cgroup_parent.clone();
     Runtime::open(config).context("open the runtime")
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
+        Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
         Command::Run(args) => run::run(open_runtime(&cli)?, args).await,
         Command::Ps => instances::ps(&open_runtime(&cli)?),

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use lull_netns::NetNs;
 
 /// The status line and body of a response.
@@ -18,7 +18,9 @@ pub struct Response {
 /// One GET of `path` on 127.0.0.1:`port` inside `netns`.
 pub fn get(netns: &NetNs, port: u16, path: &str, timeout: Duration) -> Result<Response> {
     let path = path.to_owned();
-    netns.run_in(move || get_here(port, &path, timeout)).context("enter the instance's network namespace")?
+    netns
+        .run_in(move || get_here(port, &path, timeout))
+        .context("enter the instance's network namespace")?
 }
 
 fn get_here(port: u16, path: &str, timeout: Duration) -> Result<Response> {
@@ -26,30 +28,53 @@ fn get_here(port: u16, path: &str, timeout: Duration) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nUser-Agent: lull-probe\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nUser-Agent: lull-probe\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse(&raw)
 }
 
 fn parse(raw: &[u8]) -> Result<Response> {
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { bail!("the app closed the connection without a complete HTTP response") };
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        bail!("the app closed the connection without a complete HTTP response")
+    };
     let head = String::from_utf8_lossy(&raw[..split]);
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default().to_owned();
-    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("malformed status line {status_line:?}"))?;
-    let chunked = lines.any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("malformed status line {status_line:?}"))?;
+    let chunked = lines.any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
     let body = &raw[split + 4..];
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
-    Ok(Response { status, status_line, body: String::from_utf8_lossy(&body).into_owned() })
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
+    Ok(Response {
+        status,
+        status_line,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { bail!("truncated chunked body") };
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            bail!("truncated chunked body")
+        };
         let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).with_context(|| format!("bad chunk size {size_text:?}"))?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size_text:?}"))?;
         data = &data[eol + 2..];
         if size == 0 {
             return Ok(out);

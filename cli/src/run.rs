@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use lull_netns::NetNs;
 use lull_runtime::cgroup::Resources;
@@ -12,7 +12,7 @@ use lull_runtime::host::Runtime;
 use lull_runtime::instance::{Instance, InstanceRequest, ProcessOverrides};
 use lull_runtime::logs::{self, LogLimits, LogRecord};
 
-use crate::images::{parse_reference, RegistryArgs};
+use crate::images::{RegistryArgs, parse_reference};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PullPolicy {
@@ -86,28 +86,59 @@ fn default_name(image: &str) -> String {
         .next()
         .unwrap_or("app")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .take(40)
         .collect();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("{}-{:06x}", base.trim_matches('-'), (nanos ^ std::process::id()) & 0xff_ffff)
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{:06x}",
+        base.trim_matches('-'),
+        (nanos ^ std::process::id()) & 0xff_ffff
+    )
 }
 
 pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
     let reference = parse_reference(&args.image)?;
     let env = parse_env(&args.env)?;
-    let memory_bytes = args.memory.as_deref().map(crate::size::parse).transpose().context("--memory")?;
-    let resources = Resources { cpu: args.cpu, memory_bytes, pids: args.pids };
+    let memory_bytes = args
+        .memory
+        .as_deref()
+        .map(crate::size::parse)
+        .transpose()
+        .context("--memory")?;
+    let resources = Resources {
+        cpu: args.cpu,
+        memory_bytes,
+        pids: args.pids,
+    };
     resources.to_linux_resources().context("resource limits")?;
 
     let cached = runtime.store.get(&reference)?;
     let image = match (args.pull, cached) {
-        (PullPolicy::Never, None) => bail!("image {reference} is not in the store and --pull never was given"),
+        (PullPolicy::Never, None) => {
+            bail!("image {reference} is not in the store and --pull never was given")
+        }
         (PullPolicy::Never | PullPolicy::Missing, Some(image)) => image,
         (_, _) => {
             let started = Instant::now();
-            let image = runtime.store.pull(&reference, &args.registry.options()?).await?;
-            println!("pulled {reference} ({}) in {} ms", image.manifest_digest, started.elapsed().as_millis());
+            let image = runtime
+                .store
+                .pull(&reference, &args.registry.options()?)
+                .await?;
+            println!(
+                "pulled {reference} ({}) in {} ms",
+                image.manifest_digest,
+                started.elapsed().as_millis()
+            );
             image
         }
     };
@@ -116,11 +147,20 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
     let unpacked = started.elapsed();
 
     let port = args.port.unwrap_or_else(|| {
-        image.config.exposed_ports.iter().find_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok())).unwrap_or(8080)
+        image
+            .config
+            .exposed_ports
+            .iter()
+            .find_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok()))
+            .unwrap_or(8080)
     });
-    let id = args.name.clone().unwrap_or_else(|| default_name(reference.repository()));
+    let id = args
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(reference.repository()));
     lull_runtime::instance::validate_id(&id)?;
-    let netns = NetNs::create(&runtime.config.netns_dir(), &id).context("create the instance's network namespace")?;
+    let netns = NetNs::create(&runtime.config.netns_dir(), &id)
+        .context("create the instance's network namespace")?;
     let request = InstanceRequest {
         id: id.clone(),
         layers,
@@ -157,14 +197,29 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let outcome = match &args.check {
-        Some(path) => check(&instance, &netns, port, path, Duration::from_secs(args.check_timeout)).await,
+        Some(path) => {
+            check(
+                &instance,
+                &netns,
+                port,
+                path,
+                Duration::from_secs(args.check_timeout),
+            )
+            .await
+        }
         None => follow(&instance).await,
     };
     finish(&runtime, instance, netns).await?;
     outcome
 }
 
-async fn check(instance: &Instance, netns: &NetNs, port: u16, path: &str, timeout: Duration) -> Result<ExitCode> {
+async fn check(
+    instance: &Instance,
+    netns: &NetNs,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<ExitCode> {
     let started = Instant::now();
     let mut last_error = String::new();
     while started.elapsed() < timeout {
@@ -177,21 +232,32 @@ async fn check(instance: &Instance, netns: &NetNs, port: u16, path: &str, timeou
             Ok(response) => {
                 println!(
                     "GET http://127.0.0.1:{port}{path} inside the instance's network namespace → {} ({} ms after start)",
-                    response.status_line.split_once(' ').map(|(_, s)| s).unwrap_or(&response.status_line),
+                    response
+                        .status_line
+                        .split_once(' ')
+                        .map(|(_, s)| s)
+                        .unwrap_or(&response.status_line),
                     started.elapsed().as_millis()
                 );
                 print!("{}", response.body);
                 if !response.body.ends_with('\n') {
                     println!();
                 }
-                return Ok(if response.status < 400 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                return Ok(if response.status < 400 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
             }
             Err(e) => last_error = format!("{e:#}"),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     print_tail(instance, 20);
-    bail!("instance {} did not answer on port {port} within {timeout:?}: {last_error}", instance.id)
+    bail!(
+        "instance {} did not answer on port {port} within {timeout:?}: {last_error}",
+        instance.id
+    )
 }
 
 fn print_record(r: &LogRecord) {
@@ -238,6 +304,8 @@ async fn finish(runtime: &Runtime, instance: Instance, netns: NetNs) -> Result<(
         instance.stop(Duration::from_secs(10)).await?;
     }
     runtime.instances.delete(instance).await?;
-    netns.destroy().context("remove the instance's network namespace")?;
+    netns
+        .destroy()
+        .context("remove the instance's network namespace")?;
     Ok(())
 }

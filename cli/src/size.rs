@@ -1,6 +1,6 @@
 //! Sizes as people write them: `64M`, `1.5G`, `512k`, `1048576`.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 /// Parses a byte size with an optional binary suffix (k, M, G, T; `i` and `B` accepted).
 pub fn parse(text: &str) -> Result<u64> {
@@ -19,7 +19,9 @@ pub fn parse(text: &str) -> Result<u64> {
         't' => 1 << 40,
         _ => bail!("size {text:?}: unknown unit {unit:?} (use k, M, G or T)"),
     };
-    let value: f64 = number.parse().map_err(|_| anyhow::anyhow!("size {text:?} is not a number with an optional k/M/G/T suffix"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        anyhow::anyhow!("size {text:?} is not a number with an optional k/M/G/T suffix")
+    })?;
     if !(value.is_finite() && value > 0.0) {
         bail!("size {text:?} must be positive");
     }
@@ -35,7 +37,11 @@ pub fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes}B") } else { format!("{value:.1}{}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -44,7 +50,13 @@ mod tests {
 
     #[test]
     fn parses_common_forms() {
-        for (text, want) in [("64M", 64 << 20), ("64MiB", 64 << 20), ("1.5G", 3 << 29), ("512k", 512 << 10), ("4096", 4096)] {
+        for (text, want) in [
+            ("64M", 64 << 20),
+            ("64MiB", 64 << 20),
+            ("1.5G", 3 << 29),
+            ("512k", 512 << 10),
+            ("4096", 4096),
+        ] {
             assert_eq!(parse(text).unwrap(), want, "{text}");
         }
         for bad in ["", "M", "-1M", "12X", "abc"] {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::digest::Digest;
-use crate::instance::config::{read_json, LaunchConfig};
+use crate::instance::config::{LaunchConfig, read_json};
 use crate::instance::{ImageProcess, InstanceError, InstanceManager, InstancesConfig};
 use crate::layers::{LayerCache, LayerError, UnpackLimits};
 use crate::store::{GcReport, ImageRecord, ImageStore, StoreError};
@@ -69,7 +69,11 @@ pub enum RuntimeError {
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error("image {image}: layer {diff_id}: {message}")]
-    Prepare { image: Digest, diff_id: Digest, message: String },
+    Prepare {
+        image: Digest,
+        diff_id: Digest,
+        message: String,
+    },
 }
 
 /// What a garbage collection removed.
@@ -102,7 +106,12 @@ impl Runtime {
             zygote_program: config.zygote_program.clone(),
             zygote_args: config.zygote_args.clone(),
         })?;
-        Ok(Runtime { config, store, layers, instances })
+        Ok(Runtime {
+            config,
+            store,
+            layers,
+            instances,
+        })
     }
 
     /// Unpacks the image's layers that are not unpacked yet (in parallel); returns the layer
@@ -113,7 +122,9 @@ impl Runtime {
             let cache = self.layers.clone();
             let blob = self.store.blob_path(&layer.digest);
             let (diff_id, media_type) = (layer.diff_id.clone(), layer.media_type.clone());
-            tasks.push(tokio::task::spawn_blocking(move || cache.ensure(&diff_id, &blob, &media_type)));
+            tasks.push(tokio::task::spawn_blocking(move || {
+                cache.ensure(&diff_id, &blob, &media_type)
+            }));
         }
         let mut names = Vec::with_capacity(tasks.len());
         for (task, layer) in tasks.into_iter().zip(&image.layers) {
@@ -144,7 +155,9 @@ impl Runtime {
     /// image records say.
     pub fn layers_in_use(&self) -> BTreeSet<String> {
         let mut used = BTreeSet::new();
-        let Ok(entries) = std::fs::read_dir(self.config.instances_dir()) else { return used };
+        let Ok(entries) = std::fs::read_dir(self.config.instances_dir()) else {
+            return used;
+        };
         for entry in entries.flatten() {
             if let Ok(Some(launch)) = read_json::<LaunchConfig>(&entry.path().join("launch.json")) {
                 used.extend(launch.layers);
@@ -159,7 +172,10 @@ impl Runtime {
         let store = self.store.gc().await?;
         let referenced = self.store.referenced_diff_ids()?;
         let in_use = self.layers_in_use();
-        let mut report = CollectReport { store, ..Default::default() };
+        let mut report = CollectReport {
+            store,
+            ..Default::default()
+        };
         for diff_id in self.layers.list() {
             if referenced.contains(&diff_id) {
                 continue;
@@ -170,11 +186,13 @@ impl Runtime {
             }
             let cache = self.layers.clone();
             let id = diff_id.clone();
-            let removed = tokio::task::spawn_blocking(move || cache.remove(&id)).await.map_err(|e| RuntimeError::Prepare {
-                image: diff_id.clone(),
-                diff_id: diff_id.clone(),
-                message: e.to_string(),
-            })??;
+            let removed = tokio::task::spawn_blocking(move || cache.remove(&id))
+                .await
+                .map_err(|e| RuntimeError::Prepare {
+                    image: diff_id.clone(),
+                    diff_id: diff_id.clone(),
+                    message: e.to_string(),
+                })??;
             if removed {
                 report.layers.push(diff_id);
             }

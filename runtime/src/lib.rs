@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod digest;
+pub mod host;
 pub mod import;
 pub mod instance;
 pub mod layers;
@@ -14,4 +15,3 @@ pub mod logs;
 pub mod pull;
 pub mod reference;
 pub mod store;
-pub mod host;

@@ -256,7 +256,7 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
             Some((n, e.path()))
         })
         .collect();
-    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
     let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
     let current = dir.join(CURRENT);
     if current.exists() {
@@ -390,12 +390,25 @@ pub struct Follower {
 impl Follower {
     /// Starts with the oldest record kept (rotated files first), then follows.
     pub fn from_start(dir: &Path) -> Follower {
-        Follower { dir: dir.to_owned(), reader: None, partial: Vec::new(), backlog: log_files(dir).into_iter().filter(|p| !p.ends_with(CURRENT)).collect() }
+        Follower {
+            dir: dir.to_owned(),
+            reader: None,
+            partial: Vec::new(),
+            backlog: log_files(dir)
+                .into_iter()
+                .filter(|p| !p.ends_with(CURRENT))
+                .collect(),
+        }
     }
 
     /// Starts at the end of what is already written.
     pub fn from_end(dir: &Path) -> Follower {
-        let mut f = Follower { dir: dir.to_owned(), reader: None, partial: Vec::new(), backlog: Vec::new() };
+        let mut f = Follower {
+            dir: dir.to_owned(),
+            reader: None,
+            partial: Vec::new(),
+            backlog: Vec::new(),
+        };
         if let Some((mut reader, inode)) = f.open_current() {
             use std::io::Seek;
             let _ = reader.seek(io::SeekFrom::End(0));
@@ -431,12 +444,15 @@ impl Follower {
                     return out;
                 }
             }
-            let Some((reader, inode)) = self.reader.as_mut() else { return out };
+            let Some((reader, inode)) = self.reader.as_mut() else {
+                return out;
+            };
             loop {
                 match reader.read_until(b'\n', &mut self.partial) {
                     Ok(0) | Err(_) => break,
                     Ok(_) if self.partial.ends_with(b"\n") => {
-                        let line = String::from_utf8_lossy(&self.partial[..self.partial.len() - 1]).into_owned();
+                        let line = String::from_utf8_lossy(&self.partial[..self.partial.len() - 1])
+                            .into_owned();
                         if let Some(r) = parse_record(&line) {
                             out.push(r);
                         }
@@ -464,12 +480,20 @@ mod follower_tests {
     #[test]
     fn follows_across_rotation_without_loss() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = LogWriter::open(dir.path(), LogLimits { max_file_bytes: 300, max_rotated: 3 }).unwrap();
+        let mut w = LogWriter::open(
+            dir.path(),
+            LogLimits {
+                max_file_bytes: 300,
+                max_rotated: 3,
+            },
+        )
+        .unwrap();
         w.record(Stream::Stdout, false, b"before").unwrap();
         let mut f = Follower::from_end(dir.path());
         let mut seen = Vec::new();
         for i in 0..30 {
-            w.record(Stream::Stdout, false, format!("n{i}").as_bytes()).unwrap();
+            w.record(Stream::Stdout, false, format!("n{i}").as_bytes())
+                .unwrap();
             if i % 4 == 0 {
                 seen.extend(f.poll().into_iter().map(|r| r.text));
             }

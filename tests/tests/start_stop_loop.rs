@@ -23,7 +23,7 @@ fn processes_named(needle: &str) -> Vec<String> {
         .filter_map(|e| {
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            (stat.contains(needle) && state != 'Z').then(|| stat)
+            (stat.contains(needle) && state != 'Z').then_some(stat)
         })
         .collect()
 }
@@ -84,7 +84,7 @@ async fn a_thousand_cycles_leak_nothing() {
     let started = Instant::now();
     for i in 1..=cycles {
         // Alternate a process that exits by itself and one that must be stopped.
-        let script = if i % 2 == 0 {
+        let script = if i.is_multiple_of(2) {
             "echo $$"
         } else {
             "trap 'exit 0' TERM; echo ready; while :; do usleep 10000; done"
@@ -93,7 +93,7 @@ async fn a_thousand_cycles_leak_nothing() {
             .launch(run(i, script))
             .await
             .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
-        let status = if i % 2 == 0 {
+        let status = if i.is_multiple_of(2) {
             inst.wait().await.unwrap()
         } else {
             // SIGTERM before the trap is set would be ignored by a pid 1 without a handler.

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::fixtures::{self, FixturesArgs};
 

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// CI stops at 90 minutes; stop starting stages past this point so the run ends with a clear
 /// message rather than being killed.
@@ -24,7 +24,10 @@ struct Stage {
 }
 
 fn cargo(args: &[&str]) -> Vec<String> {
-    std::iter::once("cargo").chain(args.iter().copied()).map(str::to_owned).collect()
+    std::iter::once("cargo")
+        .chain(args.iter().copied())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn stages() -> Vec<Stage> {
@@ -35,7 +38,14 @@ fn stages() -> Vec<Stage> {
             needs_root: false,
             commands: vec![
                 cargo(&["fmt", "--all", "--", "--check"]),
-                cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+                cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
             ],
         },
         Stage {
@@ -54,7 +64,10 @@ fn stages() -> Vec<Stage> {
             name: "privileged",
             what: "privileged integration tests (namespaces, cgroups, mounts, real registry)",
             needs_root: true,
-            commands: vec![cargo(&["test", "--workspace", "--tests", "--exclude", "lull-tests"]), cargo(&["test", "-p", "lull-tests", "--tests"])],
+            commands: vec![
+                cargo(&["test", "--workspace", "--tests", "--exclude", "lull-tests"]),
+                cargo(&["test", "-p", "lull-tests", "--tests"]),
+            ],
         },
         Stage {
             name: "e2e",
@@ -81,14 +94,23 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let all = stages();
     for name in &args.only {
         if !all.iter().any(|s| s.name == name) {
-            bail!("unknown stage {name:?} in --only (stages: {})", all.iter().map(|s| s.name).collect::<Vec<_>>().join(", "));
+            bail!(
+                "unknown stage {name:?} in --only (stages: {})",
+                all.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            );
         }
     }
-    let selected: Vec<&Stage> = all.iter().filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name)).collect();
+    let selected: Vec<&Stage> = all
+        .iter()
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name))
+        .collect();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if let Some(stage) = selected.iter().find(|s| s.needs_root && !root) {
-        bail!("stage {:?} needs root (namespaces, cgroups, mounts): run `sudo -E cargo xtask test` or pick stages with --only", stage.name);
+        bail!(
+            "stage {:?} needs root (namespaces, cgroups, mounts): run `sudo -E cargo xtask test` or pick stages with --only",
+            stage.name
+        );
     }
 
     let started = Instant::now();
@@ -114,11 +136,19 @@ pub fn run(args: &TestArgs) -> Result<()> {
             if !status.success() {
                 report.push((stage.name, stage_started.elapsed(), false));
                 print_report(&report);
-                bail!("stage {:?} failed: `{}` {status}", stage.name, command.join(" "));
+                bail!(
+                    "stage {:?} failed: `{}` {status}",
+                    stage.name,
+                    command.join(" ")
+                );
             }
         }
         report.push((stage.name, stage_started.elapsed(), true));
-        eprintln!("<== stage {} passed in {}", stage.name, fmt_duration(stage_started.elapsed()));
+        eprintln!(
+            "<== stage {} passed in {}",
+            stage.name,
+            fmt_duration(stage_started.elapsed())
+        );
     }
     print_report(&report);
     eprintln!("all stages passed in {}", fmt_duration(started.elapsed()));
@@ -128,11 +158,19 @@ pub fn run(args: &TestArgs) -> Result<()> {
 fn print_report(report: &[(&str, Duration, bool)]) {
     eprintln!("\nstage        duration   result");
     for (name, took, ok) in report {
-        eprintln!("{name:<12} {:>9}   {}", fmt_duration(*took), if *ok { "passed" } else { "FAILED" });
+        eprintln!(
+            "{name:<12} {:>9}   {}",
+            fmt_duration(*took),
+            if *ok { "passed" } else { "FAILED" }
+        );
     }
 }
 
 pub fn fmt_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{:.1}s", d.as_secs_f64()) }
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }

@@ -1,6 +1,3 @@
-<<<<<<< HEAD
-
-=======
 //! Privileged tests against this host's real cgroup hierarchies (run as root, like CI).
 //!
 //! They create `lull-test-<pid>-<nanos>` under the cpu and cpuacct hierarchies only (the memory
@@ -170,4 +167,3 @@ fn remove_cleans_up_a_leftover_cgroup() {
     // Removing again is fine (crash recovery may run twice).
     test.cgroup.remove().unwrap();
 }
->>>>>>> wip-cgroup

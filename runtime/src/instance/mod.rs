@@ -175,10 +175,11 @@ impl Instance {
     pub fn exit_status(&self) -> Result<Option<ExitStatus>, InstanceError> {
         let path = self.paths().exit();
         let mut status: Option<ExitStatus> = read_json(&path).map_err(io_err(&path))?;
-        if let Some(status) = &mut status {
-            if status.signal == Some(libc::SIGKILL) && self.cgroup.oom_kills().unwrap_or(0) > 0 {
-                status.oom_killed = true;
-            }
+        if let Some(status) = &mut status
+            && status.signal == Some(libc::SIGKILL)
+            && self.cgroup.oom_kills().unwrap_or(0) > 0
+        {
+            status.oom_killed = true;
         }
         Ok(status)
     }
@@ -453,22 +454,13 @@ impl InstanceManager {
             }
         }
         // libcontainer removes the cgroup on delete; this catches what a crash left behind.
-        if let Ok(cgroup) = self.instance_cgroup(id) {
-            if cgroup.exists() {
-                cgroup.remove().map_err(|source| InstanceError::Cgroup {
-                    id: id.to_owned(),
-                    source,
-                })?;
-            }
-        }
-        // libcontainer removes the cgroup on delete; this catches what a crash left behind.
-        if let Ok(cgroup) = self.instance_cgroup(id) {
-            if cgroup.exists() {
-                cgroup.remove().map_err(|source| InstanceError::Cgroup {
-                    id: id.to_owned(),
-                    source,
-                })?;
-            }
+        if let Ok(cgroup) = self.instance_cgroup(id)
+            && cgroup.exists()
+        {
+            cgroup.remove().map_err(|source| InstanceError::Cgroup {
+                id: id.to_owned(),
+                source,
+            })?;
         }
         let paths = InstancePaths::new(self.dir(id));
         overlay::unmount(&paths.rootfs()).map_err(|e| InstanceError::Delete {

@@ -201,10 +201,10 @@ fn read_image_file(rootfs: &Path, relative: &str) -> String {
 }
 
 fn cleanup_failed_launch(cfg: &LaunchConfig, paths: &InstancePaths) {
-    if let Ok(mut container) = Container::load(cfg.state_root.join(&cfg.id)) {
-        if let Err(e) = container.delete(true) {
-            tracing::warn!("delete half-created instance: {e}");
-        }
+    if let Ok(mut container) = Container::load(cfg.state_root.join(&cfg.id))
+        && let Err(e) = container.delete(true)
+    {
+        tracing::warn!("delete half-created instance: {e}");
     }
     let _ = fs::remove_dir_all(cfg.state_root.join(&cfg.id));
     if let Err(e) = overlay::unmount(&paths.rootfs()) {
@@ -251,10 +251,10 @@ fn supervise(cfg: &LaunchConfig, paths: &InstancePaths, state: &ShimState, out: 
                   partial: bool,
                   text: &[u8]|
      -> Result<(), ()> {
-        if let Some(w) = writer.as_mut() {
-            if let Err(e) = w.record(stream, partial, text) {
-                tracing::error!("{e}");
-            }
+        if let Some(w) = writer.as_mut()
+            && let Err(e) = w.record(stream, partial, text)
+        {
+            tracing::error!("{e}");
         }
         Ok(())
     };
@@ -278,14 +278,14 @@ fn supervise(cfg: &LaunchConfig, paths: &InstancePaths, state: &ShimState, out: 
                 revents: 0,
             })
             .collect();
-        if status.is_none() {
-            if let Some(p) = &init {
-                pollfds.push(libc::pollfd {
-                    fd: p.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
+        if status.is_none()
+            && let Some(p) = &init
+        {
+            pollfds.push(libc::pollfd {
+                fd: p.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         let timeout = if status.is_some() { 100 } else { -1 };
         // SAFETY: pollfds is a valid array of the given length for the duration of the call.

@@ -12,7 +12,7 @@ use lull_runtime::logs::LogLimits;
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     assert!(
-        args.len() >= 8 && args.len() % 2 == 0,
+        args.len() >= 8 && args.len().is_multiple_of(2),
         "usage: lull-test-manager <instances> <layers> <state> <cgroup-parent> <zygote> <layer> (<id> <script>)..."
     );
     let manager = InstanceManager::new(InstancesConfig {
