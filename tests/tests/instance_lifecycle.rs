@@ -1,59 +1,20 @@
 //! Privileged: instances launched through the zygote, shim and libcontainer, on a layer made by
 //! hand from Debian's busybox-static (the image store has its own tests).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use lull_runtime::cgroup::{Gate, Resources};
-use lull_runtime::instance::{
-    ImageProcess, InstanceManager, InstanceRequest, InstancesConfig, ProcessOverrides,
-};
-use lull_runtime::logs::{self, LogLimits, Stream};
-use lull_tests::busybox::busybox_layer;
-use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under, unique_name};
+use lull_runtime::instance::InstanceRequest;
+use lull_runtime::logs::{self, Stream};
+use lull_tests::busybox::BusyboxHost;
+use lull_tests::scratch::{mounts_under, unique_name};
 
-struct Fixture {
-    scratch: ScratchDir,
-    cgroups: CgroupParentGuard,
-    manager: InstanceManager,
-    layer: String,
+fn fixture() -> BusyboxHost {
+    BusyboxHost::new("lull-inst", env!("CARGO_BIN_EXE_lull-test-zygote"))
 }
 
-fn fixture() -> Fixture {
-    let scratch = ScratchDir::new("lull-inst").unwrap();
-    let cgroups = CgroupParentGuard::new("lull-test");
-    let layers = scratch.path().join("layers");
-    let layer = busybox_layer(&layers);
-    let manager = InstanceManager::new(InstancesConfig {
-        instances_dir: scratch.path().join("instances"),
-        layers_dir: layers,
-        state_root: scratch.path().join("state"),
-        cgroup_parent: cgroups.parent.clone(),
-        zygote_program: PathBuf::from(env!("CARGO_BIN_EXE_lull-test-zygote")),
-        zygote_args: vec![],
-    })
-    .unwrap();
-    Fixture {
-        scratch,
-        cgroups,
-        manager,
-        layer,
-    }
-}
-
-fn request(f: &Fixture, id: &str, script: &str) -> InstanceRequest {
-    InstanceRequest {
-        id: id.to_owned(),
-        layers: vec![f.layer.clone()],
-        image: ImageProcess {
-            cmd: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        },
-        overrides: ProcessOverrides::default(),
-        resources: Resources::default(),
-        netns: None,
-        log_limits: LogLimits::default(),
-    }
+fn request(f: &BusyboxHost, id: &str, script: &str) -> InstanceRequest {
+    f.script(id, script)
 }
 
 #[tokio::test]

@@ -1,15 +1,10 @@
 //! Privileged: a thousand start/stop/delete cycles leave no mount, cgroup, state dir, process or
 //! file descriptor behind. `LULL_LOOP_CYCLES` changes the count (CI runs the full thousand).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lull_runtime::instance::{
-    ImageProcess, InstanceManager, InstanceRequest, InstancesConfig, ProcessOverrides,
-};
-use lull_runtime::logs::LogLimits;
-use lull_tests::busybox::busybox_layer;
-use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under};
+use lull_tests::busybox::BusyboxHost;
+use lull_tests::scratch::mounts_under;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -48,32 +43,9 @@ async fn a_thousand_cycles_leak_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let scratch = ScratchDir::new("lull-loop").unwrap();
-    let cgroups = CgroupParentGuard::new("lull-test");
-    let layers = scratch.path().join("layers");
-    let layer = busybox_layer(&layers);
-    let manager = InstanceManager::new(InstancesConfig {
-        instances_dir: scratch.path().join("instances"),
-        layers_dir: layers,
-        state_root: scratch.path().join("state"),
-        cgroup_parent: cgroups.parent.clone(),
-        zygote_program: PathBuf::from(env!("CARGO_BIN_EXE_lull-test-zygote")),
-        zygote_args: vec![],
-    })
-    .unwrap();
-
-    let run = |i: usize, script: &str| InstanceRequest {
-        id: format!("loop-{i}"),
-        layers: vec![layer.clone()],
-        image: ImageProcess {
-            cmd: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        },
-        overrides: ProcessOverrides::default(),
-        resources: Default::default(),
-        netns: None,
-        log_limits: LogLimits::default(),
-    };
+    let host = BusyboxHost::new("lull-loop", env!("CARGO_BIN_EXE_lull-test-zygote"));
+    let (manager, scratch, cgroups) = (&host.manager, &host.scratch, &host.cgroups);
+    let run = |i: usize, script: &str| host.script(&format!("loop-{i}"), script);
     // Warm up once so lazily opened descriptors (runtime, zygote socket) are counted as baseline.
     let inst = manager.launch(run(0, "true")).await.unwrap();
     inst.wait().await.unwrap();

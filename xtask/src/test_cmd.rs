@@ -64,10 +64,7 @@ fn stages() -> Vec<Stage> {
             name: "privileged",
             what: "privileged integration tests (namespaces, cgroups, mounts, real registry)",
             needs_root: true,
-            commands: vec![
-                cargo(&["test", "--workspace", "--tests", "--exclude", "lull-tests"]),
-                cargo(&["test", "-p", "lull-tests", "--tests"]),
-            ],
+            commands: vec![cargo(&["test", "--workspace", "--test", "*"])],
         },
         Stage {
             name: "e2e",
