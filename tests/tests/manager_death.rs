@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lull_runtime::instance::{InstanceManager, InstancesConfig, Recovered};
+use lull_runtime::instance::{InstanceManager, InstancesConfig, Recovered, ShimState};
 use lull_runtime::logs;
 use lull_tests::busybox::busybox_layer;
 use lull_tests::scratch::{CgroupParentGuard, ScratchDir, mounts_under, unique_name};
@@ -20,6 +20,7 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
     let layer = busybox_layer(&dirs[1]);
     let logger = unique_name("log");
     let quitter = unique_name("quit");
+    let victim = unique_name("victim");
     let mut manager = Command::new(env!("CARGO_BIN_EXE_lull-test-manager"))
         .args(dirs.iter().map(|d| d.as_os_str()))
         .arg(&cgroups.parent)
@@ -30,6 +31,7 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
             "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo tick $i; usleep 500; done",
         ])
         .args([&quitter, "sleep 1; echo bye; exit 7"])
+        .args([&victim, "while :; do sleep 1; done"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -55,6 +57,18 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     manager.kill().unwrap(); // SIGKILL
     manager.wait().unwrap();
+    // A third instance loses its shim and its process while nobody watches (a crash of the
+    // machine's own making): its status is lost and the next manager must clean it up.
+    let victim_state: ShimState =
+        serde_json::from_slice(&std::fs::read(dirs[0].join(&victim).join("state.json")).unwrap())
+            .unwrap();
+    for pid in [victim_state.shim_pid, victim_state.init_pid] {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
     // The app goes on logging, and the second instance exits, while nobody manages them.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let zygote_stat =
@@ -77,12 +91,33 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
     .unwrap();
     let mut running = None;
     let mut exited = None;
+    let mut removed = false;
     for found in manager.recover().unwrap() {
         match found {
             Recovered::Running(inst) if inst.id == logger => running = Some(inst),
             Recovered::Exited(inst, status) if inst.id == quitter => exited = Some((inst, status)),
+            Recovered::Removed { id } if id == victim => removed = true,
             other => panic!("unexpected recovery result {other:?}"),
         }
+    }
+    assert!(removed, "the dead instance is classified as removed");
+    assert!(!dirs[0].join(&victim).exists(), "its instance dir is gone");
+    assert!(
+        !dirs[2].join(&victim).exists(),
+        "its libcontainer state is gone"
+    );
+    assert!(
+        !mounts_under(scratch.path())
+            .iter()
+            .any(|m| m.to_string_lossy().contains(&victim)),
+        "its rootfs is unmounted"
+    );
+    for dir in cgroups.dirs() {
+        assert!(
+            !dir.join(&victim).exists(),
+            "its cgroup {} is gone",
+            dir.join(&victim).display()
+        );
     }
     let (quit_inst, status) =
         exited.expect("the instance that exited meanwhile is found with its status");
