@@ -271,6 +271,12 @@ impl InstanceManager {
 
     /// Starts an instance and returns once its process runs.
     pub async fn launch(&self, req: InstanceRequest) -> Result<Instance, InstanceError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("launch", instance = %req.id);
+        self.launch_inner(req).instrument(span).await
+    }
+
+    async fn launch_inner(&self, req: InstanceRequest) -> Result<Instance, InstanceError> {
         validate_id(&req.id)?;
         let cgroup_err = |source| InstanceError::Cgroup {
             id: req.id.clone(),
@@ -330,6 +336,11 @@ impl InstanceManager {
                 return Err(e.into());
             }
         };
+        tracing::info!(
+            pid = state.init_pid,
+            shim = state.shim_pid,
+            "instance started"
+        );
         let init = PidFd::open(state.init_pid).ok();
         let shim = PidFd::open(state.shim_pid).ok();
         Ok(Instance {
