@@ -2,4 +2,7 @@
 //! cleanup guards, so that two runs never collide and a failed test leaves nothing behind.
 
 pub mod busybox;
+pub mod e2e;
+pub mod http;
+pub mod oci_layout;
 pub mod scratch;
