@@ -184,3 +184,37 @@ async fn the_gate_throttles_a_spinner_and_restores_it() {
     );
     f.manager.delete(inst).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_root_app_reads_but_cannot_raise_its_own_limits() {
+    let f = fixture();
+    let script = "if [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; \
+                  then f=/sys/fs/cgroup/cpu/cpu.cfs_quota_us; v=-1; else f=/sys/fs/cgroup/cpu.max; v=max; fi; \
+                  cat $f; if (echo $v > $f) 2>/dev/null; then echo raised; else echo refused; fi";
+    let mut req = request(&f, &unique_name("i"), script);
+    req.resources = Resources {
+        cpu: Some(0.1),
+        ..Default::default()
+    };
+    let inst = f.manager.launch(req).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), inst.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let out: Vec<String> = logs::read_all(&inst.paths().logs())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert_eq!(status.code, Some(0), "{status:?} {out:?}");
+    assert!(
+        out[0] == "10000" || out[0] == "10000 100000",
+        "the app sees its own limit: {out:?}"
+    );
+    assert_eq!(
+        out[1], "refused",
+        "a root app raised its own CPU limit: {out:?}"
+    );
+    assert_eq!(inst.cgroup.cpu_limit().unwrap().quota_us(), Some(10_000));
+    f.manager.delete(inst).await.unwrap();
+}

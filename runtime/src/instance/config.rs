@@ -27,6 +27,18 @@ pub struct LaunchConfig {
     pub cgroups_path: String,
     pub resources: LinuxResources,
     pub log_limits: LogLimits,
+    /// On cgroup v1 hosts, read-only bind mounts of the instance's own group in each hierarchy
+    /// (`source` on the host, `destination` under `/sys/fs/cgroup`), replacing the cgroup mount
+    /// libcontainer would make writable. Empty on v2, where the spec's read-only mount holds.
+    #[serde(default)]
+    pub cgroup_binds: Vec<CgroupBind>,
+}
+
+/// One read-only view of an instance's cgroup dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupBind {
+    pub source: PathBuf,
+    pub destination: PathBuf,
 }
 
 /// The instance's main process.

@@ -28,7 +28,7 @@ pub use process::{ImageProcess, ProcessOverrides, resolve_process};
 pub use zygote::Zygote;
 
 use crate::cgroup::{
-    CgroupError, CgroupLayout, CpuGate, CpuLimit, GateError, InstanceCgroup, Resources,
+    CgroupError, CgroupLayout, Controller, CpuGate, CpuLimit, GateError, InstanceCgroup, Resources,
 };
 use crate::logs::LogLimits;
 
@@ -247,6 +247,33 @@ impl InstanceManager {
         &self.layout
     }
 
+    /// On v1 hosts, the read-only views of the instance's group (see [`config::CgroupBind`]).
+    fn cgroup_binds(&self, cgroup: &InstanceCgroup) -> Vec<config::CgroupBind> {
+        let CgroupLayout::V1(hierarchies) = &self.layout else {
+            return Vec::new();
+        };
+        let mut binds: Vec<config::CgroupBind> = Vec::new();
+        for controller in Controller::ALL {
+            let (Some(mount), Some(dir)) = (
+                hierarchies.get(controller),
+                cgroup.controller_dir(controller),
+            ) else {
+                continue;
+            };
+            let Some(name) = mount.file_name() else {
+                continue;
+            };
+            let destination = Path::new("/sys/fs/cgroup").join(name);
+            if !binds.iter().any(|b| b.destination == destination) {
+                binds.push(config::CgroupBind {
+                    source: dir.to_owned(),
+                    destination,
+                });
+            }
+        }
+        binds
+    }
+
     fn instance_cgroup(&self, id: &str) -> Result<InstanceCgroup, InstanceError> {
         InstanceCgroup::new(&self.layout, Path::new(&self.cgroups_path(id))).map_err(|source| {
             InstanceError::Cgroup {
@@ -316,6 +343,7 @@ impl InstanceManager {
             cgroups_path: self.cgroups_path(&req.id),
             resources,
             log_limits: req.log_limits,
+            cgroup_binds: self.cgroup_binds(&cgroup),
         };
         let launch_path = InstancePaths::new(&dir).launch();
         write_json_atomic(&launch_path, &cfg).map_err(io_err(&launch_path))?;
@@ -507,6 +535,7 @@ pub(crate) mod test_support {
             cgroups_path: "/lull/web-1".into(),
             resources: Default::default(),
             log_limits: LogLimits::default(),
+            cgroup_binds: Vec::new(),
         }
     }
 }

@@ -5,10 +5,10 @@
 //! capabilities), `no_new_privileges`.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxCapabilities, LinuxNamespace, LinuxNamespaceType, PosixRlimitBuilder,
+    Capability, LinuxCapabilities, LinuxNamespace, LinuxNamespaceType, Mount, PosixRlimitBuilder,
     PosixRlimitType, Spec, User,
 };
 
@@ -116,7 +116,44 @@ pub fn build_spec(cfg: &LaunchConfig, user: &ResolvedUser) -> Spec {
     linux.set_cgroups_path(Some(PathBuf::from(&cfg.cgroups_path)));
     linux.set_resources(Some(cfg.resources.clone()));
     spec.set_linux(Some(linux));
+    if !cfg.cgroup_binds.is_empty() {
+        spec.set_mounts(Some(v1_cgroup_mounts(
+            spec.mounts().clone().unwrap_or_default(),
+            cfg,
+        )));
+    }
     spec
+}
+
+/// libcontainer 0.7 mounts cgroup v1 hierarchies read-write whatever the spec says, which would
+/// let a root app raise its own limits (and undo the CPU gate). On v1 hosts lull mounts a small
+/// tmpfs at `/sys/fs/cgroup` instead, with a read-only bind of the instance's own group for each
+/// hierarchy, so apps still read their limits where they expect them.
+fn v1_cgroup_mounts(mut mounts: Vec<Mount>, cfg: &LaunchConfig) -> Vec<Mount> {
+    mounts.retain(|m| m.destination() != Path::new("/sys/fs/cgroup"));
+    let mut tmpfs = Mount::default();
+    tmpfs.set_destination(PathBuf::from("/sys/fs/cgroup"));
+    tmpfs.set_typ(Some("tmpfs".to_owned()));
+    tmpfs.set_source(Some(PathBuf::from("tmpfs")));
+    tmpfs.set_options(Some(
+        ["nosuid", "noexec", "nodev", "mode=755", "size=64k"]
+            .map(str::to_owned)
+            .to_vec(),
+    ));
+    mounts.push(tmpfs);
+    for bind in &cfg.cgroup_binds {
+        let mut m = Mount::default();
+        m.set_destination(bind.destination.clone());
+        m.set_typ(Some("bind".to_owned()));
+        m.set_source(Some(bind.source.clone()));
+        m.set_options(Some(
+            ["rbind", "ro", "nosuid", "noexec", "nodev"]
+                .map(str::to_owned)
+                .to_vec(),
+        ));
+        mounts.push(m);
+    }
+    mounts
 }
 
 #[cfg(test)]
@@ -195,5 +232,65 @@ mod tests {
                 .iter()
                 .any(|p| p == "/proc/sys")
         );
+    }
+}
+
+#[cfg(test)]
+mod cgroup_mount_tests {
+    use super::*;
+    use crate::instance::config::CgroupBind;
+    use crate::instance::test_support::sample_launch_config;
+
+    #[test]
+    fn v1_hosts_get_read_only_binds_of_the_instance_group() {
+        let mut cfg = sample_launch_config();
+        let user = ResolvedUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/root".into(),
+        };
+        let default = serde_json::to_value(build_spec(&cfg, &user)).unwrap();
+        let cgroup_mount = default["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys/fs/cgroup")
+            .unwrap();
+        assert_eq!(
+            cgroup_mount["type"], "cgroup",
+            "v2 keeps the spec's cgroup mount"
+        );
+
+        cfg.cgroup_binds = vec![
+            CgroupBind {
+                source: "/sys/fs/cgroup/cpu/lull/web-1".into(),
+                destination: "/sys/fs/cgroup/cpu".into(),
+            },
+            CgroupBind {
+                source: "/sys/fs/cgroup/memory/lull/web-1".into(),
+                destination: "/sys/fs/cgroup/memory".into(),
+            },
+        ];
+        let json = serde_json::to_value(build_spec(&cfg, &user)).unwrap();
+        let mounts: Vec<&serde_json::Value> = json["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                m["destination"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("/sys/fs/cgroup")
+            })
+            .collect();
+        assert_eq!(mounts.len(), 3, "{mounts:?}");
+        assert_eq!(mounts[0]["type"], "tmpfs");
+        for (m, ctrl) in mounts[1..].iter().zip(["cpu", "memory"]) {
+            assert_eq!(m["type"], "bind");
+            assert_eq!(m["destination"], format!("/sys/fs/cgroup/{ctrl}"));
+            assert_eq!(m["source"], format!("/sys/fs/cgroup/{ctrl}/lull/web-1"));
+            assert!(m["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        }
     }
 }
