@@ -81,8 +81,8 @@ pub struct ImportArgs {
 }
 
 pub fn parse_reference(text: &str) -> Result<Reference> {
-    text.parse::<Reference>()
-        .with_context(|| format!("image reference {text:?}"))
+    // The error names the reference and the bad part already.
+    Ok(text.parse::<Reference>()?)
 }
 
 pub async fn run(data_dir: &Path, cmd: &ImageCommand) -> Result<ExitCode> {
