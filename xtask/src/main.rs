@@ -1,6 +1,7 @@
 //! `cargo xtask`: lull's build, test and VM automation, written in Rust so it runs wherever
 //! cargo does.
 
+mod bench;
 mod demo;
 mod fixtures;
 mod oci;
@@ -36,6 +37,9 @@ enum Command {
     Demo,
     /// Boot Debian's kernel under qemu with cgroup v2 and check the CPU gate there
     VmCheck(vm_check::VmCheckOpts),
+    /// Run a benchmark suite (as root) and print target, measured, ratio and pass; the full
+    /// run writes docs/benchmarks.md
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test_cmd::run(&args),
         Command::Demo => demo::run(),
         Command::VmCheck(opts) => vm_check::run(opts),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

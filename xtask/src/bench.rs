@@ -1,0 +1,252 @@
+//! `cargo xtask bench runtime [--smoke]`: builds the benchmark driver (`lull-bench`, in the
+//! lull-tests crate) and the test zygote in release mode, makes sure the fixture images are in
+//! the local registry, runs the driver as root and prints its table. The full run also writes
+//! the results into `docs/benchmarks.md`, between markers, keeping the hand-written text around
+//! them. `--smoke` (what CI runs) does few iterations and fails only when the harness does.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::fixtures::{self, FixturesArgs};
+
+const BEGIN: &str = "<!-- bench runtime: begin (written by `cargo xtask bench runtime`) -->";
+const END: &str = "<!-- bench runtime: end -->";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// Cold start against runc, the CPU gate, pull + unpack against skopeo + umoci
+    Runtime,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub suite: Suite,
+    /// Few iterations: checks that every measurement produces a number (CI); targets are
+    /// reported but not enforced, and docs/benchmarks.md is left alone
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let Suite::Runtime = args.suite;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the runtime benchmarks need root (namespaces, cgroups, mounts): run `sudo -E cargo xtask bench runtime`"
+        );
+    }
+    let root = fixtures::workspace_root();
+
+    eprintln!("==> fixture images (with the ~100 MB bulk image)");
+    fixtures::run(&FixturesArgs { bulk: true })?;
+
+    eprintln!("==> building lull-bench and lull-test-zygote (release)");
+    let status = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lull-tests",
+            "--bin",
+            "lull-bench",
+            "--bin",
+            "lull-test-zygote",
+        ])
+        .current_dir(&root)
+        .status()
+        .context("run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p lull-tests: {status}");
+    }
+
+    let release = root.join("target/release");
+    let results = root.join("target/bench/runtime.md");
+    if let Some(dir) = results.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = fs::remove_file(&results);
+    let mut command = Command::new(release.join("lull-bench"));
+    command
+        .arg("runtime")
+        .arg("--zygote")
+        .arg(release.join("lull-test-zygote"))
+        .arg("--markdown")
+        .arg(&results);
+    if args.smoke {
+        command.arg("--smoke");
+    }
+    if let Ok(registry) = std::env::var("LULL_REGISTRY") {
+        command.arg("--registry").arg(registry);
+    }
+    eprintln!(
+        "==> lull-bench runtime{}",
+        if args.smoke { " --smoke" } else { "" }
+    );
+    let status = command.status().context("run lull-bench")?;
+    if !status.success() {
+        bail!("lull-bench runtime: {status}");
+    }
+    if args.smoke {
+        return Ok(());
+    }
+
+    let table = fs::read_to_string(&results)
+        .with_context(|| format!("read {} (written by lull-bench)", results.display()))?;
+    let doc = root.join("docs/benchmarks.md");
+    update_doc(&doc, &results_section(&root, &table))?;
+    eprintln!("==> results written to docs/benchmarks.md");
+    Ok(())
+}
+
+/// The generated part of the doc: command, date, machine, table.
+fn results_section(root: &Path, table: &str) -> String {
+    let first_line = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned())
+    };
+    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let commit = first_line("git", &["rev-parse", "--short", "HEAD"]);
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let cpu_model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let memory_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or_else(
+            || "unknown".to_owned(),
+            |kb| format!("{:.0}", kb / 1048576.0),
+        );
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let load = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let runc = first_line("runc", &["--version"]);
+    let skopeo = first_line("skopeo", &["--version"]);
+    let umoci = first_line("umoci", &["--version"]);
+
+    let mut out = String::new();
+    out.push_str(BEGIN);
+    out.push_str("\n\n## Latest results\n\n");
+    out.push_str(&format!(
+        "- Command: `sudo -E cargo xtask bench runtime` (commit {commit}, {date})\n\
+         - Machine: {cpus} CPUs ({cpu_model}), {memory_gib} GiB, kernel {kernel}, cgroups {}, \
+         load average {load} when the run ended\n\
+         - Peers: {runc}; {skopeo}; {umoci}\n\n",
+        cgroup_mode()
+    ));
+    out.push_str(table.trim_end());
+    out.push_str("\n\n");
+    out.push_str(END);
+    out.push('\n');
+    out
+}
+
+fn cgroup_mode() -> &'static str {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2 (unified)"
+    } else if Path::new("/sys/fs/cgroup/unified").exists() {
+        "hybrid (v1 controllers, v2 without cpu)"
+    } else {
+        "v1"
+    }
+}
+
+/// Replaces the section between the markers (or appends it), keeping the rest of the doc.
+fn update_doc(doc: &Path, section: &str) -> Result<()> {
+    let existing = match fs::read_to_string(doc) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            "# Benchmarks\n\nRun with `sudo -E cargo xtask bench runtime`.\n\n".to_owned()
+        }
+        Err(e) => return Err(e).with_context(|| format!("read {}", doc.display())),
+    };
+    let updated = match (existing.find(BEGIN), existing.find(END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            let after = &existing[end + END.len()..];
+            format!("{}{}{}", &existing[..begin], section.trim_end(), after)
+        }
+        _ => format!("{}\n{section}", existing.trim_end()),
+    };
+    if let Some(dir) = doc.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    fs::write(doc, updated).with_context(|| format!("write {}", doc.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_replace_the_marked_section_only() {
+        let dir = tempdir();
+        let doc = dir.join("benchmarks.md");
+        fs::write(
+            &doc,
+            format!("# B\n\nintro\n\n{BEGIN}\nold table\n{END}\n\n## Notes\n\nkept\n"),
+        )
+        .unwrap();
+        update_doc(&doc, &format!("{BEGIN}\nnew table\n{END}\n")).unwrap();
+        let text = fs::read_to_string(&doc).unwrap();
+        assert!(text.contains("new table"), "{text}");
+        assert!(!text.contains("old table"), "{text}");
+        assert!(text.starts_with("# B\n\nintro\n\n"), "{text}");
+        assert!(text.ends_with("\n\n## Notes\n\nkept\n"), "{text}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn results_are_appended_when_the_doc_has_no_markers() {
+        let dir = tempdir();
+        let doc = dir.join("benchmarks.md");
+        update_doc(&doc, &format!("{BEGIN}\ntable\n{END}\n")).unwrap();
+        let text = fs::read_to_string(&doc).unwrap();
+        assert!(text.starts_with("# Benchmarks\n"), "{text}");
+        assert!(text.contains(&format!("{BEGIN}\ntable\n{END}")), "{text}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "xtask-bench-{}-{nanos:x}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
