@@ -247,11 +247,13 @@ impl InstanceManager {
         &self.layout
     }
 
-    /// On v1 hosts, the read-only views of the instance's group (see [`config::CgroupBind`]).
-    fn cgroup_binds(&self, cgroup: &InstanceCgroup) -> Vec<config::CgroupBind> {
+    /// On v1 hosts, the read-only views of instance `id`'s group that replace libcontainer's
+    /// writable cgroup mounts (see [`config::CgroupBind`]); empty on v2.
+    pub fn cgroup_binds(&self, id: &str) -> Result<Vec<config::CgroupBind>, InstanceError> {
         let CgroupLayout::V1(hierarchies) = &self.layout else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        let cgroup = self.instance_cgroup(id)?;
         let mut binds: Vec<config::CgroupBind> = Vec::new();
         for controller in Controller::ALL {
             let (Some(mount), Some(dir)) = (
@@ -271,7 +273,7 @@ impl InstanceManager {
                 });
             }
         }
-        binds
+        Ok(binds)
     }
 
     fn instance_cgroup(&self, id: &str) -> Result<InstanceCgroup, InstanceError> {
@@ -343,7 +345,7 @@ impl InstanceManager {
             cgroups_path: self.cgroups_path(&req.id),
             resources,
             log_limits: req.log_limits,
-            cgroup_binds: self.cgroup_binds(&cgroup),
+            cgroup_binds: self.cgroup_binds(&req.id)?,
         };
         let launch_path = InstancePaths::new(&dir).launch();
         write_json_atomic(&launch_path, &cfg).map_err(io_err(&launch_path))?;

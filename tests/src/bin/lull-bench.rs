@@ -613,6 +613,7 @@ fn runc_bundle(
         cgroups_path: bench.runtime.instances.cgroups_path(id),
         resources: INSTANCE_RESOURCES.to_linux_resources()?,
         log_limits: LogLimits::default(),
+        cgroup_binds: bench.runtime.instances.cgroup_binds(id)?,
     };
     let config = bundle.join("config.json");
     spec::build_spec(&cfg, &resolved)
