@@ -132,13 +132,17 @@ impl InstancePaths {
     }
 }
 
-/// Writes `value` as JSON at `path` atomically (temp file, fsync, rename).
+/// Writes `value` as JSON at `path` atomically (temp file, rename): readers see the old file or
+/// the whole new one.
+///
+/// Not fsynced: these files describe processes, which a machine crash ends anyway, and an fsync
+/// costs milliseconds on every instance start. A file torn by a crash reads as unreadable, which
+/// recovery treats like a missing one.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 

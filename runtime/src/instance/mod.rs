@@ -71,6 +71,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
     }
 }
 
+/// A state file for recovery: unreadable (torn by a crash) counts as absent, with a warning.
+fn read_or_none<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> Option<T> {
+    read_json(path).unwrap_or_else(|e| {
+        tracing::warn!("{}: {e}; treating it as missing", path.display());
+        None
+    })
+}
+
 /// Checks an instance id (it names dirs, cgroups and the hostname).
 pub fn validate_id(id: &str) -> Result<(), InstanceError> {
     let ok = !id.is_empty()
@@ -414,14 +422,13 @@ impl InstanceManager {
 
     fn recover_one(&self, id: &str) -> Result<Recovered, InstanceError> {
         let paths = InstancePaths::new(self.dir(id));
-        let state: Option<ShimState> = read_json(&paths.state()).map_err(io_err(&paths.state()))?;
-        let exit: Option<ExitStatus> = read_json(&paths.exit()).map_err(io_err(&paths.exit()))?;
+        let state: Option<ShimState> = read_or_none(&paths.state());
+        let exit: Option<ExitStatus> = read_or_none(&paths.exit());
         let Some(state) = state else {
             self.remove_files(id)?;
             return Ok(Recovered::Removed { id: id.to_owned() });
         };
-        let launch: Option<LaunchConfig> =
-            read_json(&paths.launch()).map_err(io_err(&paths.launch()))?;
+        let launch: Option<LaunchConfig> = read_or_none(&paths.launch());
         let cpu_limit = launch
             .as_ref()
             .and_then(|l| l.resources.cpu().clone())

@@ -93,6 +93,9 @@ struct Output {
 }
 
 fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Output), String> {
+    let started = Instant::now();
+    let step =
+        |what: &str| tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "{what}");
     for dir in [paths.rootfs(), paths.upper(), paths.work(), paths.logs()] {
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
@@ -111,6 +114,7 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
         &paths.rootfs(),
     )
     .map_err(|e| e.to_string())?;
+    step("overlay mounted");
 
     let rootfs = paths.rootfs();
     let passwd = read_image_file(&rootfs, "etc/passwd");
@@ -121,6 +125,7 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
     spec.save(&config_path)
         .map_err(|e| format!("write {}: {e}", config_path.display()))?;
 
+    step("spec written");
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| format!("stdout pipe: {e}"))?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -138,6 +143,7 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
         .with_detach(true)
         .build()
         .map_err(|e| format!("create instance: {e}"))?;
+    step("instance created");
     container
         .start()
         .map_err(|e| format!("start instance: {e}"))?;
@@ -155,6 +161,7 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
         shim_start_time: process_start_time(shim_pid).unwrap_or_default(),
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
     };
+    step("instance started");
     write_json_atomic(&paths.state(), &state)
         .map_err(|e| format!("write {}: {e}", paths.state().display()))?;
     Ok((
