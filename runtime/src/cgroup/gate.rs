@@ -8,7 +8,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use super::{CgroupFs, ControlFile, Controller, CpuLimit, HostCgroupFs, InstanceCgroup};
 
@@ -103,11 +103,8 @@ impl ControlWrite {
 /// - throttle: burst → 0 (only while it may be non-zero: once, since lull never raises it),
 ///   then on v1 quota → 1000, then period → 1000000. Each step is valid and allows no more CPU
 ///   than the one before (Q/P → 1000/P → 1000/1000000).
-/// - restore: on v1 quota → Q, then period → configured. The quota write unthrottles at once;
-///   the intermediate Q/1000000 is valid since Q ≥ 1000. Burst stays 0. For an unlimited
-///   instance Q is -1 and that is all; for a limited one Q is first a second's worth of its
-///   limit ([`boosted`]: the kernel keeps the throttled 1 s period timer armed) and
-///   [`SETTLE_AFTER`] later the settle thread writes the configured quota (one write).
+/// - restore: on v1 quota → configured (or -1), then period → configured. The quota write
+///   unthrottles at once; the intermediate Q/1000000 is valid since Q ≥ 1000. Burst stays 0.
 ///
 /// On v2 `cpu.max` takes quota and period in one write.
 ///
@@ -117,29 +114,14 @@ impl ControlWrite {
 /// everything.
 #[derive(Debug)]
 pub struct CpuGate {
-    inner: Arc<GateInner>,
-}
-
-#[derive(Debug)]
-struct GateInner {
     limit: CpuLimit,
     throttle_writes: Box<[ControlWrite]>,
-    /// Restore, first step: the configured period with a quota covering a whole throttled
-    /// period (see [`settle`]); the configured limit itself when it is unlimited.
     restore_writes: Box<[ControlWrite]>,
-    /// Restore, second step ([`SETTLE_AFTER`] later): the configured quota. Empty when the
-    /// first step already wrote the configured limit.
-    settle_writes: Box<[ControlWrite]>,
     burst_reset: Option<ControlWrite>,
     burst_is_zero: AtomicBool,
     desired: AtomicU8,
     applied: AtomicU8,
     busy: AtomicBool,
-    /// The second step of the last restore is done (or was not needed).
-    settled: AtomicBool,
-    /// Bumped by every write to the cgroup, so a settle scheduled before a later throttle or
-    /// restore does nothing.
-    generation: AtomicU64,
 }
 
 impl CpuGate {
@@ -161,7 +143,7 @@ impl CpuGate {
                     cgroups_path: cgroup.cgroups_path().to_path_buf(),
                 })?;
         let throttled = CpuLimit::THROTTLED;
-        let (throttle_writes, (restore_writes, settle_writes), burst_path) = if cgroup.is_v2() {
+        let (throttle_writes, restore_writes, burst_path) = if cgroup.is_v2() {
             let path = dir.join("cpu.max");
             let cpu_max = open(fs, &path)?;
             (
@@ -170,16 +152,7 @@ impl CpuGate {
                     &path,
                     throttled.cpu_max_value(),
                 )],
-                match boosted(limit) {
-                    Some(boost) => (
-                        vec![ControlWrite::new(&cpu_max, &path, boost.cpu_max_value())],
-                        vec![ControlWrite::new(&cpu_max, &path, limit.cpu_max_value())],
-                    ),
-                    None => (
-                        vec![ControlWrite::new(&cpu_max, &path, limit.cpu_max_value())],
-                        vec![],
-                    ),
-                },
+                vec![ControlWrite::new(&cpu_max, &path, limit.cpu_max_value())],
                 dir.join("cpu.max.burst"),
             )
         } else {
@@ -192,26 +165,10 @@ impl CpuGate {
                     ControlWrite::new(&quota, &quota_path, throttled.cfs_quota_value()),
                     ControlWrite::new(&period, &period_path, throttled.period_us().to_string()),
                 ],
-                match boosted(limit) {
-                    Some(boost) => (
-                        vec![
-                            ControlWrite::new(&quota, &quota_path, boost.cfs_quota_value()),
-                            ControlWrite::new(&period, &period_path, boost.period_us().to_string()),
-                        ],
-                        vec![ControlWrite::new(
-                            &quota,
-                            &quota_path,
-                            limit.cfs_quota_value(),
-                        )],
-                    ),
-                    None => (
-                        vec![
-                            ControlWrite::new(&quota, &quota_path, limit.cfs_quota_value()),
-                            ControlWrite::new(&period, &period_path, limit.period_us().to_string()),
-                        ],
-                        vec![],
-                    ),
-                },
+                vec![
+                    ControlWrite::new(&quota, &quota_path, limit.cfs_quota_value()),
+                    ControlWrite::new(&period, &period_path, limit.period_us().to_string()),
+                ],
                 dir.join("cpu.cfs_burst_us"),
             )
         };
@@ -235,49 +192,27 @@ impl CpuGate {
             "opened cpu gate"
         );
         Ok(CpuGate {
-            inner: Arc::new(GateInner {
-                limit,
-                throttle_writes: throttle_writes.into_boxed_slice(),
-                restore_writes: restore_writes.into_boxed_slice(),
-                settle_writes: settle_writes.into_boxed_slice(),
-                burst_reset,
-                burst_is_zero: AtomicBool::new(burst_is_zero),
-                desired: AtomicU8::new(GateState::Unknown as u8),
-                applied: AtomicU8::new(GateState::Unknown as u8),
-                busy: AtomicBool::new(false),
-                settled: AtomicBool::new(false),
-                generation: AtomicU64::new(0),
-            }),
+            limit,
+            throttle_writes: throttle_writes.into_boxed_slice(),
+            restore_writes: restore_writes.into_boxed_slice(),
+            burst_reset,
+            burst_is_zero: AtomicBool::new(burst_is_zero),
+            desired: AtomicU8::new(GateState::Unknown as u8),
+            applied: AtomicU8::new(GateState::Unknown as u8),
+            busy: AtomicBool::new(false),
         })
     }
 
     /// The limit [`Gate::restore`] writes.
     pub fn limit(&self) -> CpuLimit {
-        self.inner.limit
+        self.limit
     }
 
     /// The state last written to the cgroup.
     pub fn state(&self) -> GateState {
-        GateState::from_u8(self.inner.applied.load(Ordering::SeqCst))
+        GateState::from_u8(self.applied.load(Ordering::SeqCst))
     }
 
-    /// Whether the configured limit itself is in place (restored, and past the first step of
-    /// the restore).
-    pub fn is_settled(&self) -> bool {
-        self.state() == GateState::Restored && self.inner.settled.load(Ordering::SeqCst)
-    }
-
-    /// Takes the second step of a restore now instead of [`SETTLE_AFTER`] after it (the
-    /// scheduled step then finds nothing to do). Returns whether it wrote anything.
-    pub fn settle_now(&self) -> Result<bool, GateError> {
-        let generation = self.inner.generation.load(Ordering::SeqCst);
-        self.inner
-            .settle(generation)
-            .map(|outcome| outcome == Settle::Done)
-    }
-}
-
-impl GateInner {
     fn set(&self, want: GateState) -> Result<bool, GateError> {
         let previous = self.desired.swap(want as u8, Ordering::SeqCst);
         if previous == want as u8 && self.applied.load(Ordering::SeqCst) == want as u8 {
@@ -324,11 +259,6 @@ impl GateInner {
     }
 
     fn apply(&self, state: GateState) -> Result<(), GateError> {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.settled.store(
-            state == GateState::Restored && self.settle_writes.is_empty(),
-            Ordering::SeqCst,
-        );
         let writes = match state {
             GateState::Throttled => {
                 if let Some(burst) = &self.burst_reset
@@ -349,165 +279,13 @@ impl GateInner {
     }
 }
 
-impl GateInner {
-    /// The second step of a restore, if the gate is still in the restore of `generation`.
-    fn settle(&self, generation: u64) -> Result<Settle, GateError> {
-        if self
-            .busy
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return Ok(Settle::Busy);
-        }
-        let current = self.generation.load(Ordering::SeqCst) == generation
-            && self.applied.load(Ordering::SeqCst) == GateState::Restored as u8
-            && self.desired.load(Ordering::SeqCst) == GateState::Restored as u8
-            && !self.settled.load(Ordering::SeqCst);
-        let mut result = Ok(if current { Settle::Done } else { Settle::Stale });
-        if current {
-            match self.settle_writes.iter().try_for_each(ControlWrite::write) {
-                Ok(()) => self.settled.store(true, Ordering::SeqCst),
-                Err(error) => {
-                    self.applied
-                        .store(GateState::Unknown as u8, Ordering::SeqCst);
-                    result = Err(error);
-                }
-            }
-        }
-        self.busy.store(false, Ordering::SeqCst);
-        // A throttle or restore that found us busy left its request for the holder to apply.
-        if self.desired.load(Ordering::SeqCst) != self.applied.load(Ordering::SeqCst) {
-            self.drive()?;
-        }
-        result
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settle {
-    Done,
-    /// A later throttle or restore replaced the restore this step belonged to.
-    Stale,
-    /// Another caller was writing: try again shortly.
-    Busy,
-}
-
-/// How long after a restore its second step comes: the throttled period (1 s), after which the
-/// kernel's bandwidth timer runs at the configured period again, plus a margin.
-pub const SETTLE_AFTER: std::time::Duration = std::time::Duration::from_millis(1100);
-
-/// The first step of restoring `limit` after a throttle.
-///
-/// The kernel keeps the bandwidth timer it armed for the throttled 1 s period: restoring the
-/// configured quota and period refills one quota at once, and once that is spent the instance
-/// waits for the old timer, up to a second (measured: 34 % of a CPU over the 300 ms after a
-/// plain restore, then nothing). So the restore first grants what the configured limit allows
-/// over a whole throttled period, `quota × 1 s / period` at the configured period, and
-/// [`SETTLE_AFTER`] later writes the configured quota back. `None` when there is nothing to
-/// bridge (unlimited, or a period as long as the throttled one).
-fn boosted(limit: CpuLimit) -> Option<CpuLimit> {
-    let quota = limit.quota_us()?;
-    let throttled_period = CpuLimit::THROTTLED.period_us();
-    if limit.period_us() >= throttled_period {
-        return None;
-    }
-    let boost = quota.saturating_mul(throttled_period) / limit.period_us();
-    CpuLimit::new(Some(boost.min(CpuLimit::MAX_QUOTA_US)), limit.period_us()).ok()
-}
-
-/// The thread that takes the second step of restores: one for the process, started on first
-/// use. Every step waits the same [`SETTLE_AFTER`], so steps come due in the order they are
-/// scheduled and a queue is enough.
-mod settle {
-    use std::collections::VecDeque;
-    use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-    use std::sync::{Arc, Mutex, OnceLock, Weak};
-    use std::time::{Duration, Instant};
-
-    use super::{GateInner, SETTLE_AFTER, Settle};
-
-    const RETRY: Duration = Duration::from_millis(5);
-
-    struct Step {
-        gate: Weak<GateInner>,
-        due: Instant,
-        generation: u64,
-    }
-
-    static QUEUE: OnceLock<Mutex<Sender<Step>>> = OnceLock::new();
-
-    pub(super) fn schedule(gate: &Arc<GateInner>) {
-        let step = Step {
-            gate: Arc::downgrade(gate),
-            due: Instant::now() + SETTLE_AFTER,
-            generation: gate.generation.load(std::sync::atomic::Ordering::SeqCst),
-        };
-        let queue = QUEUE.get_or_init(|| {
-            let (tx, rx) = mpsc::channel();
-            if let Err(e) = std::thread::Builder::new()
-                .name("lull-gate-settle".into())
-                .spawn(move || run(rx))
-            {
-                tracing::error!("cannot start the cpu gate's settle thread: {e}");
-            }
-            Mutex::new(tx)
-        });
-        let sender = queue.lock().unwrap_or_else(|p| p.into_inner());
-        if sender.send(step).is_err() {
-            tracing::error!(
-                "the cpu gate's settle thread is gone: restored instances keep their boost"
-            );
-        }
-    }
-
-    fn run(rx: Receiver<Step>) {
-        let mut queue: VecDeque<Step> = VecDeque::new();
-        loop {
-            let Some(due) = queue.front().map(|s| s.due) else {
-                match rx.recv() {
-                    Ok(step) => queue.push_back(step),
-                    Err(_) => return,
-                }
-                continue;
-            };
-            let now = Instant::now();
-            if due > now {
-                match rx.recv_timeout(due - now) {
-                    Ok(step) => queue.push_back(step),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(due - now),
-                }
-                continue;
-            }
-            let Some(step) = queue.pop_front() else {
-                continue;
-            };
-            let Some(gate) = step.gate.upgrade() else {
-                continue;
-            };
-            match gate.settle(step.generation) {
-                Ok(Settle::Done | Settle::Stale) => {}
-                Ok(Settle::Busy) => queue.push_back(Step {
-                    due: Instant::now() + RETRY,
-                    ..step
-                }),
-                Err(e) => tracing::warn!("cpu gate: second step of a restore: {e}"),
-            }
-        }
-    }
-}
-
 impl Gate for CpuGate {
     fn throttle(&self) -> Result<bool, GateError> {
-        self.inner.set(GateState::Throttled)
+        self.set(GateState::Throttled)
     }
 
     fn restore(&self) -> Result<bool, GateError> {
-        let changed = self.inner.set(GateState::Restored)?;
-        if changed && !self.inner.settle_writes.is_empty() {
-            settle::schedule(&self.inner);
-        }
-        Ok(changed)
+        self.set(GateState::Restored)
     }
 }
 
@@ -641,66 +419,13 @@ mod tests {
         assert!(gate.restore().unwrap());
         assert!(gate.throttle().unwrap());
         assert!(gate.restore().unwrap());
-        assert!(!gate.is_settled());
-        // The restore first grants a second's worth of the limit at the configured period
-        // (bridging the kernel's 1 s throttled period), then settles on the limit itself.
-        assert!(gate.settle_now().unwrap());
-        assert!(gate.is_settled());
-        assert!(!gate.settle_now().unwrap(), "settling twice writes nothing");
         assert_eq!(
             names(&fs),
             pairs(&[
-                ("cpu.max", "250000 100000"),
+                ("cpu.max", "25000 100000"),
                 ("cpu.max", "1000 1000000"),
-                ("cpu.max", "250000 100000"),
                 ("cpu.max", "25000 100000"),
             ])
-        );
-    }
-
-    #[test]
-    fn a_settle_after_a_throttle_writes_nothing() {
-        let tree = v2_tree("25000 100000\n", None);
-        let fs = FakeCgroupFs::new();
-        let gate =
-            CpuGate::open_with(&fs, &tree.cgroup, CpuLimit::from_vcpus(0.25).unwrap()).unwrap();
-        assert!(gate.throttle().unwrap());
-        assert!(gate.restore().unwrap());
-        let generation = gate.inner.generation.load(Ordering::SeqCst);
-        assert!(gate.throttle().unwrap());
-        fs.clear_writes();
-        assert_eq!(gate.inner.settle(generation).unwrap(), Settle::Stale);
-        assert!(names(&fs).is_empty());
-        assert_eq!(
-            fs::read(tree.cpu_dir.join("cpu.max")).unwrap(),
-            b"1000 1000000"
-        );
-    }
-
-    #[test]
-    fn the_settle_thread_takes_the_second_step() {
-        let tree = v1_tree("25000\n", "100000\n", None);
-        let fs = FakeCgroupFs::new();
-        let gate =
-            CpuGate::open_with(&fs, &tree.cgroup, CpuLimit::from_vcpus(0.25).unwrap()).unwrap();
-        assert!(gate.throttle().unwrap());
-        assert!(gate.restore().unwrap());
-        assert_eq!(
-            fs::read(tree.cpu_dir.join("cpu.cfs_quota_us")).unwrap(),
-            b"250000"
-        );
-        let deadline = std::time::Instant::now() + SETTLE_AFTER * 5;
-        while !gate.is_settled() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(gate.is_settled(), "the scheduled second step never came");
-        assert_eq!(
-            fs::read(tree.cpu_dir.join("cpu.cfs_quota_us")).unwrap(),
-            b"25000"
-        );
-        assert_eq!(
-            fs::read(tree.cpu_dir.join("cpu.cfs_period_us")).unwrap(),
-            b"100000"
         );
     }
 
@@ -723,7 +448,7 @@ mod tests {
             pairs(&[
                 ("cpu.max.burst", "0"),
                 ("cpu.max", "1000 1000000"),
-                ("cpu.max", "250000 100000"),
+                ("cpu.max", "25000 100000"),
                 ("cpu.max", "1000 1000000"),
             ])
         );
@@ -781,7 +506,7 @@ mod tests {
                 ("cpu.cfs_burst_us", "0"),
                 ("cpu.cfs_quota_us", "1000"),
                 ("cpu.cfs_period_us", "1000000"),
-                ("cpu.cfs_quota_us", "500000"),
+                ("cpu.cfs_quota_us", "50000"),
                 ("cpu.cfs_period_us", "100000"),
             ])
         );
@@ -800,14 +525,10 @@ mod tests {
             pairs(&[
                 ("cpu.cfs_quota_us", "1000"),
                 ("cpu.cfs_period_us", "1000000"),
-                ("cpu.cfs_quota_us", "250000"),
+                ("cpu.cfs_quota_us", "25000"),
                 ("cpu.cfs_period_us", "100000"),
             ])
         );
-        fs.clear_writes();
-        assert!(gate.settle_now().unwrap());
-        // The period is already the configured one: settling is one quota write.
-        assert_eq!(names(&fs), pairs(&[("cpu.cfs_quota_us", "25000")]));
     }
 
     #[test]

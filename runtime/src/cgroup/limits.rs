@@ -27,6 +27,13 @@ impl CpuLimit {
         period_us: CpuLimit::DEFAULT_PERIOD_US,
     };
 
+    /// The gate's restored state on the group around an instance: no quota, at the throttled
+    /// state's period (so the gate's group never changes period; see `instance::gate_limit`).
+    pub const GATE_OPEN: CpuLimit = CpuLimit {
+        quota_us: None,
+        period_us: CpuLimit::MAX_PERIOD_US,
+    };
+
     /// The gate's throttled state: the kernel's floor, 1 ms per second (0.1 % of a CPU).
     pub const THROTTLED: CpuLimit = CpuLimit {
         quota_us: Some(CpuLimit::MIN_QUOTA_US),

@@ -32,6 +32,17 @@ pub struct LaunchConfig {
     /// libcontainer would make writable. Empty on v2, where the spec's read-only mount holds.
     #[serde(default)]
     pub cgroup_binds: Vec<CgroupBind>,
+    /// Writes that set the CPU limit on the instance's limit group, done by the shim once
+    /// libcontainer has created the groups and before the app starts.
+    #[serde(default)]
+    pub cpu_limit_writes: Vec<CgroupWrite>,
+}
+
+/// One value written to a cgroup control file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupWrite {
+    pub path: PathBuf,
+    pub value: String,
 }
 
 /// One read-only view of an instance's cgroup dir.

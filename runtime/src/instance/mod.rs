@@ -71,6 +71,78 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
     }
 }
 
+/// Name of the instance's own cgroup inside its limit group.
+pub const APP_CGROUP: &str = "app";
+
+/// What the CPU gate writes to the instance's own group: throttled, 1 ms per 1 s; restored, no
+/// quota at that group at all. The configured CPU limit lives one level up, in the limit group,
+/// at its normal period, and is never touched by the gate.
+///
+/// Why two levels: the kernel keeps a bandwidth period timer armed at the period it was started
+/// with. Throttling one group to 1 ms per 1 s and then writing its 100 ms limit back left the
+/// instance one quota and then nothing until the old 1 s period ended (measured: 34 % of a CPU
+/// over the 300 ms after a restore). The gate's group only ever uses the 1 s period and "no
+/// quota" unthrottles at once, while the limit group keeps its own timer at its own period. On
+/// cgroup v1 a child's quota may not exceed its parent's, which is why the gate is the child.
+pub fn gate_limit() -> CpuLimit {
+    CpuLimit::GATE_OPEN
+}
+
+/// The writes that put `limit` on the limit group (none when unlimited).
+fn cpu_limit_writes(
+    limit_cgroup: &InstanceCgroup,
+    limit: CpuLimit,
+) -> Result<Vec<config::CgroupWrite>, CgroupError> {
+    if limit.quota_us().is_none() {
+        return Ok(Vec::new());
+    }
+    let dir = limit_cgroup.require_dir(Controller::Cpu)?;
+    let write = |file: &str, value: String| config::CgroupWrite {
+        path: dir.join(file),
+        value,
+    };
+    Ok(if limit_cgroup.is_v2() {
+        vec![write("cpu.max", limit.cpu_max_value())]
+    } else {
+        // Period first: the quota is then checked against the period it belongs with.
+        vec![
+            write("cpu.cfs_period_us", limit.period_us().to_string()),
+            write("cpu.cfs_quota_us", limit.cfs_quota_value()),
+        ]
+    })
+}
+
+/// Removes the (empty) group `cgroups_path` from every cgroup hierarchy mounted on the host.
+fn remove_everywhere(cgroups_path: &str) -> Result<(), CgroupError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fstype = post.split(' ').next().unwrap_or("");
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let Some(mount_point) = pre.split(' ').nth(4) else {
+            continue;
+        };
+        let dir = Path::new(mount_point).join(cgroups_path.trim_start_matches('/'));
+        let mut attempts = 0;
+        loop {
+            match fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => return Err(CgroupError::RemoveDir { path: dir, source }),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A state file for recovery: unreadable (torn by a crash) counts as absent, with a warning.
 fn read_or_none<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> Option<T> {
     read_json(path).unwrap_or_else(|e| {
@@ -133,6 +205,8 @@ pub struct Instance {
     pub cgroup: InstanceCgroup,
     /// The CPU limit the gate restores.
     pub cpu_limit: CpuLimit,
+    /// The group around the instance's own, holding its configured CPU limit (see [`gate_limit`]).
+    pub limit_cgroup: InstanceCgroup,
     init: Option<PidFd>,
     shim: Option<PidFd>,
 }
@@ -194,7 +268,7 @@ impl Instance {
 
     /// Opens the instance's CPU gate (files opened once; flipping it is one write).
     pub fn open_gate(&self) -> Result<CpuGate, InstanceError> {
-        CpuGate::open(&self.cgroup, self.cpu_limit).map_err(|source| InstanceError::Gate {
+        CpuGate::open(&self.cgroup, gate_limit()).map_err(|source| InstanceError::Gate {
             id: self.id.clone(),
             source,
         })
@@ -262,11 +336,19 @@ impl InstanceManager {
             return Ok(Vec::new());
         };
         let cgroup = self.instance_cgroup(id)?;
+        let limit_cgroup = self.limit_cgroup(id)?;
         let mut binds: Vec<config::CgroupBind> = Vec::new();
         for controller in Controller::ALL {
+            // The cpu hierarchy shows the limit group, where the configured quota is (the
+            // app's own group, holding the gate's state, is a subdir of it).
+            let group = if controller == Controller::Cpu {
+                &limit_cgroup
+            } else {
+                &cgroup
+            };
             let (Some(mount), Some(dir)) = (
                 hierarchies.get(controller),
-                cgroup.controller_dir(controller),
+                group.controller_dir(controller),
             ) else {
                 continue;
             };
@@ -301,9 +383,24 @@ impl InstanceManager {
         self.cfg.instances_dir.join(id)
     }
 
-    /// The cgroup path of instance `id`.
+    /// The cgroup the instance's processes live in (the spec's `cgroupsPath`), with its memory
+    /// and pids limits, where the CPU gate acts: `<parent>/<id>/app`.
     pub fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{}", self.limit_cgroups_path(id), APP_CGROUP)
+    }
+
+    /// The group around it, holding its CPU limit: `<parent>/<id>`.
+    pub fn limit_cgroups_path(&self, id: &str) -> String {
         format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id)
+    }
+
+    fn limit_cgroup(&self, id: &str) -> Result<InstanceCgroup, InstanceError> {
+        InstanceCgroup::new(&self.layout, Path::new(&self.limit_cgroups_path(id))).map_err(
+            |source| InstanceError::Cgroup {
+                id: id.to_owned(),
+                source,
+            },
+        )
     }
 
     /// Starts an instance and returns once its process runs.
@@ -320,8 +417,15 @@ impl InstanceManager {
             source,
         };
         let cpu_limit = req.resources.cpu_limit().map_err(cgroup_err)?;
-        let resources = req.resources.to_linux_resources().map_err(cgroup_err)?;
+        // The CPU limit goes to the limit group (see `gate_limit`), not the app's own group.
+        let resources = Resources {
+            cpu: None,
+            ..req.resources
+        }
+        .to_linux_resources()
+        .map_err(cgroup_err)?;
         let cgroup = self.instance_cgroup(&req.id)?;
+        let limit_cgroup = self.limit_cgroup(&req.id)?;
         let process = resolve_process(&req.image, &req.overrides).map_err(|source| {
             InstanceError::Process {
                 id: req.id.clone(),
@@ -354,6 +458,12 @@ impl InstanceManager {
             resources,
             log_limits: req.log_limits,
             cgroup_binds: self.cgroup_binds(&req.id)?,
+            cpu_limit_writes: cpu_limit_writes(&limit_cgroup, cpu_limit).map_err(|source| {
+                InstanceError::Cgroup {
+                    id: req.id.clone(),
+                    source,
+                }
+            })?,
         };
         let launch_path = InstancePaths::new(&dir).launch();
         write_json_atomic(&launch_path, &cfg).map_err(io_err(&launch_path))?;
@@ -388,6 +498,7 @@ impl InstanceManager {
             state,
             cgroup,
             cpu_limit,
+            limit_cgroup,
             init,
             shim,
         })
@@ -428,19 +539,9 @@ impl InstanceManager {
             self.remove_files(id)?;
             return Ok(Recovered::Removed { id: id.to_owned() });
         };
-        let launch: Option<LaunchConfig> = read_or_none(&paths.launch());
-        let cpu_limit = launch
-            .as_ref()
-            .and_then(|l| l.resources.cpu().clone())
-            .and_then(|cpu| {
-                CpuLimit::new(
-                    cpu.quota().and_then(|q| u64::try_from(q).ok()),
-                    cpu.period().unwrap_or(100_000),
-                )
-                .ok()
-            })
-            .unwrap_or(CpuLimit::UNLIMITED);
         let cgroup = self.instance_cgroup(id)?;
+        let limit_cgroup = self.limit_cgroup(id)?;
+        let cpu_limit = limit_cgroup.cpu_limit().unwrap_or(CpuLimit::UNLIMITED);
         let instance = |state: ShimState| {
             let alive = |pid, start| {
                 if is_same_process_alive(pid, start) {
@@ -458,6 +559,7 @@ impl InstanceManager {
                 state,
                 cgroup: cgroup.clone(),
                 cpu_limit,
+                limit_cgroup: limit_cgroup.clone(),
             }
         };
         if let Some(exit) = exit {
@@ -501,7 +603,7 @@ impl InstanceManager {
                 fs::remove_dir_all(&state_dir).map_err(io_err(&state_dir))?;
             }
         }
-        // libcontainer removes the cgroup on delete; this catches what a crash left behind.
+        // libcontainer removes the app's group on delete; this catches what a crash left behind.
         if let Ok(cgroup) = self.instance_cgroup(id)
             && cgroup.exists()
         {
@@ -510,6 +612,14 @@ impl InstanceManager {
                 source,
             })?;
         }
+        // The limit group around it exists in every hierarchy libcontainer created the app's
+        // group in (cpuset, devices, blkio too): remove it from every cgroup mount.
+        remove_everywhere(&self.limit_cgroups_path(id)).map_err(|source| {
+            InstanceError::Cgroup {
+                id: id.to_owned(),
+                source,
+            }
+        })?;
         let paths = InstancePaths::new(self.dir(id));
         overlay::unmount(&paths.rootfs()).map_err(|e| InstanceError::Delete {
             id: id.to_owned(),
@@ -545,6 +655,7 @@ pub(crate) mod test_support {
             resources: Default::default(),
             log_limits: LogLimits::default(),
             cgroup_binds: Vec::new(),
+            cpu_limit_writes: Vec::new(),
         }
     }
 }

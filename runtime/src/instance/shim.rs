@@ -144,6 +144,16 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
         .build()
         .map_err(|e| format!("create instance: {e}"))?;
     step("instance created");
+    // The groups exist now and the app has not started: put its CPU limit on its limit group.
+    for write in &cfg.cpu_limit_writes {
+        fs::write(&write.path, &write.value).map_err(|e| {
+            format!(
+                "set cpu limit: write {:?} to {}: {e}",
+                write.value,
+                write.path.display()
+            )
+        })?;
+    }
     container
         .start()
         .map_err(|e| format!("start instance: {e}"))?;

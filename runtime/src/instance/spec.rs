@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxCapabilities, LinuxNamespace, LinuxNamespaceType, Mount, PosixRlimitBuilder,
-    PosixRlimitType, Spec, User,
+    Capability, LinuxCapabilities, LinuxDeviceCgroupBuilder, LinuxNamespace, LinuxNamespaceType,
+    Mount, PosixRlimitBuilder, PosixRlimitType, Spec, User,
 };
 
 use super::LaunchConfig;
@@ -114,7 +114,19 @@ pub fn build_spec(cfg: &LaunchConfig, user: &ResolvedUser) -> Spec {
     .collect();
     linux.set_namespaces(Some(namespaces));
     linux.set_cgroups_path(Some(PathBuf::from(&cfg.cgroups_path)));
-    linux.set_resources(Some(cfg.resources.clone()));
+    let mut resources = cfg.resources.clone();
+    // Deny every device first, as runc does; libcontainer then allows its default set (null,
+    // zero, full, random, urandom, tty, ptmx, pts). Without it a v1 devices group inherits its
+    // parent's `a *:* rwm`, and a root app with CAP_MKNOD could open the host's disks.
+    let deny_all = LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()
+        .expect("a device rule with allow and access set is complete");
+    let mut devices = vec![deny_all];
+    devices.extend(resources.devices().clone().unwrap_or_default());
+    resources.set_devices(Some(devices));
+    linux.set_resources(Some(resources));
     spec.set_linux(Some(linux));
     if !cfg.cgroup_binds.is_empty() {
         spec.set_mounts(Some(v1_cgroup_mounts(

@@ -614,6 +614,8 @@ fn runc_bundle(
         resources: INSTANCE_RESOURCES.to_linux_resources()?,
         log_limits: LogLimits::default(),
         cgroup_binds: bench.runtime.instances.cgroup_binds(id)?,
+        // runc applies the CPU limit from the spec's resources, on the instance's own group.
+        cpu_limit_writes: Vec::new(),
     };
     let config = bundle.join("config.json");
     spec::build_spec(&cfg, &resolved)
