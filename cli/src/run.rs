@@ -181,7 +181,18 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
     let instance = match runtime.instances.launch(request).await {
         Ok(instance) => instance,
         Err(e) => {
-            let _ = runtime.instances.remove_files(&id);
+            // Leave an instance of the same name alone; otherwise remove what the failed
+            // launch left, after showing the shim's own account of it.
+            if !matches!(e, lull_runtime::instance::InstanceError::Exists(_)) {
+                let shim_log = runtime.config.instances_dir().join(&id).join("shim.log");
+                if let Ok(text) = std::fs::read_to_string(&shim_log) {
+                    let lines: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+                    for line in lines.iter().skip(lines.len().saturating_sub(5)) {
+                        eprintln!("  {line}");
+                    }
+                }
+                let _ = runtime.instances.remove_files(&id);
+            }
             let _ = netns.destroy();
             return Err(e).context(format!("start instance {id}"));
         }
@@ -277,9 +288,11 @@ async fn follow(instance: &Instance) -> Result<ExitCode> {
     println!("following {}'s output; Ctrl-C stops it", instance.id);
     let mut follower = logs::Follower::from_start(&instance.paths().logs());
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut ctrl_c => {
                 println!("stopping {}", instance.id);
                 let status = instance.stop(Duration::from_secs(10)).await?;
                 for r in follower.poll() { print_record(&r); }
@@ -300,12 +313,17 @@ async fn follow(instance: &Instance) -> Result<ExitCode> {
 }
 
 async fn finish(runtime: &Runtime, instance: Instance, netns: NetNs) -> Result<()> {
-    if !instance.has_exited() {
-        instance.stop(Duration::from_secs(10)).await?;
-    }
-    runtime.instances.delete(instance).await?;
-    netns
+    let stopped = if instance.has_exited() {
+        Ok(())
+    } else {
+        instance.stop(Duration::from_secs(10)).await.map(|_| ())
+    };
+    // Delete and remove the namespace whatever the stop said (delete kills what still runs).
+    let deleted = runtime.instances.delete(instance).await;
+    let destroyed = netns
         .destroy()
-        .context("remove the instance's network namespace")?;
-    Ok(())
+        .context("remove the instance's network namespace");
+    stopped?;
+    deleted?;
+    destroyed
 }

@@ -74,6 +74,10 @@ pub enum RuntimeError {
         diff_id: Digest,
         message: String,
     },
+    #[error("cannot tell which layers instances use: {path}: {message}")]
+    InUse { path: PathBuf, message: String },
+    #[error("remove layer {diff_id}: {message}")]
+    RemoveLayer { diff_id: Digest, message: String },
 }
 
 /// What a garbage collection removed.
@@ -152,18 +156,31 @@ impl Runtime {
     }
 
     /// Layers that instances on this host use (read from their launch files), whatever the
-    /// image records say.
-    pub fn layers_in_use(&self) -> BTreeSet<String> {
-        let mut used = BTreeSet::new();
-        let Ok(entries) = std::fs::read_dir(self.config.instances_dir()) else {
-            return used;
+    /// image records say. An instance whose launch file cannot be read makes this an error:
+    /// removing a layer under a mounted overlay is worse than keeping one too many.
+    pub fn layers_in_use(&self) -> Result<BTreeSet<String>, RuntimeError> {
+        let dir = self.config.instances_dir();
+        let unreadable = |path: &std::path::Path, e: std::io::Error| RuntimeError::InUse {
+            path: path.to_owned(),
+            message: e.to_string(),
         };
-        for entry in entries.flatten() {
-            if let Ok(Some(launch)) = read_json::<LaunchConfig>(&entry.path().join("launch.json")) {
-                used.extend(launch.layers);
+        let mut used = BTreeSet::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(used),
+            Err(e) => return Err(unreadable(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| unreadable(&dir, e))?;
+            let launch = entry.path().join("launch.json");
+            match read_json::<LaunchConfig>(&launch) {
+                Ok(Some(config)) => used.extend(config.layers),
+                // Not launched yet or already being removed: no layer of its own to protect.
+                Ok(None) => {}
+                Err(e) => return Err(unreadable(&launch, e)),
             }
         }
-        used
+        Ok(used)
     }
 
     /// Removes blobs no image refers to, and unpacked layers that neither an image nor an
@@ -171,7 +188,7 @@ impl Runtime {
     pub async fn collect_garbage(&self) -> Result<CollectReport, RuntimeError> {
         let store = self.store.gc().await?;
         let referenced = self.store.referenced_diff_ids()?;
-        let in_use = self.layers_in_use();
+        let in_use = self.layers_in_use()?;
         let mut report = CollectReport {
             store,
             ..Default::default()
@@ -188,8 +205,7 @@ impl Runtime {
             let id = diff_id.clone();
             let removed = tokio::task::spawn_blocking(move || cache.remove(&id))
                 .await
-                .map_err(|e| RuntimeError::Prepare {
-                    image: diff_id.clone(),
+                .map_err(|e| RuntimeError::RemoveLayer {
                     diff_id: diff_id.clone(),
                     message: e.to_string(),
                 })??;

@@ -275,12 +275,22 @@ pub fn read_all(dir: &Path) -> Result<Vec<LogRecord>, LogError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(LogError::Io { path, source: e }),
         };
-        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
-            let line = line.map_err(io_err(&path))?;
-            let line = String::from_utf8_lossy(&line);
-            let record = parse_record(&line).ok_or(LogError::Malformed {
+        let mut reader = BufReader::new(file);
+        let mut line = Vec::new();
+        let mut n = 0;
+        loop {
+            line.clear();
+            let read = reader.read_until(b'\n', &mut line).map_err(io_err(&path))?;
+            // End of file, or a last line still being written: not a record yet.
+            if read == 0 || !line.ends_with(b"\n") {
+                break;
+            }
+            n += 1;
+            line.pop();
+            let text = String::from_utf8_lossy(&line);
+            let record = parse_record(&text).ok_or(LogError::Malformed {
                 path: path.clone(),
-                line: n + 1,
+                line: n,
             })?;
             out.push(record);
         }
@@ -361,6 +371,21 @@ mod tests {
         for f in &files {
             assert!(fs::metadata(f).unwrap().len() <= 200);
         }
+    }
+
+    #[test]
+    fn a_line_still_being_written_is_not_a_record_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(CURRENT),
+            "2026-01-01T00:00:00Z stdout F one\n2026-01-01T00:0",
+        )
+        .unwrap();
+        let records = read_all(dir.path()).unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(),
+            vec!["one"]
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
     let logger = unique_name("log");
     let quitter = unique_name("quit");
     let victim = unique_name("victim");
+    let orphan = unique_name("orphan");
     let mut manager = Command::new(env!("CARGO_BIN_EXE_lull-test-manager"))
         .args(dirs.iter().map(|d| d.as_os_str()))
         .arg(&cgroups.parent)
@@ -32,6 +33,7 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
         ])
         .args([&quitter, "sleep 1; echo bye; exit 7"])
         .args([&victim, "while :; do sleep 1; done"])
+        .args([&orphan, "while :; do echo still here; sleep 1; done"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -62,6 +64,15 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
     let victim_state: ShimState =
         serde_json::from_slice(&std::fs::read(dirs[0].join(&victim).join("state.json")).unwrap())
             .unwrap();
+    // A fourth loses only its shim: it would run on with nobody draining its output.
+    let orphan_state: ShimState =
+        serde_json::from_slice(&std::fs::read(dirs[0].join(&orphan).join("state.json")).unwrap())
+            .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(orphan_state.shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     for pid in [victim_state.shim_pid, victim_state.init_pid] {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -92,15 +103,31 @@ async fn instances_outlive_a_killed_manager_without_losing_output() {
     let mut running = None;
     let mut exited = None;
     let mut removed = false;
+    let mut orphan_removed = false;
     for found in manager.recover().unwrap() {
         match found {
             Recovered::Running(inst) if inst.id == logger => running = Some(inst),
             Recovered::Exited(inst, status) if inst.id == quitter => exited = Some((inst, status)),
             Recovered::Removed { id } if id == victim => removed = true,
+            Recovered::Removed { id } if id == orphan => orphan_removed = true,
             other => panic!("unexpected recovery result {other:?}"),
         }
     }
     assert!(removed, "the dead instance is classified as removed");
+    assert!(
+        orphan_removed,
+        "the instance without a shim is ended and removed"
+    );
+    let orphan_stat = std::fs::read_to_string(format!("/proc/{}/stat", orphan_state.init_pid))
+        .unwrap_or_default();
+    assert!(
+        orphan_stat.is_empty()
+            || orphan_stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        "the shimless instance's process was ended: {orphan_stat}"
+    );
+    assert!(!dirs[0].join(&orphan).exists());
     assert!(!dirs[0].join(&victim).exists(), "its instance dir is gone");
     assert!(
         !dirs[2].join(&victim).exists(),

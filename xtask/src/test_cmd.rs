@@ -126,10 +126,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         let stage_started = Instant::now();
         for command in &stage.commands {
             eprintln!("    $ {}", command.join(" "));
-            let status = Command::new(&command[0])
-                .args(&command[1..])
-                .status()
-                .with_context(|| format!("run {}", command[0]))?;
+            let status = run_within(command, started + BUDGET, stage.name)?;
             if !status.success() {
                 report.push((stage.name, stage_started.elapsed(), false));
                 print_report(&report);
@@ -150,6 +147,40 @@ pub fn run(args: &TestArgs) -> Result<()> {
     print_report(&report);
     eprintln!("all stages passed in {}", fmt_duration(started.elapsed()));
     Ok(())
+}
+
+/// Runs `command` in its own process group; kills the whole group if it is still running at
+/// `deadline`, so CI's hard limit is never what ends the run.
+fn run_within(
+    command: &[String],
+    deadline: Instant,
+    stage: &str,
+) -> Result<std::process::ExitStatus> {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(&command[0])
+        .args(&command[1..])
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("run {}", command[0]))?;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("wait for {}", command[0]))?
+        {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: kill takes plain integers; a negative pid names the child's process group.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            bail!(
+                "stage {stage:?} cut at the {}-minute budget that keeps CI under its 90-minute limit (`{}` killed)",
+                BUDGET.as_secs() / 60,
+                command.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn print_report(report: &[(&str, Duration, bool)]) {

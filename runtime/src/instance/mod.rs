@@ -543,12 +543,12 @@ impl InstanceManager {
         let limit_cgroup = self.limit_cgroup(id)?;
         let cpu_limit = limit_cgroup.cpu_limit().unwrap_or(CpuLimit::UNLIMITED);
         let instance = |state: ShimState| {
+            // Open first, then check: the pidfd then names the process that was checked, even
+            // if its pid is reused right after.
             let alive = |pid, start| {
-                if is_same_process_alive(pid, start) {
-                    PidFd::open(pid).ok()
-                } else {
-                    None
-                }
+                PidFd::open(pid)
+                    .ok()
+                    .filter(|_| is_same_process_alive(pid, start))
             };
             Instance {
                 id: id.to_owned(),
@@ -566,7 +566,18 @@ impl InstanceManager {
             return Ok(Recovered::Exited(instance(state), exit));
         }
         if is_same_process_alive(state.init_pid, state.init_start_time) {
-            return Ok(Recovered::Running(instance(state)));
+            if is_same_process_alive(state.shim_pid, state.shim_start_time) {
+                return Ok(Recovered::Running(instance(state)));
+            }
+            // Its shim is gone: nobody drains its output (it would block or die of SIGPIPE) or
+            // will record how it ends. End it; the caller starts a fresh one if it wants.
+            tracing::warn!(instance = %id, pid = state.init_pid, "instance without its shim: killing it");
+            let orphan = instance(state);
+            orphan.signal(libc::SIGKILL)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !orphan.has_exited() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         self.remove_files(id)?;
         Ok(Recovered::Removed { id: id.to_owned() })
