@@ -256,3 +256,39 @@ async fn a_root_app_cannot_open_host_devices() {
     );
     f.manager.delete(inst).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_dead_zygote_is_replaced_for_the_next_launch() {
+    let f = fixture();
+    let first = f
+        .manager
+        .launch(request(&f, &unique_name("i"), "true"))
+        .await
+        .unwrap();
+    first.wait().await.unwrap();
+    f.manager.delete(first).await.unwrap();
+    let ours = f.manager.zygote_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ours),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let id = unique_name("i");
+    match f.manager.launch(request(&f, &id, "true")).await {
+        Err(e) => assert!(e.to_string().contains("zygote"), "{e}"),
+        Ok(inst) => panic!("launched {} through a dead zygote", inst.id),
+    }
+    let _ = f.manager.remove_files(&id);
+    let again = f
+        .manager
+        .launch(request(&f, &unique_name("i"), "echo back"))
+        .await
+        .unwrap();
+    assert_eq!(again.wait().await.unwrap().code, Some(0));
+    assert_ne!(
+        f.manager.zygote_pid(),
+        ours,
+        "a new zygote serves the next launch"
+    );
+    f.manager.delete(again).await.unwrap();
+}

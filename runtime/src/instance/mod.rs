@@ -299,7 +299,8 @@ pub enum Recovered {
 /// Launches, finds and deletes instances.
 pub struct InstanceManager {
     cfg: InstancesConfig,
-    zygote: Arc<Zygote>,
+    /// Replaced by a new one when it breaks (see [`Zygote::is_broken`]).
+    zygote: std::sync::Mutex<Arc<Zygote>>,
     layout: CgroupLayout,
 }
 
@@ -316,12 +317,33 @@ impl InstanceManager {
             cgroups = if layout.is_v2() { "v2" } else { "v1 (hybrid)" },
             "instance manager ready"
         );
-        let zygote = Arc::new(Zygote::spawn(&cfg.zygote_program, &cfg.zygote_args)?);
+        let zygote = std::sync::Mutex::new(Arc::new(Zygote::spawn(
+            &cfg.zygote_program,
+            &cfg.zygote_args,
+        )?));
         Ok(InstanceManager {
             cfg,
             zygote,
             layout,
         })
+    }
+
+    /// The zygote, started afresh if the last one broke.
+    fn zygote(&self) -> Result<Arc<Zygote>, InstanceError> {
+        let mut current = self.zygote.lock().unwrap_or_else(|p| p.into_inner());
+        if current.is_broken() {
+            tracing::warn!("replacing a zygote that stopped answering");
+            *current = Arc::new(Zygote::spawn(
+                &self.cfg.zygote_program,
+                &self.cfg.zygote_args,
+            )?);
+        }
+        Ok(current.clone())
+    }
+
+    /// The current zygote's process id.
+    pub fn zygote_pid(&self) -> i32 {
+        self.zygote.lock().unwrap_or_else(|p| p.into_inner()).pid() as i32
     }
 
     /// The host's cgroup layout.
@@ -468,7 +490,7 @@ impl InstanceManager {
         let launch_path = InstancePaths::new(&dir).launch();
         write_json_atomic(&launch_path, &cfg).map_err(io_err(&launch_path))?;
 
-        let zygote = self.zygote.clone();
+        let zygote = self.zygote()?;
         let cfg_for_launch = cfg.clone();
         let launched = tokio::task::spawn_blocking(move || zygote.launch(&cfg_for_launch))
             .await

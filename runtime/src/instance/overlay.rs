@@ -20,6 +20,10 @@ pub enum OverlayError {
     },
     #[error("overlay layer name {0:?} is not a plain directory name")]
     BadLayerName(String),
+    #[error(
+        "overlay dir {0} contains ':', ',' or a backslash, which overlayfs options cannot carry (choose a data dir without them)"
+    )]
+    BadDir(PathBuf),
     #[error("mount overlay at {target}: {source}")]
     Mount { target: PathBuf, source: nix::Error },
     #[error("unmount {target}: {source}")]
@@ -37,13 +41,13 @@ pub fn mount_options(
     target: &Path,
 ) -> Result<String, OverlayError> {
     for name in layers_lowest_first {
-        if name.is_empty()
-            || name.contains('/')
-            || name.contains(':')
-            || name.contains(',')
-            || name == ".."
-        {
+        if name.is_empty() || name.contains(['/', ':', ',', '\\']) || name == ".." || name == "." {
             return Err(OverlayError::BadLayerName(name.clone()));
+        }
+    }
+    for dir in [upper, work] {
+        if dir.to_string_lossy().contains([':', ',', '\\']) {
+            return Err(OverlayError::BadDir(dir.to_owned()));
         }
     }
     let lower: Vec<&str> = layers_lowest_first
@@ -139,6 +143,13 @@ mod tests {
 
     #[test]
     fn refuses_what_the_kernel_would_misparse_or_reject() {
+        let odd_upper = mount_options(
+            &["a".to_owned()],
+            Path::new("/data,x/upper"),
+            Path::new("/w"),
+            Path::new("/t"),
+        );
+        assert!(matches!(odd_upper, Err(OverlayError::BadDir(_))));
         let bad = vec!["a:b".to_owned()];
         assert!(matches!(
             mount_options(&bad, Path::new("/u"), Path::new("/w"), Path::new("/t")),

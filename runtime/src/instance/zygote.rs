@@ -36,6 +36,8 @@ pub enum ZygoteError {
     Socket(nix::Error),
     #[error("zygote exited (its log is on the daemon's stderr)")]
     Gone,
+    #[error("zygote did not answer within {0:?}; a new one will be started")]
+    Timeout(std::time::Duration),
     #[error("zygote protocol: {0}")]
     Protocol(String),
     #[error("launch {id}: {message}")]
@@ -57,11 +59,22 @@ enum Response {
 pub struct Zygote {
     sock: Mutex<OwnedFd>,
     child: Mutex<Child>,
+    /// Set when the socket may hold a reply nobody read, or the zygote stopped answering: the
+    /// manager then replaces this zygote rather than risk pairing a reply with the wrong launch.
+    broken: std::sync::atomic::AtomicBool,
 }
+
+/// How long a launch may take before the zygote is given up on (a shim stuck in the kernel,
+/// e.g. on a hung mount): the manager starts a new zygote for the next launch.
+pub const LAUNCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Zygote {
     /// Starts `program args...` with the zygote socket at fd [`ZYGOTE_FD`]. The program must call
     /// [`serve`] (the `lull` binary does for `lull __zygote`).
+    ///
+    /// The zygote dies with the *thread* that spawned it (`PR_SET_PDEATHSIG` follows the parent
+    /// thread): call this from a thread that lives as long as the zygote is needed (the main
+    /// thread, not a pool thread that may retire).
     pub fn spawn(program: &Path, args: &[String]) -> Result<Zygote, ZygoteError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -93,9 +106,13 @@ impl Zygote {
             source,
         })?;
         drop(theirs);
+        let timeout = nix::sys::time::TimeVal::new(LAUNCH_TIMEOUT.as_secs() as _, 0);
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .map_err(ZygoteError::Socket)?;
         Ok(Zygote {
             sock: Mutex::new(ours),
             child: Mutex::new(child),
+            broken: Default::default(),
         })
     }
 
@@ -105,14 +122,27 @@ impl Zygote {
         let request = serde_json::to_vec(&Request::Launch(Box::new(cfg.clone())))
             .map_err(|e| ZygoteError::Protocol(e.to_string()))?;
         let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let broken = |e: ZygoteError| {
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            e
+        };
         send(sock.as_raw_fd(), &request, MsgFlags::MSG_NOSIGNAL).map_err(|e| match e {
-            nix::Error::EPIPE | nix::Error::ECONNRESET => ZygoteError::Gone,
-            e => ZygoteError::Socket(e),
+            nix::Error::EPIPE | nix::Error::ECONNRESET => broken(ZygoteError::Gone),
+            e => broken(ZygoteError::Socket(e)),
         })?;
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(ZygoteError::Socket)?;
+        let n = loop {
+            match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => break n,
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => {
+                    return Err(broken(ZygoteError::Timeout(LAUNCH_TIMEOUT)));
+                }
+                Err(e) => return Err(broken(ZygoteError::Socket(e))),
+            }
+        };
         if n == 0 {
-            return Err(ZygoteError::Gone);
+            return Err(broken(ZygoteError::Gone));
         }
         match serde_json::from_slice(&buf[..n]).map_err(|e| ZygoteError::Protocol(e.to_string()))? {
             Response::Launched(state) => Ok(state),
@@ -121,6 +151,18 @@ impl Zygote {
                 message,
             }),
         }
+    }
+}
+
+impl Zygote {
+    /// The zygote's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|p| p.into_inner()).id()
+    }
+
+    /// True once this zygote can no longer be trusted with a launch (see [`LAUNCH_TIMEOUT`]).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
