@@ -93,21 +93,20 @@ async fn a_missing_command_fails_with_the_reason() {
     let f = fixture();
     let mut req = request(&f, &unique_name("i"), "");
     req.image.cmd = vec!["/no/such/binary".into()];
-    match f.manager.launch(req).await {
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(
-                msg.contains("/no/such/binary") || msg.contains("No such file"),
-                "{msg}"
-            );
-        }
-        Ok(inst) => {
-            // libcontainer may report the exec failure as an exit instead.
-            let status = inst.wait().await.unwrap();
-            assert!(!status.success(), "{status:?}");
-            f.manager.delete(inst).await.unwrap();
-        }
-    }
+    let id = req.id.clone();
+    // libcontainer checks the executable before the instance starts: the launch itself fails,
+    // at once, naming it, and leaves no mount, state or cgroup behind.
+    let started = std::time::Instant::now();
+    let err = f
+        .manager
+        .launch(req)
+        .await
+        .expect_err("a missing executable must fail the launch");
+    assert!(err.to_string().contains("/no/such/binary"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(mounts_under(f.scratch.path()).is_empty());
+    assert!(!f.scratch.path().join("state").join(&id).exists());
+    f.manager.remove_files(&id).unwrap();
 }
 
 #[tokio::test]
