@@ -5,6 +5,9 @@
 //! network namespace, bind-mounts `/proc/thread-self/ns/net` onto `<dir>/<name>` so the
 //! namespace outlives the thread, and brings `lo` up before it ends.
 
+pub mod ipam;
+pub mod resolv;
+
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
