@@ -338,6 +338,67 @@ fn failures_leave_no_link_and_foreign_links_are_refused() {
     assert!(links_with_prefix(&fx.tag).is_empty());
 }
 
+/// Adds a default route via `lo` in the calling thread's namespace, so that a later default
+/// route via eth0 is refused (EEXIST) after the veth pair already exists.
+fn add_default_route_via_lo() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (connection, handle, _) = rtnetlink::new_connection().unwrap();
+        tokio::spawn(connection);
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(lo)
+            .build();
+        handle.route().add(route).execute().await.unwrap();
+    });
+}
+
+#[test]
+fn a_failure_inside_the_namespace_undoes_the_veth_pair() {
+    let mut fx = Fixture::new(4);
+    let bridge = fx.bridge();
+    let ns = fx.netns("u");
+    fx.namespaces[ns].run_in(add_default_route_via_lo).unwrap();
+    let veth = fx.veth(0);
+    let err = wire_instance(
+        &bridge,
+        &fx.namespaces[ns],
+        &veth,
+        fx.host(7),
+        24,
+        fx.gateway,
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LinkError::NetlinkInNamespace {
+                op: "add default route",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&fx.namespaces[ns].path().display().to_string()),
+        "{err}"
+    );
+    assert!(!link_exists(&veth), "host end {veth} left behind");
+    let eth0_gone = fx.namespaces[ns]
+        .run_in(|| nix::net::if_::if_nametoindex("eth0").is_err())
+        .unwrap();
+    assert!(eth0_gone, "eth0 left behind in the namespace");
+    let ports = fs::read_dir(format!("/sys/class/net/{}/brif", fx.bridge_name))
+        .unwrap()
+        .count();
+    assert_eq!(ports, 0);
+}
+
 #[test]
 fn fifty_wire_unwire_cycles_leave_no_links() {
     let mut fx = Fixture::new(3);
