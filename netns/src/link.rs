@@ -317,8 +317,8 @@ fn check_host_address(addr: Ipv4Addr, gateway: Ipv4Addr, prefix: u8) -> Result<(
     }
 }
 
-/// Runs `f` with a fresh netlink handle on a new thread of the host's network namespace (the
-/// one the process was started in is assumed: no thread of lull changes namespace for long).
+/// Runs `f` with a fresh netlink handle on a new thread, which starts in the calling thread's
+/// network namespace: the host's, unless called from inside [`NetNs::run_in`].
 fn on_host_thread<T, F, Fut>(name: &str, f: F) -> Result<T, LinkError>
 where
     T: Send,

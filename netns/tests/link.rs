@@ -214,8 +214,7 @@ fn two_instances_reach_each_other_and_the_host_reaches_both() {
             .unwrap()
             .unwrap()
     });
-    // The default route works: b reaches the gateway by an address not on its subnet's
-    // path... the gateway itself is the simplest check that the route is in place.
+    // The gateway (the bridge's address on the host) is reachable from the instance.
     let gw_listener = TcpListener::bind((fx.gateway, 0)).unwrap();
     let gw_target = gw_listener.local_addr().unwrap();
     ping_pong(&gw_listener, gw_target, || {
@@ -224,6 +223,7 @@ fn two_instances_reach_each_other_and_the_host_reaches_both() {
             .unwrap()
             .unwrap()
     });
+    // And the instance's default route points out of eth0.
     let has_default = fx.namespaces[b]
         .run_in(|| fs::read_to_string("/proc/thread-self/net/route"))
         .unwrap()
