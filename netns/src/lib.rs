@@ -6,6 +6,7 @@
 //! namespace outlives the thread, and brings `lo` up before it ends.
 
 pub mod ipam;
+pub mod link;
 pub mod resolv;
 
 use std::fs::{self, File, OpenOptions};
