@@ -188,17 +188,11 @@ async fn the_gate_throttles_a_spinner_and_restores_it() {
     f.manager.delete(inst).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_root_app_reads_but_cannot_raise_its_own_limits() {
-    let f = fixture();
-    let script = "if [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; \
-                  then f=/sys/fs/cgroup/cpu/cpu.cfs_quota_us; v=-1; else f=/sys/fs/cgroup/cpu.max; v=max; fi; \
-                  cat $f; if (echo $v > $f) 2>/dev/null; then echo raised; else echo refused; fi";
-    let mut req = request(&f, &unique_name("i"), script);
-    req.resources = Resources {
-        cpu: Some(0.1),
-        ..Default::default()
-    };
+/// Runs `req` to its end, requires exit code 0, and returns the instance and its output lines.
+async fn run_to_success(
+    f: &BusyboxHost,
+    req: InstanceRequest,
+) -> (lull_runtime::instance::Instance, Vec<String>) {
     let inst = f.manager.launch(req).await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), inst.wait())
         .await
@@ -210,6 +204,21 @@ async fn a_root_app_reads_but_cannot_raise_its_own_limits() {
         .map(|r| r.text)
         .collect();
     assert_eq!(status.code, Some(0), "{status:?} {out:?}");
+    (inst, out)
+}
+
+#[tokio::test]
+async fn a_root_app_reads_but_cannot_raise_its_own_limits() {
+    let f = fixture();
+    let script = "if [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; \
+                  then f=/sys/fs/cgroup/cpu/cpu.cfs_quota_us; v=-1; else f=/sys/fs/cgroup/cpu.max; v=max; fi; \
+                  cat $f; if (echo $v > $f) 2>/dev/null; then echo raised; else echo refused; fi";
+    let mut req = request(&f, &unique_name("i"), script);
+    req.resources = Resources {
+        cpu: Some(0.1),
+        ..Default::default()
+    };
+    let (inst, out) = run_to_success(&f, req).await;
     assert!(
         out[0] == "10000" || out[0] == "10000 100000",
         "the app sees its own limit: {out:?}"
@@ -233,21 +242,7 @@ async fn a_root_app_cannot_open_host_devices() {
     let script = "for d in 'b 253 0' 'b 8 0' 'c 1 1'; do mknod /tmp/dev $d; \
                   if head -c 1 /tmp/dev >/dev/null 2>&1; then echo \"opened $d\"; else echo \"refused $d\"; fi; \
                   rm /tmp/dev; done; head -c 1 /dev/zero | wc -c";
-    let inst = f
-        .manager
-        .launch(request(&f, &unique_name("i"), script))
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), inst.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let out: Vec<String> = logs::read_all(&inst.paths().logs())
-        .unwrap()
-        .into_iter()
-        .map(|r| r.text)
-        .collect();
-    assert_eq!(status.code, Some(0), "{status:?} {out:?}");
+    let (inst, out) = run_to_success(&f, request(&f, &unique_name("i"), script)).await;
     assert_eq!(
         out[..3],
         ["refused b 253 0", "refused b 8 0", "refused c 1 1"],

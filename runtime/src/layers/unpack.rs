@@ -636,14 +636,7 @@ impl Unpacker<'_> {
         // The target is stored as written: it is resolved inside the container, never here.
         nix::unistd::symlinkat(os(target), Some(parent.as_raw_fd()), base)
             .map_err(|e| entry_error(name, "create symlink", e))?;
-        nix::unistd::fchownat(
-            Some(parent.as_raw_fd()),
-            base,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| entry_error(name, "change symlink owner", e))?;
+        chown_no_follow(&parent, base, meta, name, "change symlink owner")?;
         nix::sys::stat::utimensat(
             Some(parent.as_raw_fd()),
             base,
@@ -742,14 +735,7 @@ impl Unpacker<'_> {
             0,
         )
         .map_err(|e| entry_error(name, "create fifo", e))?;
-        nix::unistd::fchownat(
-            Some(parent.as_raw_fd()),
-            base,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| entry_error(name, "change fifo owner", e))?;
+        chown_no_follow(&parent, base, meta, name, "change fifo owner")?;
         // After chown, which clears set-id bits. The name was just created as a fifo in a
         // directory only this unpacker writes to, so following it cannot lead elsewhere.
         nix::sys::stat::fchmodat(
@@ -812,14 +798,7 @@ impl Unpacker<'_> {
             libc::makedev(0, 0),
         )
         .map_err(|e| entry_error(name, "create whiteout device", e))?;
-        nix::unistd::fchownat(
-            Some(parent.as_raw_fd()),
-            hidden,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| entry_error(name, "change whiteout owner", e))
+        chown_no_follow(&parent, hidden, meta, name, "change whiteout owner")
     }
 }
 
@@ -1008,6 +987,24 @@ fn invalid(name: &str, reason: &'static str) -> LayerError {
         entry: name.to_owned(),
         reason,
     }
+}
+
+/// Sets an entry's owner from its header without following it (symlinks, fifos, whiteouts).
+fn chown_no_follow(
+    parent: &OwnedFd,
+    base: &std::ffi::OsStr,
+    meta: &Meta,
+    name: &str,
+    action: &'static str,
+) -> Result<(), LayerError> {
+    nix::unistd::fchownat(
+        Some(parent.as_raw_fd()),
+        base,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| entry_error(name, action, e))
 }
 
 fn entry_error(name: &str, action: &'static str, errno: Errno) -> LayerError {
