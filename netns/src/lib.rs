@@ -5,6 +5,7 @@
 //! network namespace, bind-mounts `/proc/thread-self/ns/net` onto `<dir>/<name>` so the
 //! namespace outlives the thread, and brings `lo` up before it ends.
 
+pub mod firewall;
 pub mod ipam;
 pub mod link;
 pub mod resolv;
