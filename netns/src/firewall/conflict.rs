@@ -457,17 +457,10 @@ impl Rule {
                 // an opaque xt match. In forward chains these are, in practice, the
                 // RELATED,ESTABLISHED accepts (Docker's, ufw's): taken to hold for replies and
                 // not for new connections.
-                "xt" if is_xt_state_match(body) => {
-                    if !packet.established {
-                        applies = Applies::No;
-                    }
-                }
+                "xt" if is_xt_state_match(body) && !packet.established => applies = Applies::No,
+                "xt" if is_xt_state_match(body) => {}
                 // Conditions that are not `match` statements.
-                "limit" | "quota" | "xt" => {
-                    if applies == Applies::Yes {
-                        applies = Applies::Unknown;
-                    }
-                }
+                "limit" | "quota" | "xt" if applies == Applies::Yes => applies = Applies::Unknown,
                 // counter, log, meta/ct set, ...: no bearing on the verdict.
                 _ => {}
             }

@@ -372,7 +372,8 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_field() {
-        let cases: Vec<(Box<dyn Fn(&mut FirewallConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut FirewallConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|c| c.table = "".into()), "table"),
             (Box::new(|c| c.table = "1lull".into()), "table"),
             (Box::new(|c| c.table = "lull x".into()), "table"),

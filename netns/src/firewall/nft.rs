@@ -197,6 +197,21 @@ mod tests {
     const META: &str = r#"{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}"#;
 
     #[test]
+    fn a_missing_program_says_what_to_install() {
+        let err = spawn_error("x", io::Error::from(io::ErrorKind::NotFound));
+        assert!(matches!(err, FirewallError::NftMissing));
+        assert!(
+            err.to_string().contains("install the nftables package"),
+            "{err}"
+        );
+        let err = spawn_error(
+            "list ruleset",
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
+        assert!(err.to_string().contains("list ruleset"), "{err}");
+    }
+
+    #[test]
     fn owner_from_set_comment_or_table_comment() {
         let marked_set = parse(&format!(
             r#"{{"nftables": [{META}, {{"table": {{"family": "inet", "name": "lull", "handle": 1}}}},
