@@ -35,6 +35,8 @@ pub fn run(smoke: bool) -> Result<()> {
             "lull-bench-netns",
             "-p",
             "lull-fixture-app",
+            "--bin",
+            "lull-fixture-app",
         ])
         .current_dir(&root)
         .status()

@@ -1,5 +1,5 @@
 //! `lull-bench-netns [--smoke] [--app PATH] [--markdown PATH]`: the network benchmarks that
-//! `cargo xtask bench netns` builds and runs (as root). Everything runs on a bridge and a /24 of
+//! `cargo xtask bench netns` builds and runs (as root). Everything runs on a bridge and a /22 of
 //! this run's own, and every figure is measured side by side with its peer in the same run:
 //!
 //! - wiring one instance's network: the lull path (network namespace, address, veth pair on the
@@ -36,6 +36,9 @@ const APP_PORT: u16 = 8080;
 const APP_START_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest a download may stall before the harness gives up.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Prefix length of the run's subnet: a /22 has addresses for 1021 instances, and a bridge
+/// takes at most 1024 ports; both paths' instances are all wired at once.
+const PREFIX: u8 = 22;
 /// How often (in iterations) both paths' namespaces are checked to be reachable from the host.
 const REACH_CHECK_EVERY: usize = 50;
 
@@ -123,6 +126,11 @@ fn run(args: Args) -> Result<()> {
     }
     run_tool(Command::new("ip").arg("-V")).context("`ip` (Debian package iproute2)")?;
     let plan = Plan::new(args.smoke);
+    // Both paths' instances (and one warm-up each) are wired at once, plus the app's.
+    let instances = 2 * (plan.wirings + 1) + 1;
+    if instances > 1000 {
+        bail!("{instances} instances do not fit on one bridge (1024 ports) and a /{PREFIX}");
+    }
     let mut report = Report {
         rows: Vec::new(),
         details: Vec::new(),
@@ -182,7 +190,7 @@ impl BenchNet {
         let scratch = ScratchDir::new("lull-bench-netns").context("create the scratch dir")?;
         let gateway = free_subnet_gateway(pid.wrapping_add(nanos))?;
         let [a, b, c, _] = gateway.octets();
-        let subnet = Subnet::parse(&format!("{a}.{b}.{c}.0/24"))?;
+        let subnet = Subnet::parse(&format!("{a}.{b}.{c}.0/{PREFIX}"))?;
         let ipam = Ipam::open(&scratch.path().join("ipam.json"), subnet)?;
         let mut net = BenchNet {
             bridge: None,
@@ -281,7 +289,7 @@ fn leftovers(tag: &str) -> Vec<String> {
     left
 }
 
-/// The gateway (.1) of a 10.252.x.0/24 that no host route overlaps, starting the search at
+/// The gateway (.1) of a 10.252.x.0/22 that no host route overlaps, starting the search at
 /// `seed` (so that concurrent runs are likely to pick different ones).
 fn free_subnet_gateway(seed: u32) -> Result<Ipv4Addr> {
     let routes = fs::read_to_string("/proc/net/route").context("read /proc/net/route")?;
@@ -297,18 +305,20 @@ fn free_subnet_gateway(seed: u32) -> Result<Ipv4Addr> {
         })
         .filter(|(_, mask)| *mask != 0)
         .collect();
-    for i in 0..250 {
-        let x = (seed.wrapping_add(i) % 250) as u8;
-        let net = u32::from(Ipv4Addr::new(10, 252, x, 0));
+    let subnet_mask = u32::MAX << (32 - u32::from(PREFIX));
+    let blocks = 1u32 << (PREFIX - 16);
+    for i in 0..blocks {
+        let block = seed.wrapping_add(i) % blocks;
+        let net = u32::from(Ipv4Addr::new(10, 252, 0, 0)) | (block << (32 - u32::from(PREFIX)));
         let clash = taken.iter().any(|(dest, mask)| {
-            let common = mask & 0xffff_ff00;
+            let common = mask & subnet_mask;
             net & common == dest & common
         });
         if !clash {
-            return Ok(Ipv4Addr::new(10, 252, x, 1));
+            return Ok(Ipv4Addr::from(net + 1));
         }
     }
-    bail!("no free /24 in 10.252.0.0/16 (every one overlaps a host route)")
+    bail!("no free /{PREFIX} in 10.252.0.0/16 (every one overlaps a host route)")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,12 +384,20 @@ fn lull_attach(net: &mut BenchNet, id: &str) -> Result<(LullInstance, LullSteps)
     Ok((instance, steps))
 }
 
-/// Undoes [`lull_attach`]: the veth pair, the address, the namespace.
-fn lull_detach(net: &mut BenchNet, instance: LullInstance) -> Result<()> {
+/// Undoes [`lull_attach`]: the veth pair, the address, the namespace. Returns the time it took
+/// and the time of each of the three steps.
+fn lull_detach(net: &mut BenchNet, instance: LullInstance) -> Result<(Duration, Vec<Duration>)> {
+    let mut steps = Vec::with_capacity(3);
+    let started = Instant::now();
     unwire_instance(&instance.host_ifname)?;
+    steps.push(started.elapsed());
+    let step = Instant::now();
     net.ipam.release(&instance.id)?;
+    steps.push(step.elapsed());
+    let step = Instant::now();
     instance.netns.destroy()?;
-    Ok(())
+    steps.push(step.elapsed());
+    Ok((started.elapsed(), steps))
 }
 
 /// The `ip` commands that give namespace `name` the same end state as [`lull_attach`], in the
@@ -504,85 +522,138 @@ fn check_reachable(netns: &NetNs, addr: Ipv4Addr) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Wiring
 
-/// One iteration of one path.
+/// One timed operation of one path, with the time of each of its steps (the lull path's
+/// calls, or the `ip` commands).
 struct Sample {
-    create: Duration,
-    teardown: Duration,
-    /// Per step (lull: netns, ipam, wire) or per command (ip).
+    total: Duration,
     steps: Vec<Duration>,
 }
 
-fn lull_once(net: &mut BenchNet, check_reach: bool) -> Result<Sample> {
+fn lull_create(net: &mut BenchNet, check_reach: bool) -> Result<(LullInstance, Sample)> {
     let id = net.next_name('l');
     let started = Instant::now();
     let (instance, steps) = lull_attach(net, &id)?;
-    let create = started.elapsed();
-    let checked = check_on_bridge(net, &instance.host_ifname).and_then(|()| {
-        if check_reach {
-            check_reachable(&instance.netns, instance.addr)
-        } else {
-            Ok(())
-        }
-    });
-    let started = Instant::now();
-    let detached = lull_detach(net, instance);
-    let teardown = started.elapsed();
-    checked.with_context(|| format!("lull path, instance {id}"))?;
-    detached.with_context(|| format!("lull path, tear down instance {id}"))?;
-    Ok(Sample {
-        create,
-        teardown,
-        steps: vec![steps.netns, steps.ipam, steps.wire],
-    })
+    let total = started.elapsed();
+    check_on_bridge(net, &instance.host_ifname)
+        .and_then(|()| {
+            if check_reach {
+                check_reachable(&instance.netns, instance.addr)
+            } else {
+                Ok(())
+            }
+        })
+        .with_context(|| format!("lull path, instance {id}"))?;
+    let steps = vec![steps.netns, steps.ipam, steps.wire];
+    Ok((instance, Sample { total, steps }))
 }
 
-fn ip_once(net: &mut BenchNet, check_reach: bool) -> Result<Sample> {
+fn lull_teardown(net: &mut BenchNet, instance: LullInstance) -> Result<Sample> {
+    let id = instance.id.clone();
+    let (total, steps) =
+        lull_detach(net, instance).with_context(|| format!("lull path, tear down {id}"))?;
+    Ok(Sample { total, steps })
+}
+
+/// An instance the ip path made: namespace and host-side veth share the name.
+struct IpInstance {
+    name: String,
+}
+
+fn ip_create(net: &mut BenchNet, check_reach: bool) -> Result<(IpInstance, Sample)> {
     let name = net.next_name('i');
     // The address comes from the same allocator, outside the timed part: the ip path is timed
     // without any address management.
     let addr = net.ipam.allocate(&name)?;
     let attach = ip_attach_commands(&name, net.bridge()?.name(), addr, &net.subnet);
     let started = Instant::now();
-    let made = run_ip(&attach);
-    let create = started.elapsed();
-    let checked = made.and_then(|steps| {
-        check_on_bridge(net, &name)?;
-        if check_reach {
-            check_reachable(&NetNs::open(Path::new(IP_NETNS_DIR), &name)?, addr)?;
-        }
-        Ok(steps)
-    });
-    let started = Instant::now();
-    let undone = run_ip(&ip_detach_commands(&name));
-    let teardown = started.elapsed();
-    net.ipam.release(&name)?;
-    let steps = checked.with_context(|| format!("ip path, namespace {name}"))?;
-    undone.with_context(|| format!("ip path, tear down namespace {name}"))?;
-    Ok(Sample {
-        create,
-        teardown,
-        steps,
-    })
+    let steps = run_ip(&attach).with_context(|| format!("ip path, namespace {name}"))?;
+    let total = started.elapsed();
+    check_on_bridge(net, &name)
+        .and_then(|()| {
+            if check_reach {
+                check_reachable(&NetNs::open(Path::new(IP_NETNS_DIR), &name)?, addr)
+            } else {
+                Ok(())
+            }
+        })
+        .with_context(|| format!("ip path, namespace {name}"))?;
+    Ok((IpInstance { name }, Sample { total, steps }))
 }
 
+fn ip_teardown(net: &mut BenchNet, instance: IpInstance) -> Result<Sample> {
+    let name = instance.name;
+    let started = Instant::now();
+    let steps = run_ip(&ip_detach_commands(&name))
+        .with_context(|| format!("ip path, tear down namespace {name}"))?;
+    let total = started.elapsed();
+    net.ipam.release(&name)?;
+    Ok(Sample { total, steps })
+}
+
+/// Statistics of one path's samples, in milliseconds.
+struct Stats {
+    p50: f64,
+    p99: f64,
+    /// p50 of each step.
+    steps_p50: Vec<f64>,
+}
+
+impl Stats {
+    fn of(samples: &[Sample]) -> Stats {
+        let totals: Vec<f64> = samples.iter().map(|s| ms(s.total)).collect();
+        let steps = samples.first().map_or(0, |s| s.steps.len());
+        let steps_p50 = (0..steps)
+            .map(|i| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .filter_map(|s| s.steps.get(i).copied().map(ms))
+                    .collect();
+                percentile(&v, 50.0)
+            })
+            .collect();
+        Stats {
+            p50: percentile(&totals, 50.0),
+            p99: percentile(&totals, 99.0),
+            steps_p50,
+        }
+    }
+
+    fn steps_text(&self, labels: &[&str]) -> String {
+        labels
+            .iter()
+            .zip(&self.steps_p50)
+            .map(|(label, p50)| format!("{label} {p50:.2} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Wires `plan.wirings` instances with each path (plus one warm-up each, not counted), keeping
+/// them all, so the bridge fills up as on a busy host; then tears them all down. Both phases
+/// interleave the two paths and alternate which goes first. Creation and teardown are measured
+/// in separate phases because the kernel cleans up a deleted namespace asynchronously, and that
+/// work slows down whatever is created next.
 fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
+    let mut lull_instances = Vec::new();
+    let mut ip_instances = Vec::new();
     let mut lull = Vec::new();
     let mut ip = Vec::new();
-    // One warm-up of each, then interleaved, alternating which goes first.
     for i in 0..=plan.wirings {
         let check_reach = i % REACH_CHECK_EVERY == 0 || i == plan.wirings;
-        let (l, p) = if i % 2 == 0 {
-            let l = lull_once(net, check_reach)?;
-            (l, ip_once(net, check_reach)?)
+        let ((l_inst, l), (p_inst, p)) = if i % 2 == 0 {
+            let lull = lull_create(net, check_reach)?;
+            (lull, ip_create(net, check_reach)?)
         } else {
-            let p = ip_once(net, check_reach)?;
-            (lull_once(net, check_reach)?, p)
+            let ip = ip_create(net, check_reach)?;
+            (lull_create(net, check_reach)?, ip)
         };
+        lull_instances.push(l_inst);
+        ip_instances.push(p_inst);
         eprint!(
             "\rwire {i}/{}: lull {:.2} ms, ip {:.2} ms   ",
             plan.wirings,
-            ms(l.create),
-            ms(p.create)
+            ms(l.total),
+            ms(p.total)
         );
         if i > 0 {
             lull.push(l);
@@ -590,83 +661,105 @@ fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
         }
     }
     eprintln!();
+    let ports = fs::read_dir(format!("/sys/class/net/{}/brif", net.bridge()?.name()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if ports != lull_instances.len() + ip_instances.len() {
+        bail!(
+            "bridge {} has {ports} ports, {} expected",
+            net.bridge()?.name(),
+            lull_instances.len() + ip_instances.len()
+        );
+    }
 
-    let stat = |samples: &[Sample], f: &dyn Fn(&Sample) -> Duration, p: f64| {
-        let v: Vec<f64> = samples.iter().map(|s| ms(f(s))).collect();
-        percentile(&v, p)
-    };
-    let create = |s: &Sample| s.create;
-    let teardown = |s: &Sample| s.teardown;
-    let (lull50, lull99) = (stat(&lull, &create, 50.0), stat(&lull, &create, 99.0));
-    let (ip50, ip99) = (stat(&ip, &create, 50.0), stat(&ip, &create, 99.0));
-    let (lull_down50, lull_down99) = (stat(&lull, &teardown, 50.0), stat(&lull, &teardown, 99.0));
-    let (ip_down50, ip_down99) = (stat(&ip, &teardown, 50.0), stat(&ip, &teardown, 99.0));
+    let mut lull_down = Vec::new();
+    let mut ip_down = Vec::new();
+    let pairs: Vec<_> = lull_instances.into_iter().zip(ip_instances).collect();
+    let count = pairs.len();
+    for (i, (l_inst, p_inst)) in pairs.into_iter().enumerate() {
+        let (l, p) = if i % 2 == 0 {
+            let lull = lull_teardown(net, l_inst)?;
+            (lull, ip_teardown(net, p_inst)?)
+        } else {
+            let ip = ip_teardown(net, p_inst)?;
+            (lull_teardown(net, l_inst)?, ip)
+        };
+        eprint!(
+            "\rtear down {}/{count}: lull {:.2} ms, ip {:.2} ms   ",
+            i + 1,
+            ms(l.total),
+            ms(p.total)
+        );
+        lull_down.push(l);
+        ip_down.push(p);
+    }
+    eprintln!();
 
-    let ratio = lull50 / ip50;
+    let (lull_up, ip_up) = (Stats::of(&lull), Stats::of(&ip));
+    let (lull_dn, ip_dn) = (Stats::of(&lull_down), Stats::of(&ip_down));
+    let ratio = lull_up.p50 / ip_up.p50;
     report.rows.push(Row {
         name: "create + wire one instance's network (p50) vs ip commands".into(),
         target: "< 1.0x".into(),
-        measured: format!("{lull50:.2} ms"),
-        baseline: format!("{ip50:.2} ms"),
+        measured: format!("{:.2} ms", lull_up.p50),
+        baseline: format!("{:.2} ms", ip_up.p50),
         ratio: format!("{ratio:.2}x"),
         pass: Some(ratio < 1.0),
     });
     report.rows.push(Row {
         name: "create + wire one instance's network (p50), absolute".into(),
         target: "< 5 ms".into(),
-        measured: format!("{lull50:.2} ms"),
+        measured: format!("{:.2} ms", lull_up.p50),
         baseline: "-".into(),
         ratio: "-".into(),
-        pass: Some(lull50 < 5.0),
+        pass: Some(lull_up.p50 < 5.0),
     });
     report.rows.push(Row {
         name: "create + wire one instance's network (p99) vs ip commands".into(),
         target: "(none)".into(),
-        measured: format!("{lull99:.2} ms"),
-        baseline: format!("{ip99:.2} ms"),
-        ratio: format!("{:.2}x", lull99 / ip99),
+        measured: format!("{:.2} ms", lull_up.p99),
+        baseline: format!("{:.2} ms", ip_up.p99),
+        ratio: format!("{:.2}x", lull_up.p99 / ip_up.p99),
         pass: None,
     });
     report.rows.push(Row {
         name: "tear down one instance's network (p50) vs ip commands".into(),
         target: "(none)".into(),
-        measured: format!("{lull_down50:.2} ms"),
-        baseline: format!("{ip_down50:.2} ms"),
-        ratio: format!("{:.2}x", lull_down50 / ip_down50),
+        measured: format!("{:.2} ms", lull_dn.p50),
+        baseline: format!("{:.2} ms", ip_dn.p50),
+        ratio: format!("{:.2}x", lull_dn.p50 / ip_dn.p50),
         pass: None,
     });
 
-    let step_p50 = |samples: &[Sample], index: usize| {
-        let v: Vec<f64> = samples
-            .iter()
-            .filter_map(|s| s.steps.get(index).copied().map(ms))
-            .collect();
-        percentile(&v, 50.0)
-    };
-    let lull_steps = ["NetNs::create", "Ipam::allocate", "wire_instance"]
+    let ip_labels: Vec<&str> = ip_attach_commands("x", "x", Ipv4Addr::UNSPECIFIED, &net.subnet)
         .iter()
-        .enumerate()
-        .map(|(i, label)| format!("{label} {:.2} ms", step_p50(&lull, i)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let ip_steps = ip_attach_commands("x", "x", Ipv4Addr::UNSPECIFIED, &net.subnet)
-        .iter()
-        .enumerate()
-        .map(|(i, (label, _))| format!("{label} {:.2} ms", step_p50(&ip, i)))
-        .collect::<Vec<_>>()
-        .join(", ");
+        .map(|(label, _)| *label)
+        .collect();
+    let ip_down_labels: Vec<&str> = ip_detach_commands("x").iter().map(|(l, _)| *l).collect();
     report.details.push(format!(
-        "create + wire, {} interleaved iterations each: lull p50 {lull50:.2} ms p99 {lull99:.2} ms; ip commands p50 {ip50:.2} ms p99 {ip99:.2} ms",
-        lull.len()
+        "create + wire, {} interleaved iterations each, all kept until the teardown phase (the bridge ends with {ports} ports): lull p50 {:.2} ms p99 {:.2} ms; ip commands p50 {:.2} ms p99 {:.2} ms",
+        lull.len(),
+        lull_up.p50,
+        lull_up.p99,
+        ip_up.p50,
+        ip_up.p99
     ));
     report.details.push(format!(
-        "lull path steps (p50 each): {lull_steps}; the address is allocated and fsynced to the allocator's state file on every call"
+        "lull path steps (p50 each): {}; the allocator writes and fsyncs its state file on every call",
+        lull_up.steps_text(&["NetNs::create", "Ipam::allocate", "wire_instance"])
     ));
     report.details.push(format!(
-        "ip path commands (p50 each): {ip_steps}; one exec of `ip` per command; its address comes from the same allocator outside the timed part"
+        "ip path commands (p50 each): {}; one exec of `ip` per command; the address comes from the same allocator, outside the timed part",
+        ip_up.steps_text(&ip_labels)
     ));
     report.details.push(format!(
-        "teardown: lull (unwire_instance, Ipam::release, NetNs::destroy) p50 {lull_down50:.2} ms p99 {lull_down99:.2} ms; ip (link del, netns del) p50 {ip_down50:.2} ms p99 {ip_down99:.2} ms"
+        "teardown, {count} each, interleaved: lull p50 {:.2} ms p99 {:.2} ms ({}); ip p50 {:.2} ms p99 {:.2} ms ({})",
+        lull_dn.p50,
+        lull_dn.p99,
+        lull_dn.steps_text(&["unwire_instance", "Ipam::release", "NetNs::destroy"]),
+        ip_dn.p50,
+        ip_dn.p99,
+        ip_dn.steps_text(&ip_down_labels)
     ));
     Ok(())
 }
