@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -590,6 +590,19 @@ fn ip_teardown(net: &mut BenchNet, instance: IpInstance) -> Result<Sample> {
     Ok(Sample { total, steps })
 }
 
+/// Shows progress: every iteration on one rewritten line on a terminal, every 50th and the
+/// last on a line of its own in a log.
+fn progress(i: usize, of: usize, line: impl FnOnce() -> String) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{}   ", line());
+        if i == of {
+            eprintln!();
+        }
+    } else if i.is_multiple_of(50) || i == of {
+        eprintln!("{}", line());
+    }
+}
+
 /// Statistics of one path's samples, in milliseconds.
 struct Stats {
     p50: f64,
@@ -649,18 +662,19 @@ fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
         };
         lull_instances.push(l_inst);
         ip_instances.push(p_inst);
-        eprint!(
-            "\rwire {i}/{}: lull {:.2} ms, ip {:.2} ms   ",
-            plan.wirings,
-            ms(l.total),
-            ms(p.total)
-        );
+        progress(i, plan.wirings, || {
+            format!(
+                "wire {i}/{}: lull {:.2} ms, ip {:.2} ms",
+                plan.wirings,
+                ms(l.total),
+                ms(p.total)
+            )
+        });
         if i > 0 {
             lull.push(l);
             ip.push(p);
         }
     }
-    eprintln!();
     let ports = fs::read_dir(format!("/sys/class/net/{}/brif", net.bridge()?.name()))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -684,16 +698,17 @@ fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
             let ip = ip_teardown(net, p_inst)?;
             (lull_teardown(net, l_inst)?, ip)
         };
-        eprint!(
-            "\rtear down {}/{count}: lull {:.2} ms, ip {:.2} ms   ",
-            i + 1,
-            ms(l.total),
-            ms(p.total)
-        );
+        progress(i + 1, count, || {
+            format!(
+                "tear down {}/{count}: lull {:.2} ms, ip {:.2} ms",
+                i + 1,
+                ms(l.total),
+                ms(p.total)
+            )
+        });
         lull_down.push(l);
         ip_down.push(p);
     }
-    eprintln!();
 
     let (lull_up, ip_up) = (Stats::of(&lull), Stats::of(&ip));
     let (lull_dn, ip_dn) = (Stats::of(&lull_down), Stats::of(&ip_down));
@@ -743,6 +758,18 @@ fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
         lull_up.p99,
         ip_up.p50,
         ip_up.p99
+    ));
+    // Does wiring get slower as the bridge fills up? The first and last fifth of each path.
+    let fifth = (lull.len() / 5).max(1);
+    let early_late = |samples: &[Sample]| {
+        let early = Stats::of(&samples[..fifth.min(samples.len())]).p50;
+        let late = Stats::of(&samples[samples.len().saturating_sub(fifth)..]).p50;
+        format!("{early:.2} ms first, {late:.2} ms last")
+    };
+    report.details.push(format!(
+        "create + wire p50 over the first and the last {fifth} instances of each path (the bridge filling up): lull {}; ip {}",
+        early_late(&lull),
+        early_late(&ip)
     ));
     report.details.push(format!(
         "lull path steps (p50 each): {}; the allocator writes and fsyncs its state file on every call",
