@@ -3,6 +3,9 @@
 //! the local registry, runs the driver as root and prints its table. The full run also writes
 //! the results into `docs/benchmarks.md`, between markers, keeping the hand-written text around
 //! them. `--smoke` (what CI runs) does few iterations and fails only when the harness does.
+//!
+//! `cargo xtask bench netns [--smoke]` does the same for the network benchmarks
+//! ([`crate::bench_netns`]), in a section of its own with its own markers.
 
 use std::fs;
 use std::path::Path;
@@ -15,10 +18,25 @@ use crate::fixtures::{self, FixturesArgs};
 const BEGIN: &str = "<!-- bench runtime: begin (written by `cargo xtask bench runtime`) -->";
 const END: &str = "<!-- bench runtime: end -->";
 
+/// The generated part of one suite's results in docs/benchmarks.md.
+pub struct Section<'a> {
+    /// The markers around the generated part; everything outside them is kept.
+    pub begin: &'a str,
+    pub end: &'a str,
+    /// The heading above the table, e.g. `## Latest results`.
+    pub heading: &'a str,
+    /// The command that produced it, e.g. `sudo -E cargo xtask bench runtime`.
+    pub command: &'a str,
+    /// What the peers are (tool versions), one line.
+    pub peers: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
     /// Cold start against runc, the CPU gate, pull + unpack against skopeo + umoci
     Runtime,
+    /// Wiring an instance's network against `ip` commands, veth against loopback throughput
+    Netns,
 }
 
 #[derive(Debug, clap::Args)]
@@ -32,7 +50,13 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let Suite::Runtime = args.suite;
+    match args.suite {
+        Suite::Runtime => run_runtime(args),
+        Suite::Netns => crate::bench_netns::run(args.smoke),
+    }
+}
+
+fn run_runtime(args: &BenchArgs) -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -96,29 +120,42 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let table = fs::read_to_string(&results)
         .with_context(|| format!("read {} (written by lull-bench)", results.display()))?;
+    let runc = first_line(&root, "runc", &["--version"]);
+    let skopeo = first_line(&root, "skopeo", &["--version"]);
+    let umoci = first_line(&root, "umoci", &["--version"]);
+    let section = Section {
+        begin: BEGIN,
+        end: END,
+        heading: "## Latest results",
+        command: "sudo -E cargo xtask bench runtime",
+        peers: format!("{runc}; {skopeo}; {umoci}"),
+    };
     let doc = root.join("docs/benchmarks.md");
-    update_doc(&doc, &results_section(&root, &table))?;
+    update_doc(&doc, BEGIN, END, &results_section(&root, &section, &table))?;
     eprintln!("==> results written to docs/benchmarks.md");
     Ok(())
 }
 
-/// The generated part of the doc: command, date, machine, table.
-fn results_section(root: &Path, table: &str) -> String {
-    let first_line = |program: &str, args: &[&str]| {
-        Command::new(program)
-            .args(args)
-            .current_dir(root)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(|l| l.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".to_owned())
-    };
+/// The first line `program args` prints, trimmed, or `unknown`.
+pub fn first_line(root: &Path, program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The generated part of the doc: markers, heading, command, date, machine, peers, table.
+pub fn results_section(root: &Path, section: &Section<'_>, table: &str) -> String {
+    let first_line = |program: &str, args: &[&str]| first_line(root, program, args);
     let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let commit = first_line("git", &["rev-parse", "--short", "HEAD"]);
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
@@ -150,23 +187,22 @@ fn results_section(root: &Path, table: &str) -> String {
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "unknown".to_owned());
-    let runc = first_line("runc", &["--version"]);
-    let skopeo = first_line("skopeo", &["--version"]);
-    let umoci = first_line("umoci", &["--version"]);
 
     let mut out = String::new();
-    out.push_str(BEGIN);
-    out.push_str("\n\n## Latest results\n\n");
+    out.push_str(section.begin);
+    out.push_str(&format!("\n\n{}\n\n", section.heading));
     out.push_str(&format!(
-        "- Command: `sudo -E cargo xtask bench runtime` (commit {commit}, {date})\n\
+        "- Command: `{}` (commit {commit}, {date})\n\
          - Machine: {cpus} CPUs ({cpu_model}), {memory_gib} GiB, kernel {kernel}, cgroups {}, \
          load average {load} when the run ended\n\
-         - Peers: {runc}; {skopeo}; {umoci}\n\n",
-        cgroup_mode()
+         - Peers: {}\n\n",
+        section.command,
+        cgroup_mode(),
+        section.peers
     ));
     out.push_str(table.trim_end());
     out.push_str("\n\n");
-    out.push_str(END);
+    out.push_str(section.end);
     out.push('\n');
     out
 }
@@ -181,8 +217,9 @@ fn cgroup_mode() -> &'static str {
     }
 }
 
-/// Replaces the section between the markers (or appends it), keeping the rest of the doc.
-fn update_doc(doc: &Path, section: &str) -> Result<()> {
+/// Replaces the part from `begin_marker` to `end_marker` with `text` (or appends `text`),
+/// keeping the rest of the doc, other suites' sections included.
+pub fn update_doc(doc: &Path, begin_marker: &str, end_marker: &str, text: &str) -> Result<()> {
     let existing = match fs::read_to_string(doc) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -190,12 +227,14 @@ fn update_doc(doc: &Path, section: &str) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("read {}", doc.display())),
     };
-    let updated = match (existing.find(BEGIN), existing.find(END)) {
-        (Some(begin), Some(end)) if begin < end => {
-            let after = &existing[end + END.len()..];
-            format!("{}{}{}", &existing[..begin], section.trim_end(), after)
+    let begin = existing.find(begin_marker);
+    let end = begin.and_then(|b| existing[b..].find(end_marker).map(|e| b + e));
+    let updated = match (begin, end) {
+        (Some(begin), Some(end)) => {
+            let after = &existing[end + end_marker.len()..];
+            format!("{}{}{after}", &existing[..begin], text.trim_end())
         }
-        _ => format!("{}\n{section}", existing.trim_end()),
+        _ => format!("{}\n\n{}\n", existing.trim_end(), text.trim_end()),
     };
     if let Some(dir) = doc.parent() {
         fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -216,7 +255,7 @@ mod tests {
             format!("# B\n\nintro\n\n{BEGIN}\nold table\n{END}\n\n## Notes\n\nkept\n"),
         )
         .unwrap();
-        update_doc(&doc, &format!("{BEGIN}\nnew table\n{END}\n")).unwrap();
+        update_doc(&doc, BEGIN, END, &format!("{BEGIN}\nnew table\n{END}\n")).unwrap();
         let text = fs::read_to_string(&doc).unwrap();
         assert!(text.contains("new table"), "{text}");
         assert!(!text.contains("old table"), "{text}");
@@ -229,10 +268,44 @@ mod tests {
     fn results_are_appended_when_the_doc_has_no_markers() {
         let dir = tempdir();
         let doc = dir.join("benchmarks.md");
-        update_doc(&doc, &format!("{BEGIN}\ntable\n{END}\n")).unwrap();
+        update_doc(&doc, BEGIN, END, &format!("{BEGIN}\ntable\n{END}\n")).unwrap();
         let text = fs::read_to_string(&doc).unwrap();
         assert!(text.starts_with("# Benchmarks\n"), "{text}");
         assert!(text.contains(&format!("{BEGIN}\ntable\n{END}")), "{text}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn each_suite_rewrites_only_its_own_section() {
+        let dir = tempdir();
+        let doc = dir.join("benchmarks.md");
+        let (b2, e2) = ("<!-- other: begin -->", "<!-- other: end -->");
+        fs::write(
+            &doc,
+            format!("# B\n\n{BEGIN}\nruntime table\n{END}\n\n## Notes\n\nkept\n"),
+        )
+        .unwrap();
+        // No markers of its own yet: appended after everything, the runtime section untouched.
+        update_doc(&doc, b2, e2, &format!("{b2}\nfirst\n{e2}\n")).unwrap();
+        let text = fs::read_to_string(&doc).unwrap();
+        assert!(
+            text.ends_with(&format!("kept\n\n{b2}\nfirst\n{e2}\n")),
+            "{text}"
+        );
+        update_doc(&doc, b2, e2, &format!("{b2}\nsecond\n{e2}\n")).unwrap();
+        update_doc(&doc, BEGIN, END, &format!("{BEGIN}\nnew runtime\n{END}\n")).unwrap();
+        let text = fs::read_to_string(&doc).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "# B\n\n{BEGIN}\nnew runtime\n{END}\n\n## Notes\n\nkept\n\n{b2}\nsecond\n{e2}\n"
+            )
+        );
+        // An end marker before the begin marker belongs to another section: not a match.
+        fs::write(&doc, format!("{e2}\n{b2}\nold\n{e2}\n")).unwrap();
+        update_doc(&doc, b2, e2, &format!("{b2}\nnew\n{e2}\n")).unwrap();
+        let text = fs::read_to_string(&doc).unwrap();
+        assert_eq!(text, format!("{e2}\n{b2}\nnew\n{e2}\n"));
         fs::remove_dir_all(dir).unwrap();
     }
 

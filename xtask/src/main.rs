@@ -2,6 +2,7 @@
 //! cargo does.
 
 mod bench;
+mod bench_netns;
 mod demo;
 mod fixtures;
 mod oci;

@@ -82,7 +82,10 @@ fn stages() -> Vec<Stage> {
             name: "bench",
             what: "benchmark smoke runs (correctness of the harness, not speed)",
             needs_root: true,
-            commands: vec![cargo(&["xtask", "bench", "runtime", "--smoke"])],
+            commands: vec![
+                cargo(&["xtask", "bench", "runtime", "--smoke"]),
+                cargo(&["xtask", "bench", "netns", "--smoke"]),
+            ],
         },
     ]
 }

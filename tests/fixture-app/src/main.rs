@@ -2,8 +2,9 @@
 //! as a static binary so it runs in an image with nothing else in it.
 //!
 //! Endpoints: `/` (greeting), `/healthz`, `/sleep?ms=N`, `/burn?ms=N`, `/env`, `/echo` (streams
-//! the request body back), `/log?lines=N` (writes lines to stdout). Environment: `PORT` (default
-//! 8080), `SPIN=1` (a thread spinning forever), `LOG_EVERY_MS=N` (a `tick <seq>` line every N ms).
+//! the request body back), `/log?lines=N` (writes lines to stdout), `/bytes?n=N` (streams N bytes
+//! of a fixed pattern, for throughput tests). Environment: `PORT` (default 8080), `SPIN=1` (a
+//! thread spinning forever), `LOG_EVERY_MS=N` (a `tick <seq>` line every N ms).
 
 mod http;
 
@@ -21,6 +22,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 const MAX_MS: u64 = 3_600_000;
 /// Upper bound for `/log?lines=N`.
 const MAX_LOG_LINES: u64 = 10_000_000;
+/// Upper bound for `/bytes?n=N` (64 GiB): enough for any throughput test, small enough that a
+/// typo cannot keep a connection busy for hours.
+const MAX_BYTES: u64 = 64 << 30;
+/// `/bytes` writes its body in pieces of this size, straight to the socket: the whole body is
+/// never held in memory.
+const BYTES_PIECE: usize = 256 * 1024;
 
 mod signals {
     use std::os::raw::c_int;
@@ -285,6 +292,23 @@ fn handle<R: BufRead>(
     if req.path == "/echo" && !head_only {
         return echo(req, body, w);
     }
+    if req.path == "/bytes" {
+        return match http::query_u64(&req.query, "n", MAX_BYTES) {
+            Ok(n) => {
+                stream_bytes(w, n, req.version, keep_alive, head_only)?;
+                Ok(keep_alive)
+            }
+            Err(e) => {
+                Response::text(400, format!("{e}\n")).write(
+                    w,
+                    req.version,
+                    keep_alive,
+                    head_only,
+                )?;
+                Ok(keep_alive)
+            }
+        };
+    }
     let resp = route(req);
     resp.write(w, req.version, keep_alive, head_only)?;
     Ok(keep_alive)
@@ -360,6 +384,43 @@ fn log_lines(lines: u64) -> io::Result<()> {
     }
     out.write_all(batch.as_bytes())?;
     out.flush()
+}
+
+/// The byte at offset `i` of every `/bytes` body: a repeating `a..z` pattern, so a client can
+/// check what it received.
+pub fn pattern_byte(i: u64) -> u8 {
+    b'a' + (i % 26) as u8
+}
+
+/// Writes a `200` with `n` bytes of [`pattern_byte`] as its body (`Content-Length: n`), in
+/// pieces of at most [`BYTES_PIECE`], so memory stays bounded whatever `n` is.
+fn stream_bytes(
+    w: &mut impl Write,
+    n: u64,
+    version: Version,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
+    write!(
+        w,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n"
+    )?;
+    write_connection(w, version, keep_alive)?;
+    w.write_all(b"\r\n")?;
+    w.flush()?;
+    if head_only || n == 0 {
+        return Ok(());
+    }
+    // A whole number of pattern periods, so every piece starts at offset 0 of the pattern.
+    let piece_len = BYTES_PIECE - BYTES_PIECE % 26;
+    let piece: Vec<u8> = (0..piece_len as u64).map(pattern_byte).collect();
+    let mut left = n;
+    while left > 0 {
+        let take = usize::try_from(left).map_or(piece.len(), |l| l.min(piece.len()));
+        w.write_all(&piece[..take])?;
+        left -= take as u64;
+    }
+    w.flush()
 }
 
 /// Streams the request body back as it arrives: chunked for HTTP/1.1; for HTTP/1.0 with the
@@ -468,6 +529,116 @@ mod tests {
         let iterations = burn(Duration::from_millis(30));
         assert!(start.elapsed() >= Duration::from_millis(30));
         assert!(iterations >= 1024);
+    }
+
+    /// Records everything written and the largest single write.
+    struct Recorder {
+        data: Vec<u8>,
+        largest_write: usize,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.largest_write = self.largest_write.max(buf.len());
+            self.data.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn split_head(response: &[u8]) -> (String, &[u8]) {
+        let end = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("response head ends in CRLF CRLF")
+            + 4;
+        (
+            String::from_utf8(response[..end].to_vec()).unwrap(),
+            &response[end..],
+        )
+    }
+
+    #[test]
+    fn bytes_streams_exactly_n_pattern_bytes_in_bounded_pieces() {
+        for n in [0u64, 1, 25, 26, 27, BYTES_PIECE as u64 * 3 + 7] {
+            let mut out = Recorder {
+                data: Vec::new(),
+                largest_write: 0,
+            };
+            stream_bytes(&mut out, n, Version::Http11, true, false).unwrap();
+            let (head, body) = split_head(&out.data);
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            assert!(head.contains(&format!("Content-Length: {n}\r\n")), "{head}");
+            assert!(!head.contains("Connection: close"), "{head}");
+            assert_eq!(body.len() as u64, n);
+            for (i, byte) in body.iter().enumerate() {
+                assert_eq!(*byte, pattern_byte(i as u64), "n={n}: byte {i}");
+            }
+            assert!(
+                out.largest_write <= BYTES_PIECE,
+                "n={n}: one write of {} bytes",
+                out.largest_write
+            );
+        }
+        let mut out = Recorder {
+            data: Vec::new(),
+            largest_write: 0,
+        };
+        stream_bytes(&mut out, 1000, Version::Http10, false, true).unwrap();
+        let (head, body) = split_head(&out.data);
+        assert!(head.contains("Content-Length: 1000\r\n"), "{head}");
+        assert!(head.contains("Connection: close\r\n"), "{head}");
+        assert!(body.is_empty(), "HEAD must not carry a body");
+    }
+
+    /// Serves one connection on a loopback listener and returns the whole response to `request`.
+    fn exchange(request: &str) -> Vec<u8> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve_connection(stream)
+        });
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(request.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).unwrap();
+        server.join().unwrap().unwrap();
+        response
+    }
+
+    #[test]
+    fn bytes_endpoint_over_a_socket() {
+        let n = 1_000_003u64;
+        let response = exchange(&format!(
+            "GET /bytes?n={n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ));
+        let (head, body) = split_head(&response);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains(&format!("Content-Length: {n}\r\n")), "{head}");
+        assert_eq!(body.len() as u64, n);
+        assert!(
+            body.iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern_byte(i as u64))
+        );
+
+        let too_many = MAX_BYTES + 1;
+        let response = exchange(&format!(
+            "GET /bytes?n={too_many} HTTP/1.1\r\nConnection: close\r\n\r\n"
+        ));
+        let (head, body) = split_head(&response);
+        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        let text = String::from_utf8_lossy(body);
+        assert!(text.contains("invalid parameter n"), "{text}");
+
+        let response = exchange("GET /bytes HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let (head, body) = split_head(&response);
+        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        assert!(String::from_utf8_lossy(body).contains("missing parameter n"));
     }
 
     #[test]
