@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use lull_netns::NetNs;
+use lull_netns::network::InstanceNetwork;
+
+use crate::network::NetworkArgs;
 use lull_runtime::host::Runtime;
 use lull_runtime::instance::config::read_json;
 use lull_runtime::instance::pidfd::is_same_process_alive;
@@ -118,7 +120,7 @@ pub async fn stop(runtime: &Runtime, args: &StopArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn rm(runtime: &Runtime, args: &RmArgs) -> Result<ExitCode> {
+pub async fn rm(runtime: &Runtime, args: &RmArgs, network_args: &NetworkArgs) -> Result<ExitCode> {
     match runtime.instances.get(&args.id)? {
         None => bail!("instance {} not found", args.id),
         Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => {
@@ -126,9 +128,10 @@ pub async fn rm(runtime: &Runtime, args: &RmArgs) -> Result<ExitCode> {
         }
         Some(Recovered::Removed { .. }) => {}
     }
-    if let Ok(netns) = NetNs::open(&runtime.config.netns_dir(), &args.id) {
-        netns.destroy()?;
-    }
+    network_args
+        .start(&runtime.config.data_dir, &runtime.config.run_dir)?
+        .detach(&args.id)
+        .with_context(|| format!("remove the network of {}", args.id))?;
     println!("removed {}", args.id);
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 
 mod images;
 mod instances;
+mod network;
 mod probe;
 mod run;
 mod size;
@@ -30,6 +31,8 @@ struct Cli {
     /// Parent cgroup of every instance.
     #[arg(long, global = true, env = "LULL_CGROUP_PARENT", default_value = lull_runtime::host::DEFAULT_CGROUP_PARENT)]
     cgroup_parent: String,
+    #[command(flatten)]
+    network: network::NetworkArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +52,9 @@ enum Command {
     Stop(instances::StopArgs),
     /// Delete an instance (stopping it first if it runs).
     Rm(instances::RmArgs),
+    /// The instance network: bridge, addresses, firewall.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]
     Zygote,
@@ -107,11 +113,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
-        Command::Run(args) => run::run(open_runtime(&cli)?, args).await,
+        Command::Run(args) => run::run(open_runtime(&cli)?, args, &cli.network).await,
         Command::Ps => instances::ps(&open_runtime(&cli)?),
         Command::Logs(args) => instances::logs(&cli.data_dir, args).await,
         Command::Stop(args) => instances::stop(&open_runtime(&cli)?, args).await,
-        Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args).await,
+        Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args, &cli.network).await,
+        Command::Network(cmd) => network::run(cmd, &cli.network, &cli.data_dir, &cli.run_dir),
         Command::Zygote => unreachable!("dispatched before argument parsing"),
     }
 }

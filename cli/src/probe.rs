@@ -1,12 +1,11 @@
-//! A plain HTTP/1.1 GET from inside an instance's network namespace: how `lull run --check`
-//! shows the app answering before the proxy exists.
+//! A plain HTTP/1.1 GET from the host to an instance's address: how `lull run --check` shows
+//! the app answering before the proxy exists.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use lull_netns::NetNs;
 
 /// The status line and body of a response.
 pub struct Response {
@@ -15,22 +14,14 @@ pub struct Response {
     pub body: String,
 }
 
-/// One GET of `path` on 127.0.0.1:`port` inside `netns`.
-pub fn get(netns: &NetNs, port: u16, path: &str, timeout: Duration) -> Result<Response> {
-    let path = path.to_owned();
-    netns
-        .run_in(move || get_here(port, &path, timeout))
-        .context("enter the instance's network namespace")?
-}
-
-fn get_here(port: u16, path: &str, timeout: Duration) -> Result<Response> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+/// One GET of `path` on `addr`.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nUser-Agent: lull-probe\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lull-probe\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

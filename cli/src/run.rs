@@ -6,13 +6,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use lull_netns::NetNs;
+use std::net::SocketAddr;
+
+use lull_netns::network::{AttachRequest, HostNetwork, InstanceNetwork};
 use lull_runtime::cgroup::Resources;
 use lull_runtime::host::Runtime;
-use lull_runtime::instance::{Instance, InstanceRequest, ProcessOverrides};
+use lull_runtime::instance::{FileBind, Instance, InstanceRequest, ProcessOverrides};
 use lull_runtime::logs::{self, LogLimits, LogRecord};
 
 use crate::images::{RegistryArgs, parse_reference};
+use crate::network::NetworkArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PullPolicy {
@@ -106,7 +109,7 @@ fn default_name(image: &str) -> String {
     )
 }
 
-pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
+pub async fn run(runtime: Runtime, args: &RunArgs, network_args: &NetworkArgs) -> Result<ExitCode> {
     let reference = parse_reference(&args.image)?;
     let env = parse_env(&args.env)?;
     let memory_bytes = args
@@ -159,8 +162,15 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| default_name(reference.repository()));
     lull_runtime::instance::validate_id(&id)?;
-    let netns = NetNs::create(&runtime.config.netns_dir(), &id)
-        .context("create the instance's network namespace")?;
+    let network = network_args.start(&runtime.config.data_dir, &runtime.config.run_dir)?;
+    let attachment = network
+        .attach(&AttachRequest {
+            instance: id.clone(),
+            service: id.clone(),
+            allow_peers: false,
+            hostname: id.clone(),
+        })
+        .context("give the instance its network")?;
     let request = InstanceRequest {
         id: id.clone(),
         layers,
@@ -174,7 +184,17 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
             working_dir: None,
         },
         resources,
-        netns: Some(netns.path().to_owned()),
+        netns: Some(attachment.netns.clone()),
+        files: vec![
+            FileBind {
+                source: attachment.resolv_conf.clone(),
+                destination: "/etc/resolv.conf".into(),
+            },
+            FileBind {
+                source: attachment.hosts.clone(),
+                destination: "/etc/hosts".into(),
+            },
+        ],
         log_limits: LogLimits::default(),
     };
     let launch_started = Instant::now();
@@ -193,14 +213,17 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
                 }
                 let _ = runtime.instances.remove_files(&id);
             }
-            let _ = netns.destroy();
+            if let Err(detach) = network.detach(&id) {
+                eprintln!("lull: remove the network of {id}: {detach:#}");
+            }
             return Err(e).context(format!("start instance {id}"));
         }
     };
     println!(
-        "instance {id} started in {} ms (layers ready in {} ms), listening port {port}",
+        "instance {id} started in {} ms (layers ready in {} ms), at {}:{port}",
         launch_started.elapsed().as_millis(),
-        unpacked.as_millis()
+        unpacked.as_millis(),
+        attachment.addr
     );
 
     if args.detach {
@@ -211,8 +234,7 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
         Some(path) => {
             check(
                 &instance,
-                &netns,
-                port,
+                SocketAddr::from((attachment.addr, port)),
                 path,
                 Duration::from_secs(args.check_timeout),
             )
@@ -220,14 +242,13 @@ pub async fn run(runtime: Runtime, args: &RunArgs) -> Result<ExitCode> {
         }
         None => follow(&instance).await,
     };
-    finish(&runtime, instance, netns).await?;
+    finish(&runtime, instance, &network).await?;
     outcome
 }
 
 async fn check(
     instance: &Instance,
-    netns: &NetNs,
-    port: u16,
+    addr: SocketAddr,
     path: &str,
     timeout: Duration,
 ) -> Result<ExitCode> {
@@ -239,10 +260,10 @@ async fn check(
             print_tail(instance, 20);
             bail!("instance {} {status} before answering HTTP", instance.id);
         }
-        match crate::probe::get(netns, port, path, Duration::from_secs(2)) {
+        match crate::probe::get(addr, path, Duration::from_secs(2)) {
             Ok(response) => {
                 println!(
-                    "GET http://127.0.0.1:{port}{path} inside the instance's network namespace → {} ({} ms after start)",
+                    "GET http://{addr}{path} → {} ({} ms after start)",
                     response
                         .status_line
                         .split_once(' ')
@@ -266,7 +287,7 @@ async fn check(
     }
     print_tail(instance, 20);
     bail!(
-        "instance {} did not answer on port {port} within {timeout:?}: {last_error}",
+        "instance {} did not answer on {addr} within {timeout:?}: {last_error}",
         instance.id
     )
 }
@@ -312,17 +333,17 @@ async fn follow(instance: &Instance) -> Result<ExitCode> {
     }
 }
 
-async fn finish(runtime: &Runtime, instance: Instance, netns: NetNs) -> Result<()> {
+async fn finish(runtime: &Runtime, instance: Instance, network: &HostNetwork) -> Result<()> {
     let stopped = if instance.has_exited() {
         Ok(())
     } else {
         instance.stop(Duration::from_secs(10)).await.map(|_| ())
     };
-    // Delete and remove the namespace whatever the stop said (delete kills what still runs).
+    // Delete and remove the network whatever the stop said (delete kills what still runs).
+    let instance_id = instance.id.clone();
     let deleted = runtime.instances.delete(instance).await;
-    let destroyed = netns
-        .destroy()
-        .context("remove the instance's network namespace");
+    let id = instance_id.as_str();
+    let destroyed = network.detach(id).context("remove the instance's network");
     stopped?;
     deleted?;
     destroyed

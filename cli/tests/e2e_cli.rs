@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lull_tests::e2e::{BUSYBOX, FIXTURE_APP, HELLO, require_registry, require_root};
@@ -19,7 +20,57 @@ struct Lull {
     started: Mutex<Vec<String>>,
     cgroups: CgroupParentGuard,
     scratch: ScratchDir,
+    net: TestNetwork,
 }
+
+/// Per-test names for the instance network on the real host (bridge, table, link prefix, a
+/// /24), so tests never meet each other or an installed lull; and the host's IP forwarding
+/// setting, put back when the test ends.
+struct TestNetwork {
+    bridge: String,
+    table: String,
+    veth_prefix: String,
+    subnet: String,
+    ip_forward: String,
+}
+
+impl TestNetwork {
+    fn new() -> TestNetwork {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = std::process::id().wrapping_mul(31) + COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{:04x}", n & 0xffff);
+        TestNetwork {
+            bridge: format!("lcb{tag}"),
+            table: format!("lull_cli_{tag}"),
+            veth_prefix: format!("lcv{tag}"),
+            subnet: format!("10.74.{}.0/24", n % 250),
+            ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_else(|_| "0".into()),
+        }
+    }
+
+    fn env(&self) -> [(&'static str, &str); 4] {
+        [
+            ("LULL_BRIDGE", &self.bridge),
+            ("LULL_NFT_TABLE", &self.table),
+            ("LULL_VETH_PREFIX", &self.veth_prefix),
+            ("LULL_SUBNET", &self.subnet),
+        ]
+    }
+
+    /// The host ends of instance links this test's lull left.
+    fn links(&self) -> Vec<String> {
+        std::fs::read_dir("/sys/class/net")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&self.veth_prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// What a `lull` command printed, and how it ended.
 struct Run {
@@ -72,6 +123,7 @@ impl Lull {
             started: Mutex::new(Vec::new()),
             cgroups: CgroupParentGuard::new("lull-test"),
             scratch: ScratchDir::new(prefix).expect("create scratch dir"),
+            net: TestNetwork::new(),
         }
     }
 
@@ -97,6 +149,8 @@ impl Lull {
             .env_remove("LULL_RUN_DIR")
             .env_remove("LULL_CGROUP_PARENT")
             .env_remove("LULL_LOG")
+            .env_remove("LULL_UPLINK")
+            .envs(self.net.env())
             .output()
             .expect("run the lull binary");
         Run {
@@ -147,6 +201,18 @@ impl Lull {
                 .unwrap_or_default();
             assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
         }
+        let links = self.net.links();
+        assert!(links.is_empty(), "instance links left behind: {links:?}");
+        let ipam =
+            std::fs::read_to_string(self.data_dir().join("network/ipam.json")).unwrap_or_default();
+        if !ipam.is_empty() {
+            let state: serde_json::Value = serde_json::from_str(&ipam).expect("ipam state");
+            assert_eq!(
+                state["allocations"],
+                serde_json::json!({}),
+                "addresses still allocated"
+            );
+        }
         for dir in self.cgroups.dirs() {
             let children: Vec<PathBuf> = std::fs::read_dir(&dir)
                 .map(|d| {
@@ -175,6 +241,8 @@ impl Drop for Lull {
                 let _ = self.run(&["rm", &id]);
             }
         }
+        let _ = self.run(&["network", "down", "--force"]);
+        let _ = std::fs::write(IP_FORWARD, &self.net.ip_forward);
     }
 }
 

@@ -8,7 +8,9 @@
 pub mod firewall;
 pub mod ipam;
 pub mod link;
+pub mod network;
 pub mod resolv;
+pub mod routes;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -64,7 +66,7 @@ pub struct NetNs {
     path: PathBuf,
 }
 
-fn check_name(name: &str) -> Result<(), NetnsError> {
+pub(crate) fn check_name(name: &str) -> Result<(), NetnsError> {
     let reason = if name.is_empty() {
         Some("empty")
     } else if name == "." || name == ".." {

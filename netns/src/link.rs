@@ -17,23 +17,46 @@
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
 use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
 };
 
 use crate::{NetNs, NetnsError};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = 15;
+
+/// The alias that marks a bridge as lull's: an existing bridge without it is never adopted.
+pub const BRIDGE_ALIAS: &str = "lull bridge";
+
+/// A random locally administered unicast MAC address for a new bridge.
+fn bridge_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    let random = File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut mac)
+    });
+    if random.is_err() {
+        // Not fatal: the address only has to be stable and unlikely to clash on this host.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        mac.copy_from_slice(&(nanos as u64 ^ u64::from(std::process::id())).to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
 
 /// Name of the instance's end of its veth pair, inside its namespace.
 pub const INSTANCE_IFNAME: &str = "eth0";
@@ -51,20 +74,14 @@ pub enum LinkError {
         prefix: u8,
         reason: &'static str,
     },
+    #[error("invalid IPv6 prefix length /{prefix} for {gateway}: must be 1 to 126")]
+    InvalidPrefix6 { gateway: Ipv6Addr, prefix: u8 },
+    #[error(
+        "IPv6 address {addr} given but bridge {bridge} has no IPv6 subnet or uses it as gateway"
+    )]
+    InvalidAddress6 { addr: Ipv6Addr, bridge: String },
     #[error("invalid mtu {mtu} for {name}: must be 68 to 65535")]
     InvalidMtu { name: String, mtu: u32 },
-    #[error(
-        "gateway {gateway}/{prefix} given for {name} does not match bridge {bridge} \
-         ({bridge_gateway}/{bridge_prefix})"
-    )]
-    GatewayMismatch {
-        name: String,
-        gateway: Ipv4Addr,
-        prefix: u8,
-        bridge: String,
-        bridge_gateway: Ipv4Addr,
-        bridge_prefix: u8,
-    },
     #[error("link {name} exists and is not lull's ({reason}); refusing to touch it")]
     Foreign { name: String, reason: String },
     #[error("link {name} already exists, or {netns} already has an {INSTANCE_IFNAME}")]
@@ -105,12 +122,14 @@ pub struct Bridge {
     index: u32,
     gateway: Ipv4Addr,
     prefix: u8,
+    gateway6: Option<(Ipv6Addr, u8)>,
 }
 
 impl Bridge {
-    /// Makes sure bridge `name` exists with address `gateway/prefix` and is up. An existing
-    /// bridge with no address or that address is adopted; a link of another kind, or a bridge
-    /// with another address, is refused.
+    /// Makes sure bridge `name` exists with address `gateway/prefix` and is up. A new bridge
+    /// gets a fixed random MAC address and the alias [`BRIDGE_ALIAS`]; an existing bridge with
+    /// that alias and no address or that address is adopted; a link of another kind, a bridge
+    /// without the alias, or one with another address, is refused.
     pub fn ensure(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<Bridge, LinkError> {
         check_ifname(name)?;
         check_prefix(gateway, prefix)?;
@@ -121,7 +140,44 @@ impl Bridge {
             index,
             gateway,
             prefix,
+            gateway6: None,
         })
+    }
+
+    /// Makes sure the bridge also holds the IPv6 gateway `gateway6/prefix6` (without duplicate
+    /// address detection, so it is usable at once). Another global IPv6 address on the bridge is
+    /// refused.
+    pub fn ensure_ipv6(&mut self, gateway6: Ipv6Addr, prefix6: u8) -> Result<(), LinkError> {
+        if !(1..=126).contains(&prefix6) {
+            return Err(LinkError::InvalidPrefix6 {
+                gateway: gateway6,
+                prefix: prefix6,
+            });
+        }
+        let (name, index) = (self.name.as_str(), self.index);
+        on_host_thread(name, |handle| async move {
+            let present = ipv6_global_addresses(&handle, name, index).await?;
+            if let Some((other, other_prefix)) =
+                present.iter().find(|entry| **entry != (gateway6, prefix6))
+            {
+                return Err(LinkError::Foreign {
+                    name: name.to_string(),
+                    reason: format!("has address {other}/{other_prefix}, not {gateway6}/{prefix6}"),
+                });
+            }
+            if present.is_empty() {
+                add_address_nodad(&handle, index, IpAddr::V6(gateway6), prefix6)
+                    .await
+                    .map_err(|source| LinkError::Netlink {
+                        op: "add IPv6 address",
+                        name: name.to_string(),
+                        source: Box::new(source),
+                    })?;
+            }
+            Ok(())
+        })?;
+        self.gateway6 = Some((gateway6, prefix6));
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -138,6 +194,11 @@ impl Bridge {
 
     pub fn prefix(&self) -> u8 {
         self.prefix
+    }
+
+    /// The IPv6 gateway and prefix length, if the bridge has an IPv6 subnet.
+    pub fn gateway6(&self) -> Option<(Ipv6Addr, u8)> {
+        self.gateway6
     }
 
     /// Deletes the bridge (its ports are detached, not deleted). Already gone is fine; a
@@ -161,31 +222,47 @@ impl Bridge {
     }
 }
 
-/// Gives the instance in `netns` an `eth0` with `addr/prefix` and a default route via
-/// `gateway`, joined by a veth pair whose host end `host_ifname` is attached to `bridge`.
-/// `mtu`, if given, is set on both ends. On any failure nothing is left behind.
+/// One instance's veth pair, as [`wire_instance`] makes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceLink<'a> {
+    /// Name of the host end, attached to the bridge.
+    pub host_ifname: &'a str,
+    /// Alias set on the host end (`IFLA_IFALIAS`): what marks the link as lull's and names
+    /// its instance, so a restart can tell its own links from anyone else's.
+    pub alias: &'a str,
+    /// The instance's IPv4 address, configured as a /32 on its `eth0`.
+    pub addr: Ipv4Addr,
+    /// The instance's IPv6 address (a /128), when the bridge has an IPv6 subnet.
+    pub addr6: Option<Ipv6Addr>,
+    /// MTU of both ends; the kernel's default when `None`.
+    pub mtu: Option<u32>,
+}
+
+/// Gives the instance in `netns` an `eth0` joined by a veth pair to `bridge`.
+///
+/// The instance's address is a /32 (and its IPv6 one a /128) with an on-link default route via
+/// the bridge's gateway, and the host end is an *isolated* bridge port: instances never reach
+/// each other at layer 2, so everything they send crosses the host's IP layer and its firewall.
+/// On any failure nothing is left behind.
 pub fn wire_instance(
     bridge: &Bridge,
     netns: &NetNs,
-    host_ifname: &str,
-    addr: Ipv4Addr,
-    prefix: u8,
-    gateway: Ipv4Addr,
-    mtu: Option<u32>,
+    link: &InstanceLink<'_>,
 ) -> Result<(), LinkError> {
+    let host_ifname = link.host_ifname;
     check_ifname(host_ifname)?;
-    if gateway != bridge.gateway || prefix != bridge.prefix {
-        return Err(LinkError::GatewayMismatch {
-            name: host_ifname.to_string(),
-            gateway,
-            prefix,
-            bridge: bridge.name.clone(),
-            bridge_gateway: bridge.gateway,
-            bridge_prefix: bridge.prefix,
-        });
-    }
-    check_host_address(addr, gateway, prefix)?;
-    if let Some(mtu) = mtu
+    check_host_address(link.addr, bridge.gateway, bridge.prefix)?;
+    let gateway6 = match (link.addr6, bridge.gateway6) {
+        (None, _) => None,
+        (Some(addr6), Some((gateway6, _))) if addr6 != gateway6 => Some(gateway6),
+        (Some(addr6), _) => {
+            return Err(LinkError::InvalidAddress6 {
+                addr: addr6,
+                bridge: bridge.name.clone(),
+            });
+        }
+    };
+    if let Some(mtu) = link.mtu
         && !(68..=65535).contains(&mtu)
     {
         return Err(LinkError::InvalidMtu {
@@ -199,15 +276,24 @@ pub fn wire_instance(
         source,
     })?;
 
-    let host_index = on_host_thread(host_ifname, |handle| {
-        create_veth(handle, bridge, netns, &ns_file, host_ifname, mtu)
+    let host_index = on_host_thread(host_ifname, |handle| async move {
+        let index = create_veth(&handle, bridge, netns, &ns_file, host_ifname, link.mtu).await?;
+        if let Err(err) = mark_port(&handle, host_ifname, index, link.alias).await {
+            delete_link(&handle, host_ifname, index).await?;
+            return Err(err);
+        }
+        Ok(index)
     })?;
-    drop(ns_file);
 
+    let inside = Inside {
+        addr: link.addr,
+        gateway: bridge.gateway,
+        v6: link.addr6.zip(gateway6),
+    };
     let configured = netns
         .run_in(|| {
             run_netlink(host_ifname, |handle| {
-                configure_inside(handle, netns, addr, prefix, gateway)
+                configure_inside(handle, netns, inside)
             })
         })
         .map_err(|source| LinkError::Namespace {
@@ -228,7 +314,7 @@ pub fn wire_instance(
     tracing::debug!(
         link = host_ifname,
         netns = %netns.path().display(),
-        %addr,
+        addr = %link.addr,
         bridge = bridge.name,
         "instance wired"
     );
@@ -253,6 +339,82 @@ pub fn unwire_instance(host_ifname: &str) -> Result<(), LinkError> {
     })?;
     tracing::debug!(link = host_ifname, "instance unwired");
     Ok(())
+}
+
+/// A link on the host, as [`host_links`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLink {
+    pub name: String,
+    pub index: u32,
+    /// `veth`, `bridge`, ...; `None` for links without a kind (physical devices, `lo`).
+    pub kind: Option<String>,
+    /// The alias (`IFLA_IFALIAS`), which marks lull's veth ends.
+    pub alias: Option<String>,
+    /// Index of the bridge (or other controller) the link is attached to.
+    pub controller: Option<u32>,
+    pub mtu: Option<u32>,
+}
+
+impl HostLink {
+    pub fn is_veth(&self) -> bool {
+        self.kind.as_deref() == Some("veth")
+    }
+}
+
+/// The links in the calling thread's network namespace whose name starts with `prefix` (all of
+/// them for `""`).
+pub fn host_links(prefix: &str) -> Result<Vec<HostLink>, LinkError> {
+    on_host_thread("(all)", |handle| async move {
+        let mut stream = handle.link().get().execute();
+        let mut links = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|source| LinkError::Netlink {
+                op: "list links",
+                name: "(all)".to_string(),
+                source: Box::new(source),
+            })?
+        {
+            let link = to_host_link(&msg);
+            if link.name.starts_with(prefix) {
+                links.push(link);
+            }
+        }
+        Ok(links)
+    })
+}
+
+/// Link `name`, if it exists.
+pub fn host_link(name: &str) -> Result<Option<HostLink>, LinkError> {
+    check_ifname(name)?;
+    on_host_thread(name, |handle| async move {
+        Ok(link_by_name(&handle, name)
+            .await?
+            .as_ref()
+            .map(to_host_link))
+    })
+}
+
+fn to_host_link(msg: &LinkMessage) -> HostLink {
+    let mut link = HostLink {
+        name: String::new(),
+        index: msg.header.index,
+        kind: link_kind(msg).map(|kind| kind.to_string()),
+        alias: None,
+        controller: None,
+        mtu: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::IfAlias(alias) => link.alias = Some(alias.clone()),
+            LinkAttribute::Controller(index) => link.controller = Some(*index),
+            LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
+            _ => {}
+        }
+    }
+    link
 }
 
 /// Checks a name the way the kernel's `dev_valid_name` does, with readable reasons.
@@ -319,7 +481,7 @@ fn check_host_address(addr: Ipv4Addr, gateway: Ipv4Addr, prefix: u8) -> Result<(
 
 /// Runs `f` with a fresh netlink handle on a new thread, which starts in the calling thread's
 /// network namespace: the host's, unless called from inside [`NetNs::run_in`].
-fn on_host_thread<T, F, Fut>(name: &str, f: F) -> Result<T, LinkError>
+pub(crate) fn on_host_thread<T, F, Fut>(name: &str, f: F) -> Result<T, LinkError>
 where
     T: Send,
     F: FnOnce(Handle) -> Fut + Send,
@@ -462,15 +624,23 @@ async fn ensure_bridge(
                     reason: "not a bridge".to_string(),
                 });
             }
+            let alias = to_host_link(&link).alias;
+            if alias.as_deref() != Some(BRIDGE_ALIAS) {
+                return Err(LinkError::Foreign {
+                    name: name.to_string(),
+                    reason: format!(
+                        "a bridge lull did not make (its alias is {alias:?}, not {BRIDGE_ALIAS:?})"
+                    ),
+                });
+            }
             (link.header.index, false)
         }
         None => {
-            match handle
-                .link()
-                .add(LinkBridge::new(name).build())
-                .execute()
-                .await
-            {
+            // A fixed address: a bridge without one takes the lowest of its ports' addresses,
+            // so it would change as instances come and go, and instances would keep sending
+            // to the old one until their ARP entries expire.
+            let message = LinkBridge::new(name).address(bridge_mac().to_vec()).build();
+            match handle.link().add(message).execute().await {
                 Ok(()) => {}
                 // Made by someone else in the meantime: refuse rather than adopt blindly.
                 Err(err) if is_errno(&err, libc::EEXIST) => {
@@ -486,7 +656,21 @@ async fn ensure_bridge(
                 .ok_or_else(|| LinkError::Vanished {
                     name: name.to_string(),
                 })?;
-            (link.header.index, true)
+            let index = link.header.index;
+            let marked = handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .alias(BRIDGE_ALIAS)
+                        .build(),
+                )
+                .execute()
+                .await;
+            if let Err(source) = marked {
+                delete_link(&handle, name, index).await?;
+                return Err(netlink("set alias")(source));
+            }
+            (index, true)
         }
     };
     let configured = async {
@@ -524,7 +708,7 @@ async fn ensure_bridge(
 
 /// Creates the veth pair in one request and returns the host end's index.
 async fn create_veth(
-    handle: Handle,
+    handle: &Handle,
     bridge: &Bridge,
     netns: &NetNs,
     ns_file: &File,
@@ -561,7 +745,7 @@ async fn create_veth(
             });
         }
     }
-    let link = link_by_name(&handle, host_ifname)
+    let link = link_by_name(handle, host_ifname)
         .await?
         .ok_or_else(|| LinkError::Vanished {
             name: host_ifname.to_string(),
@@ -569,14 +753,42 @@ async fn create_veth(
     Ok(link.header.index)
 }
 
-/// Inside the namespace: `eth0` up, its address, and the default route via the gateway.
-async fn configure_inside(
-    handle: Handle,
-    netns: &NetNs,
-    addr: Ipv4Addr,
-    prefix: u8,
-    gateway: Ipv4Addr,
+/// Marks the host end as lull's (its alias) and makes it an isolated bridge port, in one request.
+async fn mark_port(
+    handle: &Handle,
+    host_ifname: &str,
+    index: u32,
+    alias: &str,
 ) -> Result<(), LinkError> {
+    // RTM_NEWLINK on the existing link: RTM_SETLINK would ignore the bridge port settings.
+    let message = LinkBridgePort::new(index)
+        .isolated(true)
+        .alias(alias)
+        .build();
+    handle
+        .link()
+        .set_port(message)
+        .execute()
+        .await
+        .map_err(|source| LinkError::Netlink {
+            op: "set alias and isolate bridge port",
+            name: host_ifname.to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// What goes on the instance's `eth0`.
+#[derive(Debug, Clone, Copy)]
+struct Inside {
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+    /// The instance's IPv6 address and the bridge's IPv6 gateway.
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
+}
+
+/// Inside the namespace: `eth0` up, its /32 (and /128), and on-link default routes via the
+/// gateways.
+async fn configure_inside(handle: Handle, netns: &NetNs, inside: Inside) -> Result<(), LinkError> {
     let netlink = |op| {
         move |source| LinkError::NetlinkInNamespace {
             op,
@@ -601,13 +813,14 @@ async fn configure_inside(
         .map_err(netlink("set up"))?;
     handle
         .address()
-        .add(index, IpAddr::V4(addr), prefix)
+        .add(index, IpAddr::V4(inside.addr), 32)
         .execute()
         .await
         .map_err(netlink("add address"))?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(gateway)
+        .gateway(inside.gateway)
         .output_interface(index)
+        .onlink()
         .build();
     handle
         .route()
@@ -615,7 +828,75 @@ async fn configure_inside(
         .execute()
         .await
         .map_err(netlink("add default route"))?;
+    if let Some((addr6, gateway6)) = inside.v6 {
+        add_address_nodad(&handle, index, IpAddr::V6(addr6), 128)
+            .await
+            .map_err(netlink("add IPv6 address"))?;
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(gateway6)
+            .output_interface(index)
+            .onlink()
+            .build();
+        handle
+            .route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(netlink("add IPv6 default route"))?;
+    }
     Ok(())
+}
+
+/// Adds an address without duplicate address detection (IPv6 addresses would otherwise stay
+/// tentative, unusable, for a second or more).
+async fn add_address_nodad(
+    handle: &Handle,
+    index: u32,
+    addr: IpAddr,
+    prefix: u8,
+) -> Result<(), rtnetlink::Error> {
+    let mut request = handle.address().add(index, addr, prefix);
+    request
+        .message_mut()
+        .attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    request.execute().await
+}
+
+/// The global IPv6 addresses (with prefix lengths) on link `index`.
+async fn ipv6_global_addresses(
+    handle: &Handle,
+    name: &str,
+    index: u32,
+) -> Result<Vec<(Ipv6Addr, u8)>, LinkError> {
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    let mut found = Vec::new();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(|source| LinkError::Netlink {
+            op: "list addresses",
+            name: name.to_string(),
+            source: Box::new(source),
+        })?
+    {
+        if msg.header.index != index || msg.header.scope != AddressScope::Universe {
+            continue;
+        }
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V6(ip)) = attr {
+                let entry = (*ip, msg.header.prefix_len);
+                if !found.contains(&entry) {
+                    found.push(entry);
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

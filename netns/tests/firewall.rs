@@ -381,19 +381,6 @@ fn enable_forwarding_is_per_namespace() {
     assert_eq!(read(), host_before, "the host's value changed");
 }
 
-/// Runs an iproute2 command in the calling thread's namespace. Only this test uses them, to
-/// stand in for what the instance manager will do over netlink (isolated bridge ports, /32
-/// addresses with an on-link route to the gateway).
-fn iproute(program: &str, args: &str) {
-    let args: Vec<&str> = args.split_whitespace().collect();
-    let output = Command::new(program).args(&args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// A "host" namespace holding the bridge, and instance namespaces wired to it.
 struct Network {
     dir: PathBuf,
@@ -419,7 +406,7 @@ fn connects(from: &NetNs, to: std::net::SocketAddr) -> bool {
 
 #[test]
 fn traffic_between_instances_needs_a_peer_pair() {
-    use lull_netns::link::{Bridge, wire_instance};
+    use lull_netns::link::{Bridge, InstanceLink, wire_instance};
     use std::io::Read;
     use std::net::{SocketAddr, TcpListener};
 
@@ -449,18 +436,14 @@ fn traffic_between_instances_needs_a_peer_pair() {
         .run_in(|| {
             let bridge = Bridge::ensure("lullbr0", gateway, 24).unwrap();
             for (ns, port, addr) in [(a, "lullva", addr_a), (b, "lullvb", addr_b)] {
-                wire_instance(&bridge, ns, port, addr, 24, gateway, None).unwrap();
-                iproute("bridge", &format!("link set dev {port} isolated on"));
-                ns.run_in(|| {
-                    iproute("ip", &format!("addr del {addr}/24 dev eth0"));
-                    iproute("ip", &format!("addr add {addr}/32 dev eth0"));
-                    iproute("ip", &format!("route replace {gateway} dev eth0"));
-                    iproute(
-                        "ip",
-                        &format!("route replace default via {gateway} dev eth0 onlink"),
-                    );
-                })
-                .unwrap();
+                let link = InstanceLink {
+                    host_ifname: port,
+                    alias: "lull:test",
+                    addr,
+                    addr6: None,
+                    mtu: None,
+                };
+                wire_instance(&bridge, ns, &link).unwrap();
             }
             enable_forwarding(false).unwrap();
             let firewall = Firewall::install(config.clone()).unwrap();

@@ -77,6 +77,7 @@ impl BusyboxHost {
             overrides: Default::default(),
             resources: Default::default(),
             netns: None,
+            files: Vec::new(),
             log_limits: Default::default(),
         }
     }

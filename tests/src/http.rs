@@ -17,13 +17,17 @@ pub struct Response {
 
 /// One GET of `path` on 127.0.0.1:`port` from the calling thread's network namespace.
 pub fn get_local(port: u16, path: &str, timeout: Duration) -> io::Result<Response> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    get_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), path, timeout)
+}
+
+/// One GET of `path` on `addr` from the calling thread's network namespace.
+pub fn get_at(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

@@ -59,6 +59,7 @@ async fn launch<'t>(
         },
         resources: Default::default(),
         netns: Some(netns.netns().path().to_owned()),
+        files: Vec::new(),
         log_limits: LogLimits::default(),
     };
     let instance = match t.runtime.instances.launch(request).await {

@@ -111,6 +111,7 @@ async fn gc_frees_only_what_nothing_uses() {
             },
             resources: Default::default(),
             netns: Some(netns.netns().path().to_owned()),
+            files: Vec::new(),
             log_limits: LogLimits::default(),
         })
         .await

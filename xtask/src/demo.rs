@@ -31,8 +31,17 @@ pub fn run() -> Result<()> {
         .args(["run", DEMO_IMAGE, "--pull", "always", "--check", "/"])
         .status()
         .with_context(|| format!("run {}", lull.display()))?;
+    // Take the instance network (bridge `lull0`, table `inet lull`) down again: the demo leaves
+    // the host as it found it, apart from IP forwarding, which lull switches on and says so.
+    let down = Command::new(&lull)
+        .args(["network", "down"])
+        .status()
+        .with_context(|| format!("run {}", lull.display()))?;
     if !status.success() {
         bail!("lull run: {status}");
+    }
+    if !down.success() {
+        bail!("lull network down: {down}");
     }
     Ok(())
 }

@@ -109,6 +109,38 @@ pub struct HostPort {
     pub port: u16,
 }
 
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.proto)
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = FirewallError;
+
+    /// `PORT`, `PORT/tcp` or `PORT/udp`.
+    fn from_str(text: &str) -> Result<HostPort, FirewallError> {
+        let invalid = |reason: &str| FirewallError::InvalidConfig {
+            field: "host port",
+            value: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let (port, proto) = match text.split_once('/') {
+            None => (text, Proto::Tcp),
+            Some((port, "tcp")) => (port, Proto::Tcp),
+            Some((port, "udp")) => (port, Proto::Udp),
+            Some(_) => return Err(invalid("the protocol must be tcp or udp")),
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| invalid("expected PORT, PORT/tcp or PORT/udp with PORT 1 to 65535"))?;
+        if port == 0 {
+            return Err(invalid("port 0 is not a port"));
+        }
+        Ok(HostPort { proto, port })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallConfig {
     /// Name of the table in family `inet` ([`DEFAULT_TABLE`] by default).

@@ -23,6 +23,9 @@ pub struct LaunchConfig {
     pub hostname: String,
     /// Network namespace to join; `None` gives the instance a new, empty one.
     pub netns: Option<PathBuf>,
+    /// Host files bind-mounted into the instance (its resolv.conf and hosts).
+    #[serde(default)]
+    pub files: Vec<FileBind>,
     /// Absolute cgroup path (e.g. `/lull/<id>`), the same in every hierarchy.
     pub cgroups_path: String,
     pub resources: LinuxResources,
@@ -36,6 +39,14 @@ pub struct LaunchConfig {
     /// libcontainer has created the groups and before the app starts.
     #[serde(default)]
     pub cpu_limit_writes: Vec<CgroupWrite>,
+}
+
+/// A host file bind-mounted over a path inside the instance, as Docker does for
+/// `/etc/resolv.conf` and `/etc/hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileBind {
+    pub source: PathBuf,
+    pub destination: PathBuf,
 }
 
 /// One value written to a cgroup control file.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use libcontainer::container::Container;
 
-pub use config::{ExitStatus, InstancePaths, LaunchConfig, ProcessConfig, ShimState};
+pub use config::{ExitStatus, FileBind, InstancePaths, LaunchConfig, ProcessConfig, ShimState};
 use config::{read_json, write_json_atomic};
 use pidfd::{PidFd, is_same_process_alive};
 pub use process::{ImageProcess, ProcessOverrides, resolve_process};
@@ -192,6 +192,8 @@ pub struct InstanceRequest {
     pub overrides: ProcessOverrides,
     pub resources: Resources,
     pub netns: Option<PathBuf>,
+    /// Host files bind-mounted into the instance (see [`FileBind`]).
+    pub files: Vec<FileBind>,
     pub log_limits: LogLimits,
 }
 
@@ -476,6 +478,7 @@ impl InstanceManager {
             process,
             hostname: req.id.clone(),
             netns: req.netns,
+            files: req.files,
             cgroups_path: self.cgroups_path(&req.id),
             resources,
             log_limits: req.log_limits,
@@ -684,6 +687,10 @@ pub(crate) mod test_support {
             },
             hostname: "web-1".into(),
             netns: Some("/run/lull/netns/test".into()),
+            files: vec![FileBind {
+                source: "/run/lull/net/web-1/hosts".into(),
+                destination: "/etc/hosts".into(),
+            }],
             cgroups_path: "/lull/web-1".into(),
             resources: Default::default(),
             log_limits: LogLimits::default(),

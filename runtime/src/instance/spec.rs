@@ -134,6 +134,22 @@ pub fn build_spec(cfg: &LaunchConfig, user: &ResolvedUser) -> Spec {
             cfg,
         )));
     }
+    if !cfg.files.is_empty() {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for file in &cfg.files {
+            let mut m = Mount::default();
+            m.set_destination(file.destination.clone());
+            m.set_typ(Some("bind".to_owned()));
+            m.set_source(Some(file.source.clone()));
+            m.set_options(Some(
+                ["rbind", "rprivate", "nosuid", "noexec", "nodev"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ));
+            mounts.push(m);
+        }
+        spec.set_mounts(Some(mounts));
+    }
     spec
 }
 
@@ -229,6 +245,14 @@ mod tests {
             .find(|n| n["type"] == "network")
             .unwrap();
         assert_eq!(net["path"], "/run/lull/netns/test");
+        let hosts = json["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/etc/hosts")
+            .expect("the hosts file is bind-mounted");
+        assert_eq!(hosts["source"], "/run/lull/net/web-1/hosts");
+        assert_eq!(hosts["type"], "bind");
         assert_eq!(json["linux"]["cgroupsPath"], cfg.cgroups_path);
         assert!(
             json["linux"]["maskedPaths"]

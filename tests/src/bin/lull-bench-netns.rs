@@ -22,14 +22,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use lull_netns::NetNs;
-use lull_netns::ipam::{Ipam, Subnet};
-use lull_netns::link::{Bridge, unwire_instance, wire_instance};
+use lull_netns::ipam::Subnet;
+use lull_netns::link::Bridge;
+use lull_netns::network::{AttachRequest, HostNetwork, InstanceNetwork, NetworkConfig};
 use lull_tests::scratch::ScratchDir;
 
 const USAGE: &str = "usage: lull-bench-netns [--smoke] [--app PATH] [--markdown PATH]";
 
 /// Where `ip netns add` pins its namespaces.
 const IP_NETNS_DIR: &str = "/run/netns";
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 /// The port the fixture app listens on inside the wired namespace.
 const APP_PORT: u16 = 8080;
 /// Longest wait for the fixture app to say it is listening.
@@ -138,6 +140,7 @@ fn run(args: Args) -> Result<()> {
 
     let mut net = BenchNet::new()?;
     let tag = net.tag.clone();
+    let veth_prefix = net.veth_prefix.clone();
     eprintln!(
         "lull-bench-netns: {} run, bridge {} on {}",
         if args.smoke { "smoke" } else { "full" },
@@ -148,7 +151,7 @@ fn run(args: Args) -> Result<()> {
     throughput(&mut net, &plan, &args.app, &mut report)?;
     drop(net);
 
-    let left = leftovers(&tag);
+    let left = leftovers(&tag, &veth_prefix);
     if !left.is_empty() {
         bail!("the run left these behind: {}", left.join(", "));
     }
@@ -166,13 +169,20 @@ fn run(args: Args) -> Result<()> {
 /// apps it started and removes every link and namespace whose name carries its tag, whether the
 /// run finished or not.
 struct BenchNet {
-    /// Prefix of every link and `ip netns` name this run makes: `nb`, the pid (5 digits) and 3
-    /// hex digits of the clock, so names of two runs never share a prefix.
+    /// Prefix of every `ip netns` name and `ip` path link this run makes, and of its bridge:
+    /// `nb`, the pid (5 digits) and 3 hex digits of the clock, so names of two runs never share
+    /// a prefix.
     tag: String,
-    bridge: Option<Bridge>,
+    /// Prefix of the lull path's links (at most 7 bytes: lull appends 8 hex digits).
+    veth_prefix: String,
+    /// lull's instance network over this run's bridge, table and subnet.
+    network: Option<HostNetwork>,
     subnet: Subnet,
-    ipam: Ipam,
-    netns_dir: PathBuf,
+    /// The ip path takes addresses from the top of the subnet down (lull's allocator hands
+    /// them out from the bottom up), one per namespace, outside the timed part.
+    ip_next: u32,
+    /// The host's `net.ipv4.ip_forward`, put back at the end (lull switches it on).
+    ip_forward: Option<String>,
     /// Instance names are `<tag><l|i><seq>`; one number per instance made.
     seq: u32,
     children: Vec<Child>,
@@ -191,27 +201,46 @@ impl BenchNet {
         let gateway = free_subnet_gateway(pid.wrapping_add(nanos))?;
         let [a, b, c, _] = gateway.octets();
         let subnet = Subnet::parse(&format!("{a}.{b}.{c}.0/{PREFIX}"))?;
-        let ipam = Ipam::open(&scratch.path().join("ipam.json"), subnet)?;
+        let veth_prefix = format!("v{:06x}", (pid.wrapping_mul(4096) ^ nanos) & 0xff_ffff);
+        let mut config =
+            NetworkConfig::new(&scratch.path().join("data"), &scratch.path().join("run"));
+        config.bridge = format!("{tag}br");
+        config.table = format!("lull_bench_{tag}");
+        config.veth_prefix = veth_prefix.clone();
+        config.subnet = subnet;
+        // Egress is not measured: loopback stands in for the uplink, so the run needs no
+        // default route and masquerades nothing.
+        config.uplink = Some("lo".into());
+        config.dns = vec![Ipv4Addr::new(192, 0, 2, 53).into()];
         let mut net = BenchNet {
-            bridge: None,
+            network: None,
             subnet,
-            ipam,
-            netns_dir: scratch.path().join("netns"),
+            ip_next: u32::from(subnet.broadcast()) - 1,
+            ip_forward: fs::read_to_string(IP_FORWARD).ok(),
             seq: 0,
             children: Vec::new(),
             _scratch: scratch,
             tag,
+            veth_prefix,
         };
-        let bridge_name = format!("{}br", net.tag);
-        net.bridge = Some(
-            Bridge::ensure(&bridge_name, subnet.gateway(), subnet.prefix())
-                .with_context(|| format!("create bridge {bridge_name}"))?,
-        );
+        let (network, _) = HostNetwork::start(config).context("set up lull's instance network")?;
+        net.network = Some(network);
         Ok(net)
     }
 
+    fn network(&self) -> Result<&HostNetwork> {
+        self.network.as_ref().context("the network was torn down")
+    }
+
     fn bridge(&self) -> Result<&Bridge> {
-        self.bridge.as_ref().context("the bridge was removed")
+        Ok(self.network()?.bridge())
+    }
+
+    /// The next address for the ip path.
+    fn ip_address(&mut self) -> Ipv4Addr {
+        let addr = Ipv4Addr::from(self.ip_next);
+        self.ip_next -= 1;
+        addr
     }
 
     /// A fresh instance name for one path (`l` lull, `i` ip), at most 15 bytes so that it also
@@ -228,28 +257,21 @@ impl Drop for BenchNet {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // lull's links first, through lull; then whatever else carries the tag, through `ip`.
-        for link in links_with_prefix(&self.tag) {
-            if link.ends_with("br") {
-                continue;
-            }
-            let _ = unwire_instance(&link);
+        // lull's network first, through lull (instances, table, bridge); then whatever else
+        // carries the tag, through `ip`.
+        if let Some(network) = self.network.take()
+            && let Err(e) = network.teardown()
+        {
+            eprintln!("lull-bench-netns: tear down lull's network: {e}");
         }
-        if let Some(bridge) = self.bridge.take() {
-            let _ = bridge.remove();
+        if let Some(value) = &self.ip_forward {
+            let _ = fs::write(IP_FORWARD, value);
         }
         for link in links_with_prefix(&self.tag) {
             let _ = run_tool(Command::new("ip").args(["link", "del", &link]));
         }
         for name in ip_netns_with_prefix(&self.tag) {
             let _ = run_tool(Command::new("ip").args(["netns", "del", &name]));
-        }
-        if let Ok(entries) = fs::read_dir(&self.netns_dir) {
-            for entry in entries.flatten() {
-                if let Ok(ns) = NetNs::open(&self.netns_dir, &entry.file_name().to_string_lossy()) {
-                    let _ = ns.destroy();
-                }
-            }
         }
         // The scratch dir (ipam state, namespace mount points) goes when `_scratch` drops.
     }
@@ -276,9 +298,10 @@ fn names_in_dir(dir: &Path, prefix: &str) -> Vec<String> {
 }
 
 /// Links and `ip` namespaces of this run still present.
-fn leftovers(tag: &str) -> Vec<String> {
+fn leftovers(tag: &str, veth_prefix: &str) -> Vec<String> {
     let mut left: Vec<String> = links_with_prefix(tag)
         .into_iter()
+        .chain(links_with_prefix(veth_prefix))
         .map(|l| format!("link {l}"))
         .collect();
     left.extend(
@@ -332,72 +355,31 @@ struct LullInstance {
     addr: Ipv4Addr,
 }
 
-/// Time spent in each step of the lull path.
-#[derive(Default, Clone, Copy)]
-struct LullSteps {
-    netns: Duration,
-    ipam: Duration,
-    wire: Duration,
-}
-
-/// The lull path for one instance: a network namespace with `lo` up, an address from the
-/// allocator (on disk when it returns), and a veth pair from the bridge to `eth0` with that
-/// address and a default route. This is the per-instance work of the manager's
-/// `Network::attach`; swap that in here once it lands.
-fn lull_attach(net: &mut BenchNet, id: &str) -> Result<(LullInstance, LullSteps)> {
-    let mut steps = LullSteps::default();
-    let started = Instant::now();
-    let netns = NetNs::create(&net.netns_dir, id)?;
-    steps.netns = started.elapsed();
-    let started = Instant::now();
-    let addr = match net.ipam.allocate(id) {
-        Ok(addr) => addr,
-        Err(e) => {
-            let _ = netns.destroy();
-            return Err(e.into());
-        }
-    };
-    steps.ipam = started.elapsed();
-    let started = Instant::now();
-    let host_ifname = id.to_owned();
-    let wired = wire_instance(
-        net.bridge()?,
-        &netns,
-        &host_ifname,
-        addr,
-        net.subnet.prefix(),
-        net.subnet.gateway(),
-        None,
-    );
-    steps.wire = started.elapsed();
-    if let Err(e) = wired {
-        let _ = net.ipam.release(id);
-        let _ = netns.destroy();
-        return Err(e.into());
-    }
-    let instance = LullInstance {
+/// The lull path for one instance: `HostNetwork::attach`, everything an instance start asks of
+/// the network: the address (allocated under the state file's lock, on disk when it returns),
+/// a network namespace with `lo` up, the veth pair (isolated bridge port, alias, /32 address,
+/// on-link default route) and the instance's resolv.conf and hosts files.
+fn lull_attach(net: &mut BenchNet, id: &str) -> Result<LullInstance> {
+    let attachment = net.network()?.attach(&AttachRequest {
+        instance: id.to_owned(),
+        service: "bench".into(),
+        allow_peers: false,
+        hostname: id.to_owned(),
+    })?;
+    let dir = attachment.netns.parent().context("namespace path")?;
+    Ok(LullInstance {
         id: id.to_owned(),
-        netns,
-        host_ifname,
-        addr,
-    };
-    Ok((instance, steps))
+        netns: NetNs::open(dir, id)?,
+        host_ifname: attachment.host_ifname,
+        addr: attachment.addr,
+    })
 }
 
-/// Undoes [`lull_attach`]: the veth pair, the address, the namespace. Returns the time it took
-/// and the time of each of the three steps.
-fn lull_detach(net: &mut BenchNet, instance: LullInstance) -> Result<(Duration, Vec<Duration>)> {
-    let mut steps = Vec::with_capacity(3);
+/// Undoes [`lull_attach`] with `HostNetwork::detach`; returns the time it took.
+fn lull_detach(net: &mut BenchNet, instance: LullInstance) -> Result<Duration> {
     let started = Instant::now();
-    unwire_instance(&instance.host_ifname)?;
-    steps.push(started.elapsed());
-    let step = Instant::now();
-    net.ipam.release(&instance.id)?;
-    steps.push(step.elapsed());
-    let step = Instant::now();
-    instance.netns.destroy()?;
-    steps.push(step.elapsed());
-    Ok((started.elapsed(), steps))
+    net.network()?.detach(&instance.id)?;
+    Ok(started.elapsed())
 }
 
 /// The `ip` commands that give namespace `name` the same end state as [`lull_attach`], in the
@@ -532,7 +514,7 @@ struct Sample {
 fn lull_create(net: &mut BenchNet, check_reach: bool) -> Result<(LullInstance, Sample)> {
     let id = net.next_name('l');
     let started = Instant::now();
-    let (instance, steps) = lull_attach(net, &id)?;
+    let instance = lull_attach(net, &id)?;
     let total = started.elapsed();
     check_on_bridge(net, &instance.host_ifname)
         .and_then(|()| {
@@ -543,15 +525,22 @@ fn lull_create(net: &mut BenchNet, check_reach: bool) -> Result<(LullInstance, S
             }
         })
         .with_context(|| format!("lull path, instance {id}"))?;
-    let steps = vec![steps.netns, steps.ipam, steps.wire];
-    Ok((instance, Sample { total, steps }))
+    Ok((
+        instance,
+        Sample {
+            total,
+            steps: vec![total],
+        },
+    ))
 }
 
 fn lull_teardown(net: &mut BenchNet, instance: LullInstance) -> Result<Sample> {
     let id = instance.id.clone();
-    let (total, steps) =
-        lull_detach(net, instance).with_context(|| format!("lull path, tear down {id}"))?;
-    Ok(Sample { total, steps })
+    let total = lull_detach(net, instance).with_context(|| format!("lull path, tear down {id}"))?;
+    Ok(Sample {
+        total,
+        steps: vec![total],
+    })
 }
 
 /// An instance the ip path made: namespace and host-side veth share the name.
@@ -563,7 +552,7 @@ fn ip_create(net: &mut BenchNet, check_reach: bool) -> Result<(IpInstance, Sampl
     let name = net.next_name('i');
     // The address comes from the same allocator, outside the timed part: the ip path is timed
     // without any address management.
-    let addr = net.ipam.allocate(&name)?;
+    let addr = net.ip_address();
     let attach = ip_attach_commands(&name, net.bridge()?.name(), addr, &net.subnet);
     let started = Instant::now();
     let steps = run_ip(&attach).with_context(|| format!("ip path, namespace {name}"))?;
@@ -580,13 +569,12 @@ fn ip_create(net: &mut BenchNet, check_reach: bool) -> Result<(IpInstance, Sampl
     Ok((IpInstance { name }, Sample { total, steps }))
 }
 
-fn ip_teardown(net: &mut BenchNet, instance: IpInstance) -> Result<Sample> {
+fn ip_teardown(instance: IpInstance) -> Result<Sample> {
     let name = instance.name;
     let started = Instant::now();
     let steps = run_ip(&ip_detach_commands(&name))
         .with_context(|| format!("ip path, tear down namespace {name}"))?;
     let total = started.elapsed();
-    net.ipam.release(&name)?;
     Ok(Sample { total, steps })
 }
 
@@ -693,9 +681,9 @@ fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
     for (i, (l_inst, p_inst)) in pairs.into_iter().enumerate() {
         let (l, p) = if i % 2 == 0 {
             let lull = lull_teardown(net, l_inst)?;
-            (lull, ip_teardown(net, p_inst)?)
+            (lull, ip_teardown(p_inst)?)
         } else {
-            let ip = ip_teardown(net, p_inst)?;
+            let ip = ip_teardown(p_inst)?;
             (lull_teardown(net, l_inst)?, ip)
         };
         progress(i + 1, count, || {
@@ -771,19 +759,19 @@ fn wiring(net: &mut BenchNet, plan: &Plan, report: &mut Report) -> Result<()> {
         early_late(&lull),
         early_late(&ip)
     ));
-    report.details.push(format!(
-        "lull path steps (p50 each): {}; the allocator writes and fsyncs its state file on every call",
-        lull_up.steps_text(&["NetNs::create", "Ipam::allocate", "wire_instance"])
-    ));
+    report.details.push(
+        "lull path: `HostNetwork::attach` as an instance start calls it (address under the state \
+         file's lock, written and fsynced; namespace; veth pair; resolver files)"
+            .to_string(),
+    );
     report.details.push(format!(
         "ip path commands (p50 each): {}; one exec of `ip` per command; the address comes from the same allocator, outside the timed part",
         ip_up.steps_text(&ip_labels)
     ));
     report.details.push(format!(
-        "teardown, {count} each, interleaved: lull p50 {:.2} ms p99 {:.2} ms ({}); ip p50 {:.2} ms p99 {:.2} ms ({})",
+        "teardown, {count} each, interleaved: lull (`HostNetwork::detach`) p50 {:.2} ms p99 {:.2} ms; ip p50 {:.2} ms p99 {:.2} ms ({})",
         lull_dn.p50,
         lull_dn.p99,
-        lull_dn.steps_text(&["unwire_instance", "Ipam::release", "NetNs::destroy"]),
         ip_dn.p50,
         ip_dn.p99,
         ip_dn.steps_text(&ip_down_labels)
@@ -914,7 +902,7 @@ fn download(addr: SocketAddr, bytes: u64) -> Result<Duration> {
 
 fn throughput(net: &mut BenchNet, plan: &Plan, app: &Path, report: &mut Report) -> Result<()> {
     let id = net.next_name('l');
-    let (instance, _) = lull_attach(net, &id)?;
+    let instance = lull_attach(net, &id)?;
     let measured = measure_downloads(net, plan, app, &instance);
     for mut child in net.children.drain(..) {
         let _ = child.kill();

@@ -506,6 +506,7 @@ fn cold_request(
         },
         resources: INSTANCE_RESOURCES,
         netns: Some(netns.path().to_owned()),
+        files: Vec::new(),
         log_limits: LogLimits::default(),
     }
 }
@@ -610,6 +611,7 @@ fn runc_bundle(
         process,
         hostname: id.to_owned(),
         netns: Some(netns.path().to_owned()),
+        files: Vec::new(),
         cgroups_path: bench.runtime.instances.cgroups_path(id),
         resources: INSTANCE_RESOURCES.to_linux_resources()?,
         log_limits: LogLimits::default(),
@@ -819,6 +821,7 @@ async fn gate(bench: &Bench, plan: &Plan, report: &mut Report) -> Result<()> {
             ..Default::default()
         },
         netns: None,
+        files: Vec::new(),
         log_limits: LogLimits::default(),
     };
     let instance = match bench.runtime.instances.launch(request).await {

@@ -37,6 +37,7 @@ async fn main() {
                 overrides: ProcessOverrides::default(),
                 resources: Default::default(),
                 netns: None,
+                files: Vec::new(),
                 log_limits: LogLimits::default(),
             })
             .await

@@ -1,0 +1,751 @@
+//! [`HostNetwork`]: the bridge, the firewall table and one namespace and veth pair per instance,
+//! on the real host.
+//!
+//! Address allocations live in the ipam state file, locked (`flock`) for the length of every
+//! change, so a `lull` command running beside the daemon can never hand out an address twice.
+//! The links carry their instance in their alias, and the namespaces are named after their
+//! instance, so after a crash [`HostNetwork::reconcile`] can tell what belongs to whom.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{debug, info, info_span, warn};
+
+use super::names::{instance_of_alias, link_alias, veth_name};
+use super::{
+    AttachRequest, Attachment, InstanceNetwork, LiveInstance, NetworkConfig, NetworkError,
+    ReconcileReport,
+};
+use crate::firewall::{self, Conflict, Firewall, FirewallConfig};
+use crate::ipam::Ipam;
+use crate::link::{self, Bridge, HostLink, InstanceLink, LinkError};
+use crate::{NetNs, NetnsError, resolv, routes};
+
+/// How many names to try for a host end whose hashed name is taken.
+const NAME_ATTEMPTS: u32 = 4;
+
+/// What [`HostNetwork::start`] found on the host.
+#[derive(Debug, Clone)]
+pub struct StartReport {
+    /// The interface egress leaves by.
+    pub uplink: String,
+    /// The MTU instances' links get.
+    pub mtu: u32,
+    /// Whether IP forwarding had to be switched on.
+    pub forwarding_enabled: bool,
+    /// Other tables' forward chains that would drop instances' traffic.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Instance networking on this host.
+#[derive(Debug)]
+pub struct HostNetwork {
+    config: NetworkConfig,
+    bridge: Bridge,
+    uplink: String,
+    mtu: u32,
+    firewall: Firewall,
+    attachments: Mutex<BTreeMap<String, Attachment>>,
+}
+
+impl HostNetwork {
+    /// Sets the host up for instances: finds the uplink, checks the subnet against the host's
+    /// routes, makes sure the bridge exists, switches forwarding on, installs the firewall table
+    /// (replacing lull's own from an earlier run) and looks for firewalls that would drop the
+    /// traffic. Leftover instance networks stay until [`HostNetwork::reconcile`].
+    pub fn start(config: NetworkConfig) -> Result<(HostNetwork, StartReport), NetworkError> {
+        config.validate()?;
+        let uplink = match &config.uplink {
+            Some(name) => name.clone(),
+            None => {
+                let oif = routes::default_route_oif()
+                    .map_err(NetworkError::HostLink)?
+                    .ok_or(NetworkError::NoUplink)?;
+                link::host_links("")
+                    .map_err(NetworkError::HostLink)?
+                    .into_iter()
+                    .find(|l| l.index == oif)
+                    .map(|l| l.name)
+                    .ok_or(NetworkError::NoUplink)?
+            }
+        };
+        let uplink_link = link::host_link(&uplink)
+            .map_err(NetworkError::HostLink)?
+            .ok_or_else(|| NetworkError::UplinkMissing {
+                name: uplink.clone(),
+            })?;
+        let mtu = config.mtu.or(uplink_link.mtu).unwrap_or(1500);
+        check_subnet_is_free(&config)?;
+
+        let bridge_existed = link::host_link(&config.bridge)
+            .map_err(NetworkError::HostLink)?
+            .is_some();
+        let bridge = Bridge::ensure(
+            &config.bridge,
+            config.subnet.gateway(),
+            config.subnet.prefix(),
+        )
+        .map_err(NetworkError::HostLink)?;
+        // From here on, a failure takes away a bridge this call made.
+        let (bridge, firewall, forwarding_enabled) =
+            match finish_start(&config, bridge.clone(), &uplink) {
+                Ok(done) => done,
+                Err(e) => {
+                    if !bridge_existed && let Err(undo) = bridge.remove() {
+                        warn!(error = %undo, "could not remove the bridge of a failed start");
+                    }
+                    return Err(e);
+                }
+            };
+        let conflicts = firewall::forward_conflicts(firewall.config())?;
+        for conflict in &conflicts {
+            warn!(%conflict, "another firewall would drop instances' traffic");
+        }
+        info!(
+            bridge = config.bridge,
+            subnet = %config.subnet,
+            uplink,
+            mtu,
+            table = config.table,
+            "instance network ready"
+        );
+        let report = StartReport {
+            uplink: uplink.clone(),
+            mtu,
+            forwarding_enabled,
+            conflicts,
+        };
+        Ok((
+            HostNetwork {
+                config,
+                bridge,
+                uplink,
+                mtu,
+                firewall,
+                attachments: Mutex::new(BTreeMap::new()),
+            },
+            report,
+        ))
+    }
+
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    pub fn bridge(&self) -> &Bridge {
+        &self.bridge
+    }
+
+    pub fn uplink(&self) -> &str {
+        &self.uplink
+    }
+
+    pub fn firewall(&self) -> &Firewall {
+        &self.firewall
+    }
+
+    /// Removes everything this network put on the host: every instance's network, the
+    /// firewall table and the bridge. For tests and uninstalling; instances lose their network.
+    pub fn teardown(self) -> Result<(), NetworkError> {
+        let report = self.reconcile(&[])?;
+        debug!(?report, "tore down instance networks");
+        self.firewall.remove()?;
+        self.bridge.remove().map_err(NetworkError::HostLink)?;
+        Ok(())
+    }
+
+    fn lock_state(&self) -> Result<Flock<File>, NetworkError> {
+        let path = lock_path(&self.config.ipam_file);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|source| NetworkError::Io {
+                what: "create directory",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| NetworkError::Io {
+                what: "open lock file",
+                path: path.clone(),
+                source,
+            })?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| NetworkError::Io {
+            what: "lock",
+            path,
+            source: errno.into(),
+        })
+    }
+
+    fn open_ipam(&self) -> Result<Ipam, NetworkError> {
+        Ipam::open(&self.config.ipam_file, self.config.subnet).map_err(NetworkError::State)
+    }
+
+    /// Creates the veth pair, trying other names when the hashed one is taken by another
+    /// instance's link; returns the host end's name.
+    fn wire(&self, netns: &NetNs, instance: &str, addr: Ipv4Addr) -> Result<String, LinkError> {
+        let alias = link_alias(&self.config.bridge, instance);
+        let mut last = None;
+        for attempt in 0..NAME_ATTEMPTS {
+            let name = veth_name(&self.config.veth_prefix, instance, attempt);
+            let wired = link::wire_instance(
+                &self.bridge,
+                netns,
+                &InstanceLink {
+                    host_ifname: &name,
+                    alias: &alias,
+                    addr,
+                    addr6: self.config.addr6_for(addr),
+                    mtu: Some(self.mtu),
+                },
+            );
+            match wired {
+                Ok(()) => return Ok(name),
+                Err(e @ LinkError::Exists { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// The host end of `instance`'s veth pair, found by its alias.
+    fn find_link(&self, instance: &str) -> Result<Option<HostLink>, LinkError> {
+        let first = veth_name(&self.config.veth_prefix, instance, 0);
+        let is_its = |l: &HostLink| {
+            l.is_veth()
+                && l.alias
+                    .as_deref()
+                    .and_then(|a| instance_of_alias(&self.config.bridge, a))
+                    == Some(instance)
+        };
+        if let Some(link) = link::host_link(&first)?
+            && is_its(&link)
+        {
+            return Ok(Some(link));
+        }
+        Ok(link::host_links(&self.config.veth_prefix)?
+            .into_iter()
+            .find(is_its))
+    }
+
+    fn files_dir(&self, instance: &str) -> PathBuf {
+        self.config.files_dir.join(instance)
+    }
+
+    /// Writes the instance's resolv.conf and hosts; returns their paths.
+    fn write_files(
+        &self,
+        instance: &str,
+        hostname: &str,
+        addr: Ipv4Addr,
+    ) -> Result<(PathBuf, PathBuf), NetworkError> {
+        let resolv_error = |source| NetworkError::Resolv {
+            instance: instance.to_string(),
+            source,
+        };
+        let hosts =
+            resolv::instance_hosts(hostname, Some(IpAddr::V4(addr))).map_err(resolv_error)?;
+        let resolv_conf = instance_resolv_conf(&self.config.dns);
+        let dir = self.files_dir(instance);
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| NetworkError::Io { what, path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        let (resolv_path, hosts_path) = (dir.join("resolv.conf"), dir.join("hosts"));
+        fs::write(&resolv_path, resolv_conf).map_err(io("write", &resolv_path))?;
+        fs::write(&hosts_path, hosts).map_err(io("write", &hosts_path))?;
+        Ok((resolv_path, hosts_path))
+    }
+
+    fn remove_files(&self, instance: &str) -> Result<(), NetworkError> {
+        let dir = self.files_dir(instance);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(NetworkError::Io {
+                what: "remove",
+                path: dir,
+                source,
+            }),
+        }
+    }
+
+    /// The (source, destination) pairs that let `addr` and its service's other instances reach
+    /// each other.
+    fn peer_pairs(
+        attachments: &BTreeMap<String, Attachment>,
+        instance: &str,
+        service: &str,
+        addr: Ipv4Addr,
+    ) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+        attachments
+            .values()
+            .filter(|a| a.service == service && a.allow_peers && a.instance != instance)
+            .flat_map(|a| [(addr, a.addr), (a.addr, addr)])
+            .collect()
+    }
+
+    /// Undoes a half-made attachment.
+    fn undo(&self, instance: &str, netns: Option<NetNs>, veth: Option<&str>) {
+        if let Some(veth) = veth
+            && let Err(e) = link::unwire_instance(veth)
+        {
+            warn!(instance, link = veth, error = %e, "could not remove the veth pair of a failed attach");
+        }
+        if let Some(netns) = netns
+            && let Err(e) = netns.destroy()
+        {
+            warn!(instance, error = %e, "could not remove the namespace of a failed attach");
+        }
+        if let Err(e) = self.remove_files(instance) {
+            warn!(instance, error = %e, "could not remove the files of a failed attach");
+        }
+    }
+}
+
+impl InstanceNetwork for HostNetwork {
+    fn attach(&self, request: &AttachRequest) -> Result<Attachment, NetworkError> {
+        let instance = request.instance.as_str();
+        let _span = info_span!("attach", instance, service = %request.service).entered();
+        let ns_error = |source| NetworkError::Namespace {
+            instance: instance.to_string(),
+            source,
+        };
+        crate::check_name(instance).map_err(ns_error)?;
+        resolv::instance_hosts(&request.hostname, None).map_err(|source| NetworkError::Resolv {
+            instance: instance.to_string(),
+            source,
+        })?;
+        let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        if attachments.contains_key(instance) {
+            return Err(NetworkError::AlreadyAttached {
+                instance: instance.to_string(),
+            });
+        }
+        let _lock = self.lock_state()?;
+        let mut ipam = self.open_ipam()?;
+        if ipam.address_of(instance).is_some() {
+            return Err(NetworkError::AlreadyAttached {
+                instance: instance.to_string(),
+            });
+        }
+        // First the address: an exhausted subnet fails here, before anything exists.
+        let addr = ipam
+            .allocate(instance)
+            .map_err(|source| NetworkError::Ipam {
+                instance: instance.to_string(),
+                source,
+            })?;
+        let made = (|| {
+            let netns = NetNs::create(&self.config.netns_dir, instance).map_err(ns_error)?;
+            let veth = match self.wire(&netns, instance, addr) {
+                Ok(veth) => veth,
+                Err(source) => {
+                    self.undo(instance, Some(netns), None);
+                    return Err(NetworkError::Link {
+                        instance: instance.to_string(),
+                        source,
+                    });
+                }
+            };
+            let (resolv_conf, hosts) = match self.write_files(instance, &request.hostname, addr) {
+                Ok(files) => files,
+                Err(e) => {
+                    self.undo(instance, Some(netns), Some(&veth));
+                    return Err(e);
+                }
+            };
+            if request.allow_peers {
+                let pairs = Self::peer_pairs(&attachments, instance, &request.service, addr);
+                if !pairs.is_empty()
+                    && let Err(e) = self.firewall.allow_peers(&pairs)
+                {
+                    self.undo(instance, Some(netns), Some(&veth));
+                    return Err(e.into());
+                }
+            }
+            Ok(Attachment {
+                instance: instance.to_string(),
+                service: request.service.clone(),
+                allow_peers: request.allow_peers,
+                netns: netns.path().to_path_buf(),
+                addr,
+                addr6: self.config.addr6_for(addr),
+                gateway: self.bridge.gateway(),
+                host_ifname: veth,
+                resolv_conf,
+                hosts,
+            })
+        })();
+        match made {
+            Ok(attachment) => {
+                debug!(%addr, link = attachment.host_ifname, "attached");
+                attachments.insert(instance.to_string(), attachment.clone());
+                Ok(attachment)
+            }
+            Err(e) => {
+                if let Err(release) = ipam.release(instance) {
+                    warn!(error = %release, "could not release the address of a failed attach");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn detach(&self, instance: &str) -> Result<(), NetworkError> {
+        let _span = info_span!("detach", instance).entered();
+        let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = self.lock_state()?;
+        let link_error = |source| NetworkError::Link {
+            instance: instance.to_string(),
+            source,
+        };
+        if let Some(attachment) = attachments.get(instance)
+            && attachment.allow_peers
+        {
+            let pairs =
+                Self::peer_pairs(&attachments, instance, &attachment.service, attachment.addr);
+            if !pairs.is_empty() {
+                self.firewall.revoke_peers(&pairs)?;
+            }
+        }
+        if let Some(link) = self.find_link(instance).map_err(link_error)? {
+            link::unwire_instance(&link.name).map_err(link_error)?;
+        }
+        match NetNs::open(&self.config.netns_dir, instance) {
+            Ok(netns) => netns.destroy().map_err(|source| NetworkError::Namespace {
+                instance: instance.to_string(),
+                source,
+            })?,
+            Err(NetnsError::NotFound { .. }) => {}
+            Err(NetnsError::NotANamespace { path }) => remove_file(&path)?,
+            Err(source) => {
+                return Err(NetworkError::Namespace {
+                    instance: instance.to_string(),
+                    source,
+                });
+            }
+        }
+        self.remove_files(instance)?;
+        let mut ipam = self.open_ipam()?;
+        ipam.release(instance)
+            .map_err(|source| NetworkError::Ipam {
+                instance: instance.to_string(),
+                source,
+            })?;
+        attachments.remove(instance);
+        debug!("detached");
+        Ok(())
+    }
+
+    fn reconcile(&self, live: &[LiveInstance]) -> Result<ReconcileReport, NetworkError> {
+        let _span = info_span!("reconcile", live = live.len()).entered();
+        let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = self.lock_state()?;
+        let mut report = ReconcileReport::default();
+        let live_ids: HashSet<String> = live.iter().map(|l| l.instance.clone()).collect();
+
+        // Links: lull's (by alias) of dead instances go; others with the prefix are reported.
+        let mut live_links: BTreeMap<String, String> = BTreeMap::new();
+        for l in link::host_links(&self.config.veth_prefix).map_err(NetworkError::HostLink)? {
+            let owner = l
+                .alias
+                .as_deref()
+                .and_then(|a| instance_of_alias(&self.config.bridge, a));
+            match owner {
+                Some(owner) if l.is_veth() => {
+                    if live_ids.contains(owner) {
+                        live_links.insert(owner.to_string(), l.name.clone());
+                    } else {
+                        link::unwire_instance(&l.name).map_err(NetworkError::HostLink)?;
+                        report.removed_links.push(l.name.clone());
+                    }
+                }
+                _ => {
+                    if l.alias.as_deref().is_none_or(|a| !a.starts_with("lull:")) {
+                        warn!(
+                            link = l.name,
+                            "a link with lull's name prefix that lull did not make: left alone"
+                        );
+                        report.foreign_links.push(l.name.clone());
+                    }
+                }
+            }
+        }
+
+        // Namespaces of dead instances go.
+        let mut live_namespaces: HashSet<String> = HashSet::new();
+        match fs::read_dir(&self.config.netns_dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if live_ids.contains(&name) {
+                        live_namespaces.insert(name);
+                        continue;
+                    }
+                    match NetNs::open(&self.config.netns_dir, &name) {
+                        Ok(netns) => netns.destroy().map_err(|source| NetworkError::Namespace {
+                            instance: name.clone(),
+                            source,
+                        })?,
+                        // An empty mount point left by a crash in the middle of a create.
+                        Err(NetnsError::NotANamespace { path }) => remove_file(&path)?,
+                        Err(NetnsError::NotFound { .. }) => continue,
+                        Err(source) => {
+                            return Err(NetworkError::Namespace {
+                                instance: name,
+                                source,
+                            });
+                        }
+                    }
+                    report.removed_namespaces.push(name);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NetworkError::Io {
+                    what: "list",
+                    path: self.config.netns_dir.clone(),
+                    source,
+                });
+            }
+        }
+
+        // Files of dead instances go.
+        if let Ok(entries) = fs::read_dir(&self.config.files_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !live_ids.contains(&name) {
+                    self.remove_files(&name)?;
+                }
+            }
+        }
+
+        // Addresses of dead instances go back.
+        let mut ipam = self.open_ipam()?;
+        report.released_addresses = ipam.reconcile(&live_ids).map_err(NetworkError::State)?;
+
+        // Live instances: adopt, rewire, or report lost.
+        attachments.clear();
+        let mut peers = Vec::new();
+        for l in live {
+            let instance = l.instance.as_str();
+            if !live_namespaces.contains(instance) {
+                warn!(
+                    instance,
+                    "the instance's network namespace is gone: it must be restarted"
+                );
+                report.lost.push(instance.to_string());
+                if ipam
+                    .release(instance)
+                    .map_err(NetworkError::State)?
+                    .is_some()
+                {
+                    debug!(instance, "released the address of a lost instance");
+                }
+                continue;
+            }
+            let addr = match ipam.address_of(instance) {
+                Some(addr) => addr,
+                None => {
+                    warn!(
+                        instance,
+                        "the instance has a namespace but no address record: it must be restarted"
+                    );
+                    report.lost.push(instance.to_string());
+                    continue;
+                }
+            };
+            let netns = NetNs::open(&self.config.netns_dir, instance).map_err(|source| {
+                NetworkError::Namespace {
+                    instance: instance.to_string(),
+                    source,
+                }
+            })?;
+            let host_ifname = match live_links.get(instance) {
+                Some(name) => {
+                    report.adopted.push(instance.to_string());
+                    name.clone()
+                }
+                None => {
+                    // A crash between creating the namespace and wiring it: finish the job.
+                    let name =
+                        self.wire(&netns, instance, addr)
+                            .map_err(|source| NetworkError::Link {
+                                instance: instance.to_string(),
+                                source,
+                            })?;
+                    report.rewired.push(instance.to_string());
+                    name
+                }
+            };
+            let hostname = instance.to_string();
+            let (resolv_conf, hosts) = match (
+                self.files_dir(instance).join("resolv.conf"),
+                self.files_dir(instance).join("hosts"),
+            ) {
+                (r, h) if r.exists() && h.exists() => (r, h),
+                _ => self.write_files(instance, &hostname, addr)?,
+            };
+            if l.allow_peers {
+                peers.extend(Self::peer_pairs(&attachments, instance, &l.service, addr));
+            }
+            attachments.insert(
+                instance.to_string(),
+                Attachment {
+                    instance: instance.to_string(),
+                    service: l.service.clone(),
+                    allow_peers: l.allow_peers,
+                    netns: netns.path().to_path_buf(),
+                    addr,
+                    addr6: self.config.addr6_for(addr),
+                    gateway: self.bridge.gateway(),
+                    host_ifname,
+                    resolv_conf,
+                    hosts,
+                },
+            );
+        }
+        // The peer set is rebuilt from what runs now.
+        let stale: Vec<_> = self
+            .firewall
+            .peers()?
+            .into_iter()
+            .filter(|p| !peers.contains(p))
+            .collect();
+        if !stale.is_empty() {
+            self.firewall.revoke_peers(&stale)?;
+        }
+        if !peers.is_empty() {
+            self.firewall.allow_peers(&peers)?;
+        }
+        info!(
+            adopted = report.adopted.len(),
+            rewired = report.rewired.len(),
+            lost = report.lost.len(),
+            removed_links = report.removed_links.len(),
+            removed_namespaces = report.removed_namespaces.len(),
+            released = report.released_addresses.len(),
+            foreign = report.foreign_links.len(),
+            "reconciled instance networks"
+        );
+        Ok(report)
+    }
+
+    fn attachment(&self, instance: &str) -> Option<Attachment> {
+        self.attachments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(instance)
+            .cloned()
+    }
+}
+
+/// The part of [`HostNetwork::start`] after the bridge exists: its IPv6 address, forwarding,
+/// the firewall table.
+fn finish_start(
+    config: &NetworkConfig,
+    mut bridge: Bridge,
+    uplink: &str,
+) -> Result<(Bridge, Firewall, bool), NetworkError> {
+    if let Some((gateway6, prefix6)) = config.gateway6() {
+        bridge
+            .ensure_ipv6(gateway6, prefix6)
+            .map_err(NetworkError::HostLink)?;
+    }
+    let forwarding_enabled = firewall::enable_forwarding(config.subnet6.is_some())?;
+    if forwarding_enabled {
+        info!(
+            "switched on IP forwarding (net.ipv4.ip_forward) so instances can reach the \
+             outside through {uplink}"
+        );
+    }
+    let firewall = Firewall::install(firewall_config(config, uplink))?;
+    Ok((bridge, firewall, forwarding_enabled))
+}
+
+fn lock_path(ipam_file: &Path) -> PathBuf {
+    let mut name = ipam_file
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".lock");
+    ipam_file.with_file_name(name)
+}
+
+fn remove_file(path: &Path) -> Result<(), NetworkError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NetworkError::Io {
+            what: "remove",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn firewall_config(config: &NetworkConfig, uplink: &str) -> FirewallConfig {
+    FirewallConfig {
+        table: config.table.clone(),
+        bridge: config.bridge.clone(),
+        subnet: config.subnet,
+        subnet6: config.subnet6,
+        uplink: uplink.to_string(),
+        host_ports: config.host_ports.clone(),
+        allow_metadata: config.allow_metadata,
+    }
+}
+
+/// Refuses a subnet that overlaps a route already on the host, other than lull's own bridge's.
+fn check_subnet_is_free(config: &NetworkConfig) -> Result<(), NetworkError> {
+    let bridge_index = link::host_link(&config.bridge)
+        .map_err(NetworkError::HostLink)?
+        .map(|l| l.index);
+    let links = link::host_links("").map_err(NetworkError::HostLink)?;
+    for route in routes::ipv4_routes().map_err(NetworkError::HostLink)? {
+        if route.oif.is_some() && route.oif == bridge_index {
+            continue;
+        }
+        if route.overlaps(&config.subnet) {
+            let interface = route
+                .oif
+                .and_then(|oif| links.iter().find(|l| l.index == oif))
+                .map_or_else(|| "no interface".to_string(), |l| l.name.clone());
+            return Err(NetworkError::SubnetOverlap {
+                subnet: config.subnet,
+                route: route.to_string(),
+                interface,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The host's resolver settings made usable from inside an instance; when nothing usable is
+/// left, a file that says so (the instance then has no DNS, which it reports on its own).
+fn instance_resolv_conf(configured: &[IpAddr]) -> String {
+    let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let upstreams = if configured.is_empty() {
+        fs::read_to_string("/run/systemd/resolve/resolv.conf")
+            .map(|text| resolv::upstreams_from_systemd_resolved(&text))
+            .unwrap_or_default()
+    } else {
+        configured.to_vec()
+    };
+    match resolv::instance_resolv_conf(&host, &upstreams) {
+        Ok(text) => text,
+        Err(e) => {
+            warn!(error = %e, "instances get no nameserver");
+            format!("# generated by lull: {e}\n")
+        }
+    }
+}
