@@ -36,8 +36,15 @@ pub struct RmArgs {
     pub id: String,
 }
 
-pub fn ps(runtime: &Runtime) -> Result<ExitCode> {
-    println!("{:<40} {:<28} {:>8}  STARTED", "INSTANCE", "STATUS", "PID");
+pub fn ps(runtime: &Runtime, network_args: &NetworkArgs) -> Result<ExitCode> {
+    let network = network_args.config(&runtime.config.data_dir, &runtime.config.run_dir);
+    // Addresses as the network last recorded them (read-only: no lock, no change).
+    let ipam = lull_netns::ipam::Ipam::open(&network.ipam_file, network.subnet)
+        .with_context(|| format!("read {}", network.ipam_file.display()))?;
+    println!(
+        "{:<40} {:<28} {:>8}  {:<32} ADDRESS",
+        "INSTANCE", "STATUS", "PID", "STARTED"
+    );
     let dir = runtime.config.instances_dir();
     let mut ids: Vec<String> = std::fs::read_dir(&dir)
         .with_context(|| dir.display().to_string())?
@@ -74,7 +81,10 @@ pub fn ps(runtime: &Runtime) -> Result<ExitCode> {
                 String::new(),
             ),
         };
-        println!("{id:<40} {status:<28} {pid:>8}  {started}");
+        let addr = ipam
+            .address_of(&id)
+            .map_or_else(|| "-".to_owned(), |a| a.to_string());
+        println!("{id:<40} {status:<28} {pid:>8}  {started:<32} {addr}");
     }
     Ok(ExitCode::SUCCESS)
 }

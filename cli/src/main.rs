@@ -114,7 +114,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
         Command::Run(args) => run::run(open_runtime(&cli)?, args, &cli.network).await,
-        Command::Ps => instances::ps(&open_runtime(&cli)?),
+        Command::Ps => instances::ps(&open_runtime(&cli)?, &cli.network),
         Command::Logs(args) => instances::logs(&cli.data_dir, args).await,
         Command::Stop(args) => instances::stop(&open_runtime(&cli)?, args).await,
         Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args, &cli.network).await,

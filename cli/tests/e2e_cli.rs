@@ -317,6 +317,23 @@ fn a_detached_instance_is_listed_logged_stopped_and_removed() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].0, name);
     assert!(rows[0].1.starts_with("running"), "{rows:?}");
+    let subnet_prefix = lull.net.subnet.trim_end_matches(".0/24");
+    let addr = format!("{subnet_prefix}.2");
+    assert!(
+        rows[0].1.ends_with(&addr),
+        "the instance's address in the test's subnet: {rows:?}"
+    );
+    // The host reaches the detached instance on its address, through the bridge.
+    let target: std::net::SocketAddr = format!("{addr}:9090").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        match lull_tests::http::get_at(target, "/", Duration::from_secs(2)) {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => panic!("{target} never answered: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!((answer.status, answer.body.as_str()), (200, HELLO));
 
     let listening = "listening on :9090";
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -409,6 +426,51 @@ fn bad_input_is_refused_naming_what_is_wrong() {
         .failure(&[unknown, "--pull never"]);
     lull.run(&["run", "--name", "Bad Name", FIXTURE_APP, "--check", "/"])
         .failure(&["Bad Name"]);
+    // Network settings, each named in its error, nothing made.
+    lull.run(&[
+        "run",
+        "--subnet",
+        "10.0.0.0/33",
+        FIXTURE_APP,
+        "--check",
+        "/",
+    ])
+    .failure(&["--subnet", "10.0.0.0/33"]);
+    lull.run(&[
+        "run",
+        "--veth-prefix",
+        "toolong1",
+        FIXTURE_APP,
+        "--check",
+        "/",
+    ])
+    .failure(&["veth_prefix", "toolong1"]);
+    lull.run(&["run", "--allow-host-port", "0", FIXTURE_APP, "--check", "/"])
+        .failure(&["--allow-host-port", "0"]);
+    lull.run(&[
+        "run",
+        "--allow-host-port",
+        "53/sctp",
+        FIXTURE_APP,
+        "--check",
+        "/",
+    ])
+    .failure(&["53/sctp", "tcp or udp"]);
+    lull.run(&[
+        "run",
+        "--uplink",
+        "nosuchlink0",
+        FIXTURE_APP,
+        "--check",
+        "/",
+    ])
+    .failure(&["uplink", "nosuchlink0"]);
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&lull.net.bridge)
+            .exists(),
+        "no bridge made for refused settings"
+    );
     lull.assert_no_instance_left();
 }
 

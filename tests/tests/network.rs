@@ -470,10 +470,10 @@ fn attach_detach_cycles_leave_no_links_namespaces_addresses_or_rules() {
 const CRASH_CHILD: &str = "LULL_TEST_NETWORK_CRASH_CHILD";
 
 #[test]
+#[ignore = "the child process of a_crash_mid_way_is_reconciled_on_restart, which starts it"]
 fn crash_child() {
-    let Some(spec) = std::env::var_os(CRASH_CHILD) else {
-        return;
-    };
+    let spec = std::env::var_os(CRASH_CHILD)
+        .unwrap_or_else(|| panic!("{CRASH_CHILD} is not set: this is not a test of its own"));
     let spec: serde_json::Value = serde_json::from_str(&spec.to_string_lossy()).unwrap();
     let dir = PathBuf::from(spec["dir"].as_str().unwrap());
     let mut config = NetworkConfig::new(&dir.join("data"), &dir.join("run"));
@@ -502,7 +502,13 @@ fn a_crash_mid_way_is_reconciled_on_restart() {
     let mut child = host
         .run(|| {
             Command::new(&exe)
-                .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+                .args([
+                    "--exact",
+                    "crash_child",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env(CRASH_CHILD, &spec)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
@@ -659,4 +665,39 @@ fn two_fixture_app_instances_answer_the_host_on_their_addresses() {
         tokio.block_on(guard.delete()).unwrap();
         host.run(|| network.detach(&att.instance)).unwrap();
     }
+}
+
+#[test]
+fn an_ipv6_subnet_gives_instances_a_second_address() {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    let host = Host::new();
+    let mut config = host.config();
+    config.subnet6 = Some(("fd00:6c75:6c6c::".parse().unwrap(), 64));
+    let network = host.start(config.clone());
+    let a = host
+        .run(|| network.attach(&request("six", "six", false)))
+        .unwrap();
+    let addr6 = a.addr6.expect("an IPv6 address");
+    assert_eq!(addr6, config.addr6_for(a.addr).unwrap());
+    let forwarding = host
+        .run(|| fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding"))
+        .unwrap();
+    assert_eq!(forwarding.trim(), "1");
+
+    // The host reaches the instance over IPv6 (no duplicate address detection to wait for).
+    let ns = NetNs::open(&config.netns_dir, "six").unwrap();
+    let listener = ns
+        .run_in(|| TcpListener::bind(SocketAddrV6::new(addr6, 0, 0, 0)))
+        .unwrap()
+        .unwrap();
+    let target = listener.local_addr().unwrap();
+    let server = serve_peer_address(listener);
+    let stream = host
+        .run(|| TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+        .unwrap();
+    let gateway6: Ipv6Addr = "fd00:6c75:6c6c::1".parse().unwrap();
+    assert_eq!(read_all(stream), gateway6.to_string());
+    server.join().unwrap();
+    host.run(|| network.detach("six")).unwrap();
 }

@@ -78,7 +78,8 @@ impl HostNetwork {
             .ok_or_else(|| NetworkError::UplinkMissing {
                 name: uplink.clone(),
             })?;
-        let mtu = config.mtu.or(uplink_link.mtu).unwrap_or(1500);
+        // A veth takes at most 65535 (loopback, as a stand-in uplink, has 65536).
+        let mtu = config.mtu.or(uplink_link.mtu).unwrap_or(1500).min(65535);
         check_subnet_is_free(&config)?;
 
         let bridge_existed = link::host_link(&config.bridge)
