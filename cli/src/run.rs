@@ -1,13 +1,12 @@
 //! `lull run`: pull (if needed), unpack, start an image as an isolated instance in its own
 //! network namespace; follow its output, or check it answers HTTP and stop it.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use std::net::SocketAddr;
-
 use lull_netns::network::{AttachRequest, HostNetwork, InstanceNetwork};
 use lull_runtime::cgroup::Resources;
 use lull_runtime::host::Runtime;

@@ -137,7 +137,10 @@ pub enum NetworkError {
     Firewall(#[from] FirewallError),
     #[error("ipam: {0}")]
     State(#[source] IpamError),
-    #[error("instance {instance} is already attached")]
+    #[error(
+        "instance {instance} already has a network (an instance of that name exists, or was \
+         not removed)"
+    )]
     AlreadyAttached { instance: String },
     #[error("{what} {path}")]
     Io {
