@@ -1,1 +1,5 @@
-//! The embedded HTTP(S) ingress: routing, balancing, queueing, health checks and the CPU gate caller (filled by the proxy issue).
+//! The embedded HTTP(S) ingress: routing by Host, balancing by concurrency, the request queue,
+//! health checks and the CPU gate. It knows nothing about containers: it sees upstream
+//! addresses, a concurrency limit and a CPU control to call.
+
+pub mod config;
