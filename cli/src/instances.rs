@@ -4,11 +4,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::network::NetworkArgs;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use lull_netns::network::InstanceNetwork;
-
-use crate::network::NetworkArgs;
 use lull_runtime::host::Runtime;
 use lull_runtime::instance::config::read_json;
 use lull_runtime::instance::pidfd::is_same_process_alive;
@@ -131,17 +129,27 @@ pub async fn stop(runtime: &Runtime, args: &StopArgs) -> Result<ExitCode> {
 }
 
 pub async fn rm(runtime: &Runtime, args: &RmArgs, network_args: &NetworkArgs) -> Result<ExitCode> {
-    match runtime.instances.get(&args.id)? {
-        None => bail!("instance {} not found", args.id),
+    let known = match runtime.instances.get(&args.id)? {
+        None => false,
         Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => {
-            runtime.instances.delete(instance).await?
+            runtime.instances.delete(instance).await?;
+            true
         }
-        Some(Recovered::Removed { .. }) => {}
+        Some(Recovered::Removed { .. }) => true,
+    };
+    // The network goes whether or not the instance record is there: a `lull run` killed
+    // between giving an instance its network and starting it leaves only the network.
+    let config = network_args.config(&runtime.config.data_dir, &runtime.config.run_dir);
+    let had_network = tokio::task::block_in_place(|| {
+        let held = lull_netns::ipam::Ipam::open(&config.ipam_file, config.subnet)
+            .map(|ipam| ipam.address_of(&args.id).is_some())
+            .unwrap_or(false);
+        lull_netns::network::remove_instance_network(&config, &args.id).map(|()| held)
+    })
+    .with_context(|| format!("remove the network of {}", args.id))?;
+    if !known && !had_network {
+        bail!("instance {} not found", args.id);
     }
-    network_args
-        .start(&runtime.config.data_dir, &runtime.config.run_dir)?
-        .detach(&args.id)
-        .with_context(|| format!("remove the network of {}", args.id))?;
     println!("removed {}", args.id);
     Ok(ExitCode::SUCCESS)
 }

@@ -58,10 +58,13 @@ impl NetworkArgs {
         config
     }
 
-    /// Sets the host network up (idempotent), telling the operator about firewalls that would
-    /// drop instances' traffic.
+    /// Sets the host network up (the bridge and table are adopted when there; the table is
+    /// rewritten from these settings, keeping its peer pairs), telling the operator about
+    /// firewalls that would drop instances' traffic. Blocks the calling worker thread
+    /// (`block_in_place`): the netlink and nft work runs on threads of its own.
     pub fn start(&self, data_dir: &Path, run_dir: &Path) -> Result<HostNetwork> {
-        let (network, report) = HostNetwork::start(self.config(data_dir, run_dir))
+        let config = self.config(data_dir, run_dir);
+        let (network, report) = tokio::task::block_in_place(|| HostNetwork::start(config))
             .context("set up the instance network")?;
         if report.forwarding_enabled {
             eprintln!("note: switched on IP forwarding so instances can reach the outside");
@@ -142,8 +145,8 @@ pub fn run(
                     held.join(", ")
                 );
             }
-            let network = args.start(data_dir, run_dir)?;
-            network.teardown().context("remove the instance network")?;
+            tokio::task::block_in_place(|| lull_netns::network::remove_host_network(&config))
+                .context("remove the instance network")?;
             println!(
                 "removed bridge {} and table inet {}",
                 config.bridge, config.table

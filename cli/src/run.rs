@@ -162,14 +162,15 @@ pub async fn run(runtime: Runtime, args: &RunArgs, network_args: &NetworkArgs) -
         .unwrap_or_else(|| default_name(reference.repository()));
     lull_runtime::instance::validate_id(&id)?;
     let network = network_args.start(&runtime.config.data_dir, &runtime.config.run_dir)?;
-    let attachment = network
-        .attach(&AttachRequest {
+    let attachment = tokio::task::block_in_place(|| {
+        network.attach(&AttachRequest {
             instance: id.clone(),
             service: id.clone(),
             allow_peers: false,
             hostname: id.clone(),
         })
-        .context("give the instance its network")?;
+    })
+    .context("give the instance its network")?;
     let request = InstanceRequest {
         id: id.clone(),
         layers,
@@ -212,7 +213,7 @@ pub async fn run(runtime: Runtime, args: &RunArgs, network_args: &NetworkArgs) -
                 }
                 let _ = runtime.instances.remove_files(&id);
             }
-            if let Err(detach) = network.detach(&id) {
+            if let Err(detach) = tokio::task::block_in_place(|| network.detach(&id)) {
                 eprintln!("lull: remove the network of {id}: {detach:#}");
             }
             return Err(e).context(format!("start instance {id}"));

@@ -10,7 +10,8 @@
 //! just-released address is reused only once every other one has been used since. That keeps
 //! stale ARP entries and conntrack state of a dead instance from reaching a new one.
 //!
-//! One process owns the state file at a time; there is no cross-process locking.
+//! `Ipam` itself does no locking: its user serializes changes (`HostNetwork` holds an
+//! exclusive `flock` on `<state file>.lock` around every change, across processes).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;

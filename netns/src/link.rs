@@ -276,9 +276,25 @@ pub fn wire_instance(
         source,
     })?;
 
+    // Created down, marked and isolated, then up: the port never forwards a frame before it is
+    // isolated, and a crash in between leaves a link that is down, not one talking freely.
     let host_index = on_host_thread(host_ifname, |handle| async move {
         let index = create_veth(&handle, bridge, netns, &ns_file, host_ifname, link.mtu).await?;
-        if let Err(err) = mark_port(&handle, host_ifname, index, link.alias).await {
+        let marked = async {
+            mark_port(&handle, host_ifname, index, link.alias).await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(|source| LinkError::Netlink {
+                    op: "set up",
+                    name: host_ifname.to_string(),
+                    source: Box::new(source),
+                })
+        }
+        .await;
+        if let Err(err) = marked {
             delete_link(&handle, host_ifname, index).await?;
             return Err(err);
         }
@@ -339,6 +355,26 @@ pub fn unwire_instance(host_ifname: &str) -> Result<(), LinkError> {
     })?;
     tracing::debug!(link = host_ifname, "instance unwired");
     Ok(())
+}
+
+/// Deletes bridge `name` if it is lull's (a bridge with [`BRIDGE_ALIAS`]); returns whether
+/// there was one. Another link of that name is refused.
+pub fn remove_bridge(name: &str) -> Result<bool, LinkError> {
+    check_ifname(name)?;
+    on_host_thread(name, |handle| async move {
+        let Some(link) = link_by_name(&handle, name).await? else {
+            return Ok(false);
+        };
+        let alias = to_host_link(&link).alias;
+        if link_kind(&link) != Some(&InfoKind::Bridge) || alias.as_deref() != Some(BRIDGE_ALIAS) {
+            return Err(LinkError::Foreign {
+                name: name.to_string(),
+                reason: "not the bridge lull set up".to_string(),
+            });
+        }
+        delete_link(&handle, name, link.header.index).await?;
+        Ok(true)
+    })
 }
 
 /// A link on the host, as [`host_links`] lists it.
@@ -720,8 +756,7 @@ async fn create_veth(
         .append_extra_attribute(LinkAttribute::NetNsFd(ns_file.as_raw_fd()));
     let mut host = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(host_ifname)
-        .controller(bridge.index)
-        .up();
+        .controller(bridge.index);
     if let Some(mtu) = mtu {
         peer = peer.mtu(mtu);
         host = host.mtu(mtu);

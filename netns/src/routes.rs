@@ -20,6 +20,8 @@ pub struct HostRoute {
     pub table: u32,
     /// Unicast (a reachable network) or local (an address of the host itself).
     pub local: bool,
+    /// The route's metric (lower wins).
+    pub priority: u32,
 }
 
 impl HostRoute {
@@ -73,6 +75,7 @@ pub fn ipv4_routes() -> Result<Vec<HostRoute>, LinkError> {
                 oif: None,
                 table: u32::from(msg.header.table),
                 local,
+                priority: 0,
             };
             for attr in &msg.attributes {
                 match attr {
@@ -81,6 +84,11 @@ pub fn ipv4_routes() -> Result<Vec<HostRoute>, LinkError> {
                     }
                     RouteAttribute::Oif(oif) => route.oif = Some(*oif),
                     RouteAttribute::Table(table) => route.table = *table,
+                    RouteAttribute::Priority(priority) => route.priority = *priority,
+                    // A multipath route: its first hop's interface.
+                    RouteAttribute::MultiPath(hops) if route.oif.is_none() => {
+                        route.oif = hops.first().map(|hop| hop.interface_index)
+                    }
                     _ => {}
                 }
             }
@@ -94,8 +102,9 @@ pub fn ipv4_routes() -> Result<Vec<HostRoute>, LinkError> {
 pub fn default_route_oif() -> Result<Option<u32>, LinkError> {
     Ok(ipv4_routes()?
         .into_iter()
-        .filter(|r| r.prefix == 0 && !r.local && r.table == MAIN_TABLE)
-        .find_map(|r| r.oif))
+        .filter(|r| r.prefix == 0 && !r.local && r.table == MAIN_TABLE && r.oif.is_some())
+        .min_by_key(|r| r.priority)
+        .and_then(|r| r.oif))
 }
 
 /// `RT_TABLE_MAIN`.
@@ -112,6 +121,7 @@ mod tests {
             oif: Some(2),
             table: MAIN_TABLE,
             local: false,
+            priority: 0,
         }
     }
 

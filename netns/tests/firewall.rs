@@ -186,7 +186,11 @@ fn install_again_replaces_our_table() {
         let text = nft(&["list", "table", "inet", &table]);
         assert!(text.contains("tcp dport 8125 accept"), "{text}");
         assert_eq!(text.matches("chain forward {").count(), 1, "{text}");
-        assert_eq!(second.peers().unwrap(), vec![], "peers start empty");
+        assert_eq!(
+            second.peers().unwrap(),
+            vec![pair(2, 3)],
+            "the peer pairs survive the rewrite"
+        );
     });
 }
 

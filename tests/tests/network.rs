@@ -84,6 +84,15 @@ impl Host {
         config.subnet = Subnet::parse("10.73.0.0/24").unwrap();
         config.uplink = Some(UPLINK_BRIDGE.into());
         config.dns = vec!["192.0.2.53".parse().unwrap()];
+        // The host's resolver settings as systemd-resolved leaves them: only its stub.
+        let resolv = dir.join("host-resolv.conf");
+        fs::write(
+            &resolv,
+            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
+        )
+        .unwrap();
+        config.host_resolv_conf = resolv;
+        config.resolved_conf = dir.join("no-resolved.conf");
         config
     }
 
@@ -228,7 +237,9 @@ fn instances_get_distinct_addresses_and_reach_out_through_nat() {
         .expect("eth0 in the instance");
     assert_eq!(eth0.mtu, Some(1450));
     let resolv = fs::read_to_string(&a.resolv_conf).unwrap();
-    assert!(!resolv.contains("127.0.0."), "{resolv}");
+    assert!(!resolv.contains("127.0.0.53"), "{resolv}");
+    assert!(resolv.contains("nameserver 192.0.2.53\n"), "{resolv}");
+    assert!(resolv.contains("search corp.example\n"), "{resolv}");
     let hosts = fs::read_to_string(&a.hosts).unwrap();
     assert!(hosts.contains(&format!("{}\tweb-a", a.addr)), "{hosts}");
 
@@ -369,13 +380,22 @@ fn a_foreign_forward_drop_is_reported_and_foreign_names_are_refused() {
     assert_eq!(report.foreign_links, vec!["ltvforeign".to_string()]);
     assert_eq!(host.links("ltvforeign"), vec!["ltvforeign".to_string()]);
 
-    // A bridge name held by another kind of link: refused.
+    // A bridge lull did not make (no alias), and a link of another kind with the bridge's
+    // name: both refused, both left alone.
     host.run(|| network.teardown()).unwrap();
     let mut taken = config.clone();
     taken.bridge = "ltvforeign".into();
     taken.veth_prefix = "xv".into();
+    let err = host.run(|| HostNetwork::start(taken.clone())).unwrap_err();
+    assert!(
+        err.to_string().contains("ltvforeign") && err.to_string().contains("did not make"),
+        "{err}"
+    );
+    host.sh("ip link add ltvpair type veth peer name ltvpair2");
+    taken.bridge = "ltvpair".into();
     let err = host.run(|| HostNetwork::start(taken)).unwrap_err();
-    assert!(err.to_string().contains("ltvforeign"), "{err}");
+    assert!(err.to_string().contains("not a bridge"), "{err}");
+    assert_eq!(host.links("ltvpair").len(), 2, "left alone");
 }
 
 #[test]
@@ -700,4 +720,97 @@ fn an_ipv6_subnet_gives_instances_a_second_address() {
     assert_eq!(read_all(stream), gateway6.to_string());
     server.join().unwrap();
     host.run(|| network.detach("six")).unwrap();
+}
+
+/// Leftovers made on purpose, as a crash at each step of an attach would leave them: a
+/// namespace whose veth pair was never made (rewired), an address record with no namespace
+/// (released), a namespace with no address record (removed), an empty mount point (removed).
+#[test]
+fn every_kind_of_leftover_is_reconciled() {
+    use lull_netns::ipam::Ipam;
+
+    let host = Host::new();
+    let config = host.config();
+    let network = host.start(config.clone());
+    let whole = host
+        .run(|| network.attach(&request("whole", "s", false)))
+        .unwrap();
+    {
+        let mut ipam = Ipam::open(&config.ipam_file, config.subnet).unwrap();
+        ipam.allocate("unwired").unwrap();
+        ipam.allocate("no-namespace").unwrap();
+    }
+    host.run(|| {
+        NetNs::create(&config.netns_dir, "unwired").unwrap();
+        NetNs::create(&config.netns_dir, "no-address").unwrap();
+    });
+    fs::write(config.netns_dir.join("empty-mount-point"), b"").unwrap();
+
+    let network = host.start(config.clone());
+    let live: Vec<LiveInstance> = ["whole", "unwired", "no-namespace", "no-address"]
+        .iter()
+        .map(|id| LiveInstance {
+            instance: (*id).into(),
+            service: "s".into(),
+            allow_peers: false,
+        })
+        .collect();
+    let report = host.run(|| network.reconcile(&live)).unwrap();
+    assert_eq!(report.adopted, vec!["whole"], "{report:?}");
+    assert_eq!(report.rewired, vec!["unwired"], "{report:?}");
+    let mut lost = report.lost.clone();
+    lost.sort();
+    assert_eq!(lost, vec!["no-address", "no-namespace"], "{report:?}");
+    assert_eq!(
+        report.removed_namespaces,
+        vec!["empty-mount-point"],
+        "{report:?}"
+    );
+
+    // The rewired one works; the lost ones left nothing.
+    let unwired = network.attachment("unwired").expect("rewired and attached");
+    let listener = listen_in(&unwired.netns, unwired.addr);
+    let target = listener.local_addr().unwrap();
+    host.run(|| TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+        .expect("the host reaches the rewired instance");
+    assert_eq!(host.links("ltv").len(), 2);
+    let namespaces: BTreeSet<String> = fs::read_dir(&config.netns_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        namespaces,
+        BTreeSet::from(["whole".into(), "unwired".into()])
+    );
+    let ipam = Ipam::open(&config.ipam_file, config.subnet).unwrap();
+    let owners: BTreeSet<&str> = ipam.allocations().map(|(_, o)| o).collect();
+    assert_eq!(owners, BTreeSet::from(["whole", "unwired"]));
+    assert_eq!(network.attachment("whole").unwrap().addr, whole.addr);
+}
+
+/// `remove_host_network` takes everything away with no network started, and nothing else.
+#[test]
+fn the_network_comes_down_without_being_started() {
+    let host = Host::new();
+    let config = host.config();
+    let network = host.start(config.clone());
+    for id in ["d1", "d2"] {
+        host.run(|| network.attach(&request(id, "s", true)))
+            .unwrap();
+    }
+    drop(network);
+    host.run(|| lull_netns::network::remove_host_network(&config))
+        .unwrap();
+    assert!(host.links("ltv").is_empty());
+    assert!(host.links("lulltest0").is_empty());
+    assert_eq!(host.links(UPLINK_BRIDGE), vec![UPLINK_BRIDGE.to_string()]);
+    let out = host
+        .run(|| Command::new("nft").args(["list", "tables"]).output())
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("lulltest"),
+        "table left"
+    );
+    assert!(fs::read_dir(&config.netns_dir).unwrap().next().is_none());
 }

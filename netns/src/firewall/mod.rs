@@ -279,12 +279,11 @@ pub struct Firewall {
 }
 
 impl Firewall {
-    /// Creates table `inet <table>` with its chains and the empty `peers` set in one atomic nft
-    /// transaction. A table of that name carrying lull's marker (say, left by a crash) is
-    /// deleted and recreated in the same transaction; one without the marker is left alone and
-    /// reported as [`FirewallError::Foreign`].
-    ///
-    /// Peer pairs do not survive a replacement: the caller adds them again.
+    /// Creates table `inet <table>` with its chains and the `peers` set in one atomic nft
+    /// transaction. A table of that name carrying lull's marker (an earlier run's) is rewritten
+    /// from `config` in the same transaction, keeping the pairs its `peers` set held (a caller
+    /// that knows better, such as a reconcile, revokes the stale ones); one without the marker is
+    /// left alone and reported as [`FirewallError::Foreign`].
     pub fn install(config: FirewallConfig) -> Result<Firewall, FirewallError> {
         config.validate()?;
         let owner = nft::table_owner(&config.table)?;
@@ -297,16 +296,37 @@ impl Firewall {
             TableOwner::Lull => true,
             TableOwner::Absent => false,
         };
-        let script = ruleset::install_script(&config, replace);
+        let mut script = ruleset::install_script(&config, replace);
+        let kept = if replace {
+            nft::peers(&config.table)?
+        } else {
+            Vec::new()
+        };
+        if !kept.is_empty() {
+            script.push_str(&ruleset::add_peers_script(&config.table, &kept));
+        }
         nft::run_script(&format!("install table inet {}", config.table), &script)?;
         tracing::info!(
             table = config.table,
             bridge = config.bridge,
             uplink = config.uplink,
             replaced = replace,
+            kept_peers = kept.len(),
             "firewall installed"
         );
         Ok(Firewall { config })
+    }
+
+    /// lull's table as it is, without touching it: `None` when there is none.
+    pub fn open(config: FirewallConfig) -> Result<Option<Firewall>, FirewallError> {
+        config.validate()?;
+        match nft::table_owner(&config.table)? {
+            TableOwner::Absent => Ok(None),
+            TableOwner::Foreign => Err(FirewallError::Foreign {
+                table: config.table.clone(),
+            }),
+            TableOwner::Lull => Ok(Some(Firewall { config })),
+        }
     }
 
     pub fn config(&self) -> &FirewallConfig {
@@ -359,6 +379,31 @@ impl Firewall {
     /// The pairs in the `peers` set, sorted.
     pub fn peers(&self) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>, FirewallError> {
         nft::peers(&self.config.table)
+    }
+}
+
+/// Takes every pair that names `addr` (either way) out of the `peers` set of lull's table
+/// `inet <table>`, so whoever gets the address next does not inherit its access. No table: 0.
+pub fn revoke_address(table: &str, addr: Ipv4Addr) -> Result<usize, FirewallError> {
+    check_table_name(table)?;
+    match nft::table_owner(table)? {
+        TableOwner::Absent => Ok(0),
+        TableOwner::Foreign => Err(FirewallError::Foreign {
+            table: table.to_string(),
+        }),
+        TableOwner::Lull => {
+            let pairs: Vec<_> = nft::peers(table)?
+                .into_iter()
+                .filter(|(src, dst)| *src == addr || *dst == addr)
+                .collect();
+            if !pairs.is_empty() {
+                nft::run_script(
+                    &format!("remove peers from table inet {table}"),
+                    &ruleset::remove_peers_script(table, &pairs),
+                )?;
+            }
+            Ok(pairs.len())
+        }
     }
 }
 

@@ -42,6 +42,17 @@ pub fn install_script(config: &FirewallConfig, replace: bool) -> String {
 
     // Forward: only traffic touching the bridge is judged; the rest is none of lull's business.
     let mut forward = vec![
+        // Only the subnet's own addresses leave the bridge: an app with CAP_NET_RAW cannot
+        // send packets with another network's source address out of the uplink.
+        format!("iifname \"{bridge}\" ip saddr != {} drop", config.subnet),
+        match config.subnet6 {
+            Some((network, prefix)) => {
+                format!("iifname \"{bridge}\" ip6 saddr != {network}/{prefix} drop")
+            }
+            // Without an IPv6 subnet instances have only link-local addresses: nothing of
+            // theirs is forwarded.
+            None => format!("iifname \"{bridge}\" meta nfproto ipv6 drop"),
+        },
         // Between instances (ports are isolated, so this traffic is routed by the host).
         format!("iifname \"{bridge}\" oifname \"{bridge}\" ct state established,related accept"),
         format!(

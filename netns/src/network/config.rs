@@ -49,9 +49,13 @@ pub struct NetworkConfig {
     pub host_ports: Vec<HostPort>,
     /// Whether instances may reach link-local addresses (169.254.0.0/16: cloud metadata).
     pub allow_metadata: bool,
-    /// Nameservers for instances when the host's resolv.conf has only loopback ones and
-    /// systemd-resolved's upstream list is not there either.
+    /// Nameservers that take the place of the host's loopback ones (such as systemd-resolved's
+    /// stub) in instances; when empty, systemd-resolved's own upstream list is used.
     pub dns: Vec<IpAddr>,
+    /// The host's resolver settings (`/etc/resolv.conf`).
+    pub host_resolv_conf: PathBuf,
+    /// systemd-resolved's list of upstream servers (`/run/systemd/resolve/resolv.conf`).
+    pub resolved_conf: PathBuf,
     /// Where namespaces are bind-mounted (`/run/lull/netns`).
     pub netns_dir: PathBuf,
     /// Per-instance resolv.conf and hosts files (`/run/lull/net`).
@@ -74,6 +78,8 @@ impl NetworkConfig {
             host_ports: Vec::new(),
             allow_metadata: false,
             dns: Vec::new(),
+            host_resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            resolved_conf: PathBuf::from("/run/systemd/resolve/resolv.conf"),
             netns_dir: run_dir.join("netns"),
             files_dir: run_dir.join("net"),
             ipam_file: data_dir.join("network").join("ipam.json"),

@@ -59,6 +59,8 @@ impl HostNetwork {
     /// traffic. Leftover instance networks stay until [`HostNetwork::reconcile`].
     pub fn start(config: NetworkConfig) -> Result<(HostNetwork, StartReport), NetworkError> {
         config.validate()?;
+        // One start at a time on this host (two `lull` commands racing to make the bridge).
+        let _lock = lock_state(&config)?;
         let uplink = match &config.uplink {
             Some(name) => name.clone(),
             None => {
@@ -102,7 +104,11 @@ impl HostNetwork {
                     return Err(e);
                 }
             };
-        let conflicts = firewall::forward_conflicts(firewall.config())?;
+        // Advisory: a failure to read other firewalls does not stop instances from starting.
+        let conflicts = firewall::forward_conflicts(firewall.config()).unwrap_or_else(|e| {
+            warn!(error = %e, "could not check other firewalls for rules that drop instances' traffic");
+            Vec::new()
+        });
         for conflict in &conflicts {
             warn!(%conflict, "another firewall would drop instances' traffic");
         }
@@ -152,41 +158,15 @@ impl HostNetwork {
     /// Removes everything this network put on the host: every instance's network, the
     /// firewall table and the bridge. For tests and uninstalling; instances lose their network.
     pub fn teardown(self) -> Result<(), NetworkError> {
-        let report = self.reconcile(&[])?;
-        debug!(?report, "tore down instance networks");
-        self.firewall.remove()?;
-        self.bridge.remove().map_err(NetworkError::HostLink)?;
-        Ok(())
+        remove_host_network(&self.config)
     }
 
     fn lock_state(&self) -> Result<Flock<File>, NetworkError> {
-        let path = lock_path(&self.config.ipam_file);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|source| NetworkError::Io {
-                what: "create directory",
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| NetworkError::Io {
-                what: "open lock file",
-                path: path.clone(),
-                source,
-            })?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| NetworkError::Io {
-            what: "lock",
-            path,
-            source: errno.into(),
-        })
+        lock_state(&self.config)
     }
 
     fn open_ipam(&self) -> Result<Ipam, NetworkError> {
-        Ipam::open(&self.config.ipam_file, self.config.subnet).map_err(NetworkError::State)
+        open_ipam(&self.config)
     }
 
     /// Creates the veth pair, trying other names when the hashed one is taken by another
@@ -216,26 +196,6 @@ impl HostNetwork {
         Err(last.expect("at least one attempt"))
     }
 
-    /// The host end of `instance`'s veth pair, found by its alias.
-    fn find_link(&self, instance: &str) -> Result<Option<HostLink>, LinkError> {
-        let first = veth_name(&self.config.veth_prefix, instance, 0);
-        let is_its = |l: &HostLink| {
-            l.is_veth()
-                && l.alias
-                    .as_deref()
-                    .and_then(|a| instance_of_alias(&self.config.bridge, a))
-                    == Some(instance)
-        };
-        if let Some(link) = link::host_link(&first)?
-            && is_its(&link)
-        {
-            return Ok(Some(link));
-        }
-        Ok(link::host_links(&self.config.veth_prefix)?
-            .into_iter()
-            .find(is_its))
-    }
-
     fn files_dir(&self, instance: &str) -> PathBuf {
         self.config.files_dir.join(instance)
     }
@@ -253,7 +213,7 @@ impl HostNetwork {
         };
         let hosts =
             resolv::instance_hosts(hostname, Some(IpAddr::V4(addr))).map_err(resolv_error)?;
-        let resolv_conf = instance_resolv_conf(&self.config.dns);
+        let resolv_conf = instance_resolv_conf(&self.config);
         let dir = self.files_dir(instance);
         let io = |what, path: &Path| {
             let path = path.to_path_buf();
@@ -267,16 +227,7 @@ impl HostNetwork {
     }
 
     fn remove_files(&self, instance: &str) -> Result<(), NetworkError> {
-        let dir = self.files_dir(instance);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(NetworkError::Io {
-                what: "remove",
-                path: dir,
-                source,
-            }),
-        }
+        remove_files(&self.config, instance)
     }
 
     /// The (source, destination) pairs that let `addr` and its service's other instances reach
@@ -404,44 +355,7 @@ impl InstanceNetwork for HostNetwork {
     fn detach(&self, instance: &str) -> Result<(), NetworkError> {
         let _span = info_span!("detach", instance).entered();
         let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
-        let _lock = self.lock_state()?;
-        let link_error = |source| NetworkError::Link {
-            instance: instance.to_string(),
-            source,
-        };
-        if let Some(attachment) = attachments.get(instance)
-            && attachment.allow_peers
-        {
-            let pairs =
-                Self::peer_pairs(&attachments, instance, &attachment.service, attachment.addr);
-            if !pairs.is_empty() {
-                self.firewall.revoke_peers(&pairs)?;
-            }
-        }
-        if let Some(link) = self.find_link(instance).map_err(link_error)? {
-            link::unwire_instance(&link.name).map_err(link_error)?;
-        }
-        match NetNs::open(&self.config.netns_dir, instance) {
-            Ok(netns) => netns.destroy().map_err(|source| NetworkError::Namespace {
-                instance: instance.to_string(),
-                source,
-            })?,
-            Err(NetnsError::NotFound { .. }) => {}
-            Err(NetnsError::NotANamespace { path }) => remove_file(&path)?,
-            Err(source) => {
-                return Err(NetworkError::Namespace {
-                    instance: instance.to_string(),
-                    source,
-                });
-            }
-        }
-        self.remove_files(instance)?;
-        let mut ipam = self.open_ipam()?;
-        ipam.release(instance)
-            .map_err(|source| NetworkError::Ipam {
-                instance: instance.to_string(),
-                source,
-            })?;
+        remove_instance_network(&self.config, instance)?;
         attachments.remove(instance);
         debug!("detached");
         Ok(())
@@ -539,38 +453,29 @@ impl InstanceNetwork for HostNetwork {
         let mut peers = Vec::new();
         for l in live {
             let instance = l.instance.as_str();
-            if !live_namespaces.contains(instance) {
-                warn!(
-                    instance,
-                    "the instance's network namespace is gone: it must be restarted"
-                );
-                report.lost.push(instance.to_string());
-                if ipam
-                    .release(instance)
-                    .map_err(NetworkError::State)?
-                    .is_some()
-                {
-                    debug!(instance, "released the address of a lost instance");
-                }
-                continue;
-            }
-            let addr = match ipam.address_of(instance) {
-                Some(addr) => addr,
-                None => {
+            let addr = ipam.address_of(instance);
+            let netns = if live_namespaces.contains(instance) {
+                NetNs::open(&self.config.netns_dir, instance).map_err(|e| e.to_string())
+            } else {
+                Err("gone".to_string())
+            };
+            let (addr, netns) = match (addr, netns) {
+                (Some(addr), Ok(netns)) => (addr, netns),
+                (addr, netns) => {
+                    // Its namespace or its address record is unusable: take what is left of its
+                    // network away (so an address it may still hold is not handed out twice,
+                    // and no peer pair outlives it) and have the caller restart it.
                     warn!(
                         instance,
-                        "the instance has a namespace but no address record: it must be restarted"
+                        address = ?addr,
+                        namespace = ?netns.err(),
+                        "the instance's network cannot be adopted: it must be restarted"
                     );
+                    remove_instance_locked(&self.config, instance, &mut ipam)?;
                     report.lost.push(instance.to_string());
                     continue;
                 }
             };
-            let netns = NetNs::open(&self.config.netns_dir, instance).map_err(|source| {
-                NetworkError::Namespace {
-                    instance: instance.to_string(),
-                    source,
-                }
-            })?;
             let host_ifname = match live_links.get(instance) {
                 Some(name) => {
                     report.adopted.push(instance.to_string());
@@ -647,6 +552,159 @@ impl InstanceNetwork for HostNetwork {
             .unwrap_or_else(|p| p.into_inner())
             .get(instance)
             .cloned()
+    }
+}
+
+/// Removes `instance`'s network from the host, whatever state it is in and whether or not a
+/// network was started in this process: its veth pair (found by its alias), namespace, files,
+/// address and the peer pairs naming that address. Nothing of it left is fine.
+pub fn remove_instance_network(config: &NetworkConfig, instance: &str) -> Result<(), NetworkError> {
+    let _lock = lock_state(config)?;
+    let mut ipam = open_ipam(config)?;
+    remove_instance_locked(config, instance, &mut ipam)
+}
+
+/// [`remove_instance_network`] under a lock the caller holds.
+fn remove_instance_locked(
+    config: &NetworkConfig,
+    instance: &str,
+    ipam: &mut Ipam,
+) -> Result<(), NetworkError> {
+    let link_error = |source| NetworkError::Link {
+        instance: instance.to_string(),
+        source,
+    };
+    if let Some(link) = find_link(config, instance).map_err(link_error)? {
+        link::unwire_instance(&link.name).map_err(link_error)?;
+    }
+    match NetNs::open(&config.netns_dir, instance) {
+        Ok(netns) => netns.destroy().map_err(|source| NetworkError::Namespace {
+            instance: instance.to_string(),
+            source,
+        })?,
+        Err(NetnsError::NotFound { .. }) => {}
+        Err(NetnsError::NotANamespace { path }) => remove_file(&path)?,
+        Err(source) => {
+            return Err(NetworkError::Namespace {
+                instance: instance.to_string(),
+                source,
+            });
+        }
+    }
+    remove_files(config, instance)?;
+    let released = ipam
+        .release(instance)
+        .map_err(|source| NetworkError::Ipam {
+            instance: instance.to_string(),
+            source,
+        })?;
+    if let Some(addr) = released {
+        let revoked = firewall::revoke_address(&config.table, addr)?;
+        debug!(instance, %addr, revoked, "released the address and its peer pairs");
+    }
+    Ok(())
+}
+
+/// Removes everything lull's network has on the host, with no network started: every
+/// instance's network (links by alias, namespaces, files, addresses), the firewall table and
+/// the bridge. Links, tables and bridges without lull's marks are refused, never deleted.
+pub fn remove_host_network(config: &NetworkConfig) -> Result<(), NetworkError> {
+    config.validate()?;
+    let _lock = lock_state(config)?;
+    let mut ipam = open_ipam(config)?;
+    let mut instances: Vec<String> = ipam.allocations().map(|(_, o)| o.to_string()).collect();
+    for l in link::host_links(&config.veth_prefix).map_err(NetworkError::HostLink)? {
+        if let Some(owner) = l
+            .alias
+            .as_deref()
+            .and_then(|a| instance_of_alias(&config.bridge, a))
+        {
+            instances.push(owner.to_string());
+        }
+    }
+    for dir in [&config.netns_dir, &config.files_dir] {
+        if let Ok(entries) = fs::read_dir(dir) {
+            instances.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
+    }
+    instances.sort();
+    instances.dedup();
+    for instance in &instances {
+        remove_instance_locked(config, instance, &mut ipam)?;
+    }
+    let table = firewall::remove_table(&config.table)?;
+    let bridge = link::remove_bridge(&config.bridge).map_err(NetworkError::HostLink)?;
+    info!(
+        instances = instances.len(),
+        table, bridge, "removed the instance network"
+    );
+    Ok(())
+}
+
+fn lock_state(config: &NetworkConfig) -> Result<Flock<File>, NetworkError> {
+    let path = lock_path(&config.ipam_file);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|source| NetworkError::Io {
+            what: "create directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NetworkError::Io {
+            what: "open lock file",
+            path: path.clone(),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| NetworkError::Io {
+        what: "lock",
+        path,
+        source: errno.into(),
+    })
+}
+
+fn open_ipam(config: &NetworkConfig) -> Result<Ipam, NetworkError> {
+    Ipam::open(&config.ipam_file, config.subnet).map_err(NetworkError::State)
+}
+
+/// The host end of `instance`'s veth pair, found by its alias.
+fn find_link(config: &NetworkConfig, instance: &str) -> Result<Option<HostLink>, LinkError> {
+    let first = veth_name(&config.veth_prefix, instance, 0);
+    let is_its = |l: &HostLink| {
+        l.is_veth()
+            && l.alias
+                .as_deref()
+                .and_then(|a| instance_of_alias(&config.bridge, a))
+                == Some(instance)
+    };
+    if let Some(link) = link::host_link(&first)?
+        && is_its(&link)
+    {
+        return Ok(Some(link));
+    }
+    Ok(link::host_links(&config.veth_prefix)?
+        .into_iter()
+        .find(is_its))
+}
+
+fn remove_files(config: &NetworkConfig, instance: &str) -> Result<(), NetworkError> {
+    let dir = config.files_dir.join(instance);
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NetworkError::Io {
+            what: "remove",
+            path: dir,
+            source,
+        }),
     }
 }
 
@@ -733,14 +791,14 @@ fn check_subnet_is_free(config: &NetworkConfig) -> Result<(), NetworkError> {
 
 /// The host's resolver settings made usable from inside an instance; when nothing usable is
 /// left, a file that says so (the instance then has no DNS, which it reports on its own).
-fn instance_resolv_conf(configured: &[IpAddr]) -> String {
-    let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let upstreams = if configured.is_empty() {
-        fs::read_to_string("/run/systemd/resolve/resolv.conf")
+fn instance_resolv_conf(config: &NetworkConfig) -> String {
+    let host = fs::read_to_string(&config.host_resolv_conf).unwrap_or_default();
+    let upstreams = if config.dns.is_empty() {
+        fs::read_to_string(&config.resolved_conf)
             .map(|text| resolv::upstreams_from_systemd_resolved(&text))
             .unwrap_or_default()
     } else {
-        configured.to_vec()
+        config.dns.clone()
     };
     match resolv::instance_resolv_conf(&host, &upstreams) {
         Ok(text) => text,

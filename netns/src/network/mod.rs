@@ -18,7 +18,7 @@ pub use config::{
     ConfigError, DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_TABLE, DEFAULT_VETH_PREFIX, NetworkConfig,
 };
 pub use fake::FakeNetwork;
-pub use host::{HostNetwork, StartReport};
+pub use host::{HostNetwork, StartReport, remove_host_network, remove_instance_network};
 pub use names::{link_alias, veth_name};
 
 use crate::NetnsError;

@@ -211,6 +211,8 @@ impl BenchNet {
         // Egress is not measured: loopback stands in for the uplink, so the run needs no
         // default route and masquerades nothing.
         config.uplink = Some("lo".into());
+        // ... and the MTU is a real uplink's, not loopback's 64 KiB.
+        config.mtu = Some(1500);
         config.dns = vec![Ipv4Addr::new(192, 0, 2, 53).into()];
         let mut net = BenchNet {
             network: None,
