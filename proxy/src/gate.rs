@@ -12,7 +12,9 @@
 //! the loom checks below drive the timer from a thread of their own.
 //!
 //! Model checks (every interleaving of two or three requests, a health check and the idle
-//! timer, on this very code): `RUSTFLAGS="--cfg loom" cargo test -p lull-proxy --release gate`.
+//! timer, on this very code): `RUSTFLAGS="--cfg lull_loom" cargo test -p lull-proxy --release gate`.
+//! The cfg is `lull_loom`, not loom's usual `loom`: tokio compiles its networking out under
+//! `cfg(loom)`, and this crate and hyper-util need it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -365,7 +367,7 @@ impl InstanceGate {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(lull_loom)))]
 mod tests {
     use super::*;
     use std::sync::Mutex as StdMutex;
@@ -536,7 +538,7 @@ mod tests {
 /// health checks, the idle timer, startup and drain, asserting after each step that no request
 /// runs on a throttled CPU, that the CPU is never restored or throttled twice in a row, and
 /// that no transition is lost (an idle serving instance ends throttled).
-#[cfg(all(test, loom))]
+#[cfg(all(test, lull_loom))]
 mod loom_checks {
     use super::*;
     use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -621,7 +623,10 @@ mod loom_checks {
 
     #[test]
     fn gate_loom_two_requests_and_a_probe_immediate_throttle() {
-        loom::model(|| {
+        // Three threads: bounded preemptions keep it to seconds (bugs rarely need more).
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
             let (cpu, gate) = setup(0);
             assert_eq!(gate.set_serving(), Idle::Throttled);
             let threads: Vec<_> = (0..2)

@@ -257,7 +257,7 @@ async fn run_prober(pool: Arc<Pool>, slot: Arc<Slot>) {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(lull_loom)))]
 mod tests {
     use super::*;
     use crate::config::{HealthCheck, HealthProbe};

@@ -361,7 +361,7 @@ fn millis(d: Duration) -> f64 {
     d.as_millis() as f64 / 1000.0
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(lull_loom)))]
 mod tests {
     use super::*;
     use crate::config::ServiceConfig;

@@ -749,7 +749,7 @@ fn pick(inner: &mut Inner, max: u32, avoid: Option<&str>) -> Option<usize> {
     Some(i)
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(lull_loom)))]
 mod tests {
     use super::*;
     use crate::config::CpuMode;
