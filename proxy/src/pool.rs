@@ -1053,15 +1053,19 @@ mod tests {
 
     #[tokio::test]
     async fn idle_delay_is_cancelled_by_a_new_request() {
-        let f = fixture(&["a"], |c| c.idle_delay = Duration::from_millis(80));
+        let f = fixture(&["a"], |c| c.idle_delay = Duration::from_millis(300));
         let cpu = &f.cpus["a"];
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(cpu.calls(), ["throttle"]);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(
+            cpu.calls(),
+            ["throttle"],
+            "throttled after the delay once healthy"
+        );
         drop(f.pool.acquire(None).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let l = f.pool.acquire(None).await.unwrap();
         assert!(!l.woke(), "still awake within the delay");
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(
             cpu.calls(),
             ["throttle", "restore"],
@@ -1069,6 +1073,8 @@ mod tests {
         );
         drop(l);
         tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(cpu.calls(), ["throttle", "restore"], "not before the delay");
+        tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(cpu.calls(), ["throttle", "restore", "throttle"]);
     }
 
