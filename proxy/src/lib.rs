@@ -3,3 +3,8 @@
 //! addresses, a concurrency limit and a CPU control to call.
 
 pub mod config;
+pub mod gate;
+pub mod health;
+pub mod metrics;
+pub mod pool;
+mod sync;
