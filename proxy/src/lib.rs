@@ -3,3 +3,15 @@
 //! addresses, a concurrency limit and a CPU control to call.
 
 pub mod config;
+pub mod gate;
+pub mod pool;
+
+pub mod access_log;
+pub mod forward;
+pub mod headers;
+pub mod routes;
+pub mod server;
+pub mod tls;
+
+pub use routes::{Route, RouteTable};
+pub use server::{Proxy, ProxyOptions, ShutdownReport};
