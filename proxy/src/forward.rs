@@ -7,6 +7,11 @@
 //! connection to the instance, so a request rejected here (503, 413, 431) never sends its body.
 //! Other 1xx responses from instances (103 Early Hints, 102) are dropped: hyper cannot send
 //! them.
+//!
+//! A connection-level failure (refused, or reset before any response byte) marks the instance
+//! suspect and is retried once on another instance when the instance cannot have acted on the
+//! request: it was never reached, or the method is idempotent (GET, HEAD, OPTIONS, PUT,
+//! DELETE) and its body, if any, was not sent yet. With no other healthy instance it is a 502.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -105,6 +110,8 @@ struct Finish {
 }
 
 impl Drop for Finish {
+    // METRICS HOOK (request end): service, status, duration, bytes, queued and woke are all
+    // here; the metrics module's per-request recording belongs next to the log line.
     fn drop(&mut self) {
         self.lease.take();
         if let Some(log) = &self.log {
@@ -233,7 +240,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Some(b) => b.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }
@@ -514,7 +521,7 @@ async fn forward(
         let mut up = Request::new(RequestBody {
             slot: slot.clone(),
             body: None,
-            hint: hint.clone(),
+            hint,
             end: body_empty,
             bytes: finish.bytes_in.clone(),
             limit: config.limits.max_body_bytes,
@@ -524,9 +531,6 @@ async fn forward(
         *up.uri_mut() = uri;
         *up.version_mut() = version;
         *up.headers_mut() = parts.headers.clone();
-        if version == Version::HTTP_2 {
-            up.headers_mut().remove(header::HOST);
-        }
         let first_byte = (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
         let sent = tokio::time::timeout_at(first_byte, client.request(up)).await;
         let failure = match sent {
@@ -563,6 +567,7 @@ async fn forward(
                     .iter()
                     .any(|i| i.healthy && i.id != failed);
                 if retriable && others {
+                    // METRICS HOOK (retry): one retry of this service's request.
                     avoid = Some(failed);
                     continue;
                 }

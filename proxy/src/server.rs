@@ -49,7 +49,10 @@ pub struct ProxyOptions {
     pub max_header_bytes: usize,
     /// Most request headers (HTTP/1).
     pub max_headers: usize,
-    /// Time a client has to send a whole request head.
+    /// Time a client has to send a whole request head (TLS handshake included). On HTTP/1
+    /// it also bounds the wait for the next request on a kept-alive connection (hyper starts
+    /// its timer when it waits for a head), so the proxy uses the longer of this and
+    /// `idle_keep_alive` there.
     pub header_read_timeout: Duration,
     /// A client connection with no request in flight and no bytes moving is closed after this.
     pub idle_keep_alive: Duration,
@@ -98,7 +101,9 @@ impl Proxy {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(options.header_read_timeout)
+            // hyper starts this timer as soon as a connection waits for a request head, idle
+            // keep-alive time included: it must not be shorter than the idle timeout.
+            .header_read_timeout(options.header_read_timeout.max(options.idle_keep_alive))
             .max_buf_size(options.max_header_bytes.max(8192))
             .max_headers(options.max_headers)
             .keep_alive(true);

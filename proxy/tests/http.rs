@@ -355,6 +355,11 @@ async fn h2c_from_clients_and_to_instances() {
     assert!(out.contains("\"version\":\"HTTP/2.0\""), "{out}");
     assert!(out.contains("\"path\":\"/h2\""), "{out}");
     assert!(out.contains("\"x-forwarded-host\":\"app.test:"), "{out}");
+    // The app sees the Host the client asked for, even over h2c.
+    assert!(
+        out.contains(&format!("\"host\":\"app.test:{}\"", s.addr.port())),
+        "{out}"
+    );
 }
 
 fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -438,11 +443,7 @@ fn channel_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> TestBody {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_events_arrive_as_they_are_sent() {
-    let (tx_slot, rx_slot) = (
-        Arc::new(Mutex::new(None::<tokio::sync::mpsc::Sender<Bytes>>)),
-        (),
-    );
-    let _ = rx_slot;
+    let tx_slot = Arc::new(Mutex::new(None::<tokio::sync::mpsc::Sender<Bytes>>));
     let slot = tx_slot.clone();
     let up = upstream(handler(move |_req| {
         let slot = slot.clone();
@@ -996,4 +997,85 @@ async fn ipv6_listener_serves() {
         seen["headers"]["forwarded"],
         "for=\"[::1]\";proto=http;host=app.test"
     );
+}
+
+#[derive(Default)]
+struct CountingCpu {
+    restores: AtomicUsize,
+    throttles: AtomicUsize,
+}
+
+impl lull_proxy::gate::CpuControl for CountingCpu {
+    fn restore(&self) -> Result<(), String> {
+        self.restores.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn throttle(&self) -> Result<(), String> {
+        self.throttles.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn usage_ns(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The gate's work shows in the access log, and an SSE stream lets the CPU go when streams do
+/// not keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn woken_instances_are_logged_and_streams_can_release_the_cpu() {
+    let open_stream = Arc::new(Mutex::new(None::<tokio::sync::mpsc::Sender<Bytes>>));
+    let slot = open_stream.clone();
+    let up = upstream(handler(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        async move {
+            if req.uri().path() != "/events" {
+                return Response::new(full("plain"));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(Bytes::from("data: 1\n\n")).await.unwrap();
+            *slot.lock().unwrap() = Some(tx);
+            let mut resp = Response::new(channel_body(rx));
+            resp.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            resp
+        }
+    }))
+    .await;
+    let config = ServiceConfig {
+        streams_keep_cpu: false,
+        ..ServiceConfig::default()
+    };
+    let s = setup(config, &[]).await;
+    let cpu = Arc::new(CountingCpu::default());
+    s.pool.add_instance(InstanceSpec {
+        id: "gated".into(),
+        addr: up.addr,
+        cpu: cpu.clone(),
+    });
+    s.pool.set_healthy("gated", true, "test");
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(
+            text(c.request(get(&s.url("/"))).await.unwrap()).await,
+            "plain"
+        );
+    }
+    let log = s.log_entries();
+    assert_eq!(log.len(), 2);
+    assert!(
+        log[1].woke,
+        "the second request found the instance throttled: {log:?}"
+    );
+    assert!(cpu.restores.load(Ordering::SeqCst) >= 1);
+    let throttles = cpu.throttles.load(Ordering::SeqCst);
+    assert!(throttles >= 2, "{throttles}");
+
+    let resp = c.request(get(&s.url("/events"))).await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    // The stream is open, its slot held, and the instance is throttled all the same.
+    assert_eq!(s.pool.snapshot().instances[0].in_flight, 1);
+    assert_eq!(cpu.throttles.load(Ordering::SeqCst), throttles + 1);
+    drop(open_stream.lock().unwrap().take());
+    assert!(body.frame().await.is_none());
 }
