@@ -1079,3 +1079,38 @@ async fn woken_instances_are_logged_and_streams_can_release_the_cpu() {
     drop(open_stream.lock().unwrap().take());
     assert!(body.frame().await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_answers_504() {
+    // A loopback listener that never accepts and whose backlog is full: new connections hang.
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let f = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        f.set_nonblocking(true).unwrap();
+        let _ = f.connect(&addr.into());
+        fillers.push(f);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.connect = Duration::from_millis(300);
+    let s = setup(config, &[addr]).await;
+    let start = Instant::now();
+    let resp = client().request(get(&s.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        text(resp)
+            .await
+            .contains("connecting to the instance timed out")
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
