@@ -264,14 +264,8 @@ mod tests {
         type Change = Box<dyn Fn(&mut ServiceConfig)>;
         let cases: Vec<(&str, Change)> = vec![
             ("max_concurrency", Box::new(|c| c.max_concurrency = 0)),
-            (
-                "queue_timeout",
-                Box::new(|c| c.queue_timeout = Duration::ZERO),
-            ),
-            (
-                "timeouts.connect",
-                Box::new(|c| c.timeouts.connect = Duration::ZERO),
-            ),
+            ("queue_timeout", Box::new(|c| c.queue_timeout = Duration::ZERO)),
+            ("timeouts.connect", Box::new(|c| c.timeouts.connect = Duration::ZERO)),
             (
                 "timeouts.first_byte",
                 Box::new(|c| c.timeouts.first_byte = Duration::from_secs(10_000)),
