@@ -30,6 +30,25 @@ pub trait CpuControl: Send + Sync + 'static {
     fn usage_ns(&self) -> Option<u64>;
 }
 
+/// A CPU control that controls nothing: for upstreams lull does not run (a plain host
+/// process), and for tests of everything but the gate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCpuControl;
+
+impl CpuControl for NoCpuControl {
+    fn restore(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn throttle(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn usage_ns(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// Where an instance is in its life, as far as the gate cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GatePhase {

@@ -2,9 +2,18 @@
 //! health checks and the CPU gate. It knows nothing about containers: it sees upstream
 //! addresses, a concurrency limit and a CPU control to call.
 
+pub mod access_log;
 pub mod config;
+pub mod forward;
 pub mod gate;
+pub mod headers;
 pub mod health;
 pub mod metrics;
 pub mod pool;
+pub mod routes;
+pub mod server;
 mod sync;
+pub mod tls;
+
+pub use routes::{Route, RouteTable};
+pub use server::{Proxy, ProxyOptions, ShutdownReport};

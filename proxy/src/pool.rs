@@ -303,6 +303,11 @@ impl Pool {
         })
     }
 
+    /// The metrics registry this pool records into, if it was made with one.
+    pub fn metrics(&self) -> Option<&Arc<ProxyMetrics>> {
+        self.metrics.as_ref()
+    }
+
     pub fn service(&self) -> &str {
         &self.service
     }

@@ -1,0 +1,289 @@
+//! Header rewriting between client and instance: hop-by-hop headers out, forwarding headers
+//! in, a request id when the client sent none.
+//!
+//! `Trailer` is kept although older specs list it as hop-by-hop: RFC 9110 makes it end-to-end,
+//! and hyper only encodes HTTP/1.1 trailers that a `Trailer` header announces, so dropping it
+//! would drop the trailers themselves.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The request id header the proxy adds when the client sent none.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Whether the request asks for a protocol upgrade (a WebSocket handshake).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
+/// `Proxy-*`, `TE` (except the `trailers` token), `Transfer-Encoding` and `Upgrade`. With
+/// `upgrading`, `Upgrade` stays and `Connection` is set back to `upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name == header::TRAILER || (upgrading && name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        });
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::TE);
+    headers.remove(header::TRANSFER_ENCODING);
+    let proxy_named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy_named {
+        headers.remove(name);
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// What the proxy knows about where a request came from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub client: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The Host the client asked for, as it sent it.
+    pub host: String,
+}
+
+/// Appends the client to `X-Forwarded-For`, sets `X-Forwarded-Proto`, `X-Forwarded-Host` and
+/// `Forwarded` (RFC 7239, this hop only).
+pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin) {
+    let ip = origin.client.ip().to_canonical();
+    let mut xff: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    xff.push(ip.to_string());
+    set(headers, &X_FORWARDED_FOR, &xff.join(", "));
+    set(headers, &X_FORWARDED_PROTO, origin.proto);
+    set(headers, &X_FORWARDED_HOST, &origin.host);
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let host = if origin.host.is_empty()
+        || origin
+            .host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        origin.host.clone()
+    } else {
+        format!("\"{}\"", origin.host.replace(['"', '\\'], ""))
+    };
+    let mut forwarded = format!("for={node};proto={}", origin.proto);
+    if !host.is_empty() {
+        forwarded.push_str(&format!(";host={host}"));
+    }
+    set(headers, &header::FORWARDED, &forwarded);
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The request's id: the client's `X-Request-Id` if it sent a usable one, else a new random
+/// 128-bit hex id, which is also added to the headers.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    if let Some(id) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok())
+        && !id.is_empty()
+    {
+        return id.to_string();
+    }
+    let id = new_request_id();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID.clone(), v);
+    }
+    id
+}
+
+/// A random 128-bit id in 32 lowercase hex digits.
+pub fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // The kernel's random source is always there on Linux; if it ever is not, a
+        // time-and-counter id keeps ids unique within this process.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        bytes[..8].copy_from_slice(&nanos.to_be_bytes());
+        bytes[8..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Counts a request head against limits: (number of headers, bytes of names and values plus
+/// the request line).
+pub fn head_size(method: &str, uri: &str, headers: &HeaderMap) -> (usize, usize) {
+    let bytes = method.len()
+        + uri.len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    (headers.len(), bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_rest_stay() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip, trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("server", "app"),
+            ("x-app", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-authorization",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be gone: {h:?}");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["trailer"], "x-checksum");
+        assert_eq!(h["server"], "app");
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn upgrades_keep_upgrade_and_te_without_trailers_goes() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+        ]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
+    fn forwarding_headers_append_and_set() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=evil"),
+        ]);
+        let origin = Origin {
+            client: "[::ffff:192.0.2.1]:5000".parse().unwrap(),
+            proto: "http",
+            host: "App.example:8080".into(),
+        };
+        add_forwarding(&mut h, &origin);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "App.example:8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.1;proto=http;host=App.example:8080"
+        );
+        let v6 = Origin {
+            client: "[2001:db8::1]:1".parse().unwrap(),
+            proto: "https",
+            host: "a".into(),
+        };
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, &v6);
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https;host=a");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = map(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut h), "abc");
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

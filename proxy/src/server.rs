@@ -1,0 +1,350 @@
+//! The proxy's listeners: plain TCP (HTTP/1.0, HTTP/1.1, h2c with prior knowledge) and TLS
+//! (ALPN h2 and http/1.1), IPv4 and IPv6, with graceful shutdown.
+//!
+//! ```text
+//! let routes = Arc::new(RouteTable::new());
+//! routes.insert("app.example.com", Route::new(pool, "rev-1"));
+//! let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
+//! proxy.listen("[::]:80".parse()?).await?;
+//! proxy.listen_tls("[::]:443".parse()?, tls::acceptor(&cert, &key)?).await?;
+//! ...
+//! proxy.shutdown(Duration::from_secs(30)).await;
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::forward::{self, Activity, ConnInfo, StreamCount, Touch};
+use crate::routes::RouteTable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("binding listener {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the proxy is shutting down; no new listener on {addr}")]
+    ShuttingDown { addr: SocketAddr },
+}
+
+/// Proxy-wide settings for the client side (a service's own limits apply once its request is
+/// routed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// Largest request head hyper reads (HTTP/1 buffer; HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Most request headers (HTTP/1).
+    pub max_headers: usize,
+    /// Time a client has to send a whole request head (TLS handshake included). On HTTP/1
+    /// it also bounds the wait for the next request on a kept-alive connection (hyper starts
+    /// its timer when it waits for a head), so the proxy uses the longer of this and
+    /// `idle_keep_alive` there.
+    pub header_read_timeout: Duration,
+    /// A client connection with no request in flight and no bytes moving is closed after this.
+    pub idle_keep_alive: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(30),
+            idle_keep_alive: Duration::from_secs(75),
+        }
+    }
+}
+
+/// What shutdown found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections (and WebSockets) still open at the deadline, closed by force.
+    pub forced: usize,
+}
+
+struct Shared {
+    routes: Arc<RouteTable>,
+    options: ProxyOptions,
+    builder: auto::Builder<TokioExecutor>,
+    /// true: stop accepting and finish what is in flight.
+    drain: watch::Sender<bool>,
+    /// true: close everything now.
+    close: watch::Sender<bool>,
+    connections: AtomicUsize,
+    connections_done: Notify,
+    streams: Arc<StreamCount>,
+}
+
+/// The HTTP(S) ingress. Create one, add listeners, shut it down once.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    pub fn new(routes: Arc<RouteTable>, options: ProxyOptions) -> Proxy {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // hyper starts this timer as soon as a connection waits for a request head, idle
+            // keep-alive time included: it must not be shorter than the idle timeout.
+            .header_read_timeout(options.header_read_timeout.max(options.idle_keep_alive))
+            .max_buf_size(options.max_header_bytes.max(8192))
+            .max_headers(options.max_headers)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+        Proxy {
+            shared: Arc::new(Shared {
+                routes,
+                options,
+                builder,
+                drain: watch::channel(false).0,
+                close: watch::channel(false).0,
+                connections: AtomicUsize::new(0),
+                connections_done: Notify::new(),
+                streams: Arc::new(StreamCount::default()),
+            }),
+            listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn routes(&self) -> &Arc<RouteTable> {
+        &self.shared.routes
+    }
+
+    pub fn options(&self) -> &ProxyOptions {
+        &self.shared.options
+    }
+
+    /// Open client connections (not counting upgraded ones).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Listens for plain HTTP on `addr` (port 0 picks one); returns the bound address. An IPv6
+    /// address listens on IPv6 only, so `0.0.0.0:80` and `[::]:80` can both be bound.
+    pub async fn listen(&self, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+        self.spawn_listener(addr, None)
+    }
+
+    /// Listens for HTTPS on `addr`.
+    pub async fn listen_tls(
+        &self,
+        addr: SocketAddr,
+        acceptor: TlsAcceptor,
+    ) -> Result<SocketAddr, ServerError> {
+        self.spawn_listener(addr, Some(acceptor))
+    }
+
+    fn spawn_listener(
+        &self,
+        addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<SocketAddr, ServerError> {
+        if *self.shared.drain.borrow() {
+            return Err(ServerError::ShuttingDown { addr });
+        }
+        let listener = bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let shared = self.shared.clone();
+        let task = tokio::spawn(accept_loop(shared, listener, tls));
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        tracing::info!(addr = %local, "proxy listening");
+        Ok(local)
+    }
+
+    /// Stops accepting, lets in-flight requests finish until `grace` passes, then closes every
+    /// connection still open.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let _ = self.shared.drain.send(true);
+        let listeners: Vec<_> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for l in listeners {
+            let _ = l.await;
+        }
+        let shared = &self.shared;
+        let drained = async {
+            loop {
+                let conns = shared.connections_done.notified();
+                let streams = shared.streams.done.notified();
+                tokio::pin!(conns, streams);
+                conns.as_mut().enable();
+                streams.as_mut().enable();
+                if shared.connections.load(Ordering::Acquire) == 0
+                    && shared.streams.open.load(Ordering::Acquire) == 0
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = conns => {}
+                    _ = streams => {}
+                }
+            }
+        };
+        let forced = if tokio::time::timeout(grace, drained).await.is_ok() {
+            0
+        } else {
+            shared.connections.load(Ordering::Acquire) + shared.streams.open.load(Ordering::Acquire)
+        };
+        let _ = shared.close.send(true);
+        ShutdownReport { forced }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.shared.drain.send(true);
+        let _ = self.shared.close.send(true);
+        for l in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            l.abort();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    let mut drain = shared.drain.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.wait_for(|d| *d) => return,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a moment instead of spinning.
+                tracing::warn!("accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        shared.connections.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnGuard(shared.clone());
+        let tls = tls.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match tls {
+                None => serve(shared, stream, client, "http").await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        shared.options.header_read_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(tls_stream)) => serve(shared, tls_stream, client, "https").await,
+                        Ok(Err(e)) => tracing::debug!(%client, "tls handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%client, "tls handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+struct ConnGuard(Arc<Shared>);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.connections_done.notify_waiters();
+        }
+    }
+}
+
+async fn serve<IO>(shared: Arc<Shared>, io: IO, client: SocketAddr, proto: &'static str)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let active = Arc::new(AtomicUsize::new(0));
+    let info = ConnInfo {
+        client,
+        proto,
+        active: active.clone(),
+        closing: shared.close.subscribe(),
+        streams: shared.streams.clone(),
+    };
+    let routes = shared.routes.clone();
+    let service = service_fn(move |req| {
+        let routes = routes.clone();
+        let info = info.clone();
+        async move { Ok::<_, std::convert::Infallible>(forward::handle(&routes, &info, req).await) }
+    });
+    let io = TokioIo::new(Touch::new(io, activity.clone()));
+    let conn = shared.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut drain = shared.drain.subscribe();
+    let mut close = shared.close.subscribe();
+    let idle = shared.options.idle_keep_alive;
+    let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(tick);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%client, "client connection ended: {e}");
+                }
+                return;
+            }
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = close.wait_for(|c| *c) => return,
+            _ = ticker.tick(), if !draining => {
+                if active.load(Ordering::Acquire) == 0 && activity.idle() >= idle {
+                    tracing::debug!(%client, "idle client connection closed");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

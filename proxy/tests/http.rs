@@ -1,0 +1,1116 @@
+//! The proxy's HTTP layer end to end, in-process: small upstream servers built here, real
+//! clients (hyper's, curl, raw sockets) in front.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use lull_proxy::access_log::{AccessEntry, AccessLog};
+use lull_proxy::config::{ServiceConfig, UpstreamProtocol};
+use lull_proxy::gate::NoCpuControl;
+use lull_proxy::pool::{InstanceSpec, Pool};
+use lull_proxy::{Proxy, ProxyOptions, Route, RouteTable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+const HOST: &str = "app.test";
+
+fn full(text: impl Into<Bytes>) -> TestBody {
+    Full::new(text.into())
+        .map_err(|n| match n {})
+        .boxed_unsync()
+}
+
+fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    Arc::new(move |req| Box::pin(f(req)))
+}
+
+/// An upstream app on a loopback port: HTTP/1.1 and h2c, upgrades allowed.
+struct Upstream {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream(h: Handler) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let h = h.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, task }
+}
+
+/// Replies with what it received: method, version, headers (as JSON), body length.
+fn echo() -> Handler {
+    handler(|req: Request<Incoming>| async move {
+        let version = format!("{:?}", req.version());
+        let method = req.method().to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let mut headers: HashMap<String, String> = HashMap::new();
+        for (k, v) in req.headers() {
+            headers.insert(k.to_string(), v.to_str().unwrap_or("").to_string());
+        }
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let json = serde_json::json!({
+            "version": version, "method": method, "path": path,
+            "headers": headers, "body_len": body.len(),
+        });
+        let mut resp = Response::new(full(json.to_string()));
+        let h = resp.headers_mut();
+        h.insert("server", "app-server/1".parse().unwrap());
+        h.insert("connection", "x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-app", "kept".parse().unwrap());
+        resp
+    })
+}
+
+struct Setup {
+    proxy: Proxy,
+    addr: SocketAddr,
+    pool: Arc<Pool>,
+    _events: tokio::sync::mpsc::UnboundedReceiver<lull_proxy::pool::PoolEvent>,
+    log_dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+    fn log_entries(&self) -> Vec<AccessEntry> {
+        let text = std::fs::read_to_string(self.log_dir.path().join("app.log")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+async fn setup_with(
+    config: ServiceConfig,
+    instances: &[SocketAddr],
+    options: ProxyOptions,
+) -> Setup {
+    config.validate().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool = Pool::new("app", Arc::new(config), tx);
+    for (n, addr) in instances.iter().enumerate() {
+        let id = format!("i{n}");
+        pool.add_instance(InstanceSpec {
+            id: id.clone(),
+            addr: *addr,
+            cpu: Arc::new(NoCpuControl),
+        });
+        pool.set_healthy(&id, true, "test");
+    }
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(AccessLog::open(&log_dir.path().join("app.log"), None).unwrap());
+    let routes = Arc::new(RouteTable::new());
+    routes.insert(HOST, Route::new(pool.clone(), "rev-7").with_access_log(log));
+    let proxy = Proxy::new(routes, options);
+    let addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    Setup {
+        proxy,
+        addr,
+        pool,
+        _events: rx,
+        log_dir,
+    }
+}
+
+async fn setup(config: ServiceConfig, instances: &[SocketAddr]) -> Setup {
+    setup_with(config, instances, ProxyOptions::default()).await
+}
+
+fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .build_http()
+}
+
+fn get(url: &str) -> Request<TestBody> {
+    Request::get(url)
+        .header("host", HOST)
+        .body(Empty::new().map_err(|n| match n {}).boxed_unsync())
+        .unwrap()
+}
+
+async fn text(resp: Response<Incoming>) -> String {
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+async fn curl(args: &[&str]) -> (String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_rewritten_and_the_request_is_logged() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let req = Request::get(s.url("/p?q=1"))
+        .header("host", "App.Test:8080")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "x-secret")
+        .header("x-secret", "drop me")
+        .header("proxy-authorization", "Basic eA==")
+        .header("te", "trailers")
+        .header("x-client", "kept")
+        .body(full("hello"))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rh = resp.headers().clone();
+    let seen: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+    let h = &seen["headers"];
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "App.Test:8080");
+    assert_eq!(h["host"], "App.Test:8080");
+    assert_eq!(
+        h["forwarded"],
+        "for=127.0.0.1;proto=http;host=App.Test:8080"
+    );
+    assert_eq!(h["te"], "trailers");
+    assert_eq!(h["x-client"], "kept");
+    assert!(h.get("x-secret").is_none(), "{h}");
+    assert!(h.get("proxy-authorization").is_none(), "{h}");
+    let id = h["x-request-id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(seen["path"], "/p?q=1");
+    assert_eq!(seen["body_len"], 5);
+    // The app's own headers come back untouched; its hop-by-hop ones do not.
+    assert_eq!(rh["server"], "app-server/1");
+    assert_eq!(rh["x-app"], "kept");
+    assert!(!rh.contains_key("x-hop"), "{rh:?}");
+    assert!(!rh.contains_key("keep-alive"), "{rh:?}");
+
+    // A client's own request id is kept.
+    let mut req = get(&s.url("/"));
+    req.headers_mut()
+        .insert("x-request-id", "mine-1".parse().unwrap());
+    let seen: serde_json::Value =
+        serde_json::from_str(&text(client().request(req).await.unwrap()).await).unwrap();
+    assert_eq!(seen["headers"]["x-request-id"], "mine-1");
+
+    let log = s.log_entries();
+    assert_eq!(log.len(), 2, "{log:?}");
+    let e = &log[0];
+    assert_eq!(e.request_id, id);
+    assert_eq!(e.service, "app");
+    assert_eq!(e.revision, "rev-7");
+    assert_eq!(e.instance, "i0");
+    assert_eq!(e.method, "GET");
+    assert_eq!(e.host, "App.Test:8080");
+    assert_eq!(e.path, "/p?q=1");
+    assert_eq!(e.status, 200);
+    assert_eq!(e.bytes_in, 5);
+    assert!(e.bytes_out > 100, "{e:?}");
+    assert!(e.client.starts_with("127.0.0.1:"), "{e:?}");
+    assert!(e.time.ends_with('Z'), "{e:?}");
+    assert_eq!(log[1].request_id, "mine-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_gets_a_plain_404() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let mut req = get(&s.url("/"));
+    req.headers_mut()
+        .insert("host", "nope.test".parse().unwrap());
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body = text(resp).await;
+    assert!(
+        body.contains("no service answers for host \"nope.test\""),
+        "{body}"
+    );
+    // Routes are looked up case-insensitively, port stripped, and can change at run time.
+    let mut req = get(&s.url("/"));
+    req.headers_mut()
+        .insert("host", "APP.test:1234".parse().unwrap());
+    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    s.proxy.routes().remove(HOST);
+    let resp = client().request(get(&s.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_and_pipelining() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let url = s.url("/ten");
+    let (out, err) = curl(&["-0", "-i", "-H", "Host: app.test", &url]).await;
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}{err}"
+    );
+    assert!(out.contains("\"path\":\"/ten\""), "{out}");
+    // The instance is spoken to in HTTP/1.1 whatever the client speaks.
+    assert!(out.contains("\"version\":\"HTTP/1.1\""), "{out}");
+
+    // Two requests in one write: both answered, in order.
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(
+        b"GET /one HTTP/1.1\r\nHost: app.test\r\n\r\nGET /two HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut all))
+        .await
+        .unwrap()
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    let one = all.find("\"path\":\"/one\"").expect(&all);
+    let two = all.find("\"path\":\"/two\"").expect(&all);
+    assert!(one < two);
+    assert_eq!(all.matches("HTTP/1.1 200").count(), 2, "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_from_clients_and_to_instances() {
+    let up = upstream(echo()).await;
+    let config = ServiceConfig {
+        upstream: UpstreamProtocol::H2c,
+        ..ServiceConfig::default()
+    };
+    let s = setup(config, &[up.addr]).await;
+    let url = format!("http://app.test:{}/h2", s.addr.port());
+    let resolve = format!("app.test:{}:127.0.0.1", s.addr.port());
+    let (out, err) = curl(&[
+        "--http2-prior-knowledge",
+        "--resolve",
+        &resolve,
+        "-w",
+        "\n%{http_version}",
+        &url,
+    ])
+    .await;
+    assert!(out.ends_with("\n2"), "{out}{err}");
+    assert!(out.contains("\"version\":\"HTTP/2.0\""), "{out}");
+    assert!(out.contains("\"path\":\"/h2\""), "{out}");
+    assert!(out.contains("\"x-forwarded-host\":\"app.test:"), "{out}");
+    // The app sees the Host the client asked for, even over h2c.
+    assert!(
+        out.contains(&format!("\"host\":\"app.test:{}\"", s.addr.port())),
+        "{out}"
+    );
+}
+
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=app.test"])
+        .args(["-addext", "subjectAltName=DNS:app.test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_and_http11_over_tls() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let acceptor = lull_proxy::tls::acceptor(&cert, &key).unwrap();
+    let tls_addr = s
+        .proxy
+        .listen_tls("127.0.0.1:0".parse().unwrap(), acceptor)
+        .await
+        .unwrap();
+    let url = format!("https://app.test:{}/secure", tls_addr.port());
+    let resolve = format!("app.test:{}:127.0.0.1", tls_addr.port());
+    let cert_s = cert.to_str().unwrap();
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let (out, err) = curl(&[
+            flag,
+            "--cacert",
+            cert_s,
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_version}",
+            &url,
+        ])
+        .await;
+        assert!(out.ends_with(&format!("\n{version}")), "{flag}: {out}{err}");
+        assert!(out.contains("\"x-forwarded-proto\":\"https\""), "{out}");
+    }
+    // TLS 1.1 is refused.
+    let (out, err) = curl(&[
+        "--cacert",
+        cert_s,
+        "--resolve",
+        &resolve,
+        "--tls-max",
+        "1.1",
+        &url,
+    ])
+    .await;
+    assert!(out.is_empty() && !err.is_empty(), "{out}{err}");
+}
+
+/// A response body that yields what the test sends, when it sends it.
+fn channel_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> TestBody {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_as_they_are_sent() {
+    let tx_slot = Arc::new(Mutex::new(None::<tokio::sync::mpsc::Sender<Bytes>>));
+    let slot = tx_slot.clone();
+    let up = upstream(handler(move |_req| {
+        let slot = slot.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(Bytes::from("data: first\n\n")).await.unwrap();
+            *slot.lock().unwrap() = Some(tx);
+            let mut resp = Response::new(channel_body(rx));
+            resp.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            resp
+        }
+    }))
+    .await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let resp = client().request(get(&s.url("/events"))).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event must arrive while the stream is open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "data: first\n\n");
+    let tx = tx_slot.lock().unwrap().take().unwrap();
+    tx.send(Bytes::from("data: second\n\n")).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.into_data().unwrap(), "data: second\n\n");
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_go_through_both_ways() {
+    let up = upstream(handler(|req: Request<Incoming>| async move {
+        let collected = req.into_body().collect().await.unwrap();
+        let got = collected
+            .trailers()
+            .and_then(|t| t.get("x-req-sum"))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_else(|| "none".into());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-resp-sum", "abc".parse().unwrap());
+        let stream = futures_util::stream::iter(vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from(format!("req trailer: {got}")))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+        resp.headers_mut()
+            .insert("trailer", "x-resp-sum".parse().unwrap());
+        resp
+    }))
+    .await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-req-sum", "123".parse().unwrap());
+    let stream = futures_util::stream::iter(vec![
+        Ok::<_, BoxError>(Frame::data(Bytes::from("payload"))),
+        Ok(Frame::trailers(trailers)),
+    ]);
+    let req = Request::post(s.url("/t"))
+        .header("host", HOST)
+        .header("te", "trailers")
+        .header("trailer", "x-req-sum")
+        .body(StreamBody::new(stream).boxed_unsync())
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let resp_trailers = collected.trailers().cloned();
+    assert_eq!(collected.to_bytes(), "req trailer: 123");
+    assert_eq!(resp_trailers.unwrap()["x-resp-sum"], "abc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_is_answered_end_to_end() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    std::fs::write(&file, vec![b'x'; 100_000]).unwrap();
+    let data = format!("@{}", file.display());
+    let url = s.url("/upload");
+    let (out, err) = curl(&[
+        "-v",
+        "-H",
+        "Host: app.test",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &data,
+        &url,
+    ])
+    .await;
+    assert!(err.contains("HTTP/1.1 100 Continue"), "{err}");
+    assert!(out.contains("\"body_len\":100000"), "{out}");
+    assert!(out.contains("\"expect\":\"100-continue\""), "{out}");
+}
+
+/// A request body of `left` bytes made of one reused chunk: nothing is held but the chunk.
+struct Repeat {
+    chunk: Bytes,
+    left: u64,
+}
+
+impl Body for Repeat {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1gib_upload_streams_in_bounded_memory() {
+    const SIZE: u64 = 1 << 30;
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let up = upstream(handler(move |req: Request<Incoming>| {
+        let r = r.clone();
+        async move {
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame.unwrap().into_data() {
+                    r.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Response::new(full(r.load(Ordering::Relaxed).to_string()))
+        }
+    }))
+    .await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let before = rss_kib();
+    let req = Request::put(s.url("/big"))
+        .header("host", HOST)
+        .body(
+            Repeat {
+                chunk: Bytes::from(vec![7u8; 256 * 1024]),
+                left: SIZE,
+            }
+            .boxed_unsync(),
+        )
+        .unwrap();
+    let start = Instant::now();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(text(resp).await, SIZE.to_string());
+    let growth_mib = rss_kib().saturating_sub(before) / 1024;
+    eprintln!(
+        "1 GiB through the proxy in {:?}, RSS grew {growth_mib} MiB",
+        start.elapsed()
+    );
+    assert!(
+        growth_mib < 64,
+        "RSS grew {growth_mib} MiB for a 1 GiB upload"
+    );
+    let log = s.log_entries();
+    assert_eq!(log[0].bytes_in, SIZE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_limit_gives_413() {
+    let up = upstream(echo()).await;
+    let mut config = ServiceConfig::default();
+    config.limits.max_body_bytes = Some(1000);
+    config.limits.max_headers = 20;
+    let s = setup(config, &[up.addr]).await;
+    let req = Request::post(s.url("/"))
+        .header("host", HOST)
+        .body(full(vec![1u8; 2000]))
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 413);
+    let req = Request::post(s.url("/"))
+        .header("host", HOST)
+        .body(full(vec![1u8; 900]))
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    let mut req = get(&s.url("/"));
+    for n in 0..30 {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-h{n}").as_bytes()).unwrap(),
+            "v".parse().unwrap(),
+        );
+    }
+    assert_eq!(client().request(req).await.unwrap().status(), 431);
+}
+
+/// An app that holds each request until `release` is notified (or `hold` passes).
+fn slow(hold: Duration, calls: Arc<AtomicUsize>) -> Handler {
+    handler(move |_req| {
+        let calls = calls.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(hold).await;
+            Response::new(full("slow"))
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_answer_504_and_idle_connections_close() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = upstream(slow(Duration::from_secs(3), calls.clone())).await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.first_byte = Duration::from_millis(300);
+    let options = ProxyOptions {
+        idle_keep_alive: Duration::from_millis(300),
+        ..ProxyOptions::default()
+    };
+    let s = setup_with(config, &[up.addr], options).await;
+    let start = Instant::now();
+    let resp = client().request(get(&s.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(text(resp).await.contains("did not answer in time"));
+
+    // The whole-request deadline cuts a response that trickles.
+    let trickle = upstream(handler(|_req| async move {
+        let stream = futures_util::stream::unfold(0u32, |n| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((
+                Ok::<_, BoxError>(Frame::data(Bytes::from(format!("{n}\n")))),
+                n + 1,
+            ))
+        });
+        Response::new(StreamBody::new(stream).boxed_unsync())
+    }))
+    .await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.first_byte = Duration::from_millis(400);
+    config.timeouts.request = Duration::from_millis(600);
+    let t = setup(config, &[trickle.addr]).await;
+    let start = Instant::now();
+    let resp = client().request(get(&t.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let end = resp.into_body().collect().await;
+    assert!(
+        end.is_err(),
+        "a trickling response must be cut at the request deadline"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // An idle keep-alive connection is closed by the proxy.
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = sock.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
+    let start = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+        .await
+        .expect("the idle connection must be closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_and_a_queue_timeout_answer_503() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = upstream(slow(Duration::from_millis(1500), calls.clone())).await;
+    let config = ServiceConfig {
+        max_concurrency: 1,
+        queue_size: 1,
+        queue_timeout: Duration::from_millis(500),
+        ..ServiceConfig::default()
+    };
+    let s = setup(config, &[up.addr]).await;
+    let c = client();
+    let first = tokio::spawn(c.request(get(&s.url("/1"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued = tokio::spawn(c.request(get(&s.url("/2"))));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    let overflow = c.request(get(&s.url("/3"))).await.unwrap();
+    assert_eq!(overflow.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(overflow.headers().contains_key("retry-after"));
+    assert!(start.elapsed() < Duration::from_millis(300));
+    assert!(
+        text(overflow)
+            .await
+            .contains("too many requests are waiting")
+    );
+    let timed_out = queued.await.unwrap().unwrap();
+    assert_eq!(timed_out.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        text(timed_out)
+            .await
+            .contains("no instance was free in time")
+    );
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_service_answers_503_with_retry_after() {
+    let up = upstream(echo()).await;
+    let config = ServiceConfig {
+        paused_retry_after: Duration::from_secs(7),
+        ..ServiceConfig::default()
+    };
+    let s = setup(config, &[up.addr]).await;
+    s.pool.set_paused(true);
+    let resp = client().request(get(&s.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    assert!(text(resp).await.contains("paused"));
+    s.pool.set_paused(false);
+    assert_eq!(
+        client().request(get(&s.url("/"))).await.unwrap().status(),
+        200
+    );
+}
+
+/// Depends on the real pool's least-in-flight choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_in_flight_avoids_the_slow_instance() {
+    let slow_calls = Arc::new(AtomicUsize::new(0));
+    let fast_calls = Arc::new(AtomicUsize::new(0));
+    let slow_up = upstream(slow(Duration::from_millis(2000), slow_calls.clone())).await;
+    let fast_up = upstream(slow(Duration::from_millis(5), fast_calls.clone())).await;
+    let s = setup(ServiceConfig::default(), &[slow_up.addr, fast_up.addr]).await;
+    let c = client();
+    let mut pending = Vec::new();
+    for n in 0..20 {
+        pending.push(tokio::spawn(c.request(get(&s.url(&format!("/{n}"))))));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap().status(), 200);
+    }
+    let (slow_n, fast_n) = (
+        slow_calls.load(Ordering::SeqCst),
+        fast_calls.load(Ordering::SeqCst),
+    );
+    assert_eq!(slow_n + fast_n, 20);
+    assert!(slow_n <= 2, "the slow instance got {slow_n} of 20 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_on_another_instance() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[dead, up.addr]).await;
+    let c = client();
+    for n in 0..6 {
+        let resp = c.request(get(&s.url(&format!("/{n}")))).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {n}");
+    }
+    // A POST whose body was never sent is retried too.
+    let req = Request::post(s.url("/post"))
+        .header("host", HOST)
+        .body(full("body"))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(text(resp).await.contains("\"body_len\":4"));
+    let snap = s.pool.snapshot();
+    let dead_inst = snap.instances.iter().find(|i| i.id == "i0").unwrap();
+    assert!(dead_inst.suspect, "{snap:?}");
+
+    // With no other instance, a refused connection is a 502.
+    let lone = setup(ServiceConfig::default(), &[dead]).await;
+    let resp = c.request(get(&lone.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
+
+async fn read_head(sock: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = sock.read(&mut byte).await.unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed in the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Accepts a WebSocket handshake and echoes every byte after it.
+fn ws_echo() -> Handler {
+    handler(|mut req: Request<Incoming>| async move {
+        assert_eq!(req.headers()["upgrade"], "websocket");
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = [0u8; 1024];
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .body(full(""))
+            .unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_are_tunnelled_and_closed_when_idle() {
+    let up = upstream(ws_echo()).await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.websocket_idle = Duration::from_millis(500);
+    let s = setup(config, &[up.addr]).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(
+        lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    // A masked text frame "hi" goes through and comes back byte for byte.
+    let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    for _ in 0..3 {
+        sock.write_all(&frame).await.unwrap();
+        let mut back = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, frame);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then silence: the proxy closes the tunnel after the idle timeout.
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+        .await
+        .expect("an idle websocket must be closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
+    // The slot was held while the socket was open and is free now.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.pool.snapshot().instances[0].in_flight, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_requests_and_stops_accepting() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = upstream(slow(Duration::from_millis(600), calls.clone())).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let c = client();
+    let in_flight = tokio::spawn(c.request(get(&s.url("/"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = s.proxy.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.forced, 0);
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        TcpStream::connect(s.addr).await.is_err(),
+        "the listener must be closed"
+    );
+
+    // A request longer than the grace is cut.
+    let up = upstream(slow(Duration::from_secs(10), calls.clone())).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let in_flight = tokio::spawn(client().request(get(&s.url("/"))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    let report = s.proxy.shutdown(Duration::from_millis(300)).await;
+    assert_eq!(report.forced, 1);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(in_flight.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_serves() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let v6 = s.proxy.listen("[::1]:0".parse().unwrap()).await.unwrap();
+    let resp = client()
+        .request(get(&format!("http://[::1]:{}/v6", v6.port())))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "::1");
+    assert_eq!(
+        seen["headers"]["forwarded"],
+        "for=\"[::1]\";proto=http;host=app.test"
+    );
+}
+
+#[derive(Default)]
+struct CountingCpu {
+    restores: AtomicUsize,
+    throttles: AtomicUsize,
+}
+
+impl lull_proxy::gate::CpuControl for CountingCpu {
+    fn restore(&self) -> Result<(), String> {
+        self.restores.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn throttle(&self) -> Result<(), String> {
+        self.throttles.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn usage_ns(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The gate's work shows in the access log, and an SSE stream lets the CPU go when streams do
+/// not keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn woken_instances_are_logged_and_streams_can_release_the_cpu() {
+    let open_stream = Arc::new(Mutex::new(None::<tokio::sync::mpsc::Sender<Bytes>>));
+    let slot = open_stream.clone();
+    let up = upstream(handler(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        async move {
+            if req.uri().path() != "/events" {
+                return Response::new(full("plain"));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(Bytes::from("data: 1\n\n")).await.unwrap();
+            *slot.lock().unwrap() = Some(tx);
+            let mut resp = Response::new(channel_body(rx));
+            resp.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            resp
+        }
+    }))
+    .await;
+    let config = ServiceConfig {
+        streams_keep_cpu: false,
+        ..ServiceConfig::default()
+    };
+    let s = setup(config, &[]).await;
+    let cpu = Arc::new(CountingCpu::default());
+    s.pool.add_instance(InstanceSpec {
+        id: "gated".into(),
+        addr: up.addr,
+        cpu: cpu.clone(),
+    });
+    s.pool.set_healthy("gated", true, "test");
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(
+            text(c.request(get(&s.url("/"))).await.unwrap()).await,
+            "plain"
+        );
+    }
+    let log = s.log_entries();
+    assert_eq!(log.len(), 2);
+    assert!(
+        log[1].woke,
+        "the second request found the instance throttled: {log:?}"
+    );
+    assert!(cpu.restores.load(Ordering::SeqCst) >= 1);
+    let throttles = cpu.throttles.load(Ordering::SeqCst);
+    assert!(throttles >= 2, "{throttles}");
+
+    let resp = c.request(get(&s.url("/events"))).await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    // The stream is open, its slot held, and the instance is throttled all the same.
+    assert_eq!(s.pool.snapshot().instances[0].in_flight, 1);
+    assert_eq!(cpu.throttles.load(Ordering::SeqCst), throttles + 1);
+    drop(open_stream.lock().unwrap().take());
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_answers_504() {
+    // A loopback listener that never accepts and whose backlog is full: new connections hang.
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let f = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        f.set_nonblocking(true).unwrap();
+        let _ = f.connect(&addr.into());
+        fillers.push(f);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.connect = Duration::from_millis(300);
+    let s = setup(config, &[addr]).await;
+    let start = Instant::now();
+    let resp = client().request(get(&s.url("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        text(resp)
+            .await
+            .contains("connecting to the instance timed out")
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
