@@ -2,7 +2,9 @@
 //! cleanup guards, so that two runs never collide and a failed test leaves nothing behind.
 
 pub mod busybox;
+pub mod cpu;
 pub mod e2e;
+pub mod host_net;
 pub mod http;
 pub mod oci_layout;
 pub mod scratch;

@@ -18,116 +18,14 @@ use std::time::Duration;
 use lull_netns::NetNs;
 use lull_netns::firewall::{HostPort, Proto};
 use lull_netns::ipam::Subnet;
-use lull_netns::link::{Bridge, InstanceLink, host_link, host_links, wire_instance};
+use lull_netns::link::host_link;
 use lull_netns::network::{
     AttachRequest, HostNetwork, InstanceNetwork, LiveInstance, NetworkConfig, NetworkError,
 };
-use lull_tests::scratch::{ScratchDir, mounts_under};
-
-/// The uplink's side of the /30: the host's address on it, and the server's.
-const UPLINK_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const UPLINK_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const UPLINK_BRIDGE: &str = "uplink0";
-const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-const REFUSED_WITHIN: Duration = Duration::from_millis(400);
-
-/// A network namespace standing in for the host, with an uplink namespace beside it; both
-/// vanish with the scratch dir (every mount under it is detached on drop).
-struct Host {
-    scratch: ScratchDir,
-    ns: NetNs,
-    uplink: NetNs,
-}
-
-impl Host {
-    fn new() -> Host {
-        lull_tests::e2e::require_root();
-        let scratch = ScratchDir::new("lull-net").unwrap();
-        let ns = NetNs::create(&scratch.path().join("hosts"), "host").unwrap();
-        let uplink = NetNs::create(&scratch.path().join("hosts"), "uplink").unwrap();
-        let host = Host {
-            scratch,
-            ns,
-            uplink,
-        };
-        host.run(|| {
-            let bridge = Bridge::ensure(UPLINK_BRIDGE, UPLINK_HOST, 30).unwrap();
-            wire_instance(
-                &bridge,
-                &host.uplink,
-                &InstanceLink {
-                    host_ifname: "uplink-v",
-                    alias: "test uplink",
-                    addr: UPLINK_SERVER,
-                    addr6: None,
-                    mtu: Some(1450),
-                },
-            )
-            .unwrap();
-        });
-        host
-    }
-
-    /// Runs `f` on a thread inside the host namespace (threads and processes it starts stay
-    /// there).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.ns.run_in(f).unwrap()
-    }
-
-    /// A network config for this host: per-test names and dirs, the uplink, a /24.
-    fn config(&self) -> NetworkConfig {
-        let dir = self.scratch.path();
-        let mut config = NetworkConfig::new(&dir.join("data"), &dir.join("run"));
-        config.bridge = "lulltest0".into();
-        config.table = "lulltest".into();
-        config.veth_prefix = "ltv".into();
-        config.subnet = Subnet::parse("10.73.0.0/24").unwrap();
-        config.uplink = Some(UPLINK_BRIDGE.into());
-        config.dns = vec!["192.0.2.53".parse().unwrap()];
-        // The host's resolver settings as systemd-resolved leaves them: only its stub.
-        let resolv = dir.join("host-resolv.conf");
-        fs::write(
-            &resolv,
-            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
-        )
-        .unwrap();
-        config.host_resolv_conf = resolv;
-        config.resolved_conf = dir.join("no-resolved.conf");
-        config
-    }
-
-    fn start(&self, config: NetworkConfig) -> HostNetwork {
-        self.run(|| HostNetwork::start(config))
-            .unwrap_or_else(|e| panic!("start: {e}"))
-            .0
-    }
-
-    /// Runs a shell command (test setup only: `ip`, `nft`) inside the host namespace.
-    fn sh(&self, script: &str) {
-        sh_in(&self.ns, script);
-    }
-
-    /// Links of the host namespace whose name starts with `prefix`.
-    fn links(&self, prefix: &str) -> Vec<String> {
-        self.run(|| host_links(prefix))
-            .unwrap()
-            .into_iter()
-            .map(|l| l.name)
-            .collect()
-    }
-}
-
-fn sh_in(ns: &NetNs, script: &str) {
-    let out = ns
-        .run_in(|| Command::new("sh").arg("-ec").arg(script).output())
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use lull_tests::host_net::{
+    Host, METADATA, REFUSED_WITHIN, UPLINK_BRIDGE, UPLINK_HOST, UPLINK_SERVER, sh_in,
+};
+use lull_tests::scratch::mounts_under;
 
 fn request(instance: &str, service: &str, allow_peers: bool) -> AttachRequest {
     AttachRequest {

@@ -1,0 +1,220 @@
+//! Privileged, end to end without the daemon: the runtime, the instance network and the proxy
+//! composed as the daemon will compose them. The fixture app runs with its spinner (`SPIN=1`)
+//! behind the proxy's CPU gate: it gets the CPU while a request is in flight, loses it within
+//! milliseconds of the last response, and gets it back for the next request.
+//!
+//! Everything network-facing runs inside a "host" namespace of the test's own (its bridge, and
+//! the proxy's listener and upstream connections, made by a tokio runtime started there).
+//! Preconditions: root, the registry on 127.0.0.1:5000 with the fixture images.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lull_netns::network::{AttachRequest, InstanceNetwork};
+use lull_proxy::config::{HealthProbe, ServiceConfig};
+use lull_proxy::health::HealthChecker;
+use lull_proxy::metrics::ProxyMetrics;
+use lull_proxy::pool::{InstanceSpec, Pool};
+use lull_proxy::{Proxy, ProxyOptions, Route, RouteTable};
+use lull_runtime::host::Runtime;
+use lull_runtime::instance::{FileBind, InstanceRequest, ProcessOverrides};
+use lull_runtime::logs::LogLimits;
+use lull_runtime::store::ImageRecord;
+use lull_tests::cpu::InstanceCpu;
+use lull_tests::e2e::{
+    FIXTURE_APP, HELLO, InstanceGuard, TestRuntime, reference, require_registry,
+};
+use lull_tests::host_net::Host;
+
+const PORT: u16 = 8080;
+/// The bound on an idle instance's CPU share.
+const IDLE_SHARE_MAX: f64 = 0.003;
+
+/// CPU share (of one CPU) the instance's group used over `window`, starting now.
+async fn share_over(cpu: &InstanceCpuProbe, window: Duration) -> f64 {
+    let before = cpu.usage();
+    let started = Instant::now();
+    tokio::time::sleep(window).await;
+    let used = cpu.usage() - before;
+    used as f64 / started.elapsed().as_nanos() as f64
+}
+
+/// Reads the instance group's usage counter (a second handle: the pool owns the gate).
+struct InstanceCpuProbe(lull_runtime::cgroup::InstanceCgroup);
+
+impl InstanceCpuProbe {
+    fn usage(&self) -> u64 {
+        self.0
+            .cpu_usage_ns()
+            .expect("read the instance's CPU usage")
+    }
+}
+
+/// One GET through the proxy, as a client would send it; the response's status and body.
+async fn get(proxy: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let response = lull_tests::http::parse(&raw).unwrap();
+    (response.status, response.body)
+}
+
+#[test]
+fn the_gate_gives_the_cpu_for_requests_and_takes_it_within_milliseconds_after() {
+    let host = Host::new();
+    let zygote = Path::new(env!("CARGO_BIN_EXE_lull-test-zygote"));
+    require_registry();
+    // The image comes from the registry on the real host's loopback, before entering the
+    // test's host namespace.
+    let t = TestRuntime::new("lull-proxy-gate", zygote);
+    let (image, layers) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let image = t
+            .runtime
+            .store
+            .pull(&reference(FIXTURE_APP), &Default::default())
+            .await
+            .unwrap();
+        let layers = t.runtime.prepare(&image).await.unwrap();
+        (image, layers)
+    });
+    host.run(|| {
+        // Worker threads start in the host namespace, so the proxy's sockets are made there.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(scenario(&host, &t, &image, layers));
+    });
+}
+
+async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec<String>) {
+    let (network, _) = lull_netns::network::HostNetwork::start(host.config()).unwrap();
+    let att = network
+        .attach(&AttachRequest {
+            instance: "gated".into(),
+            service: "svc".into(),
+            allow_peers: false,
+            hostname: "gated".into(),
+        })
+        .unwrap();
+    let request = InstanceRequest {
+        id: "gated".into(),
+        layers,
+        image: Runtime::image_process(image),
+        overrides: ProcessOverrides {
+            port: Some(PORT),
+            env: vec![("SPIN".into(), "1".into())],
+            ..Default::default()
+        },
+        resources: Default::default(),
+        netns: Some(att.netns.clone()),
+        files: vec![
+            FileBind {
+                source: att.resolv_conf.clone(),
+                destination: "/etc/resolv.conf".into(),
+            },
+            FileBind {
+                source: att.hosts.clone(),
+                destination: "/etc/hosts".into(),
+            },
+        ],
+        log_limits: LogLimits::default(),
+    };
+    let instance = t.runtime.instances.launch(request).await.unwrap();
+    let instance = InstanceGuard::new(&t.runtime.instances, instance);
+    let gate = instance.open_gate().unwrap();
+    let probe = InstanceCpuProbe(instance.cgroup.clone());
+
+    let mut config = ServiceConfig::default();
+    config.health.probe = HealthProbe::Http {
+        path: "/healthz".into(),
+        min_status: 200,
+        max_status: 299,
+    };
+    let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let metrics = Arc::new(ProxyMetrics::new());
+    let pool = Pool::with_metrics("svc", Arc::new(config), events, metrics.clone());
+    pool.add_instance(InstanceSpec {
+        id: "gated".into(),
+        addr: SocketAddr::from((att.addr, PORT)),
+        cpu: Arc::new(InstanceCpu::new(gate, instance.cgroup.clone())),
+    });
+    let checker = HealthChecker::spawn(pool.clone());
+    let routes = Arc::new(RouteTable::new());
+    routes.insert("app.test", Route::new(pool.clone(), "r1"));
+    let proxy = Proxy::new(routes, ProxyOptions::default());
+    let addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+
+    // In rotation once healthy; then, with nothing in flight, throttled.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let snap = pool.snapshot();
+        let i = &snap.instances[0];
+        if i.healthy && i.gate.is_throttled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never healthy and throttled: {i:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let idle = share_over(&probe, Duration::from_secs(1)).await;
+    println!("idle (throttled) share of a CPU: {:.3} %", idle * 100.0);
+    assert!(idle <= IDLE_SHARE_MAX, "idle share {idle}");
+
+    // During a request the spinner runs at full speed.
+    let slow = tokio::spawn(get(addr, "/sleep?ms=800"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let busy = share_over(&probe, Duration::from_millis(500)).await;
+    let (status, body) = slow.await.unwrap();
+    let ended = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    println!("share of a CPU during a request: {:.1} %", busy * 100.0);
+    assert!(
+        busy > 0.25,
+        "the spinner should get the CPU during a request: {busy}"
+    );
+
+    // Within 10 ms of the response the instance is throttled again.
+    tokio::time::sleep(Duration::from_millis(10).saturating_sub(ended.elapsed())).await;
+    assert!(
+        pool.snapshot().instances[0].gate.is_throttled,
+        "not throttled 10 ms after the last response"
+    );
+    let after = share_over(&probe, Duration::from_secs(1)).await;
+    println!(
+        "share of a CPU from 10 ms after the response: {:.3} %",
+        after * 100.0
+    );
+    assert!(after <= IDLE_SHARE_MAX, "share after the response {after}");
+
+    // A request to the throttled instance wakes it and is served.
+    let restores = pool.snapshot().instances[0].gate.restores;
+    let started = Instant::now();
+    let (status, body) = get(addr, "/").await;
+    println!(
+        "a request to the throttled instance took {:?}",
+        started.elapsed()
+    );
+    assert_eq!((status, body.as_str()), (200, HELLO));
+    assert_eq!(pool.snapshot().instances[0].gate.restores, restores + 1);
+    let text = metrics.encode();
+    assert!(text.contains("lull_proxy_"), "{text}");
+
+    proxy.shutdown(Duration::from_secs(2)).await;
+    drop(checker);
+    instance.delete().await.unwrap();
+    network.detach("gated").unwrap();
+}
