@@ -44,7 +44,7 @@ impl TestNetwork {
             table: format!("lull_cli_{tag}"),
             veth_prefix: format!("lcv{tag}"),
             subnet: format!("10.74.{}.0/24", n % 250),
-            ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_else(|_| "0".into()),
+            ip_forward: original_ip_forward(),
         }
     }
 
@@ -71,6 +71,15 @@ impl TestNetwork {
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The host's IP forwarding setting as this test process first found it (tests run in
+/// parallel: one that starts after another switched forwarding on must not restore "on").
+fn original_ip_forward() -> String {
+    static ORIGINAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ORIGINAL
+        .get_or_init(|| std::fs::read_to_string(IP_FORWARD).unwrap_or_else(|_| "0".into()))
+        .clone()
+}
 
 /// What a `lull` command printed, and how it ended.
 struct Run {

@@ -30,6 +30,12 @@ pub struct Host {
     pub uplink: NetNs,
 }
 
+impl Default for Host {
+    fn default() -> Self {
+        Host::new()
+    }
+}
+
 impl Host {
     pub fn new() -> Host {
         crate::e2e::require_root();
