@@ -50,9 +50,27 @@ fn stages() -> Vec<Stage> {
         },
         Stage {
             name: "unit",
-            what: "unit and fake-backed tests (no host changes)",
+            what: "unit and fake-backed tests (no host changes), the gate's loom model check",
             needs_root: false,
-            commands: vec![cargo(&["test", "--workspace", "--lib", "--bins"])],
+            commands: vec![
+                cargo(&["test", "--workspace", "--lib", "--bins"]),
+                // The proxy's CPU gate, model-checked with loom over every interleaving (its own
+                // target dir: the cfg changes every crate's build).
+                [
+                    "env",
+                    "RUSTFLAGS=--cfg lull_loom",
+                    "CARGO_TARGET_DIR=target/loom",
+                    "cargo",
+                    "test",
+                    "-p",
+                    "lull-proxy",
+                    "--release",
+                    "--lib",
+                    "gate",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            ],
         },
         Stage {
             name: "fixtures",
