@@ -62,6 +62,9 @@ impl Default for HealthCheck {
     }
 }
 
+/// Per-service timeouts. A client connection's idle keep-alive is the listener's, not a
+/// service's (a connection is idle before its next request names a service): see
+/// `ProxyOptions::idle_keep_alive`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     /// Opening a connection to an instance.
@@ -70,8 +73,6 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// The whole exchange, bodies included (not WebSockets).
     pub request: Duration,
-    /// A client connection with no request in flight.
-    pub idle_keep_alive: Duration,
     /// A WebSocket with no frame either way.
     pub websocket_idle: Duration,
     /// How long an idle connection to an instance is kept in the pool: shorter than the usual
@@ -86,7 +87,6 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(300),
             request: Duration::from_secs(15 * 60),
-            idle_keep_alive: Duration::from_secs(75),
             websocket_idle: Duration::from_secs(3600),
             upstream_idle: Duration::from_secs(4),
         }
@@ -180,7 +180,6 @@ impl ServiceConfig {
             ("timeouts.connect", t.connect),
             ("timeouts.first_byte", t.first_byte),
             ("timeouts.request", t.request),
-            ("timeouts.idle_keep_alive", t.idle_keep_alive),
             ("timeouts.websocket_idle", t.websocket_idle),
             ("timeouts.upstream_idle", t.upstream_idle),
         ] {

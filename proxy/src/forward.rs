@@ -113,7 +113,14 @@ struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         self.lease.take();
-        if let Some(metrics) = &self.metrics {
+        if self.entry.status == 0 {
+            // The client went away before any response (while queued, say): nginx's 499.
+            self.entry.status = 499;
+        }
+        // An upgraded connection's lifetime is not a request's latency.
+        if let Some(metrics) = &self.metrics
+            && self.entry.status != 101
+        {
             metrics.observe_request(&self.entry.service, self.entry.status, self.start.elapsed());
         }
         if let Some(log) = &self.log {
@@ -546,6 +553,18 @@ async fn forward(
             Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => Failure::BodyTooLarge,
             Ok(Err(e)) => classify(&e),
         };
+        // A connect timeout is a connection failure too (a blackholed instance): suspect it
+        // and retry elsewhere, answering 504 only when there is nowhere else to go.
+        let (failure, timed_out) = match failure {
+            Failure::ConnectTimeout => (
+                Failure::Connection {
+                    reason: "connecting to the instance timed out".into(),
+                    sent_nothing: true,
+                },
+                true,
+            ),
+            other => (other, false),
+        };
         let resp = match failure {
             Failure::Connection {
                 reason,
@@ -568,7 +587,7 @@ async fn forward(
                     .snapshot()
                     .instances
                     .iter()
-                    .any(|i| i.healthy && i.id != failed);
+                    .any(|i| i.in_rotation() && i.id != failed);
                 if retriable && others {
                     if let Some(metrics) = route.pool.metrics() {
                         metrics.retry(route.pool.service());
@@ -576,15 +595,19 @@ async fn forward(
                     avoid = Some(failed);
                     continue;
                 }
-                plain(
-                    StatusCode::BAD_GATEWAY,
-                    "502 bad gateway: the instance could not be reached",
-                )
+                if timed_out {
+                    plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 gateway timeout: connecting to the instance timed out",
+                    )
+                } else {
+                    plain(
+                        StatusCode::BAD_GATEWAY,
+                        "502 bad gateway: the instance could not be reached",
+                    )
+                }
             }
-            Failure::ConnectTimeout => plain(
-                StatusCode::GATEWAY_TIMEOUT,
-                "504 gateway timeout: connecting to the instance timed out",
-            ),
+            Failure::ConnectTimeout => unreachable!("mapped to a connection failure above"),
             Failure::FirstByteTimeout => plain(
                 StatusCode::GATEWAY_TIMEOUT,
                 "504 gateway timeout: the instance did not answer in time",
@@ -702,6 +725,9 @@ fn respond(
 pub(crate) struct Activity {
     base: Instant,
     last_ms: AtomicU64,
+    /// When a write to the client started waiting (the client not reading), in ms since
+    /// `base` plus one; 0 while writes go through.
+    blocked_ms: AtomicU64,
 }
 
 impl Activity {
@@ -709,11 +735,31 @@ impl Activity {
         Activity {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
+            blocked_ms: AtomicU64::new(0),
         }
     }
     pub(crate) fn touch(&self) {
         self.last_ms
             .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn write_blocked(&self) {
+        let now = self.base.elapsed().as_millis() as u64 + 1;
+        let _ = self
+            .blocked_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    fn write_went_through(&self) {
+        self.blocked_ms.store(0, Ordering::Relaxed);
+    }
+    /// How long a write to the client has been waiting for it to read; zero if none waits.
+    pub(crate) fn write_stalled(&self) -> Duration {
+        match self.blocked_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => self
+                .base
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since - 1)),
+        }
     }
     pub(crate) fn idle(&self) -> Duration {
         self.base
@@ -755,7 +801,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let r = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        let Poll::Ready(r) = Pin::new(&mut self.inner).poll_write(cx, buf) else {
+            self.activity.write_blocked();
+            return Poll::Pending;
+        };
+        self.activity.write_went_through();
         if matches!(r, Ok(n) if n > 0) {
             self.activity.touch();
         }
@@ -772,7 +822,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let r = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        let Poll::Ready(r) = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) else {
+            self.activity.write_blocked();
+            return Poll::Pending;
+        };
+        self.activity.write_went_through();
         if matches!(r, Ok(n) if n > 0) {
             self.activity.touch();
         }

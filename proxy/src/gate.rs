@@ -9,7 +9,8 @@
 //! The gate owns no timer: when the idle delay is not zero, [`InstanceGate::leave`] says when to
 //! call [`InstanceGate::on_idle_timer`] with a generation number; any activity in between bumps
 //! the generation, so a late timer does nothing. This keeps the state machine synchronous, and
-//! the loom checks below drive the timer from a thread of their own.
+//! the loom checks below drive the timer from a thread of their own (the three-thread checks
+//! bound loom to 3 preemptions, which keeps them to seconds).
 //!
 //! Model checks (every interleaving of two or three requests, a health check and the idle
 //! timer, on this very code): `RUSTFLAGS="--cfg lull_loom" cargo test -p lull-proxy --release gate`.
@@ -202,6 +203,9 @@ impl InstanceGate {
             s.generation += 1;
         }
         s.requests += 1;
+        // The CPU first: the usage counter is read after it, off the wake path's critical
+        // write.
+        let woke = self.restore_locked(&mut s);
         if s.requests == 1 {
             let usage_ns = self.cpu.usage_ns();
             s.busy = Some(Busy {
@@ -213,7 +217,7 @@ impl InstanceGate {
         if let Some(busy) = s.busy.as_mut() {
             busy.requests += 1;
         }
-        self.restore_locked(&mut s)
+        woke
     }
 
     /// A request's hold passes straight to the next request (a queued one taking over the
@@ -230,21 +234,20 @@ impl InstanceGate {
         let mut s = lock(&self.state);
         debug_assert!(s.requests > 0, "gate left more often than entered");
         s.requests = s.requests.saturating_sub(1);
-        let mut busy = None;
-        if s.requests == 0
-            && let Some(b) = s.busy.take()
-        {
+        let ended = if s.requests == 0 { s.busy.take() } else { None };
+        // The throttle first, then the usage counter (the app cannot run on between them).
+        let idle = self.idle_locked(&mut s);
+        let busy = ended.map(|b| {
             let now_ns = self.cpu.usage_ns();
-            busy = Some(BusyPeriod {
+            BusyPeriod {
                 requests: b.requests,
                 cpu_ns: match (b.usage_ns, now_ns) {
                     (Some(before), Some(after)) => after.checked_sub(before),
                     _ => None,
                 },
                 duration: b.started.elapsed(),
-            });
-        }
-        let idle = self.idle_locked(&mut s);
+            }
+        });
         Left { idle, busy }
     }
 

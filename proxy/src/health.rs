@@ -213,6 +213,8 @@ async fn run_prober(pool: Arc<Pool>, slot: Arc<Slot>) {
     let mut healthy = false;
     let (mut successes, mut failures) = (0u32, 0u32);
     let mut first = true;
+    let since = std::time::Instant::now();
+    let (mut ever_healthy, mut startup_reported) = (false, false);
     loop {
         if !first {
             let started = pool.has_started(&slot);
@@ -240,6 +242,7 @@ async fn run_prober(pool: Arc<Pool>, slot: Arc<Slot>) {
                 failures = 0;
                 if (!healthy || suspect) && successes >= health.healthy_threshold {
                     healthy = true;
+                    ever_healthy = true;
                     pool.set_healthy(&slot.id, true, &reason);
                 }
             }
@@ -251,6 +254,20 @@ async fn run_prober(pool: Arc<Pool>, slot: Arc<Slot>) {
                 if (healthy || suspect) && failures >= health.unhealthy_threshold {
                     healthy = false;
                     pool.set_healthy(&slot.id, false, &reason);
+                }
+                // Never healthy yet: say so once the app has had as long as a healthy
+                // instance would need to be declared unhealthy (startup probes are frequent,
+                // so counting them would report every slow start).
+                let grace = health.interval * health.unhealthy_threshold;
+                if !healthy && !ever_healthy && !startup_reported && since.elapsed() >= grace {
+                    startup_reported = true;
+                    pool.report_startup_failure(
+                        &slot.id,
+                        &format!(
+                            "not healthy {:?} after it started: {reason}",
+                            since.elapsed()
+                        ),
+                    );
                 }
             }
         }

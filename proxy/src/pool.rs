@@ -365,6 +365,18 @@ impl Pool {
     /// Puts an instance in rotation (`healthy`, which also clears a suspect mark) or takes it
     /// out, and tells the daemon with `reason` when that changes. The first time an instance
     /// is healthy its startup ends and the gate may throttle it.
+    /// Tells the daemon that an instance that was never healthy still is not (it may be crash
+    /// looping or listening on the wrong port): one `PoolEvent::Health` with `healthy: false`.
+    pub fn report_startup_failure(&self, id: &str, reason: &str) {
+        tracing::warn!(service = %self.service, instance = %id, reason, "instance not healthy since it started");
+        let _ = self.events.send(PoolEvent::Health {
+            service: self.service.clone(),
+            instance: id.to_owned(),
+            healthy: false,
+            reason: reason.to_owned(),
+        });
+    }
+
     pub fn set_healthy(&self, id: &str, healthy: bool, reason: &str) {
         let (slot, first, grants) = {
             let mut inner = self.lock();

@@ -180,6 +180,12 @@ impl Proxy {
     /// connection still open.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let _ = self.shared.drain.send(true);
+        // Instances finish their requests with their CPU, and are not throttled again.
+        for host in self.routes().hosts() {
+            if let Some(route) = self.routes().lookup(&host) {
+                route.pool.drain();
+            }
+        }
         let listeners: Vec<_> = self
             .listeners
             .lock()
@@ -338,8 +344,15 @@ where
                 conn.as_mut().graceful_shutdown();
             }
             _ = close.wait_for(|c| *c) => return,
-            _ = ticker.tick(), if !draining => {
-                if active.load(Ordering::Acquire) == 0 && activity.idle() >= idle {
+            _ = ticker.tick() => {
+                // A client that stops reading its response would hold the instance's slot
+                // (and CPU) for as long as it likes: cut it once a write has waited for it as
+                // long as an idle connection may last.
+                if activity.write_stalled() >= idle {
+                    tracing::debug!(%client, "client stopped reading its response: connection cut");
+                    return;
+                }
+                if !draining && active.load(Ordering::Acquire) == 0 && activity.idle() >= idle {
                     tracing::debug!(%client, "idle client connection closed");
                     draining = true;
                     conn.as_mut().graceful_shutdown();
