@@ -1114,3 +1114,124 @@ async fn a_connect_timeout_answers_504() {
         start.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_connect_timeout_is_retried_on_another_instance_and_suspected() {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let hung = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let f = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        f.set_nonblocking(true).unwrap();
+        let _ = f.connect(&hung.into());
+        fillers.push(f);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let good = upstream(echo()).await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.connect = Duration::from_millis(300);
+    let s = setup(config, &[hung, good.addr]).await;
+    // Both idle: the tie may go to either; ask until the hung one has been tried.
+    let mut retried = false;
+    for _ in 0..4 {
+        let resp = client().request(get(&s.url("/"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        if s.pool.snapshot().instances[0].suspect {
+            retried = true;
+            break;
+        }
+    }
+    assert!(retried, "the hung instance was never tried and suspected");
+    assert!(!s.pool.snapshot().instances[0].in_rotation());
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_gives_its_slot_back() {
+    // An app streaming a large response to a client that never reads it.
+    let big = upstream(handler(|_req| async {
+        Response::new(
+            Repeat {
+                chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+                left: 1 << 30,
+            }
+            .boxed_unsync(),
+        )
+    }))
+    .await;
+    let options = ProxyOptions {
+        idle_keep_alive: Duration::from_millis(300),
+        ..ProxyOptions::default()
+    };
+    let s = setup_with(ServiceConfig::default(), &[big.addr], options).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.pool.snapshot().instances[0].in_flight == 0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The client reads nothing: the socket buffers fill, the proxy's writes wait, and after
+    // the idle keep-alive the connection is cut and the slot comes back.
+    while s.pool.snapshot().instances[0].in_flight != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading still holds the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(sock);
+}
+
+#[tokio::test]
+async fn an_instance_that_never_gets_healthy_is_reported() {
+    use lull_proxy::config::HealthProbe;
+    use lull_proxy::health::HealthChecker;
+    use lull_proxy::pool::PoolEvent;
+
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut config = ServiceConfig::default();
+    config.health.probe = HealthProbe::Tcp;
+    config.health.interval = Duration::from_millis(200);
+    config.health.timeout = Duration::from_millis(100);
+    config.health.unhealthy_threshold = 2;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool = Pool::new("app", Arc::new(config), tx);
+    pool.add_instance(InstanceSpec {
+        id: "never".into(),
+        addr: closed,
+        cpu: Arc::new(NoCpuControl),
+    });
+    let _checker = HealthChecker::spawn(pool.clone());
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(PoolEvent::Health {
+                instance,
+                healthy,
+                reason,
+                ..
+            }) = rx.recv().await
+            {
+                return (instance, healthy, reason);
+            }
+        }
+    })
+    .await
+    .expect("no health event for an instance that never became healthy");
+    assert_eq!(event.0, "never");
+    assert!(!event.1);
+    assert!(
+        event.2.contains("not healthy") && event.2.contains("connect"),
+        "{}",
+        event.2
+    );
+}
