@@ -200,6 +200,8 @@ pub(crate) struct RequestBody {
     bytes: Arc<AtomicU64>,
     limit: Option<u64>,
     over_limit: Arc<AtomicBool>,
+    /// Told when the body has been sent whole: the first-byte timeout starts then.
+    sent: Arc<tokio::sync::Notify>,
 }
 
 impl Body for RequestBody {
@@ -235,7 +237,11 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => Poll::Ready(None),
+            None => {
+                // A stored permit: the waiter may not be waiting yet.
+                self.sent.notify_one();
+                Poll::Ready(None)
+            }
         }
     }
 
@@ -528,6 +534,7 @@ async fn forward(
                 );
             }
         };
+        let body_sent = Arc::new(tokio::sync::Notify::new());
         let mut up = Request::new(RequestBody {
             slot: slot.clone(),
             body: None,
@@ -536,20 +543,42 @@ async fn forward(
             bytes: finish.bytes_in.clone(),
             limit: config.limits.max_body_bytes,
             over_limit: over_limit.clone(),
+            sent: body_sent.clone(),
         });
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = version;
         *up.headers_mut() = parts.headers.clone();
-        let first_byte = (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
-        let sent = tokio::time::timeout_at(first_byte, client.request(up)).await;
+        // While the body uploads only the whole request's deadline applies; the first-byte
+        // timeout counts from the body's end (an app may read all of a long upload first).
+        let sent = {
+            let request = client.request(up);
+            tokio::pin!(request);
+            let uploaded = async {
+                if !body_empty {
+                    body_sent.notified().await;
+                }
+            };
+            tokio::select! {
+                r = &mut request => Ok(r),
+                () = tokio::time::sleep_until(deadline) => Err(Failure::RequestTimeout),
+                () = uploaded => {
+                    let first_byte =
+                        (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
+                    match tokio::time::timeout_at(first_byte, &mut request).await {
+                        Ok(r) => Ok(r),
+                        Err(_) if first_byte >= deadline => Err(Failure::RequestTimeout),
+                        Err(_) => Err(Failure::FirstByteTimeout),
+                    }
+                }
+            }
+        };
         let failure = match sent {
             Ok(Ok(resp)) => {
                 finish.lease = Some(lease);
                 return respond(route, conn, &config, finish, resp, client_upgrade, deadline);
             }
-            Err(_) if first_byte >= deadline => Failure::RequestTimeout,
-            Err(_) => Failure::FirstByteTimeout,
+            Err(failure) => failure,
             Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => Failure::BodyTooLarge,
             Ok(Err(e)) => classify(&e),
         };

@@ -1235,3 +1235,30 @@ async fn an_instance_that_never_gets_healthy_is_reported() {
         event.2
     );
 }
+
+#[tokio::test]
+async fn the_first_byte_timeout_counts_from_the_end_of_the_upload() {
+    let up = upstream(echo()).await;
+    let mut config = ServiceConfig::default();
+    config.timeouts.first_byte = Duration::from_millis(300);
+    let s = setup(config, &[up.addr]).await;
+    // An upload trickling in over about a second, three times the first-byte timeout.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx.send(Bytes::from_static(b"0123456789")).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut req = Request::post(s.url("/upload"))
+        .header("host", HOST)
+        .body(channel_body(rx))
+        .unwrap();
+    req.headers_mut().remove("content-length");
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+    assert_eq!(body["body_len"], 100);
+}
