@@ -185,16 +185,13 @@ pub async fn run(runtime: Runtime, args: &RunArgs, network_args: &NetworkArgs) -
         },
         resources,
         netns: Some(attachment.netns.clone()),
-        files: vec![
-            FileBind {
-                source: attachment.resolv_conf.clone(),
-                destination: "/etc/resolv.conf".into(),
-            },
-            FileBind {
-                source: attachment.hosts.clone(),
-                destination: "/etc/hosts".into(),
-            },
-        ],
+        files: attachment
+            .files()
+            .map(|(source, destination)| FileBind {
+                source: source.to_path_buf(),
+                destination: destination.into(),
+            })
+            .to_vec(),
         log_limits: LogLimits::default(),
     };
     let launch_started = Instant::now();

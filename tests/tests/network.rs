@@ -536,16 +536,13 @@ fn two_fixture_app_instances_answer_the_host_on_their_addresses() {
             },
             resources: Default::default(),
             netns: Some(att.netns.clone()),
-            files: vec![
-                FileBind {
-                    source: att.resolv_conf.clone(),
-                    destination: "/etc/resolv.conf".into(),
-                },
-                FileBind {
-                    source: att.hosts.clone(),
-                    destination: "/etc/hosts".into(),
-                },
-            ],
+            files: att
+                .files()
+                .map(|(source, destination)| FileBind {
+                    source: source.to_path_buf(),
+                    destination: destination.into(),
+                })
+                .to_vec(),
             log_limits: LogLimits::default(),
         };
         let instance = tokio

@@ -119,16 +119,13 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
         },
         resources: Default::default(),
         netns: Some(att.netns.clone()),
-        files: vec![
-            FileBind {
-                source: att.resolv_conf.clone(),
-                destination: "/etc/resolv.conf".into(),
-            },
-            FileBind {
-                source: att.hosts.clone(),
-                destination: "/etc/hosts".into(),
-            },
-        ],
+        files: att
+            .files()
+            .map(|(source, destination)| FileBind {
+                source: source.to_path_buf(),
+                destination: destination.into(),
+            })
+            .to_vec(),
         log_limits: LogLimits::default(),
     };
     let instance = t.runtime.instances.launch(request).await.unwrap();

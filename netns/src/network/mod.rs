@@ -59,6 +59,16 @@ pub struct Attachment {
     pub hosts: PathBuf,
 }
 
+impl Attachment {
+    /// The files to bind-mount into the instance: (file on the host, path inside).
+    pub fn files(&self) -> [(&std::path::Path, &'static str); 2] {
+        [
+            (self.resolv_conf.as_path(), "/etc/resolv.conf"),
+            (self.hosts.as_path(), "/etc/hosts"),
+        ]
+    }
+}
+
 /// An instance that still runs, as the caller knows it at reconcile time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveInstance {
