@@ -588,43 +588,64 @@ fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
     })
 }
 
-/// The IPv4 addresses (with prefix lengths) on link `index`.
-async fn ipv4_addresses(
+/// The addresses (with prefix lengths) on link `index`: IPv4 ones, and IPv6 ones of global
+/// scope (not the link-local address every link gets).
+async fn link_addresses(
     handle: &Handle,
     name: &str,
     index: u32,
-) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
+) -> Result<Vec<(IpAddr, u8)>, LinkError> {
     let mut stream = handle
         .address()
         .get()
         .set_link_index_filter(index)
         .execute();
     let mut found = Vec::new();
-    loop {
-        let msg = stream
-            .try_next()
-            .await
-            .map_err(|source| LinkError::Netlink {
-                op: "list addresses",
-                name: name.to_string(),
-                source: Box::new(source),
-            })?;
-        let Some(msg) = msg else { break };
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(|source| LinkError::Netlink {
+            op: "list addresses",
+            name: name.to_string(),
+            source: Box::new(source),
+        })?
+    {
         if msg.header.index != index {
             continue;
         }
         for attr in &msg.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(ip))
-            | AddressAttribute::Address(IpAddr::V4(ip)) = attr
-            {
-                let entry = (*ip, msg.header.prefix_len);
-                if !found.contains(&entry) {
-                    found.push(entry);
+            let ip = match attr {
+                AddressAttribute::Local(ip @ IpAddr::V4(_))
+                | AddressAttribute::Address(ip @ IpAddr::V4(_)) => *ip,
+                AddressAttribute::Address(ip @ IpAddr::V6(_))
+                    if msg.header.scope == AddressScope::Universe =>
+                {
+                    *ip
                 }
+                _ => continue,
+            };
+            let entry = (ip, msg.header.prefix_len);
+            if !found.contains(&entry) {
+                found.push(entry);
             }
         }
     }
     Ok(found)
+}
+
+async fn ipv4_addresses(
+    handle: &Handle,
+    name: &str,
+    index: u32,
+) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
+    Ok(link_addresses(handle, name, index)
+        .await?
+        .into_iter()
+        .filter_map(|(ip, prefix)| match ip {
+            IpAddr::V4(v4) => Some((v4, prefix)),
+            IpAddr::V6(_) => None,
+        })
+        .collect())
 }
 
 async fn delete_link(handle: &Handle, name: &str, index: u32) -> Result<(), LinkError> {
@@ -904,34 +925,14 @@ async fn ipv6_global_addresses(
     name: &str,
     index: u32,
 ) -> Result<Vec<(Ipv6Addr, u8)>, LinkError> {
-    let mut stream = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    let mut found = Vec::new();
-    while let Some(msg) = stream
-        .try_next()
-        .await
-        .map_err(|source| LinkError::Netlink {
-            op: "list addresses",
-            name: name.to_string(),
-            source: Box::new(source),
-        })?
-    {
-        if msg.header.index != index || msg.header.scope != AddressScope::Universe {
-            continue;
-        }
-        for attr in &msg.attributes {
-            if let AddressAttribute::Address(IpAddr::V6(ip)) = attr {
-                let entry = (*ip, msg.header.prefix_len);
-                if !found.contains(&entry) {
-                    found.push(entry);
-                }
-            }
-        }
-    }
-    Ok(found)
+    Ok(link_addresses(handle, name, index)
+        .await?
+        .into_iter()
+        .filter_map(|(ip, prefix)| match ip {
+            IpAddr::V6(v6) => Some((v6, prefix)),
+            IpAddr::V4(_) => None,
+        })
+        .collect())
 }
 
 #[cfg(test)]
