@@ -676,11 +676,33 @@ impl Peers {
 
 impl Drop for Peers {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        for (name, child) in &mut self.children {
+            stop_gracefully(name, child);
         }
     }
+}
+
+/// SIGTERM, then SIGKILL if it has not exited in 5 s. Not SIGKILL at once: nginx's workers
+/// outlive a killed master (they would keep running, children of init); on SIGTERM the master
+/// stops them and exits.
+fn stop_gracefully(name: &str, child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill with a pid we spawned and have not yet reaped (so it cannot have been
+        // reused) and a valid signal number; it touches no memory.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("lull-bench-proxy: {name} did not stop on SIGTERM in 5 s, killing it");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn nginx_version() -> String {
@@ -880,7 +902,8 @@ fn fixed_rate(
         run.latencies_us.extend(latencies);
         run.late += late;
     }
-    run.achieved = run.latencies_us.len() as f64 / duration.as_secs_f64();
+    // Over the time actually taken: a client that fell behind sends its last requests late.
+    run.achieved = run.latencies_us.len() as f64 / start.elapsed().as_secs_f64();
     Ok(run)
 }
 
