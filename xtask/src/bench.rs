@@ -5,7 +5,9 @@
 //! them. `--smoke` (what CI runs) does few iterations and fails only when the harness does.
 //!
 //! `cargo xtask bench netns [--smoke]` does the same for the network benchmarks
-//! ([`crate::bench_netns`]), in a section of its own with its own markers.
+//! ([`crate::bench_netns`]), in a section of its own with its own markers, and
+//! `cargo xtask bench proxy [--smoke]` for the proxy against nginx and haproxy
+//! ([`crate::bench_proxy`]).
 
 use std::fs;
 use std::path::Path;
@@ -37,6 +39,9 @@ pub enum Suite {
     Runtime,
     /// Wiring an instance's network against `ip` commands, veth against loopback throughput
     Netns,
+    /// The proxy against direct, nginx and haproxy (wrk, h2load, a fixed rate), and the CPU
+    /// gate's cost per request
+    Proxy,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,6 +58,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.suite {
         Suite::Runtime => run_runtime(args),
         Suite::Netns => crate::bench_netns::run(args.smoke),
+        Suite::Proxy => crate::bench_proxy::run(args.smoke),
     }
 }
 

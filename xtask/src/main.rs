@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_netns;
+mod bench_proxy;
 mod demo;
 mod fixtures;
 mod oci;

@@ -103,6 +103,7 @@ fn stages() -> Vec<Stage> {
             commands: vec![
                 cargo(&["xtask", "bench", "runtime", "--smoke"]),
                 cargo(&["xtask", "bench", "netns", "--smoke"]),
+                cargo(&["xtask", "bench", "proxy", "--smoke"]),
             ],
         },
     ]
