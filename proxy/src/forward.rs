@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tracing::Instrument;
 
-use crate::access_log::{AccessEntry, AccessLog, now_rfc3339};
+use crate::access_log::{AccessEntry, AccessLog};
 use crate::config::{ServiceConfig, UpstreamProtocol};
 use crate::headers::{self, Origin};
 use crate::pool::{Lease, Rejected};
@@ -102,9 +102,11 @@ impl Drop for ActiveGuard {
 /// Everything the access log needs; written when dropped (the response's end).
 struct Finish {
     log: Option<Arc<AccessLog>>,
-    metrics: Option<Arc<crate::metrics::ProxyMetrics>>,
+    metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
     entry: AccessEntry,
     start: Instant,
+    /// Wall-clock start, formatted into the log line only when there is a log.
+    started_at: chrono::DateTime<chrono::Utc>,
     bytes_in: Arc<AtomicU64>,
     lease: Option<Lease>,
     _active: ActiveGuard,
@@ -121,9 +123,12 @@ impl Drop for Finish {
         if let Some(metrics) = &self.metrics
             && self.entry.status != 101
         {
-            metrics.observe_request(&self.entry.service, self.entry.status, self.start.elapsed());
+            metrics.observe_request(self.entry.status, self.start.elapsed());
         }
         if let Some(log) = &self.log {
+            self.entry.time = self
+                .started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             self.entry.duration_ms = ms(self.start.elapsed());
             self.entry.bytes_in = self.bytes_in.load(Ordering::Relaxed);
             log.record(&self.entry);
@@ -385,9 +390,9 @@ pub(crate) async fn handle(
         .unwrap_or_else(|| "/".into());
     let finish = Finish {
         log: route.access_log.clone(),
-        metrics: route.pool.metrics().cloned(),
+        metrics: route.pool.service_metrics().cloned(),
         entry: AccessEntry {
-            time: now_rfc3339(),
+            time: String::new(),
             request_id: request_id.clone(),
             service: route.pool.service().to_string(),
             revision: route.revision.clone(),
@@ -404,6 +409,7 @@ pub(crate) async fn handle(
             client: conn.client.to_string(),
         },
         start,
+        started_at: chrono::Utc::now(),
         bytes_in: Arc::new(AtomicU64::new(0)),
         lease: None,
         _active: active,
@@ -522,7 +528,7 @@ async fn forward(
         finish.entry.woke = lease.woke();
         let uri = match Uri::builder()
             .scheme("http")
-            .authority(lease.addr().to_string())
+            .authority(lease.authority().clone())
             .path_and_query(path.as_str())
             .build()
         {

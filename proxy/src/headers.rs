@@ -155,20 +155,53 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
 
 /// A random 128-bit id in 32 lowercase hex digits.
 pub fn new_request_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // The kernel's random source is always there on Linux; if it ever is not, a
-        // time-and-counter id keeps ids unique within this process.
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        bytes[..8].copy_from_slice(&nanos.to_be_bytes());
-        bytes[8..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // 128 bits: a random per-process key (one getrandom call) and a counter mixed with it
+    // through a bijection, so ids never repeat within a process, differ between processes,
+    // and cost no system call.
+    static KEY: OnceLock<[u64; 2]> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let key = KEY.get_or_init(|| {
+        let mut bytes = [0u8; 16];
+        if getrandom::fill(&mut bytes).is_err() {
+            // The kernel's random source is always there on Linux; if it ever is not, the
+            // start time still keeps ids of two processes apart.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            bytes[..8].copy_from_slice(&nanos.to_be_bytes());
+            bytes[8..].copy_from_slice(&u64::from(std::process::id()).to_be_bytes());
+        }
+        let (a, b) = bytes.split_at(8);
+        [
+            u64::from_be_bytes(a.try_into().unwrap_or_default()),
+            u64::from_be_bytes(b.try_into().unwrap_or_default()),
+        ]
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let high = mix(n ^ key[0]);
+    let low = mix(n.wrapping_add(key[1]));
+    let mut id = String::with_capacity(32);
+    for word in [high, low] {
+        for shift in (0..16).rev() {
+            let digit = ((word >> (shift * 4)) & 0xf) as u8;
+            id.push(char::from(if digit < 10 {
+                b'0' + digit
+            } else {
+                b'a' + digit - 10
+            }));
+        }
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    id
+}
+
+/// SplitMix64's finalizer: a bijection on u64 that scatters neighbouring inputs.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Counts a request head against limits: (number of headers, bytes of names and values plus
@@ -285,5 +318,13 @@ mod tests {
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(h["x-request-id"], id.as_str());
         assert_ne!(new_request_id(), new_request_id());
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| new_request_id()).collect();
+        assert_eq!(ids.len(), 10_000, "no id repeats");
+        assert!(ids.iter().all(|i| {
+            i.len() == 32
+                && i.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        }));
     }
 }

@@ -108,6 +108,8 @@ pub struct PoolSnapshot {
 pub(crate) struct Slot {
     pub(crate) id: String,
     pub(crate) addr: SocketAddr,
+    /// `addr` as a URI authority, made once (every forwarded request names it).
+    pub(crate) authority: http::uri::Authority,
     pub(crate) gate: InstanceGate,
     /// Wakes the instance's health prober at once (after a suspect mark).
     pub(crate) probe_now: Notify,
@@ -152,6 +154,8 @@ pub struct Pool {
     config: Arc<ServiceConfig>,
     events: mpsc::UnboundedSender<PoolEvent>,
     metrics: Option<Arc<ProxyMetrics>>,
+    /// This service's per-request series, looked up once.
+    service_metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
     inner: Mutex<Inner>,
     /// Bumped when instances are added or removed (the health checker follows it).
     members: watch::Sender<u64>,
@@ -194,6 +198,11 @@ impl Lease {
 
     pub fn addr(&self) -> SocketAddr {
         self.slot.addr
+    }
+
+    /// The instance's address as a URI authority.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.slot.authority
     }
 
     /// This request had to restore the instance's CPU.
@@ -289,6 +298,7 @@ impl Pool {
             service: service.to_owned(),
             config,
             events,
+            service_metrics: metrics.as_ref().map(|m| Arc::new(m.service(service))),
             metrics,
             inner: Mutex::new(Inner {
                 entries: Vec::new(),
@@ -308,6 +318,11 @@ impl Pool {
         self.metrics.as_ref()
     }
 
+    /// This service's per-request series, if the pool records metrics.
+    pub fn service_metrics(&self) -> Option<&Arc<crate::metrics::ServiceMetrics>> {
+        self.service_metrics.as_ref()
+    }
+
     pub fn service(&self) -> &str {
         &self.service
     }
@@ -323,6 +338,8 @@ impl Pool {
         let slot = Arc::new(Slot {
             gate: InstanceGate::new(spec.cpu, self.config.cpu, self.config.idle_delay),
             id: spec.id,
+            authority: http::uri::Authority::try_from(spec.addr.to_string().as_str())
+                .expect("a socket address is a valid URI authority"),
             addr: spec.addr,
             probe_now: Notify::new(),
         });
