@@ -145,6 +145,42 @@ impl Proxy {
         self.spawn_listener(addr, None)
     }
 
+    /// Listens for plain HTTP on `addr` once per runtime in `runtimes`, each with a socket of
+    /// its own (`SO_REUSEPORT`: the kernel spreads new connections over them), each
+    /// connection served on the runtime that accepted it. With one current-thread runtime
+    /// per core this is how nginx's workers split the load, and it serves more requests per
+    /// CPU than one multi-thread runtime, whose tasks wake each other across threads.
+    /// Returns the bound address (port 0 picks one, shared by all the sockets).
+    pub fn listen_on(
+        &self,
+        addr: SocketAddr,
+        runtimes: &[tokio::runtime::Handle],
+    ) -> Result<SocketAddr, ServerError> {
+        if *self.shared.drain.borrow() {
+            return Err(ServerError::ShuttingDown { addr });
+        }
+        let mut bound = addr;
+        let mut tasks = Vec::with_capacity(runtimes.len());
+        for runtime in runtimes {
+            let _entered = runtime.enter();
+            let listener = bind_with(bound, true).map_err(|source| ServerError::Bind {
+                addr: bound,
+                source,
+            })?;
+            bound = listener.local_addr().map_err(|source| ServerError::Bind {
+                addr: bound,
+                source,
+            })?;
+            tasks.push(runtime.spawn(accept_loop(self.shared.clone(), listener, None)));
+        }
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(tasks);
+        tracing::info!(addr = %bound, sockets = runtimes.len(), "proxy listening");
+        Ok(bound)
+    }
+
     /// Listens for HTTPS on `addr`.
     pub async fn listen_tls(
         &self,
@@ -240,12 +276,19 @@ impl Drop for Proxy {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

@@ -1262,3 +1262,52 @@ async fn the_first_byte_timeout_counts_from_the_end_of_the_upload() {
     let body: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
     assert_eq!(body["body_len"], 100);
 }
+
+#[tokio::test]
+async fn one_address_served_by_several_runtimes() {
+    let up = upstream(echo()).await;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool = Pool::new("app", Arc::new(ServiceConfig::default()), tx);
+    pool.add_instance(InstanceSpec {
+        id: "i0".into(),
+        addr: up.addr,
+        cpu: Arc::new(NoCpuControl),
+    });
+    pool.set_healthy("i0", true, "test");
+    let routes = Arc::new(RouteTable::new());
+    routes.insert(HOST, Route::new(pool, "rev-1"));
+    let proxy = Proxy::new(routes, ProxyOptions::default());
+    let mut handles = Vec::new();
+    let mut stops = Vec::new();
+    for _ in 0..2 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        handles.push(runtime.handle().clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        std::thread::spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            })
+        });
+    }
+    let addr = proxy
+        .listen_on("127.0.0.1:0".parse().unwrap(), &handles)
+        .unwrap();
+    // Separate connections: the kernel spreads them over both sockets.
+    for _ in 0..20 {
+        let resp = client()
+            .request(get(&format!("http://{addr}/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let _ = text(resp).await;
+    }
+    let report = proxy.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.forced, 0, "{report:?}");
+    for stop in stops {
+        let _ = stop.send(());
+    }
+}

@@ -179,12 +179,14 @@ fn run(args: Args) -> Result<()> {
     }
     let upstreams: Vec<SocketAddr> = apps.apps.iter().map(|a| a.addr).collect();
 
+    // The driver's own runtime (pools, health checks, gate timers); the proxy's listeners and
+    // connections run on the per-CPU runtimes of `proxy_runtimes`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("lull-proxy")
+        .worker_threads(1)
+        .thread_name("lull-bench")
         .enable_all()
         .build()
-        .context("start the proxy's tokio runtime")?;
+        .context("start the driver's tokio runtime")?;
     let lull = runtime.block_on(LullProxy::start(&upstreams))?;
     let mut peers = Peers::default();
     let nginx = peers.start_nginx(scratch.path(), &upstreams)?;
@@ -234,7 +236,7 @@ fn run(args: Args) -> Result<()> {
         apps.body_len
     ));
     report.details.push(format!(
-        "lull: lull_proxy::Proxy in the driver process on a 2-worker tokio runtime, one pool of the four instances (ServiceConfig::default(), NoCpuControl unless the gate is on), clients send Host: {HOST}; nginx {}: worker_processes 2, upstream least_conn with keepalive 64, proxy_http_version 1.1, Connection \"\", h2c on a second `listen ... http2` port; haproxy {}: nbthread 2, mode http, balance leastconn, http-reuse always, h2c on a second bind with proto h2",
+        "lull: lull_proxy::Proxy in the driver process, served by 2 current-thread tokio runtimes (one thread each, SO_REUSEPORT sockets: Proxy::listen_on), one pool of the four instances (ServiceConfig::default(), NoCpuControl unless the gate is on), clients send Host: {HOST}; nginx {}: worker_processes 2, upstream least_conn with keepalive 64, proxy_http_version 1.1, Connection \"\", h2c on a second `listen ... http2` port; haproxy {}: nbthread 2, mode http, balance leastconn, http-reuse always, h2c on a second bind with proto h2",
         nginx_version(),
         haproxy_version()
     ));
@@ -451,6 +453,28 @@ fn free_port() -> Result<u16> {
 // ---------------------------------------------------------------------------------------------
 // The contenders
 
+/// Threads (each a current-thread runtime) serving lull's proxy: one per CPU of this machine.
+const PROXY_THREADS: usize = 2;
+
+/// `n` current-thread runtimes, each driven forever by a thread of its own (named
+/// `lull-proxy`, which the profiles and the CPU accounting look for).
+fn proxy_runtimes(n: usize) -> Result<Vec<tokio::runtime::Handle>> {
+    (0..n)
+        .map(|_| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start a proxy runtime")?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name("lull-proxy".into())
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .context("start a proxy thread")?;
+            Ok(handle)
+        })
+        .collect()
+}
+
 struct LullProxy {
     proxy: Proxy,
     routes: Arc<RouteTable>,
@@ -482,9 +506,13 @@ impl LullProxy {
         let routes = Arc::new(RouteTable::new());
         routes.insert(HOST, Route::new(pool, "rev-1"));
         let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
+        // One current-thread runtime per CPU, each with its own SO_REUSEPORT socket, as the
+        // daemon runs the proxy.
         let addr = proxy
-            .listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .await
+            .listen_on(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                &proxy_runtimes(PROXY_THREADS)?,
+            )
             .context("start lull's proxy")?;
         Ok(LullProxy {
             proxy,
