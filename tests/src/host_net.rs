@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -73,24 +74,7 @@ impl Host {
 
     /// A network config for this host: per-test names and dirs, the uplink, a /24.
     pub fn config(&self) -> NetworkConfig {
-        let dir = self.scratch.path();
-        let mut config = NetworkConfig::new(&dir.join("data"), &dir.join("run"));
-        config.bridge = "lulltest0".into();
-        config.table = "lulltest".into();
-        config.veth_prefix = "ltv".into();
-        config.subnet = Subnet::parse("10.73.0.0/24").unwrap();
-        config.uplink = Some(UPLINK_BRIDGE.into());
-        config.dns = vec!["192.0.2.53".parse().unwrap()];
-        // The host's resolver settings as systemd-resolved leaves them: only its stub.
-        let resolv = dir.join("host-resolv.conf");
-        fs::write(
-            &resolv,
-            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
-        )
-        .unwrap();
-        config.host_resolv_conf = resolv;
-        config.resolved_conf = dir.join("no-resolved.conf");
-        config
+        test_config(self.scratch.path())
     }
 
     pub fn start(&self, config: NetworkConfig) -> HostNetwork {
@@ -125,4 +109,25 @@ pub fn sh_in(ns: &NetNs, script: &str) {
         "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The network settings of a test "host" whose files live under `dir`: per-test names, the
+/// uplink, a /24, and a host resolv.conf as systemd-resolved leaves it (only its stub).
+pub fn test_config(dir: &Path) -> NetworkConfig {
+    let mut config = NetworkConfig::new(&dir.join("data"), &dir.join("run"));
+    config.bridge = "lulltest0".into();
+    config.table = "lulltest".into();
+    config.veth_prefix = "ltv".into();
+    config.subnet = Subnet::parse("10.73.0.0/24").unwrap();
+    config.uplink = Some(UPLINK_BRIDGE.into());
+    config.dns = vec!["192.0.2.53".parse().unwrap()];
+    let resolv = dir.join("host-resolv.conf");
+    fs::write(
+        &resolv,
+        "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
+    )
+    .unwrap();
+    config.host_resolv_conf = resolv;
+    config.resolved_conf = dir.join("no-resolved.conf");
+    config
 }

@@ -20,7 +20,7 @@ use lull_netns::firewall::{HostPort, Proto};
 use lull_netns::ipam::Subnet;
 use lull_netns::link::host_link;
 use lull_netns::network::{
-    AttachRequest, HostNetwork, InstanceNetwork, LiveInstance, NetworkConfig, NetworkError,
+    AttachRequest, HostNetwork, InstanceNetwork, LiveInstance, NetworkError,
 };
 use lull_tests::host_net::{
     Host, METADATA, REFUSED_WITHIN, UPLINK_BRIDGE, UPLINK_HOST, UPLINK_SERVER, sh_in,
@@ -383,51 +383,16 @@ fn attach_detach_cycles_leave_no_links_namespaces_addresses_or_rules() {
     );
 }
 
-/// Environment variable that turns [`crash_child`] from a no-op into the process the crash
-/// test kills: it attaches instances forever, printing each one's id.
-const CRASH_CHILD: &str = "LULL_TEST_NETWORK_CRASH_CHILD";
-
-#[test]
-#[ignore = "the child process of a_crash_mid_way_is_reconciled_on_restart, which starts it"]
-fn crash_child() {
-    let spec = std::env::var_os(CRASH_CHILD)
-        .unwrap_or_else(|| panic!("{CRASH_CHILD} is not set: this is not a test of its own"));
-    let spec: serde_json::Value = serde_json::from_str(&spec.to_string_lossy()).unwrap();
-    let dir = PathBuf::from(spec["dir"].as_str().unwrap());
-    let mut config = NetworkConfig::new(&dir.join("data"), &dir.join("run"));
-    config.bridge = "lulltest0".into();
-    config.table = "lulltest".into();
-    config.veth_prefix = "ltv".into();
-    config.subnet = Subnet::parse("10.73.0.0/24").unwrap();
-    config.uplink = Some(UPLINK_BRIDGE.into());
-    config.dns = vec!["192.0.2.53".parse().unwrap()];
-    // The test spawned us from a thread inside its host namespace: we are in it.
-    let (network, _) = HostNetwork::start(config).unwrap();
-    for i in 0.. {
-        network
-            .attach(&request(&format!("k{i}"), "crash", true))
-            .unwrap();
-        println!("k{i}");
-    }
-}
-
 #[test]
 fn a_crash_mid_way_is_reconciled_on_restart() {
     let host = Host::new();
     let config = host.config();
-    let spec = serde_json::json!({ "dir": host.scratch.path() }).to_string();
-    let exe = std::env::current_exe().unwrap();
+    // The child attaches instances forever, printing each id; spawned from a thread inside
+    // the host namespace, it lives there.
     let mut child = host
         .run(|| {
-            Command::new(&exe)
-                .args([
-                    "--exact",
-                    "crash_child",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CRASH_CHILD, &spec)
+            Command::new(env!("CARGO_BIN_EXE_lull-test-network-crash"))
+                .arg(host.scratch.path())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
                 .spawn()
