@@ -43,32 +43,55 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the proxy answers with.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Connections to one service's instances: pooled per instance address, idle ones closed
-/// after `timeouts.upstream_idle`.
+/// Connections to one service's instances: pooled per instance address and per thread, idle
+/// ones closed after `timeouts.upstream_idle`.
+///
+/// Per thread because a connection's task runs on the runtime that opened it: a request served
+/// by another thread's runtime would hand every request and response across threads, two
+/// wake-ups through the kernel per request. The daemon serves the proxy from one
+/// current-thread runtime per CPU, so each keeps connections of its own.
 pub(crate) struct Upstream {
-    http1: Client<HttpConnector, RequestBody>,
-    h2c: Option<Client<HttpConnector, RequestBody>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    h2c: bool,
+    clients: thread_local::ThreadLocal<Clients>,
+}
+
+pub(crate) struct Clients {
+    pub(crate) http1: Client<HttpConnector, RequestBody>,
+    pub(crate) h2c: Option<Client<HttpConnector, RequestBody>>,
 }
 
 impl Upstream {
     pub(crate) fn new(config: &ServiceConfig) -> Upstream {
-        let build = |h2: bool| {
-            let mut connector = HttpConnector::new();
-            connector.set_connect_timeout(Some(config.timeouts.connect));
-            connector.set_nodelay(true);
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .pool_idle_timeout(config.timeouts.upstream_idle)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .set_host(false)
-                .http2_only(h2);
-            builder.build(connector)
-        };
         Upstream {
-            http1: build(false),
-            h2c: (config.upstream == UpstreamProtocol::H2c).then(|| build(true)),
+            connect_timeout: config.timeouts.connect,
+            idle_timeout: config.timeouts.upstream_idle,
+            h2c: config.upstream == UpstreamProtocol::H2c,
+            clients: thread_local::ThreadLocal::new(),
         }
+    }
+
+    /// This thread's clients.
+    pub(crate) fn clients(&self) -> &Clients {
+        self.clients.get_or(|| Clients {
+            http1: self.build(false),
+            h2c: self.h2c.then(|| self.build(true)),
+        })
+    }
+
+    fn build(&self, h2: bool) -> Client<HttpConnector, RequestBody> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(self.connect_timeout));
+        connector.set_nodelay(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(self.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .set_host(false)
+            .http2_only(h2);
+        builder.build(connector)
     }
 }
 
@@ -494,9 +517,10 @@ async fn forward(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
-    let (client, version) = match (&route.upstream.h2c, upgrading) {
+    let clients = route.upstream.clients();
+    let (client, version) = match (&clients.h2c, upgrading) {
         (Some(h2), false) => (h2, Version::HTTP_2),
-        _ => (&route.upstream.http1, Version::HTTP_11),
+        _ => (&clients.http1, Version::HTTP_11),
     };
     let deadline = tokio::time::Instant::now() + config.timeouts.request;
     let mut avoid: Option<String> = None;

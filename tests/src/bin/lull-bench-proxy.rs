@@ -38,6 +38,10 @@ use lull_runtime::cgroup::{
 };
 use lull_tests::scratch::{ScratchDir, unique_name};
 
+/// The allocator `lull daemon` serves the proxy with (see the cli crate).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: lull-bench-proxy [--smoke] [--app PATH] [--markdown PATH]";
 
 /// The host clients send; lull routes it to the pool of the four instances.
