@@ -1,1 +1,3 @@
 //! The control plane: services, revisions, deployments, autoscaler, admin API and metrics (filled by the daemon issue).
+
+pub mod host;
