@@ -1,1 +1,4 @@
 //! The control plane: services, revisions, deployments, autoscaler, admin API and metrics (filled by the daemon issue).
+
+pub mod secrets;
+pub mod store;
