@@ -1,4 +1,5 @@
 //! The control plane: services, revisions, deployments, autoscaler, admin API and metrics (filled by the daemon issue).
 
+pub mod api;
 pub mod secrets;
 pub mod store;
