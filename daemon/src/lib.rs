@@ -3,3 +3,4 @@
 pub mod api;
 pub mod secrets;
 pub mod store;
+pub mod telemetry;
