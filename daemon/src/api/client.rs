@@ -1,0 +1,231 @@
+//! The CLI's side of the admin API: one HTTP/1.1 exchange per call over the daemon's Unix
+//! socket, errors decoded back into [`ApiError`]s, and JSON-line streams read as they come.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use super::error::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no lull daemon answers on {socket}: start one with `lull daemon` (or `systemctl start lull`)"
+    )]
+    NotRunning { socket: PathBuf, source: io::Error },
+    #[error(
+        "permission denied on {socket}: run as root or as a member of the socket's group (lull)"
+    )]
+    PermissionDenied { socket: PathBuf },
+    #[error("connect to {socket}: {source}")]
+    Connect { socket: PathBuf, source: io::Error },
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("the daemon's answer was not understood: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The API's error code, when the daemon answered with one.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            ClientError::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one daemon's admin socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// Sends `body` (if any) as JSON and decodes the JSON answer.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("read the answer: {e}")))?
+            .to_bytes();
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("decode the answer: {e}")))
+    }
+
+    /// Like [`Client::call`], for an answer of JSON lines (progress, logs, events): each
+    /// line is decoded and returned by [`Lines::next`] as it arrives.
+    pub async fn stream<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Lines, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        Ok(Lines {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            done: false,
+        })
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| match source.kind() {
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                        ClientError::NotRunning {
+                            socket: self.socket.clone(),
+                            source,
+                        }
+                    }
+                    io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+                        socket: self.socket.clone(),
+                    },
+                    _ => ClientError::Connect {
+                        socket: self.socket.clone(),
+                        source,
+                    },
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("admin socket connection: {e}");
+            }
+        });
+        let payload = match body {
+            Some(b) => Bytes::from(
+                serde_json::to_vec(b)
+                    .map_err(|e| ClientError::Protocol(format!("encode the request: {e}")))?,
+            ),
+            None => Bytes::new(),
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "lull");
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| ClientError::Protocol(format!("build the request: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("send the request: {e}")))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("read the error: {e}")))?
+            .to_bytes();
+        Err(decode_error(status, &bytes))
+    }
+}
+
+fn decode_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        error: ApiError,
+    }
+    match serde_json::from_slice::<Wire>(bytes) {
+        Ok(w) => ClientError::Api(w.error),
+        Err(_) => ClientError::Protocol(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(bytes).trim()
+        )),
+    }
+}
+
+/// A stream of JSON lines from the daemon.
+pub struct Lines {
+    body: Incoming,
+    buf: BytesMut,
+    done: bool,
+}
+
+impl Lines {
+    /// The next value, or `None` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<serde_json::Value>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                let line = &line[..pos];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(line)
+                    .map(Some)
+                    .map_err(|e| ClientError::Protocol(format!("decode a streamed line: {e}")));
+            }
+            if self.done {
+                if self.buf.iter().all(u8::is_ascii_whitespace) {
+                    return Ok(None);
+                }
+                let rest = self.buf.split();
+                return serde_json::from_slice(&rest)
+                    .map(Some)
+                    .map_err(|e| ClientError::Protocol(format!("decode a streamed line: {e}")));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            self.buf.extend_from_slice(chunk);
+                            let n = chunk.len();
+                            data.advance(n);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(ClientError::Protocol(format!("read the stream: {e}")));
+                }
+                None => self.done = true,
+            }
+        }
+    }
+}
