@@ -72,7 +72,7 @@ pub fn human(bytes: u64) -> String {
 /// `bytes` (`64M`, `1536k`, `1000`).
 pub fn exact(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "k")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
