@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod duration;
+pub mod engine;
 pub mod host;
 pub mod names;
 pub mod secrets;

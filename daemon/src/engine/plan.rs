@@ -1,0 +1,89 @@
+//! What the engine needs from a revision to run it, and the adapter that reads it from a stored
+//! revision document.
+//!
+//! The engine does not parse revision documents itself: a [`RevisionPlanner`] turns a stored
+//! [`RevisionRecord`] into a [`RevisionPlan`]. The daemon's planner reads the service model;
+//! tests use a small one of their own.
+
+use std::time::Duration;
+
+use lull_proxy::config::ServiceConfig;
+
+use crate::host::{InstanceLimits, VolumeMount};
+use crate::store::RevisionRecord;
+
+/// One revision as the engine runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevisionPlan {
+    /// The image reference.
+    pub image: String,
+    pub command: Option<Vec<String>>,
+    pub args: Option<Vec<String>>,
+    /// The environment (without `PORT`, which the engine adds unless it is set here).
+    pub env: Vec<(String, String)>,
+    /// The port the app listens on.
+    pub port: u16,
+    pub limits: InstanceLimits,
+    pub volumes: Vec<VolumeMount>,
+    /// Instances a deploy starts at least (one when zero).
+    pub min_instances: u32,
+    /// The hosts the service answers on; empty: `<service>.localhost`.
+    pub hostnames: Vec<String>,
+    /// The proxy's settings for the revision's pool (health check, concurrency, timeouts).
+    pub proxy: ServiceConfig,
+}
+
+impl RevisionPlan {
+    /// A plan for `image` with every other setting at its default.
+    pub fn for_image(image: &str) -> RevisionPlan {
+        RevisionPlan {
+            image: image.to_owned(),
+            command: None,
+            args: None,
+            env: Vec::new(),
+            port: 8080,
+            limits: InstanceLimits::default(),
+            volumes: Vec::new(),
+            min_instances: 1,
+            hostnames: Vec::new(),
+            proxy: ServiceConfig::default(),
+        }
+    }
+
+    /// The hosts the service answers on.
+    pub fn hosts(&self, service: &str) -> Vec<String> {
+        match self.hostnames.is_empty() {
+            true => vec![format!("{service}.localhost")],
+            false => self.hostnames.clone(),
+        }
+    }
+
+    /// The environment the instance gets: the plan's, with `PORT` added when missing.
+    pub fn instance_env(&self) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        if !env.iter().any(|(k, _)| k == "PORT") {
+            env.push(("PORT".to_owned(), self.port.to_string()));
+        }
+        env
+    }
+
+    /// How long one health probe may take (for reporting the last result at a deadline).
+    pub fn probe_timeout(&self) -> Duration {
+        self.proxy.health.timeout
+    }
+}
+
+/// Turns a stored revision into what the engine runs; the error says what is wrong with the
+/// document.
+pub trait RevisionPlanner: Send + Sync + 'static {
+    fn plan(&self, revision: &RevisionRecord) -> Result<RevisionPlan, String>;
+}
+
+impl<F> RevisionPlanner for F
+where
+    F: Fn(&RevisionRecord) -> Result<RevisionPlan, String> + Send + Sync + 'static,
+{
+    fn plan(&self, revision: &RevisionRecord) -> Result<RevisionPlan, String> {
+        self(revision)
+    }
+}
