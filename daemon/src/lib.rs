@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod duration;
 pub mod engine;
 pub mod host;

@@ -1,0 +1,238 @@
+//! The admin API's routes (version 1) over [`Control`]. `openapi.json` beside this crate
+//! describes the same routes; a test keeps the two in step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Control, end_json};
+use crate::api::{ApiError, ApiRequest, ErrorCode, Reply, Router};
+
+/// The OpenAPI document of this API, checked in and served at `GET /v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// How often a followed event list looks for new events.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
+pub fn router() -> Router<Control> {
+    Router::new()
+        .route(Method::GET, "/v1/openapi.json", |_, _| async {
+            Ok(Reply::Text(
+                StatusCode::OK,
+                "application/json",
+                OPENAPI.to_owned(),
+            ))
+        })
+        .route(Method::GET, "/v1/status", |c: Arc<Control>, _| async move {
+            let services = c.engine.services();
+            Reply::ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "services_running": services,
+                "http_port": c.http_port,
+            }))
+        })
+        .route(Method::GET, "/v1/services", |c: Arc<Control>, _| async move {
+            Reply::ok(c.list().await?)
+        })
+        .route(Method::POST, "/v1/services", |c: Arc<Control>, r| async move {
+            let body: Value = r.json()?;
+            Reply::status(StatusCode::ACCEPTED, c.create(body).await?)
+        })
+        .route(
+            Method::GET,
+            "/v1/services/{name}",
+            |c: Arc<Control>, r| async move { Reply::ok(c.get(r.param("name")).await?) },
+        )
+        .route(
+            Method::PATCH,
+            "/v1/services/{name}",
+            |c: Arc<Control>, r| async move {
+                let body: Value = r.json()?;
+                Reply::status(StatusCode::ACCEPTED, c.update(r.param("name"), body).await?)
+            },
+        )
+        .route(
+            Method::DELETE,
+            "/v1/services/{name}",
+            |c: Arc<Control>, r| async move {
+                c.delete(r.param("name")).await?;
+                Reply::ok(json!({ "deleted": r.param("name") }))
+            },
+        )
+        .route(
+            Method::POST,
+            "/v1/services/{name}/deploy",
+            |c: Arc<Control>, r| async move {
+                Reply::status(StatusCode::ACCEPTED, c.redeploy(r.param("name")).await?)
+            },
+        )
+        .route(
+            Method::POST,
+            "/v1/services/{name}/rollback",
+            |c: Arc<Control>, r| async move {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    revision: Option<u64>,
+                }
+                let body: Body = r.json()?;
+                Reply::ok(c.rollback(r.param("name"), body.revision).await?)
+            },
+        )
+        .route(
+            Method::POST,
+            "/v1/services/{name}/pause",
+            |c: Arc<Control>, r| async move {
+                c.pause(r.param("name")).await?;
+                Reply::ok(json!({ "paused": r.param("name") }))
+            },
+        )
+        .route(
+            Method::POST,
+            "/v1/services/{name}/resume",
+            |c: Arc<Control>, r| async move { Reply::ok(c.resume(r.param("name")).await?) },
+        )
+        .route(
+            Method::GET,
+            "/v1/services/{name}/revisions",
+            |c: Arc<Control>, r| async move { Reply::ok(c.revisions(r.param("name")).await?) },
+        )
+        .route(
+            Method::GET,
+            "/v1/services/{name}/export",
+            |c: Arc<Control>, r| async move {
+                Ok(Reply::Text(
+                    StatusCode::OK,
+                    "application/yaml",
+                    c.export(r.param("name")).await?,
+                ))
+            },
+        )
+        .route(Method::GET, "/v1/services/{name}/events", events)
+        .route(Method::GET, "/v1/operations/{id}", |c: Arc<Control>, r| async move {
+            Reply::ok(operation_json(&c.operation(r.param("id")).await?))
+        })
+        .route(Method::GET, "/v1/operations/{id}/progress", progress)
+}
+
+fn operation_json(op: &crate::store::OperationRecord) -> Value {
+    json!({
+        "id": op.id,
+        "kind": op.kind,
+        "service": op.service,
+        "state": op.state,
+        "created_at": op.created_at.to_string(),
+        "updated_at": op.updated_at.to_string(),
+        "progress": op.progress.iter().map(|p| json!({"time": p.time.to_string(), "line": p.line})).collect::<Vec<_>>(),
+        "result": op.result,
+        "error": op.error,
+    })
+}
+
+/// `GET /v1/services/{name}/events?since=SEQ&follow`: JSON lines, oldest first; with
+/// `follow`, new events as they are recorded.
+async fn events(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
+    let name = r.param("name").to_owned();
+    let mut since = r.query_u64("since")?.unwrap_or(0);
+    let follow = r.flag("follow")?;
+    // The service must exist (or have existed: a deleted service's events stay readable).
+    let first = c.events(&name, since, 10_000).await?;
+    if first.is_empty() && c.get(&name).await.is_err() {
+        return Err(ApiError::not_found(format!("no service {name} and no events of it")));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut batch = first;
+        loop {
+            for event in batch.drain(..) {
+                since = since.max(event.seq);
+                let deleted = event.kind == "service.deleted";
+                if tx.send(json!(event)).await.is_err() {
+                    return;
+                }
+                if deleted && follow {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = tx.closed() => return,
+            }
+            match c.events(&name, since, 1000).await {
+                Ok(b) => batch = b,
+                Err(e) => {
+                    let _ = tx.send(e.to_body()).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Reply::Lines(rx))
+}
+
+/// `GET /v1/operations/{id}/progress`: the operation's lines as JSON lines (`{"line": ...}`),
+/// as they happen while it runs, and a last `{"end": {...}}`.
+async fn progress(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
+    let id = r.param("id").to_owned();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    if let Some(mut op) = c.live_operation(&id) {
+        tokio::spawn(async move {
+            while let Some(line) = op.next_line().await {
+                if tx.send(json!({ "line": line })).await.is_err() {
+                    return;
+                }
+            }
+            let end = op.wait().await;
+            let _ = tx.send(json!({ "end": end_json(&end) })).await;
+        });
+        return Ok(Reply::Lines(rx));
+    }
+    let record = c.operation(&id).await.map_err(|e| match e.code {
+        ErrorCode::NotFound => ApiError::not_found(format!("no operation {id}")),
+        _ => e,
+    })?;
+    tokio::spawn(async move {
+        for p in &record.progress {
+            if tx.send(json!({ "line": p.line })).await.is_err() {
+                return;
+            }
+        }
+        let end = record
+            .result
+            .clone()
+            .or_else(|| record.error.clone())
+            .unwrap_or_else(|| json!({ "state": record.state }));
+        let _ = tx.send(json!({ "end": end })).await;
+    });
+    Ok(Reply::Lines(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every route is in the OpenAPI document and every path of the document is routed.
+    #[test]
+    fn the_openapi_document_matches_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        let routed: BTreeSet<(String, String)> = router()
+            .routes()
+            .map(|(m, p)| (m.to_string(), p.to_owned()))
+            .collect();
+        assert_eq!(routed, documented);
+    }
+}

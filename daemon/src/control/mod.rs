@@ -1,0 +1,523 @@
+//! What the admin API does: services created, updated (each change a revision), deployed,
+//! rolled back, paused, resumed and deleted, through the store (what is wanted) and the
+//! engine (what runs). Every answer is an [`ApiError`] or a JSON-ready view.
+
+pub mod handlers;
+pub mod planner;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::api::{ApiError, ErrorCode, FieldError};
+use crate::engine::{
+    Engine, EngineError, InstanceState, Operation, OperationEnd, RollbackOutcome, ServiceStatus,
+};
+use crate::spec::{self, Revision, ServiceSpec, ServiceUpdate, SpecErrors};
+use crate::store::{
+    EventRecord, NewEvent, NewService, OperationRecord, RevisionCommit, RevisionRecord,
+    ServiceRecord, Store, StoreError,
+};
+
+pub const ACTIVE: &str = "active";
+pub const PAUSED: &str = "paused";
+
+/// The control plane's state, shared by the API's handlers.
+pub struct Control {
+    pub store: Arc<dyn Store>,
+    pub engine: Engine,
+    pub base_domain: Option<String>,
+    /// The proxy's HTTP port, for the URLs shown to users (`None`: not listening).
+    pub http_port: Option<u16>,
+}
+
+/// A service as `GET /v1/services/{name}` shows it.
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub state: String,
+    pub revision: Option<u64>,
+    pub urls: Vec<String>,
+    pub spec: Value,
+    pub created_at: String,
+    pub updated_at: String,
+    pub status: Option<StatusView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub serving: Option<u64>,
+    pub paused: bool,
+    pub operation: Option<String>,
+    pub restarts: u32,
+    pub instances: Vec<InstanceView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub revision: u64,
+    pub state: &'static str,
+}
+
+/// What a call that starts a deploy answers.
+#[derive(Debug, Serialize)]
+pub struct Started {
+    pub service: String,
+    pub revision: u64,
+    pub operation: Option<String>,
+    /// Why nothing was deployed, when nothing was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+pub fn spec_errors(errors: SpecErrors) -> ApiError {
+    ApiError::invalid(
+        errors
+            .0
+            .into_iter()
+            .map(|e| FieldError {
+                field: e.path,
+                message: e.message,
+            })
+            .collect(),
+    )
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match &e {
+        StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
+        StoreError::AlreadyExists { .. } => ApiError::new(ErrorCode::AlreadyExists, e.to_string()),
+        StoreError::Conflict { .. } => ApiError::new(
+            ErrorCode::Conflict,
+            format!("{e}; it changed meanwhile, try again"),
+        ),
+        _ => ApiError::internal(format!("state store: {e}")),
+    }
+}
+
+pub fn engine_error(e: EngineError) -> ApiError {
+    let code = match &e {
+        EngineError::UnknownService { .. } => ErrorCode::Conflict,
+        EngineError::Busy { .. } => ErrorCode::Busy,
+        EngineError::Plan { .. } => ErrorCode::InvalidRequest,
+        EngineError::NoRollbackTarget { .. }
+        | EngineError::NotDeployed { .. }
+        | EngineError::NotPaused { .. }
+        | EngineError::ResumeFailed { .. } => ErrorCode::Conflict,
+        EngineError::Store { .. } | EngineError::Stopped { .. } => ErrorCode::Internal,
+        EngineError::Host { .. } => ErrorCode::Unavailable,
+    };
+    ApiError::new(code, e.to_string())
+}
+
+fn state_name(state: InstanceState) -> &'static str {
+    match state {
+        InstanceState::Starting => "starting",
+        InstanceState::Healthy => "healthy",
+        InstanceState::Unhealthy => "unhealthy",
+        InstanceState::Draining => "draining",
+        InstanceState::Standby => "standby",
+    }
+}
+
+fn status_view(s: ServiceStatus) -> StatusView {
+    StatusView {
+        serving: s.serving,
+        paused: s.paused,
+        operation: s.operation,
+        restarts: s.restarts,
+        instances: s
+            .instances
+            .into_iter()
+            .map(|i| InstanceView {
+                id: i.id,
+                revision: i.revision,
+                state: state_name(i.state),
+            })
+            .collect(),
+    }
+}
+
+/// The JSON form of an operation's end.
+pub fn end_json(end: &OperationEnd) -> Value {
+    match end {
+        OperationEnd::Succeeded { revision, took } => json!({
+            "state": "succeeded",
+            "revision": revision,
+            "took_ms": took.as_millis() as u64,
+        }),
+        OperationEnd::Failed(failure) => json!({
+            "state": "failed",
+            "revision": failure.revision,
+            "instance": failure.instance,
+            "cause": failure.cause,
+            "logs": failure.logs,
+            "message": failure.to_string(),
+        }),
+        OperationEnd::Aborted { reason } => json!({ "state": "aborted", "message": reason }),
+    }
+}
+
+impl Control {
+    /// Runs a store call off the async threads (SQLite waits for fsync).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| ApiError::internal(format!("store task: {e}")))?
+            .map_err(store_error)
+    }
+
+    fn urls(&self, spec: &ServiceSpec) -> Vec<String> {
+        let Some(port) = self.http_port else {
+            return Vec::new();
+        };
+        let suffix = if port == 80 {
+            String::new()
+        } else {
+            format!(":{port}")
+        };
+        spec.hostnames(self.base_domain.as_deref())
+            .into_iter()
+            .map(|h| format!("http://{h}{suffix}/"))
+            .collect()
+    }
+
+    fn current_spec(record: &ServiceRecord) -> Result<ServiceSpec, ApiError> {
+        serde_json::from_value(record.doc.clone()).map_err(|e| {
+            ApiError::internal(format!(
+                "service {}: its stored definition does not read back: {e}",
+                record.name
+            ))
+        })
+    }
+
+    async fn view(&self, record: ServiceRecord) -> Result<ServiceView, ApiError> {
+        let spec = Self::current_spec(&record)?;
+        let status = self.engine.status(&record.name).await.ok().map(status_view);
+        Ok(ServiceView {
+            urls: self.urls(&spec),
+            name: record.name,
+            state: record.state,
+            revision: record.current_revision,
+            spec: spec.to_json(),
+            created_at: record.created_at.to_string(),
+            updated_at: record.updated_at.to_string(),
+            status,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<ServiceView>, ApiError> {
+        let records = self.blocking(|s| s.list_services()).await?;
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            out.push(self.view(record).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<ServiceView, ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        self.view(record).await
+    }
+
+    /// Creates a service from its JSON form (revision 1) and starts deploying it.
+    pub async fn create(&self, body: Value) -> Result<Started, ApiError> {
+        let update = ServiceUpdate::from_value(body).map_err(spec_errors)?;
+        let spec = ServiceSpec::from_update(&update).map_err(spec_errors)?;
+        let revision = Revision::first(spec.clone(), chrono::Utc::now());
+        let name = spec.name.clone();
+        let doc = spec.to_json();
+        let record = {
+            let name = name.clone();
+            let doc = doc.clone();
+            self.blocking(move |s| {
+                s.create_service(&NewService {
+                    name,
+                    state: ACTIVE.into(),
+                    doc,
+                })
+            })
+            .await?
+        };
+        let committed = self
+            .commit(&record, doc, revision.cause.clone(), "service.created")
+            .await?;
+        self.deploy_revision(&name, committed.number).await
+    }
+
+    async fn commit(
+        &self,
+        record: &ServiceRecord,
+        doc: Value,
+        cause: String,
+        kind: &str,
+    ) -> Result<RevisionRecord, ApiError> {
+        let commit = RevisionCommit {
+            service: record.name.clone(),
+            expected_generation: Some(record.generation),
+            doc: doc.clone(),
+            cause: cause.clone(),
+            service_doc: Some(doc),
+            state: None,
+            event: Some(NewEvent {
+                service: record.name.clone(),
+                kind: kind.to_owned(),
+                message: format!("new revision: {cause}"),
+                fields: json!({ "cause": cause }),
+            }),
+        };
+        let committed = self.blocking(move |s| s.commit_revision(&commit)).await?;
+        Ok(committed.revision)
+    }
+
+    async fn deploy_revision(&self, name: &str, revision: u64) -> Result<Started, ApiError> {
+        let op = self
+            .engine
+            .deploy(name, revision)
+            .await
+            .map_err(engine_error)?;
+        Ok(Started {
+            service: name.to_owned(),
+            revision,
+            operation: Some(op.id),
+            note: None,
+        })
+    }
+
+    /// Applies a partial update; a change makes a revision and deploys it.
+    pub async fn update(&self, name: &str, body: Value) -> Result<Started, ApiError> {
+        let update = ServiceUpdate::from_value(body).map_err(spec_errors)?;
+        if let Some(new_name) = &update.name
+            && new_name != name
+        {
+            return Err(ApiError::invalid(vec![FieldError {
+                field: "name".into(),
+                message: format!(
+                    "a service cannot be renamed ({name} → {new_name}); create a new one"
+                ),
+            }]));
+        }
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        let current = Self::current_spec(&record)?;
+        let spec = current.updated(&update).map_err(spec_errors)?;
+        let changes = spec::changes(&current, &spec);
+        if changes.is_empty() {
+            return Ok(Started {
+                service: name.to_owned(),
+                revision: record.current_revision.unwrap_or(0),
+                operation: None,
+                note: Some("nothing changed: no new revision".into()),
+            });
+        }
+        let committed = self
+            .commit(&record, spec.to_json(), changes.join(", "), "service.updated")
+            .await?;
+        if record.state == PAUSED {
+            return Ok(Started {
+                service: name.to_owned(),
+                revision: committed.number,
+                operation: None,
+                note: Some("the service is paused: the revision deploys on resume".into()),
+            });
+        }
+        self.deploy_revision(name, committed.number).await
+    }
+
+    /// Deploys the current revision again (e.g. after a new push of a mutable tag).
+    pub async fn redeploy(&self, name: &str) -> Result<Started, ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        let revision = record.current_revision.ok_or_else(|| {
+            ApiError::new(ErrorCode::Conflict, format!("service {name} has no revision"))
+        })?;
+        if record.state == PAUSED {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {name} is paused: resume it to deploy"),
+            ));
+        }
+        self.deploy_revision(name, revision).await
+    }
+
+    pub async fn rollback(&self, name: &str, revision: Option<u64>) -> Result<Value, ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        if let Some(rev) = revision {
+            let owned = name.to_owned();
+            self.blocking(move |s| s.get_revision(&owned, rev)).await?;
+        }
+        let outcome = match self.engine.rollback(name, revision).await {
+            Ok(o) => o,
+            // Not running here (e.g. after a restart with nothing adopted): deploy it.
+            Err(EngineError::UnknownService { .. }) => {
+                let target = revision
+                    .or_else(|| record.current_revision.map(|r| r.saturating_sub(1)))
+                    .filter(|r| *r > 0)
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::Conflict,
+                            format!("service {name} has no revision to roll back to"),
+                        )
+                    })?;
+                let started = self.deploy_revision(name, target).await?;
+                return Ok(json!({ "mode": "deploy", "revision": target, "operation": started.operation }));
+            }
+            Err(e) => return Err(engine_error(e)),
+        };
+        Ok(match outcome {
+            RollbackOutcome::Switched { revision, took } => json!({
+                "mode": "switch",
+                "revision": revision,
+                "took_ms": took.as_secs_f64() * 1e3,
+            }),
+            RollbackOutcome::Deploying(op) => json!({
+                "mode": "deploy",
+                "operation": op.id,
+            }),
+        })
+    }
+
+    async fn set_state(&self, name: &str, state: &'static str) -> Result<(), ApiError> {
+        let owned = name.to_owned();
+        self.blocking(move |s| {
+            let mut record = s.get_service(&owned)?;
+            let generation = record.generation;
+            record.state = state.to_owned();
+            s.put_service(&record, generation).map(drop)
+        })
+        .await
+    }
+
+    async fn event(&self, name: &str, kind: &str, message: String) {
+        let event = NewEvent {
+            service: name.to_owned(),
+            kind: kind.to_owned(),
+            message,
+            fields: json!({}),
+        };
+        if let Err(e) = self.blocking(move |s| s.append_event(&event)).await {
+            tracing::warn!(service = name, "record event: {}", e.message);
+        }
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<(), ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        if record.state == PAUSED {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {name} is already paused"),
+            ));
+        }
+        match self.engine.pause(name).await {
+            Ok(()) | Err(EngineError::UnknownService { .. }) => {}
+            Err(e) => return Err(engine_error(e)),
+        }
+        self.set_state(name, PAUSED).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<Value, ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        if record.state != PAUSED {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {name} is not paused"),
+            ));
+        }
+        let status = self.engine.status(name).await.ok();
+        let serving = status.as_ref().and_then(|s| s.serving);
+        match (serving, record.current_revision) {
+            // Its instances were stopped: start them (the engine keeps it paused on failure).
+            (Some(serving), Some(current)) if serving == current => {
+                self.engine.resume(name).await.map_err(engine_error)?;
+                self.set_state(name, ACTIVE).await?;
+                Ok(json!({ "resumed": true, "revision": current }))
+            }
+            // A revision was made while paused, or nothing runs here: deploy the current one.
+            (_, Some(current)) => {
+                if status.as_ref().is_some_and(|s| s.paused) {
+                    // Unpause the engine's routes first so the deploy's switch serves.
+                    let _ = self.engine.resume(name).await;
+                }
+                self.set_state(name, ACTIVE).await?;
+                let started = self.deploy_revision(name, current).await?;
+                Ok(json!({ "resumed": true, "revision": current, "operation": started.operation }))
+            }
+            (_, None) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {name} has no revision to run"),
+            )),
+        }
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let owned = name.to_owned();
+        self.blocking(move |s| s.get_service(&owned)).await?;
+        match self.engine.delete(name).await {
+            Ok(()) | Err(EngineError::UnknownService { .. }) => {}
+            Err(e) => return Err(engine_error(e)),
+        }
+        let owned = name.to_owned();
+        self.blocking(move |s| s.delete_service(&owned, None)).await?;
+        self.event(name, "service.deleted", format!("service {name} deleted: instances stopped, routes removed"))
+            .await;
+        Ok(())
+    }
+
+    pub async fn revisions(&self, name: &str) -> Result<Vec<Value>, ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        let owned = name.to_owned();
+        let revisions = self.blocking(move |s| s.list_revisions(&owned)).await?;
+        let serving = self.engine.status(name).await.ok().and_then(|s| s.serving);
+        Ok(revisions
+            .into_iter()
+            .map(|r| {
+                let image = r.doc.pointer("/source/reference").cloned().unwrap_or(Value::Null);
+                json!({
+                    "number": r.number,
+                    "created_at": r.created_at.to_string(),
+                    "cause": r.cause,
+                    "image": image,
+                    "current": record.current_revision == Some(r.number),
+                    "serving": serving == Some(r.number),
+                })
+            })
+            .collect())
+    }
+
+    pub async fn export(&self, name: &str) -> Result<String, ApiError> {
+        let owned = name.to_owned();
+        let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        Ok(spec::export(&Self::current_spec(&record)?))
+    }
+
+    pub async fn events(
+        &self,
+        name: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, ApiError> {
+        let owned = name.to_owned();
+        self.blocking(move |s| s.list_events(&owned, since, limit)).await
+    }
+
+    pub async fn operation(&self, id: &str) -> Result<OperationRecord, ApiError> {
+        let owned = id.to_owned();
+        self.blocking(move |s| s.get_operation(&owned)).await
+    }
+
+    /// The live handle of a running (or recently ended) operation.
+    pub fn live_operation(&self, id: &str) -> Option<Operation> {
+        self.engine.operation(id)
+    }
+}

@@ -1,0 +1,250 @@
+//! The control plane through its admin socket, without root: the real store (SQLite), the
+//! real engine and proxy, instances from the fake host (small HTTP servers on loopback).
+//! Create, deploy, update, a broken deploy, rollback, pause, resume, events, export, delete.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Method;
+use lull_daemon::api::server::{self, SocketOptions};
+use lull_daemon::api::{Client, ErrorCode};
+use lull_daemon::control::planner::SpecPlanner;
+use lull_daemon::control::{Control, handlers};
+use lull_daemon::engine::{Engine, EngineSettings};
+use lull_daemon::host::fake::FakeHost;
+use lull_daemon::store::{SqliteStore, Store};
+use lull_proxy::{Proxy, ProxyOptions, RouteTable};
+use serde_json::{Value, json};
+
+struct Daemon {
+    client: Client,
+    proxy_addr: SocketAddr,
+    _stop: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+    _proxy: Proxy,
+}
+
+async fn daemon() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("data")).unwrap());
+    let routes = Arc::new(RouteTable::new());
+    let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
+    let proxy_addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let planner = Arc::new(SpecPlanner {
+        store: store.clone(),
+        key: None,
+        base_domain: None,
+    });
+    let settings = EngineSettings {
+        rollback_window: Duration::from_secs(60),
+        startup_deadline: Duration::from_secs(5),
+        stop_grace: Duration::from_millis(200),
+        drain_timeout: Duration::from_secs(2),
+        ..EngineSettings::default()
+    };
+    let engine = Engine::new(
+        Arc::new(FakeHost::new()),
+        store.clone(),
+        routes,
+        planner,
+        settings,
+    );
+    let control = Arc::new(Control {
+        store,
+        engine,
+        base_domain: None,
+        http_port: Some(proxy_addr.port()),
+    });
+    let socket = dir.path().join("lull.sock");
+    let listener = server::bind(&SocketOptions::new(&socket)).unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(handlers::router()),
+        control,
+        stopped,
+    ));
+    Daemon {
+        client: Client::new(&socket),
+        proxy_addr,
+        _stop: stop,
+        _dir: dir,
+        _proxy: proxy,
+    }
+}
+
+/// Follows an operation to its end; returns its lines and the end.
+async fn follow(client: &Client, op: &str) -> (Vec<String>, Value) {
+    let mut lines = client
+        .stream(Method::GET, &format!("/v1/operations/{op}/progress"), None::<&()>)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(v) = lines.next().await.unwrap() {
+        if let Some(line) = v.get("line") {
+            out.push(line.as_str().unwrap().to_owned());
+        } else if let Some(end) = v.get("end") {
+            return (out, end.clone());
+        }
+    }
+    panic!("operation {op} ended without an end: {out:?}");
+}
+
+/// GET / with the service's Host through the proxy.
+async fn get(proxy: SocketAddr, host: &str) -> (u16, String, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let retry_after = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(str::to_owned));
+    (status, body.to_owned(), retry_after)
+}
+
+async fn call(client: &Client, method: Method, path: &str, body: Value) -> Value {
+    client.call(method, path, Some(&body)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_from_create_to_delete() {
+    let d = daemon().await;
+    let c = &d.client;
+
+    // Bad input: every field named.
+    let err = c
+        .call::<_, Value>(
+            Method::POST,
+            "/v1/services",
+            Some(&json!({"name": "Web!", "source": {"type": "image", "reference": "fake/app:1"}, "port": 0})),
+        )
+        .await
+        .unwrap_err();
+    let err = err.api().unwrap().clone();
+    assert_eq!(err.code, ErrorCode::InvalidRequest);
+    let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
+    assert!(fields.contains(&"name") && fields.contains(&"port"), "{err:?}");
+
+    // Create: revision 1 deploys and serves on web.localhost.
+    let started = call(
+        c,
+        Method::POST,
+        "/v1/services",
+        json!({"name": "web", "source": {"type": "image", "reference": "fake/app:1"}}),
+    )
+    .await;
+    assert_eq!(started["revision"], 1);
+    let (lines, end) = follow(c, started["operation"].as_str().unwrap()).await;
+    assert_eq!(end["state"], "succeeded", "{lines:?} {end}");
+    let (status, body, _) = get(d.proxy_addr, "web.localhost").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("rev 1"), "{body}");
+    let shown = call(c, Method::GET, "/v1/services/web", Value::Null).await;
+    assert_eq!(shown["state"], "active");
+    assert_eq!(
+        shown["urls"][0],
+        format!("http://web.localhost:{}/", d.proxy_addr.port())
+    );
+
+    // A second create of the same name: already exists.
+    let again = c
+        .call::<_, Value>(
+            Method::POST,
+            "/v1/services",
+            Some(&json!({"name": "web", "source": {"type": "image", "reference": "fake/app:1"}})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.api().unwrap().code, ErrorCode::AlreadyExists);
+
+    // An update that changes nothing makes no revision.
+    let same = call(c, Method::PATCH, "/v1/services/web", json!({"port": 8080})).await;
+    assert!(same["operation"].is_null(), "{same}");
+
+    // An env change: revision 2, deployed blue/green.
+    let started = call(
+        c,
+        Method::PATCH,
+        "/v1/services/web",
+        json!({"env": [{"name": "GREETING", "value": "hi"}]}),
+    )
+    .await;
+    assert_eq!(started["revision"], 2);
+    let (_, end) = follow(c, started["operation"].as_str().unwrap()).await;
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert!(get(d.proxy_addr, "web.localhost").await.1.contains("rev 2"));
+
+    // A broken revision fails fast with the exit code and its log line; revision 2 serves on.
+    let started_at = Instant::now();
+    let started = call(
+        c,
+        Method::PATCH,
+        "/v1/services/web",
+        json!({"env": [{"name": "FAKE_EXIT", "value": "3"}, {"name": "FAKE_LOG", "value": "boom: no such command"}]}),
+    )
+    .await;
+    let (_, end) = follow(c, started["operation"].as_str().unwrap()).await;
+    assert_eq!(end["state"], "failed", "{end}");
+    assert!(started_at.elapsed() < Duration::from_secs(2), "{:?}", started_at.elapsed());
+    let message = end["message"].as_str().unwrap();
+    assert!(message.contains("code 3"), "{message}");
+    assert!(message.contains("boom: no such command"), "{message}");
+    assert!(get(d.proxy_addr, "web.localhost").await.1.contains("rev 2"));
+
+    // Rollback to revision 1: a routing switch.
+    let rolled = call(c, Method::POST, "/v1/services/web/rollback", json!({"revision": 1})).await;
+    assert_eq!(rolled["mode"], "switch", "{rolled}");
+    assert!(get(d.proxy_addr, "web.localhost").await.1.contains("rev 1"));
+
+    let revisions = call(c, Method::GET, "/v1/services/web/revisions", Value::Null).await;
+    let causes: Vec<&str> = revisions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes.len(), 3, "{causes:?}");
+    assert_eq!(causes[0], "created");
+    assert!(causes[1].contains("GREETING"), "{causes:?}");
+
+    // Pause: 503 with Retry-After, never 404; resume: served again.
+    call(c, Method::POST, "/v1/services/web/pause", Value::Null).await;
+    let (status, _, retry_after) = get(d.proxy_addr, "web.localhost").await;
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some());
+    let resumed = call(c, Method::POST, "/v1/services/web/resume", Value::Null).await;
+    if let Some(op) = resumed["operation"].as_str() {
+        assert_eq!(follow(c, op).await.1["state"], "succeeded");
+    }
+    assert_eq!(get(d.proxy_addr, "web.localhost").await.0, 200);
+
+    // Export: an apprunner.yaml with lull's settings after it.
+    let yaml = c
+        .stream(Method::GET, "/v1/services/web/export", None::<&()>)
+        .await
+        .is_ok();
+    assert!(yaml);
+
+    // Delete: the host is unknown again (404), and the final event says so.
+    call(c, Method::DELETE, "/v1/services/web", Value::Null).await;
+    assert_eq!(get(d.proxy_addr, "web.localhost").await.0, 404);
+    let mut events = c
+        .stream(Method::GET, "/v1/services/web/events", None::<&()>)
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    while let Some(e) = events.next().await.unwrap() {
+        kinds.push(e["kind"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(kinds.first().map(String::as_str), Some("service.created"));
+    assert_eq!(kinds.last().map(String::as_str), Some("service.deleted"), "{kinds:?}");
+    let gone = c.get::<Value>("/v1/services/web").await.unwrap_err();
+    assert_eq!(gone.api().unwrap().code, ErrorCode::NotFound);
+}
