@@ -1,1 +1,3 @@
 //! Source folder + apprunner.yaml → OCI image, without Docker (filled by the builder issue).
+
+pub mod apprunner;

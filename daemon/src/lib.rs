@@ -1,8 +1,16 @@
-//! The control plane: services, revisions, deployments, autoscaler, admin API and metrics (filled by the daemon issue).
+//! The control plane behind `lull daemon`: its settings (`lull.toml`), the service model with
+//! its immutable revisions and apprunner.yaml's run settings, the state store and secrets, the
+//! host seam (real and fake) the deployment engine drives, the admin API and the metrics
+//! endpoint. It drives the runtime, the network and the proxy; it does not serve requests
+//! itself.
 
 pub mod api;
+pub mod config;
+pub mod duration;
 pub mod engine;
 pub mod host;
+pub mod names;
 pub mod secrets;
+pub mod spec;
 pub mod store;
 pub mod telemetry;

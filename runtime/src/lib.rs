@@ -14,4 +14,5 @@ pub mod layers;
 pub mod logs;
 pub mod pull;
 pub mod reference;
+pub mod size;
 pub mod store;

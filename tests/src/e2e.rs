@@ -108,7 +108,7 @@ pub fn reference(text: &str) -> Reference {
 /// and the groups removed, then everything mounted under the scratch dir is unmounted and the
 /// dir removed.
 pub struct TestRuntime {
-    pub runtime: Runtime,
+    pub runtime: std::sync::Arc<Runtime>,
     pub cgroups: CgroupParentGuard,
     pub scratch: ScratchDir,
 }
@@ -126,7 +126,7 @@ impl TestRuntime {
         config.cgroup_parent = cgroups.parent.clone();
         config.zygote_program = zygote.to_owned();
         config.zygote_args = Vec::new();
-        let runtime = Runtime::open(config).expect("open the runtime");
+        let runtime = std::sync::Arc::new(Runtime::open(config).expect("open the runtime"));
         TestRuntime {
             runtime,
             cgroups,

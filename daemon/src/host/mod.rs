@@ -6,6 +6,7 @@
 //! real proxy without root.
 
 pub mod fake;
+pub mod real;
 
 use std::fmt;
 use std::future::Future;

@@ -1,0 +1,222 @@
+//! The daemon's own settings, read from `/etc/lull/lull.toml`. Every key is optional: a missing
+//! file means the embedded defaults. Unknown keys and bad values are reported all together, each
+//! as `FILE:LINE:COL: key.path: what is wrong (expected ...)`, before anything is bound.
+
+mod load;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lull_netns::network::NetworkConfig;
+
+/// Where the daemon looks for its settings.
+pub const DEFAULT_PATH: &str = "/etc/lull/lull.toml";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/lull";
+pub const DEFAULT_RUN_DIR: &str = "/run/lull";
+/// The admin socket's file name inside the run dir.
+pub const SOCKET_FILE: &str = "lull.sock";
+pub const DEFAULT_SOCKET_GROUP: &str = "lull";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+pub const DEFAULT_ROLLBACK_WINDOW: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 100 << 20;
+
+/// The daemon's settings, defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// State kept across reboots: the store, images, volumes, secrets.
+    pub data_dir: PathBuf,
+    /// State cleared at boot: the admin socket, namespaces.
+    pub run_dir: PathBuf,
+    pub socket: SocketConfig,
+    pub listeners: Listeners,
+    /// The Prometheus endpoint; `None`: off.
+    pub metrics: Option<SocketAddr>,
+    /// Services also answer on `<name>.<base_domain>` when set.
+    pub base_domain: Option<String>,
+    /// The instance network (names mirror `lull`'s network flags).
+    pub network: NetworkConfig,
+    /// How long a replaced revision's instances stay (throttled, out of rotation) so that a
+    /// rollback is a routing switch; zero disables.
+    pub rollback_window: Duration,
+    /// Time between SIGTERM and SIGKILL when an instance is stopped.
+    pub stop_grace: Duration,
+    pub logs: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketConfig {
+    /// The admin API's Unix socket (`<run_dir>/lull.sock`).
+    pub path: PathBuf,
+    /// The group given access (mode 0660) when it exists.
+    pub group: String,
+}
+
+/// The public listeners; `None` switches one off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listeners {
+    pub http: Option<ListenAddr>,
+    pub https: Option<ListenAddr>,
+}
+
+impl Listeners {
+    /// `:80` and `:443`.
+    pub fn privileged() -> Listeners {
+        Listeners {
+            http: Some(ListenAddr { ip: None, port: 80 }),
+            https: Some(ListenAddr {
+                ip: None,
+                port: 443,
+            }),
+        }
+    }
+
+    /// `listeners.unprivileged = true`: `:8080` and `:8443`, for tests and non-root trials.
+    pub fn unprivileged() -> Listeners {
+        Listeners {
+            http: Some(ListenAddr {
+                ip: None,
+                port: 8080,
+            }),
+            https: Some(ListenAddr {
+                ip: None,
+                port: 8443,
+            }),
+        }
+    }
+}
+
+/// `:PORT` (every address) or `HOST:PORT` (`127.0.0.1:8080`, `[::1]:8080`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr {
+    /// `None`: every address.
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl ListenAddr {
+    pub fn parse(text: &str) -> Option<ListenAddr> {
+        if let Some(port) = text.strip_prefix(':') {
+            return Some(ListenAddr {
+                ip: None,
+                port: port.parse().ok()?,
+            });
+        }
+        let addr: SocketAddr = text.parse().ok()?;
+        Some(ListenAddr {
+            ip: Some(addr.ip()),
+            port: addr.port(),
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            None => write!(f, ":{}", self.port),
+            Some(ip) => write!(f, "{}", SocketAddr::new(ip, self.port)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// App logs older than this are removed.
+    pub retention: Duration,
+    /// A service's app logs are trimmed, oldest first, beyond this many bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig::with_dirs(
+            PathBuf::from(DEFAULT_DATA_DIR),
+            PathBuf::from(DEFAULT_RUN_DIR),
+        )
+    }
+}
+
+impl DaemonConfig {
+    /// The defaults for a data dir and a run dir (the socket and network paths follow them).
+    pub fn with_dirs(data_dir: PathBuf, run_dir: PathBuf) -> DaemonConfig {
+        DaemonConfig {
+            network: NetworkConfig::new(&data_dir, &run_dir),
+            socket: SocketConfig {
+                path: run_dir.join(SOCKET_FILE),
+                group: DEFAULT_SOCKET_GROUP.to_string(),
+            },
+            data_dir,
+            run_dir,
+            listeners: Listeners::privileged(),
+            metrics: DEFAULT_METRICS.parse().ok(),
+            base_domain: None,
+            rollback_window: DEFAULT_ROLLBACK_WINDOW,
+            stop_grace: DEFAULT_STOP_GRACE,
+            logs: LogConfig {
+                retention: DEFAULT_LOG_RETENTION,
+                max_bytes: DEFAULT_LOG_MAX_BYTES,
+            },
+        }
+    }
+
+    /// Reads `path`; a missing file means the defaults. Every problem is reported at once.
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => DaemonConfig::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DaemonConfig::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses settings text; `origin` names it in errors (the file's path).
+    pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
+        load::parse(text).map_err(|problems| ConfigError::Invalid {
+            origin: origin.to_string(),
+            problems,
+        })
+    }
+}
+
+/// One thing wrong in the settings file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    /// `network.subnet`, `listeners.http`, ...
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(origin, problems))]
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render(origin: &str, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{origin}:{}:{}: {}: {}", p.line, p.column, p.key, p.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+fn problems(text: &str) -> Vec<String> {
+    match DaemonConfig::parse(text, "lull.toml") {
+        Ok(c) => panic!("accepted: {c:?}"),
+        Err(ConfigError::Invalid { origin, problems }) => problems
+            .iter()
+            .map(|p| format!("{origin}:{}:{}: {}: {}", p.line, p.column, p.key, p.message))
+            .collect(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn missing_file_means_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DaemonConfig::load(&dir.path().join("lull.toml")).unwrap();
+    assert_eq!(config, DaemonConfig::default());
+    assert_eq!(config.data_dir, Path::new("/var/lib/lull"));
+    assert_eq!(config.socket.path, Path::new("/run/lull/lull.sock"));
+    assert_eq!(config.socket.group, "lull");
+    assert_eq!(config.listeners.http.unwrap().to_string(), ":80");
+    assert_eq!(config.listeners.https.unwrap().to_string(), ":443");
+    assert_eq!(
+        config.metrics,
+        Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464))
+    );
+    assert_eq!(config.rollback_window, Duration::from_secs(600));
+    assert_eq!(config.base_domain, None);
+    assert_eq!(config.network.bridge, "lull0");
+    assert_eq!(config.network.subnet.to_string(), "10.73.0.0/16");
+}
+
+#[test]
+fn an_empty_file_means_defaults_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lull.toml");
+    std::fs::write(&path, "# nothing here\n").unwrap();
+    assert_eq!(DaemonConfig::load(&path).unwrap(), DaemonConfig::default());
+}
+
+#[test]
+fn every_key_is_read() {
+    let text = r#"
+data_dir = "/srv/lull"
+run_dir = "/run/lull-test"
+base_domain = "apps.example.com"
+rollback_window = "0"
+stop_grace = "30s"
+
+[socket]
+group = "wheel"
+
+[listeners]
+unprivileged = true
+https = "off"
+
+[metrics]
+address = "off"
+
+[network]
+bridge = "lbr0"
+subnet = "10.99.0.0/24"
+subnet6 = "fd00:6c75:6c6c::/64"
+nft_table = "lulltest"
+veth_prefix = "lt"
+uplink = "eth1"
+dns = ["192.0.2.53", "2001:db8::53"]
+allow_host_ports = ["5432", "53/udp"]
+allow_metadata = true
+
+[logs]
+retention = "1d"
+max_size = "1G"
+"#;
+    let c = DaemonConfig::parse(text, "lull.toml").unwrap();
+    assert_eq!(c.data_dir, Path::new("/srv/lull"));
+    // The socket and the network's paths follow the dirs unless set.
+    assert_eq!(c.socket.path, PathBuf::from("/run/lull-test/lull.sock"));
+    assert_eq!(
+        c.network.ipam_file,
+        Path::new("/srv/lull/network/ipam.json")
+    );
+    assert_eq!(c.network.netns_dir, Path::new("/run/lull-test/netns"));
+    assert_eq!(c.socket.group, "wheel");
+    assert_eq!(c.base_domain.as_deref(), Some("apps.example.com"));
+    assert_eq!(c.rollback_window, Duration::ZERO);
+    assert_eq!(c.stop_grace, Duration::from_secs(30));
+    assert_eq!(c.listeners.http.unwrap().to_string(), ":8080");
+    assert_eq!(c.listeners.https, None);
+    assert_eq!(c.metrics, None);
+    assert_eq!(c.network.bridge, "lbr0");
+    assert_eq!(c.network.subnet.to_string(), "10.99.0.0/24");
+    assert!(c.network.subnet6.is_some());
+    assert_eq!(c.network.table, "lulltest");
+    assert_eq!(c.network.veth_prefix, "lt");
+    assert_eq!(c.network.uplink.as_deref(), Some("eth1"));
+    assert_eq!(c.network.dns.len(), 2);
+    assert_eq!(
+        c.network
+            .host_ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>(),
+        ["5432/tcp", "53/udp"]
+    );
+    assert!(c.network.allow_metadata);
+    assert_eq!(c.logs.retention, Duration::from_secs(86_400));
+    assert_eq!(c.logs.max_bytes, 1 << 30);
+}
+
+#[test]
+fn listen_addresses() {
+    let c = DaemonConfig::parse(
+        "[listeners]\nhttp = \"127.0.0.1:0\"\nhttps = \"[::1]:8443\"\n",
+        "lull.toml",
+    )
+    .unwrap();
+    assert_eq!(c.listeners.http.unwrap().to_string(), "127.0.0.1:0");
+    assert_eq!(c.listeners.https.unwrap().to_string(), "[::1]:8443");
+    // An explicit address wins over `unprivileged`, whatever the order.
+    let c = DaemonConfig::parse(
+        "[listeners]\nhttp = \":9000\"\nunprivileged = true\n",
+        "lull.toml",
+    )
+    .unwrap();
+    assert_eq!(c.listeners.http.unwrap().port, 9000);
+    assert_eq!(c.listeners.https.unwrap().port, 8443);
+}
+
+#[test]
+fn every_problem_is_reported_together_with_its_line() {
+    let text = r#"data_dir = "var/lib/lull"
+rollback_window = "10 minutes"
+colour = "blue"
+
+[listeners]
+http = "80"
+
+[network]
+subnet = "10.0.0.0/33"
+allow_host_ports = ["5432", "x/udp"]
+dns = "1.1.1.1"
+allow_metadata = "yes"
+
+[metrics]
+adress = "127.0.0.1:1"
+
+[logs]
+max_size = "lots"
+"#;
+    let got = problems(text);
+    let want = [
+        "lull.toml:1:12: data_dir: \"var/lib/lull\" is not absolute (expected an absolute path)",
+        "lull.toml:2:19: rollback_window: duration \"10 minutes\" has a number without a unit (use ms, s, m, h or d)",
+        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs)",
+        "lull.toml:6:8: listeners.http: \"80\" is not a listen address (expected \":PORT\", \"HOST:PORT\" or \"off\")",
+    ];
+    for (i, line) in want.iter().enumerate() {
+        assert_eq!(&got[i], line);
+    }
+    let rest = &got[want.len()..];
+    let keys_and_lines: Vec<&str> = rest.iter().map(|p| p.split(": ").next().unwrap()).collect();
+    assert_eq!(
+        keys_and_lines,
+        [
+            "lull.toml:9:10",
+            "lull.toml:10:29",
+            "lull.toml:11:7",
+            "lull.toml:12:18",
+            "lull.toml:15:1",
+            "lull.toml:18:12",
+        ],
+        "{rest:#?}"
+    );
+    assert!(rest[0].contains("network.subnet: "), "{}", rest[0]);
+    assert!(
+        rest[1].contains("network.allow_host_ports[1]: "),
+        "{}",
+        rest[1]
+    );
+    assert!(
+        rest[2].ends_with("network.dns: found a string (expected an array of IP addresses)"),
+        "{}",
+        rest[2]
+    );
+    assert!(
+        rest[3].ends_with("network.allow_metadata: found a string (expected true or false)"),
+        "{}",
+        rest[3]
+    );
+    assert!(
+        rest[4].ends_with("metrics.adress: unknown key (expected one of address)"),
+        "{}",
+        rest[4]
+    );
+    assert!(
+        rest[5].contains("logs.max_size: size \"lots\""),
+        "{}",
+        rest[5]
+    );
+}
+
+#[test]
+fn a_table_given_as_a_value_is_a_type_error() {
+    assert_eq!(
+        problems("network = \"lull0\"\n"),
+        ["lull.toml:1:11: network: found a string (expected a table)"]
+    );
+}
+
+#[test]
+fn combined_network_rules_name_their_key() {
+    let got = problems("[network]\nbridge = \"lv0\"\n");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("lull.toml:"), "{}", got[0]);
+    assert!(got[0].contains("network.veth_prefix: "), "{}", got[0]);
+    let got = problems("[network]\nnft_table = \"no spaces\"\n");
+    assert!(
+        got[0].starts_with("lull.toml:2:13: network.nft_table: "),
+        "{}",
+        got[0]
+    );
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let got = problems("data_dir = \n[socket\n");
+    assert!(!got.is_empty());
+    assert!(got[0].starts_with("lull.toml:1:"), "{got:?}");
+    assert!(got[0].contains(": toml: "), "{got:?}");
+}
+
+#[test]
+fn an_unreadable_file_names_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the file should be.
+    let e = DaemonConfig::load(dir.path()).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    assert!(e.to_string().contains(&dir.path().display().to_string()));
+}
+
+#[test]
+fn the_file_name_leads_every_line_of_the_error() {
+    let e = DaemonConfig::parse("a = 1\nb = 2\n", "/etc/lull/lull.toml").unwrap_err();
+    assert_eq!(
+        e.to_string().lines().map(|l| &l[..24]).collect::<Vec<_>>(),
+        ["/etc/lull/lull.toml:1:1:", "/etc/lull/lull.toml:2:1:"]
+    );
+}

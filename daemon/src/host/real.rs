@@ -1,0 +1,488 @@
+//! The host for real: images from the runtime's store (pulled when missing), instances
+//! launched by the runtime in network namespaces of their own, their CPU gate handed to the
+//! proxy, and labels on disk so a restarted daemon knows whose each running instance is.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lull_netns::network::{AttachRequest, InstanceNetwork, LiveInstance};
+use lull_proxy::gate::CpuControl;
+use lull_runtime::cgroup::{CpuGate, Gate, InstanceCgroup, Resources};
+use lull_runtime::host::Runtime;
+use lull_runtime::instance::{
+    ExitStatus, FileBind, Instance, InstanceRequest, ProcessOverrides, Recovered,
+};
+use lull_runtime::logs::{self, LogLimits};
+use lull_runtime::pull::PullOptions;
+use lull_runtime::reference::Reference;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, RecoveredInstance, StartRequest,
+    Started,
+};
+
+/// The proxy's `CpuControl` over an instance's CPU gate and its cgroup's usage counter.
+pub struct InstanceCpu {
+    gate: CpuGate,
+    cgroup: InstanceCgroup,
+}
+
+impl InstanceCpu {
+    pub fn new(gate: CpuGate, cgroup: InstanceCgroup) -> InstanceCpu {
+        InstanceCpu { gate, cgroup }
+    }
+}
+
+impl CpuControl for InstanceCpu {
+    fn restore(&self) -> Result<(), String> {
+        self.gate.restore().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn throttle(&self) -> Result<(), String> {
+        self.gate.throttle().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn usage_ns(&self) -> Option<u64> {
+        self.cgroup.cpu_usage_ns().ok()
+    }
+}
+
+/// Where the real host keeps its own files, and how it pulls.
+#[derive(Debug, Clone)]
+pub struct RealHostConfig {
+    /// One `<instance id>.json` per instance the daemon started: its service and revision.
+    pub labels_dir: PathBuf,
+    /// `<service>/<volume>` directories mounted into instances.
+    pub volumes_dir: PathBuf,
+    pub pull: PullOptions,
+    pub log_limits: LogLimits,
+}
+
+impl RealHostConfig {
+    /// The layout under the daemon's data dir.
+    pub fn under(data_dir: &Path) -> RealHostConfig {
+        RealHostConfig {
+            labels_dir: data_dir.join("daemon/instances"),
+            volumes_dir: data_dir.join("volumes"),
+            pull: PullOptions::default(),
+            log_limits: LogLimits::default(),
+        }
+    }
+}
+
+/// What the daemon records of an instance it started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Label {
+    service: String,
+    revision: u64,
+    port: u16,
+}
+
+pub struct RealHost {
+    runtime: Arc<Runtime>,
+    network: Arc<dyn InstanceNetwork>,
+    config: RealHostConfig,
+    live: Mutex<HashMap<String, Arc<Instance>>>,
+}
+
+impl RealHost {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        network: Arc<dyn InstanceNetwork>,
+        config: RealHostConfig,
+    ) -> Result<RealHost, HostError> {
+        for dir in [&config.labels_dir, &config.volumes_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| HostError::Recover {
+                reason: format!("create {}: {e}", dir.display()),
+            })?;
+        }
+        Ok(RealHost {
+            runtime,
+            network,
+            config,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn label_path(&self, id: &str) -> PathBuf {
+        self.config.labels_dir.join(format!("{id}.json"))
+    }
+
+    fn instance(&self, id: &str) -> Result<Arc<Instance>, HostError> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound { id: id.to_owned() })
+    }
+
+    async fn image_info(&self, reference: &str) -> Result<ImageInfo, HostError> {
+        let image_err = |reason: String| HostError::Image {
+            reference: reference.to_owned(),
+            reason,
+        };
+        let parsed: Reference = reference.parse().map_err(|e| image_err(format!("{e}")))?;
+        let record = match self
+            .runtime
+            .store
+            .get(&parsed)
+            .map_err(|e| image_err(format!("{e}")))?
+        {
+            Some(record) => record,
+            None => self
+                .runtime
+                .store
+                .pull(&parsed, &self.config.pull)
+                .await
+                .map_err(|e| image_err(format!("pull: {e}")))?,
+        };
+        let exposed_port = record
+            .config
+            .exposed_ports
+            .iter()
+            .find_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok()));
+        Ok(ImageInfo {
+            reference: reference.to_owned(),
+            digest: record.manifest_digest.to_string(),
+            exposed_port,
+        })
+    }
+
+    async fn start_instance(&self, req: StartRequest) -> Result<Started, HostError> {
+        let id = req.id.clone();
+        let fail = |reason: String| HostError::Start {
+            id: id.clone(),
+            reason,
+        };
+        lull_runtime::instance::validate_id(&id).map_err(|e| HostError::BadId {
+            id: id.clone(),
+            reason: e.to_string(),
+        })?;
+        if req.volumes.iter().any(|v| v.read_only) {
+            return Err(fail("read-only volumes are not supported yet".into()));
+        }
+        let parsed: Reference = req
+            .image
+            .parse()
+            .map_err(|e| fail(format!("image {}: {e}", req.image)))?;
+        let image = match self.runtime.store.get(&parsed) {
+            Ok(Some(image)) => image,
+            Ok(None) => {
+                self.image_info(&req.image).await?;
+                self.runtime
+                    .store
+                    .get(&parsed)
+                    .map_err(|e| fail(e.to_string()))?
+                    .ok_or_else(|| fail(format!("image {} vanished after its pull", req.image)))?
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let layers = self
+            .runtime
+            .prepare(&image)
+            .await
+            .map_err(|e| fail(format!("unpack the image: {e}")))?;
+        let mut files = Vec::new();
+        for volume in &req.volumes {
+            let dir = self
+                .config
+                .volumes_dir
+                .join(&req.service)
+                .join(&volume.name);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| fail(format!("volume dir {}: {e}", dir.display())))?;
+            files.push(FileBind {
+                source: dir,
+                destination: PathBuf::from(&volume.target),
+            });
+        }
+        let label = Label {
+            service: req.service.clone(),
+            revision: req.revision,
+            port: req.port,
+        };
+        let label_json = serde_json::to_vec(&label).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(self.label_path(&id), label_json)
+            .map_err(|e| fail(format!("write {}: {e}", self.label_path(&id).display())))?;
+
+        let network = self.network.clone();
+        let attach = AttachRequest {
+            instance: id.clone(),
+            service: req.service.clone(),
+            allow_peers: false,
+            hostname: req.service.clone(),
+        };
+        let attachment = tokio::task::spawn_blocking(move || network.attach(&attach))
+            .await
+            .map_err(|e| fail(format!("network task: {e}")))?
+            .map_err(|e| fail(format!("network: {e}")));
+        let attachment = match attachment {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = std::fs::remove_file(self.label_path(&id));
+                return Err(e);
+            }
+        };
+        files.extend(attachment.files().map(|(source, destination)| FileBind {
+            source: source.to_path_buf(),
+            destination: destination.into(),
+        }));
+        let request = InstanceRequest {
+            id: id.clone(),
+            layers,
+            image: Runtime::image_process(&image),
+            overrides: ProcessOverrides {
+                entrypoint: req.command.clone(),
+                cmd: req.args.clone(),
+                env: req.env.clone(),
+                port: Some(req.port),
+                user: None,
+                working_dir: None,
+            },
+            resources: Resources {
+                cpu: req.limits.cpu,
+                memory_bytes: req.limits.memory_bytes,
+                pids: req.limits.pids.map(|p| p.min(i64::MAX as u64) as i64),
+            },
+            netns: Some(attachment.netns.clone()),
+            files,
+            log_limits: self.config.log_limits,
+        };
+        let instance = match self.runtime.instances.launch(request).await {
+            Ok(instance) => instance,
+            Err(e) => {
+                self.cleanup(&id).await;
+                return Err(fail(e.to_string()));
+            }
+        };
+        let gate = match instance.open_gate() {
+            Ok(gate) => gate,
+            Err(e) => {
+                let _ = self.runtime.instances.delete(instance).await;
+                self.cleanup(&id).await;
+                return Err(fail(format!("cpu gate: {e}")));
+            }
+        };
+        let cpu: Arc<dyn CpuControl> = Arc::new(InstanceCpu::new(gate, instance.cgroup.clone()));
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), Arc::new(instance));
+        Ok(Started {
+            id,
+            addr: SocketAddr::from((attachment.addr, req.port)),
+            cpu,
+        })
+    }
+
+    /// Removes what an instance left besides its runtime files: network, label.
+    async fn cleanup(&self, id: &str) {
+        let _ = self.runtime.instances.remove_files(id);
+        let network = self.network.clone();
+        let owned = id.to_owned();
+        match tokio::task::spawn_blocking(move || network.detach(&owned)).await {
+            Ok(Err(e)) => tracing::warn!(instance = id, "remove the instance's network: {e}"),
+            Err(e) => tracing::warn!(instance = id, "network task: {e}"),
+            Ok(Ok(())) => {}
+        }
+        let _ = std::fs::remove_file(self.label_path(id));
+    }
+
+    async fn recover_all(&self) -> Result<Vec<RecoveredInstance>, HostError> {
+        let recover_err = |reason: String| HostError::Recover { reason };
+        let found = self
+            .runtime
+            .instances
+            .recover()
+            .map_err(|e| recover_err(e.to_string()))?;
+        let mut running = Vec::new();
+        for item in found {
+            match item {
+                Recovered::Running(instance) => {
+                    let label = std::fs::read(self.label_path(&instance.id))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Label>(&b).ok());
+                    match label {
+                        Some(label) => running.push((instance, label)),
+                        // Not started by the daemon (`lull run`): not ours to adopt.
+                        None => {
+                            tracing::info!(instance = %instance.id, "running instance without a daemon label left alone")
+                        }
+                    }
+                }
+                Recovered::Exited(instance, status) => {
+                    let id = instance.id.clone();
+                    if self.label_path(&id).exists() {
+                        tracing::info!(instance = %id, "ended while the daemon was down: {}", exit_info(&status));
+                        let _ = self.runtime.instances.delete(instance).await;
+                        self.cleanup(&id).await;
+                    }
+                }
+                Recovered::Removed { id } => {
+                    if self.label_path(&id).exists() {
+                        self.cleanup(&id).await;
+                    }
+                }
+            }
+        }
+        let live: Vec<LiveInstance> = running
+            .iter()
+            .map(|(i, l)| LiveInstance {
+                instance: i.id.clone(),
+                service: l.service.clone(),
+                allow_peers: false,
+            })
+            .collect();
+        let network = self.network.clone();
+        let report = tokio::task::spawn_blocking(move || network.reconcile(&live))
+            .await
+            .map_err(|e| recover_err(format!("network task: {e}")))?
+            .map_err(|e| recover_err(format!("network: {e}")))?;
+        let mut adopted = Vec::new();
+        for (instance, label) in running {
+            let id = instance.id.clone();
+            let attachment = self.network.attachment(&id);
+            let lost = report.lost.contains(&id);
+            let gate = instance.open_gate();
+            match (attachment, gate) {
+                (Some(attachment), Ok(gate)) if !lost => {
+                    let cpu: Arc<dyn CpuControl> =
+                        Arc::new(InstanceCpu::new(gate, instance.cgroup.clone()));
+                    self.live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone(), Arc::new(instance));
+                    adopted.push(RecoveredInstance {
+                        service: label.service,
+                        revision: label.revision,
+                        instance: Started {
+                            id,
+                            addr: SocketAddr::from((attachment.addr, label.port)),
+                            cpu,
+                        },
+                    });
+                }
+                _ => {
+                    // Unreachable without its network (or ungated): stop it, the engine
+                    // starts a replacement.
+                    tracing::warn!(instance = %id, "running instance lost its network or gate: stopping it");
+                    let _ = instance.stop(Duration::from_secs(5)).await;
+                    let _ = self.runtime.instances.delete(instance).await;
+                    self.cleanup(&id).await;
+                }
+            }
+        }
+        Ok(adopted)
+    }
+}
+
+fn exit_info(status: &ExitStatus) -> ExitInfo {
+    ExitInfo {
+        code: status.code,
+        signal: status.signal,
+        oom_killed: status.oom_killed,
+    }
+}
+
+fn instance_err(id: &str, action: &'static str) -> impl Fn(String) -> HostError {
+    let id = id.to_owned();
+    move |reason| HostError::Instance {
+        id: id.clone(),
+        action,
+        reason,
+    }
+}
+
+impl InstanceHost for RealHost {
+    fn ensure_image<'a>(
+        &'a self,
+        reference: &'a str,
+    ) -> HostFuture<'a, Result<ImageInfo, HostError>> {
+        Box::pin(self.image_info(reference))
+    }
+
+    fn start(&self, request: StartRequest) -> HostFuture<'_, Result<Started, HostError>> {
+        Box::pin(self.start_instance(request))
+    }
+
+    fn wait<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<ExitInfo, HostError>> {
+        Box::pin(async move {
+            let instance = self.instance(id)?;
+            let status = instance
+                .wait()
+                .await
+                .map_err(|e| instance_err(id, "wait")(e.to_string()))?;
+            Ok(exit_info(&status))
+        })
+    }
+
+    fn stop<'a>(
+        &'a self,
+        id: &'a str,
+        grace: Duration,
+    ) -> HostFuture<'a, Result<ExitInfo, HostError>> {
+        Box::pin(async move {
+            let instance = self.instance(id)?;
+            let status = instance
+                .stop(grace)
+                .await
+                .map_err(|e| instance_err(id, "stop")(e.to_string()))?;
+            Ok(exit_info(&status))
+        })
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<(), HostError>> {
+        Box::pin(async move {
+            self.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            // A fresh handle: waiters may still hold the old one for a moment.
+            let found = self
+                .runtime
+                .instances
+                .get(id)
+                .map_err(|e| instance_err(id, "remove")(e.to_string()))?;
+            match found {
+                Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => {
+                    self.runtime
+                        .instances
+                        .delete(instance)
+                        .await
+                        .map_err(|e| instance_err(id, "remove")(e.to_string()))?;
+                }
+                Some(Recovered::Removed { .. }) | None => {}
+            }
+            self.cleanup(id).await;
+            Ok(())
+        })
+    }
+
+    fn recover(&self) -> HostFuture<'_, Result<Vec<RecoveredInstance>, HostError>> {
+        Box::pin(self.recover_all())
+    }
+
+    fn log_tail<'a>(
+        &'a self,
+        id: &'a str,
+        lines: usize,
+    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
+        Box::pin(async move {
+            let dir = self.runtime.config.instances_dir().join(id).join("logs");
+            let records = tokio::task::spawn_blocking(move || logs::read_all(&dir))
+                .await
+                .map_err(|e| instance_err(id, "read logs")(e.to_string()))?
+                .map_err(|e| instance_err(id, "read logs")(e.to_string()))?;
+            Ok(records
+                .iter()
+                .skip(records.len().saturating_sub(lines))
+                .map(|r| format!("{} {} {}", r.time, r.stream.as_str(), r.text))
+                .collect())
+        })
+    }
+}
