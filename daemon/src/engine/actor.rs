@@ -75,13 +75,19 @@ pub(crate) fn spawn(shared: Arc<Shared>, service: &str) -> mpsc::UnboundedSender
 /// Store writes, applied in order by one task so events never overtake each other.
 enum Write {
     Event(NewEvent),
-    Progress { operation: String, line: String },
+    Progress {
+        operation: String,
+        line: String,
+    },
     Finish {
         operation: String,
         outcome: OperationOutcome,
     },
     /// Sets the service record's state unless it has it already (or is gone).
-    SetState { service: String, state: &'static str },
+    SetState {
+        service: String,
+        state: &'static str,
+    },
     /// Answered once every earlier write is done.
     Flush(oneshot::Sender<()>),
 }
@@ -98,7 +104,9 @@ async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Writ
         let result = blocking(store.clone(), move |s| match write {
             Write::Event(event) => s.append_event(&event).map(drop),
             Write::Progress { operation, line } => s.append_operation_progress(&operation, &line),
-            Write::Finish { operation, outcome } => s.finish_operation(&operation, &outcome).map(drop),
+            Write::Finish { operation, outcome } => {
+                s.finish_operation(&operation, &outcome).map(drop)
+            }
             Write::SetState { service, state } => set_service_state(s, &service, state),
             Write::Flush(_) => Ok(()),
         })
@@ -170,8 +178,13 @@ impl RevisionSet {
 
 /// Why instances are being started.
 enum Purpose {
-    Deploy { operation: Operation, tx: watch::Sender<OperationProgress> },
-    Resume { reply: oneshot::Sender<Result<(), EngineError>> },
+    Deploy {
+        operation: Operation,
+        tx: watch::Sender<OperationProgress>,
+    },
+    Resume {
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 impl Purpose {
@@ -215,9 +228,18 @@ struct PendingRestart {
 }
 
 enum Internal {
-    Exited { id: String, exit: ExitInfo },
-    Drained { set: u64 },
-    Restarted { set: u64, cause: String, result: Result<Started, HostError> },
+    Exited {
+        id: String,
+        exit: ExitInfo,
+    },
+    Drained {
+        set: u64,
+    },
+    Restarted {
+        set: u64,
+        cause: String,
+        result: Result<Started, HostError>,
+    },
 }
 
 struct Actor {
@@ -409,7 +431,12 @@ impl Actor {
     }
 
     /// Starts instances of a plan off the actor.
-    fn prepare(&self, revision: u64, plan: Arc<RevisionPlan>, count: usize) -> JoinHandle<Prepared> {
+    fn prepare(
+        &self,
+        revision: u64,
+        plan: Arc<RevisionPlan>,
+        count: usize,
+    ) -> JoinHandle<Prepared> {
         let shared = self.shared.clone();
         let service = self.service.clone();
         tokio::spawn(async move {
@@ -562,7 +589,10 @@ impl Actor {
         );
         self.progress(
             &purpose,
-            format!("starting {count} instance(s) of revision {revision} ({})", plan.image),
+            format!(
+                "starting {count} instance(s) of revision {revision} ({})",
+                plan.image
+            ),
         );
         let task = self.prepare(revision, plan, count);
         self.phase = Phase::Preparing {
@@ -764,7 +794,10 @@ impl Actor {
             operation: operation.clone(),
             tx,
         };
-        self.progress(&purpose, format!("revision {revision} serving after {took:?}"));
+        self.progress(
+            &purpose,
+            format!("revision {revision} serving after {took:?}"),
+        );
         self.event(
             "deploy.succeeded",
             format!("revision {revision} serving ({})", operation.id),
@@ -772,7 +805,9 @@ impl Actor {
         );
         let _ = self.writes.send(Write::Finish {
             operation: operation.id.clone(),
-            outcome: OperationOutcome::Succeeded(json!({"revision": revision, "took_ms": took.as_millis() as u64})),
+            outcome: OperationOutcome::Succeeded(
+                json!({"revision": revision, "took_ms": took.as_millis() as u64}),
+            ),
         });
         if let Purpose::Deploy { tx, .. } = purpose {
             tx.send_modify(|p| p.end = Some(OperationEnd::Succeeded { revision, took }));
@@ -1015,7 +1050,9 @@ impl Actor {
         };
         match phase {
             Phase::Idle => {}
-            Phase::Preparing { purpose, set, task, .. } => {
+            Phase::Preparing {
+                purpose, set, task, ..
+            } => {
                 if let Ok(prepared) = task.await {
                     for started in prepared.started {
                         self.add_member(set, started);
@@ -1023,7 +1060,9 @@ impl Actor {
                 }
                 self.abort(purpose, aborted("the service was deleted"));
             }
-            Phase::Starting { purpose, .. } => self.abort(purpose, aborted("the service was deleted")),
+            Phase::Starting { purpose, .. } => {
+                self.abort(purpose, aborted("the service was deleted"))
+            }
         }
         let mut hosts = Vec::new();
         let mut ids = Vec::new();
@@ -1154,7 +1193,10 @@ impl Actor {
             }
             self.event(
                 "instance.adopted",
-                format!("adopted {} running instance(s) of revision {revision}", ids.len()),
+                format!(
+                    "adopted {} running instance(s) of revision {revision}",
+                    ids.len()
+                ),
                 json!({"revision": revision, "instances": ids}),
             );
             if revision == serving {
@@ -1204,8 +1246,9 @@ impl Actor {
                 .log_tail(id, self.shared.settings.log_lines)
                 .await
                 .unwrap_or_default();
-            let Phase::Starting { purpose, waiting, .. } =
-                std::mem::replace(&mut self.phase, Phase::Idle)
+            let Phase::Starting {
+                purpose, waiting, ..
+            } = std::mem::replace(&mut self.phase, Phase::Idle)
             else {
                 return;
             };
@@ -1272,9 +1315,7 @@ impl Actor {
     }
 
     fn restarted(&mut self, key: u64, cause: String, result: Result<Started, HostError>) {
-        let active = self
-            .set(key)
-            .is_some_and(|s| s.role == Role::Serving);
+        let active = self.set(key).is_some_and(|s| s.role == Role::Serving);
         match result {
             Ok(started) if active && !self.paused => {
                 let Some(set) = self.set(key) else { return };
@@ -1328,7 +1369,12 @@ impl Actor {
             });
         }
         // Startup deadline.
-        if let Phase::Starting { deadline, set, waiting, .. } = &self.phase
+        if let Phase::Starting {
+            deadline,
+            set,
+            waiting,
+            ..
+        } = &self.phase
             && *deadline <= now
         {
             let key = *set;
@@ -1358,8 +1404,9 @@ impl Actor {
                     .unwrap_or_default(),
                 None => Vec::new(),
             };
-            let Phase::Starting { purpose, waiting, .. } =
-                std::mem::replace(&mut self.phase, Phase::Idle)
+            let Phase::Starting {
+                purpose, waiting, ..
+            } = std::mem::replace(&mut self.phase, Phase::Idle)
             else {
                 return;
             };

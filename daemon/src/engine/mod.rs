@@ -166,10 +166,15 @@ pub enum EngineError {
 /// A deploy's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OperationEnd {
-    Succeeded { revision: u64, took: Duration },
+    Succeeded {
+        revision: u64,
+        took: Duration,
+    },
     Failed(StartupFailure),
     /// Ended for another reason (the service was deleted, the store failed, ...).
-    Aborted { reason: String },
+    Aborted {
+        reason: String,
+    },
 }
 
 /// A long operation's progress as it happens.
@@ -214,9 +219,12 @@ impl Operation {
     pub async fn wait(&mut self) -> OperationEnd {
         let outcome = self.progress.wait_for(|p| p.end.is_some()).await;
         match outcome {
-            Ok(progress) => progress.end.clone().unwrap_or_else(|| OperationEnd::Aborted {
-                reason: "ended without an outcome".into(),
-            }),
+            Ok(progress) => progress
+                .end
+                .clone()
+                .unwrap_or_else(|| OperationEnd::Aborted {
+                    reason: "ended without an outcome".into(),
+                }),
             Err(_) => OperationEnd::Aborted {
                 reason: "the service's supervisor stopped".into(),
             },
@@ -431,26 +439,31 @@ impl Engine {
 
     pub async fn pause(&self, service: &str) -> Result<(), EngineError> {
         let tx = self.existing(service)?;
-        self.ask(service, tx, |reply| Command::Pause { reply }).await?
+        self.ask(service, tx, |reply| Command::Pause { reply })
+            .await?
     }
 
     /// Returns once the service serves again (or failed to, staying paused).
     pub async fn resume(&self, service: &str) -> Result<(), EngineError> {
         let tx = self.existing(service)?;
-        self.ask(service, tx, |reply| Command::Resume { reply }).await?
+        self.ask(service, tx, |reply| Command::Resume { reply })
+            .await?
     }
 
     /// Stops everything and removes the routes; returns once done.
     pub async fn delete(&self, service: &str) -> Result<(), EngineError> {
         let tx = self.existing(service)?;
-        let result = self.ask(service, tx, |reply| Command::Delete { reply }).await?;
+        let result = self
+            .ask(service, tx, |reply| Command::Delete { reply })
+            .await?;
         self.shared.forget_service(service);
         result
     }
 
     pub async fn status(&self, service: &str) -> Result<ServiceStatus, EngineError> {
         let tx = self.existing(service)?;
-        self.ask(service, tx, |reply| Command::Status { reply }).await
+        self.ask(service, tx, |reply| Command::Status { reply })
+            .await
     }
 
     /// Services with a supervisor, sorted.

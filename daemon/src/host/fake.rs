@@ -6,8 +6,8 @@
 //! `GET /sleep/<ms>` answers the same after `ms` milliseconds (a request in flight). The
 //! [`StartRequest`]'s environment changes how it behaves:
 //!
-//! - `FAKE_EXIT=<code>[@<ms>]`: the process exits with `code`, after `ms` milliseconds (at once
-//!   without it).
+//! - `FAKE_EXIT=<code>[@<ms>]`: the process exits with `code`, after `ms` milliseconds (at once,
+//!   without ever listening, when `ms` is absent or 0).
 //! - `FAKE_UNHEALTHY=1`: every request is answered with 500.
 //! - `FAKE_START_MS=<ms>`: the port is bound at once but listens only after `ms` milliseconds
 //!   (connections are refused until then), like an app that takes time to start.
@@ -300,7 +300,13 @@ impl FakeHost {
         if let Some(line) = request.env_value("FAKE_LOG") {
             shared.log(line);
         }
-        // Without a start delay, listen before returning, as an app that is up at once.
+        // An app that exits at once never listens; one without a start delay listens before
+        // `start` returns, as an app that is up at once.
+        let exits_at_once = exit_plan.is_some_and(|(_, after)| after.is_zero());
+        let start_delay = match exits_at_once {
+            true => Duration::from_secs(3600),
+            false => start_delay,
+        };
         let socket = match start_delay.is_zero() {
             true => Socket::Listening(
                 socket
