@@ -77,7 +77,11 @@ async fn daemon() -> Daemon {
 /// Follows an operation to its end; returns its lines and the end.
 async fn follow(client: &Client, op: &str) -> (Vec<String>, Value) {
     let mut lines = client
-        .stream(Method::GET, &format!("/v1/operations/{op}/progress"), None::<&()>)
+        .stream(
+            Method::GET,
+            &format!("/v1/operations/{op}/progress"),
+            None::<&()>,
+        )
         .await
         .unwrap();
     let mut out = Vec::new();
@@ -103,9 +107,11 @@ async fn get(proxy: SocketAddr, host: &str) -> (u16, String, Option<String>) {
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let retry_after = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(str::to_owned));
+    let retry_after = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after: ")
+            .map(str::to_owned)
+    });
     (status, body.to_owned(), retry_after)
 }
 
@@ -130,7 +136,10 @@ async fn a_service_from_create_to_delete() {
     let err = err.api().unwrap().clone();
     assert_eq!(err.code, ErrorCode::InvalidRequest);
     let fields: Vec<&str> = err.fields.iter().map(|f| f.field.as_str()).collect();
-    assert!(fields.contains(&"name") && fields.contains(&"port"), "{err:?}");
+    assert!(
+        fields.contains(&"name") && fields.contains(&"port"),
+        "{err:?}"
+    );
 
     // Create: revision 1 deploys and serves on web.localhost.
     let started = call(
@@ -192,14 +201,24 @@ async fn a_service_from_create_to_delete() {
     .await;
     let (_, end) = follow(c, started["operation"].as_str().unwrap()).await;
     assert_eq!(end["state"], "failed", "{end}");
-    assert!(started_at.elapsed() < Duration::from_secs(2), "{:?}", started_at.elapsed());
+    assert!(
+        started_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started_at.elapsed()
+    );
     let message = end["message"].as_str().unwrap();
     assert!(message.contains("code 3"), "{message}");
     assert!(message.contains("boom: no such command"), "{message}");
     assert!(get(d.proxy_addr, "web.localhost").await.1.contains("rev 2"));
 
     // Rollback to revision 1: a routing switch.
-    let rolled = call(c, Method::POST, "/v1/services/web/rollback", json!({"revision": 1})).await;
+    let rolled = call(
+        c,
+        Method::POST,
+        "/v1/services/web/rollback",
+        json!({"revision": 1}),
+    )
+    .await;
     assert_eq!(rolled["mode"], "switch", "{rolled}");
     assert!(get(d.proxy_addr, "web.localhost").await.1.contains("rev 1"));
 
@@ -244,7 +263,11 @@ async fn a_service_from_create_to_delete() {
         kinds.push(e["kind"].as_str().unwrap().to_owned());
     }
     assert_eq!(kinds.first().map(String::as_str), Some("service.created"));
-    assert_eq!(kinds.last().map(String::as_str), Some("service.deleted"), "{kinds:?}");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("service.deleted"),
+        "{kinds:?}"
+    );
     let gone = c.get::<Value>("/v1/services/web").await.unwrap_err();
     assert_eq!(gone.api().unwrap().code, ErrorCode::NotFound);
 }

@@ -34,13 +34,19 @@ pub fn router() -> Router<Control> {
                 "http_port": c.http_port,
             }))
         })
-        .route(Method::GET, "/v1/services", |c: Arc<Control>, _| async move {
-            Reply::ok(c.list().await?)
-        })
-        .route(Method::POST, "/v1/services", |c: Arc<Control>, r| async move {
-            let body: Value = r.json()?;
-            Reply::status(StatusCode::ACCEPTED, c.create(body).await?)
-        })
+        .route(
+            Method::GET,
+            "/v1/services",
+            |c: Arc<Control>, _| async move { Reply::ok(c.list().await?) },
+        )
+        .route(
+            Method::POST,
+            "/v1/services",
+            |c: Arc<Control>, r| async move {
+                let body: Value = r.json()?;
+                Reply::status(StatusCode::ACCEPTED, c.create(body).await?)
+            },
+        )
         .route(
             Method::GET,
             "/v1/services/{name}",
@@ -112,9 +118,13 @@ pub fn router() -> Router<Control> {
             },
         )
         .route(Method::GET, "/v1/services/{name}/events", events)
-        .route(Method::GET, "/v1/operations/{id}", |c: Arc<Control>, r| async move {
-            Reply::ok(operation_json(&c.operation(r.param("id")).await?))
-        })
+        .route(
+            Method::GET,
+            "/v1/operations/{id}",
+            |c: Arc<Control>, r| async move {
+                Reply::ok(operation_json(&c.operation(r.param("id")).await?))
+            },
+        )
         .route(Method::GET, "/v1/operations/{id}/progress", progress)
 }
 
@@ -141,7 +151,9 @@ async fn events(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
     // The service must exist (or have existed: a deleted service's events stay readable).
     let first = c.events(&name, since, 10_000).await?;
     if first.is_empty() && c.get(&name).await.is_err() {
-        return Err(ApiError::not_found(format!("no service {name} and no events of it")));
+        return Err(ApiError::not_found(format!(
+            "no service {name} and no events of it"
+        )));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {

@@ -306,6 +306,12 @@ impl Control {
         }
         let owned = name.to_owned();
         let record = self.blocking(move |s| s.get_service(&owned)).await?;
+        if record.state == PAUSED {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {name} is paused: resume it, then update it"),
+            ));
+        }
         let current = Self::current_spec(&record)?;
         let spec = current.updated(&update).map_err(spec_errors)?;
         let changes = spec::changes(&current, &spec);
@@ -318,16 +324,13 @@ impl Control {
             });
         }
         let committed = self
-            .commit(&record, spec.to_json(), changes.join(", "), "service.updated")
+            .commit(
+                &record,
+                spec.to_json(),
+                changes.join(", "),
+                "service.updated",
+            )
             .await?;
-        if record.state == PAUSED {
-            return Ok(Started {
-                service: name.to_owned(),
-                revision: committed.number,
-                operation: None,
-                note: Some("the service is paused: the revision deploys on resume".into()),
-            });
-        }
         self.deploy_revision(name, committed.number).await
     }
 
@@ -336,7 +339,10 @@ impl Control {
         let owned = name.to_owned();
         let record = self.blocking(move |s| s.get_service(&owned)).await?;
         let revision = record.current_revision.ok_or_else(|| {
-            ApiError::new(ErrorCode::Conflict, format!("service {name} has no revision"))
+            ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {name} has no revision"),
+            )
         })?;
         if record.state == PAUSED {
             return Err(ApiError::new(
@@ -368,7 +374,9 @@ impl Control {
                         )
                     })?;
                 let started = self.deploy_revision(name, target).await?;
-                return Ok(json!({ "mode": "deploy", "revision": target, "operation": started.operation }));
+                return Ok(
+                    json!({ "mode": "deploy", "revision": target, "operation": started.operation }),
+                );
             }
             Err(e) => return Err(engine_error(e)),
         };
@@ -433,30 +441,42 @@ impl Control {
                 format!("service {name} is not paused"),
             ));
         }
-        let status = self.engine.status(name).await.ok();
-        let serving = status.as_ref().and_then(|s| s.serving);
-        match (serving, record.current_revision) {
-            // Its instances were stopped: start them (the engine keeps it paused on failure).
-            (Some(serving), Some(current)) if serving == current => {
-                self.engine.resume(name).await.map_err(engine_error)?;
+        match self.engine.resume(name).await {
+            // The revision that served before the pause serves again.
+            Ok(()) => {
                 self.set_state(name, ACTIVE).await?;
-                Ok(json!({ "resumed": true, "revision": current }))
+                let serving = self.engine.status(name).await.ok().and_then(|s| s.serving);
+                Ok(json!({ "resumed": true, "revision": serving }))
             }
-            // A revision was made while paused, or nothing runs here: deploy the current one.
-            (_, Some(current)) => {
-                if status.as_ref().is_some_and(|s| s.paused) {
-                    // Unpause the engine's routes first so the deploy's switch serves.
-                    let _ = self.engine.resume(name).await;
-                }
+            // Nothing of it runs here (the daemon restarted while it was paused): deploy the
+            // revision that served last.
+            Err(EngineError::UnknownService { .. }) => {
+                let revision = self.last_served(&record).await?;
                 self.set_state(name, ACTIVE).await?;
-                let started = self.deploy_revision(name, current).await?;
-                Ok(json!({ "resumed": true, "revision": current, "operation": started.operation }))
+                let started = self.deploy_revision(name, revision).await?;
+                Ok(json!({ "resumed": true, "revision": revision, "operation": started.operation }))
             }
-            (_, None) => Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("service {name} has no revision to run"),
-            )),
+            Err(e) => Err(engine_error(e)),
         }
+    }
+
+    /// The revision of the service's last successful deploy, else its current one.
+    async fn last_served(&self, record: &ServiceRecord) -> Result<u64, ApiError> {
+        let owned = record.name.clone();
+        let operations = self
+            .blocking(move |s| s.list_operations(Some(&owned)))
+            .await?;
+        let served = operations
+            .iter()
+            .filter(|o| o.state == crate::store::OperationState::Succeeded)
+            .max_by_key(|o| o.updated_at)
+            .and_then(|o| o.result.as_ref()?.get("revision")?.as_u64());
+        served.or(record.current_revision).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Conflict,
+                format!("service {} has no revision to run", record.name),
+            )
+        })
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
@@ -467,9 +487,14 @@ impl Control {
             Err(e) => return Err(engine_error(e)),
         }
         let owned = name.to_owned();
-        self.blocking(move |s| s.delete_service(&owned, None)).await?;
-        self.event(name, "service.deleted", format!("service {name} deleted: instances stopped, routes removed"))
-            .await;
+        self.blocking(move |s| s.delete_service(&owned, None))
+            .await?;
+        self.event(
+            name,
+            "service.deleted",
+            format!("service {name} deleted: instances stopped, routes removed"),
+        )
+        .await;
         Ok(())
     }
 
@@ -482,7 +507,11 @@ impl Control {
         Ok(revisions
             .into_iter()
             .map(|r| {
-                let image = r.doc.pointer("/source/reference").cloned().unwrap_or(Value::Null);
+                let image = r
+                    .doc
+                    .pointer("/source/reference")
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 json!({
                     "number": r.number,
                     "created_at": r.created_at.to_string(),
@@ -508,7 +537,8 @@ impl Control {
         limit: usize,
     ) -> Result<Vec<EventRecord>, ApiError> {
         let owned = name.to_owned();
-        self.blocking(move |s| s.list_events(&owned, since, limit)).await
+        self.blocking(move |s| s.list_events(&owned, since, limit))
+            .await
     }
 
     pub async fn operation(&self, id: &str) -> Result<OperationRecord, ApiError> {

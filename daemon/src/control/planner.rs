@@ -38,8 +38,12 @@ impl SpecPlanner {
 
 /// The spec stored in a revision record.
 pub fn spec_of(revision: &RevisionRecord) -> Result<ServiceSpec, String> {
-    serde_json::from_value::<ServiceSpec>(revision.doc.clone())
-        .map_err(|e| format!("stored revision {} does not read back: {e}", revision.number))
+    serde_json::from_value::<ServiceSpec>(revision.doc.clone()).map_err(|e| {
+        format!(
+            "stored revision {} does not read back: {e}",
+            revision.number
+        )
+    })
 }
 
 impl RevisionPlanner for SpecPlanner {
