@@ -1,6 +1,7 @@
 //! The one `lull` binary. Today it drives the runtime directly (images and instances on this
 //! host); the daemon and its client commands arrive with the control-plane issue.
 
+mod daemon;
 mod images;
 mod instances;
 mod network;
@@ -45,6 +46,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the control plane (admin API, proxy, deployments) in the foreground.
+    Daemon(daemon::DaemonArgs),
     /// Images: pull, import, list, remove, collect garbage.
     #[command(subcommand)]
     Image(images::ImageCommand),
@@ -117,6 +120,7 @@ fn open_runtime(cli: &Cli) -> Result<Runtime> {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
+        Command::Daemon(args) => daemon::run(args, &cli.cgroup_parent).await,
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
         Command::Run(args) => run::run(open_runtime(&cli)?, args, &cli.network).await,

@@ -460,6 +460,32 @@ impl Control {
         }
     }
 
+    /// At startup, after the engine adopted what still runs: deploys the last served revision
+    /// of every active service that has nothing running (after a reboot, say). Returns the
+    /// services started, with their operation ids.
+    pub async fn start_services(&self) -> Result<Vec<(String, Started)>, ApiError> {
+        let running = self.engine.services();
+        let records = self.blocking(|s| s.list_services()).await?;
+        let mut started = Vec::new();
+        for record in records {
+            if record.state != ACTIVE || running.contains(&record.name) {
+                continue;
+            }
+            let revision = match self.last_served(&record).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(service = %record.name, "not started: {}", e.message);
+                    continue;
+                }
+            };
+            match self.deploy_revision(&record.name, revision).await {
+                Ok(s) => started.push((record.name.clone(), s)),
+                Err(e) => tracing::warn!(service = %record.name, "not started: {}", e.message),
+            }
+        }
+        Ok(started)
+    }
+
     /// The revision of the service's last successful deploy, else its current one.
     async fn last_served(&self, record: &ServiceRecord) -> Result<u64, ApiError> {
         let owned = record.name.clone();
