@@ -416,6 +416,15 @@ async fn a_crash_looping_instance_restarts_with_growing_delays() {
     }
     assert!(intervals[0] >= Duration::from_millis(100), "{intervals:?}");
     assert!(intervals[3] >= Duration::from_millis(800), "{intervals:?}");
+    // The host runs the replacement a moment before the engine records it.
+    eventually("four restart events", || {
+        rig.events("web")
+            .iter()
+            .filter(|(k, _)| k == "instance.restarted")
+            .count()
+            == 4
+    })
+    .await;
     let status = rig.engine.status("web").await.unwrap();
     assert_eq!(status.restarts, 4);
     let events = rig.events("web");

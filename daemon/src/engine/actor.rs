@@ -90,6 +90,11 @@ enum Write {
     },
     /// Answered once every earlier write is done.
     Flush(oneshot::Sender<()>),
+    /// Tells an operation's followers it ended, once the store says so too.
+    End {
+        tx: watch::Sender<OperationProgress>,
+        end: OperationEnd,
+    },
 }
 
 async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
@@ -97,6 +102,10 @@ async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Writ
         let write = match write {
             Write::Flush(done) => {
                 let _ = done.send(());
+                continue;
+            }
+            Write::End { tx, end } => {
+                tx.send_modify(|p| p.end = Some(end));
                 continue;
             }
             write => write,
@@ -108,7 +117,7 @@ async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Writ
                 s.finish_operation(&operation, &outcome).map(drop)
             }
             Write::SetState { service, state } => set_service_state(s, &service, state),
-            Write::Flush(_) => Ok(()),
+            Write::Flush(_) | Write::End { .. } => Ok(()),
         })
         .await;
         if let Err(e) = result {
@@ -810,7 +819,10 @@ impl Actor {
             ),
         });
         if let Purpose::Deploy { tx, .. } = purpose {
-            tx.send_modify(|p| p.end = Some(OperationEnd::Succeeded { revision, took }));
+            let _ = self.writes.send(Write::End {
+                tx,
+                end: OperationEnd::Succeeded { revision, took },
+            });
         }
     }
 
@@ -847,7 +859,10 @@ impl Actor {
                     outcome: OperationOutcome::Failed(fields),
                 });
                 if let Purpose::Deploy { tx, .. } = purpose {
-                    tx.send_modify(|p| p.end = Some(OperationEnd::Failed(failure)));
+                    let _ = self.writes.send(Write::End {
+                        tx,
+                        end: OperationEnd::Failed(failure),
+                    });
                 }
             }
             Purpose::Resume { reply } => {
@@ -1100,7 +1115,7 @@ impl Actor {
                     operation: operation.id.clone(),
                     outcome: OperationOutcome::Failed(json!({"message": reason})),
                 });
-                tx.send_modify(|p| p.end = Some(end));
+                let _ = self.writes.send(Write::End { tx, end });
             }
             Purpose::Resume { reply } => {
                 let _ = reply.send(Err(EngineError::Stopped {
