@@ -393,13 +393,24 @@ impl Control {
         })
     }
 
+    /// Records the service's state; idempotent, and retried when the engine's own record of
+    /// the same change got there first.
     async fn set_state(&self, name: &str, state: &'static str) -> Result<(), ApiError> {
         let owned = name.to_owned();
         self.blocking(move |s| {
-            let mut record = s.get_service(&owned)?;
-            let generation = record.generation;
-            record.state = state.to_owned();
-            s.put_service(&record, generation).map(drop)
+            let mut attempts = 0;
+            loop {
+                let mut record = s.get_service(&owned)?;
+                if record.state == state {
+                    return Ok(());
+                }
+                let generation = record.generation;
+                record.state = state.to_owned();
+                match s.put_service(&record, generation) {
+                    Err(StoreError::Conflict { .. }) if attempts < 5 => attempts += 1,
+                    other => return other.map(drop),
+                }
+            }
         })
         .await
     }
@@ -419,14 +430,16 @@ impl Control {
     pub async fn pause(&self, name: &str) -> Result<(), ApiError> {
         let owned = name.to_owned();
         let record = self.blocking(move |s| s.get_service(&owned)).await?;
-        if record.state == PAUSED {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("service {name} is already paused"),
-            ));
-        }
         match self.engine.pause(name).await {
-            Ok(()) | Err(EngineError::UnknownService { .. }) => {}
+            Ok(()) => {}
+            // Nothing of it runs here: pausing is recording it.
+            Err(EngineError::UnknownService { .. }) if record.state != PAUSED => {}
+            Err(EngineError::UnknownService { .. }) => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("service {name} is already paused"),
+                ));
+            }
             Err(e) => return Err(engine_error(e)),
         }
         self.set_state(name, PAUSED).await
@@ -435,12 +448,6 @@ impl Control {
     pub async fn resume(&self, name: &str) -> Result<Value, ApiError> {
         let owned = name.to_owned();
         let record = self.blocking(move |s| s.get_service(&owned)).await?;
-        if record.state != PAUSED {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("service {name} is not paused"),
-            ));
-        }
         match self.engine.resume(name).await {
             // The revision that served before the pause serves again.
             Ok(()) => {
@@ -448,6 +455,9 @@ impl Control {
                 let serving = self.engine.status(name).await.ok().and_then(|s| s.serving);
                 Ok(json!({ "resumed": true, "revision": serving }))
             }
+            Err(EngineError::UnknownService { .. }) if record.state != PAUSED => Err(
+                ApiError::new(ErrorCode::Conflict, format!("service {name} is not paused")),
+            ),
             // Nothing of it runs here (the daemon restarted while it was paused): deploy the
             // revision that served last.
             Err(EngineError::UnknownService { .. }) => {
