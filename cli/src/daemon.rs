@@ -16,7 +16,7 @@ use lull_daemon::api::server::{self as api_server, SocketOptions};
 use lull_daemon::config::{DaemonConfig, ListenAddr};
 use lull_daemon::control::planner::SpecPlanner;
 use lull_daemon::control::{Control, handlers};
-use lull_daemon::engine::{Engine, EngineSettings};
+use lull_daemon::engine::{AccessLogs, Engine, EngineSettings};
 use lull_daemon::host::real::{RealHost, RealHostConfig};
 use lull_daemon::secrets::SecretKey;
 use lull_daemon::store::{DAEMON_RESTARTED, SqliteStore, Store};
@@ -139,7 +139,12 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
         stop_grace: config.stop_grace,
         ..EngineSettings::default()
     };
-    let engine = Engine::new(host, store.clone(), routes, planner, settings);
+    let engine = Engine::new(host, store.clone(), routes, planner, settings)
+        .with_proxy_metrics(proxy_metrics.clone())
+        .with_access_logs(AccessLogs {
+            dir: config.data_dir.join("logs/access"),
+            max_bytes: Some(config.logs.max_bytes),
+        });
     let recovered = engine.recover().await.context("adopt running instances")?;
     if !recovered.adopted.is_empty() || !recovered.stopped.is_empty() {
         eprintln!(

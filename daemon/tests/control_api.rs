@@ -11,7 +11,7 @@ use lull_daemon::api::server::{self, SocketOptions};
 use lull_daemon::api::{Client, ErrorCode};
 use lull_daemon::control::planner::SpecPlanner;
 use lull_daemon::control::{Control, handlers};
-use lull_daemon::engine::{Engine, EngineSettings};
+use lull_daemon::engine::{AccessLogs, Engine, EngineSettings};
 use lull_daemon::host::fake::FakeHost;
 use lull_daemon::store::{SqliteStore, Store};
 use lull_proxy::{Proxy, ProxyOptions, RouteTable};
@@ -49,7 +49,11 @@ async fn daemon() -> Daemon {
         routes,
         planner,
         settings,
-    );
+    )
+    .with_access_logs(AccessLogs {
+        dir: dir.path().join("access"),
+        max_bytes: None,
+    });
     let control = Arc::new(Control {
         store,
         engine,
@@ -161,6 +165,34 @@ async fn a_service_from_create_to_delete() {
         shown["urls"][0],
         format!("http://web.localhost:{}/", d.proxy_addr.port())
     );
+
+    // The app's output, each line with its instance; the proxy's access log of the service.
+    let mut logs = c
+        .stream(Method::GET, "/v1/services/web/logs", None::<&()>)
+        .await
+        .unwrap();
+    let first = logs.next().await.unwrap().expect("a log line");
+    assert!(
+        first["text"].as_str().unwrap().contains("rev 1 starting"),
+        "{first}"
+    );
+    assert!(
+        first["instance"].as_str().unwrap().starts_with("web-r1-"),
+        "{first}"
+    );
+    assert!(first["time"].as_str().unwrap().ends_with('Z'), "{first}");
+    let mut requests = c
+        .stream(Method::GET, "/v1/services/web/logs?requests", None::<&()>)
+        .await
+        .unwrap();
+    let entry = requests.next().await.unwrap().expect("an access log entry");
+    assert_eq!(entry["status"], 200, "{entry}");
+    assert_eq!(entry["host"], "web.localhost", "{entry}");
+    let bad = c
+        .get::<Value>("/v1/services/web/logs?since=yesterday")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.api().unwrap().fields[0].field, "since");
 
     // A second create of the same name: already exists.
     let again = c

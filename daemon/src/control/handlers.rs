@@ -118,6 +118,7 @@ pub fn router() -> Router<Control> {
             },
         )
         .route(Method::GET, "/v1/services/{name}/events", events)
+        .route(Method::GET, "/v1/services/{name}/logs", logs)
         .route(
             Method::GET,
             "/v1/operations/{id}",
@@ -186,6 +187,144 @@ async fn events(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
         }
     });
     Ok(Reply::Lines(rx))
+}
+
+/// Normalizes a `since` value: RFC 3339 (any offset) or a duration back from now (`10m`).
+fn since_time(value: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(value) = value else { return Ok(None) };
+    let at = match chrono::DateTime::parse_from_rfc3339(value) {
+        Ok(t) => t.with_timezone(&chrono::Utc),
+        Err(_) => match crate::duration::parse(value) {
+            Ok(ago) => chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default(),
+            Err(_) => {
+                return Err(ApiError::invalid(vec![crate::api::FieldError {
+                    field: "since".into(),
+                    message: format!(
+                        "{value:?} is neither an RFC 3339 time (2026-11-26T10:00:00Z) nor a duration (10m)"
+                    ),
+                }]));
+            }
+        },
+    };
+    Ok(Some(
+        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    ))
+}
+
+/// `GET /v1/services/{name}/logs?since=T&instance=ID&follow&requests`: the instances' output
+/// (or, with `requests`, the proxy's access log of the service) as JSON lines, oldest first.
+async fn logs(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
+    let name = r.param("name").to_owned();
+    let since = since_time(r.query("since"))?;
+    let follow = r.flag("follow")?;
+    let instance = r.query("instance").map(str::to_owned);
+    if r.flag("requests")? {
+        return access_log(c, name, since, follow);
+    }
+    let first = c.logs(&name, since.as_deref(), instance.as_deref()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut last = since;
+        let mut batch = first;
+        loop {
+            for line in batch.drain(..) {
+                if let Some(t) = line["time"].as_str() {
+                    last = Some(t.to_owned());
+                }
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = tx.closed() => return,
+            }
+            match c.logs(&name, last.as_deref(), instance.as_deref()).await {
+                Ok(b) => batch = b,
+                Err(e) if e.code == ErrorCode::NotFound => return,
+                Err(e) => {
+                    let _ = tx.send(e.to_body()).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Reply::Lines(rx))
+}
+
+/// The access log's entries (JSON objects, one per line) after `since`, then new ones.
+fn access_log(
+    c: Arc<Control>,
+    name: String,
+    since: Option<String>,
+    follow: bool,
+) -> Result<Reply, ApiError> {
+    let Some(path) = c.access_log_path(&name) else {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "this daemon keeps no access logs",
+        ));
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut offset = 0u64;
+        loop {
+            let read = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_from(&path, offset)).await
+            };
+            let (lines, next) = match read {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) | Err(_) => (Vec::new(), offset),
+            };
+            // A rotation starts a new, shorter file.
+            offset = if next < offset { 0 } else { next };
+            for line in lines {
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if let (Some(s), Some(t)) = (since.as_deref(), entry["time"].as_str())
+                    && t <= s
+                {
+                    continue;
+                }
+                if tx.send(entry).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Ok(Reply::Lines(rx))
+}
+
+/// Whole lines of `path` from byte `offset`; the offset after the last whole line.
+fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<(Vec<String>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len < offset {
+        return Ok((Vec::new(), 0));
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let whole = text.rfind('\n').map_or(0, |i| i + 1);
+    let lines = text[..whole].lines().map(str::to_owned).collect();
+    Ok((lines, offset + whole as u64))
 }
 
 /// `GET /v1/operations/{id}/progress`: the operation's lines as JSON lines (`{"line": ...}`),

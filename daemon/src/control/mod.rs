@@ -582,6 +582,76 @@ impl Control {
         self.blocking(move |s| s.get_operation(&owned)).await
     }
 
+    /// The service's instances (every revision the engine still holds), or only `instance`.
+    async fn log_instances(
+        &self,
+        name: &str,
+        instance: Option<&str>,
+    ) -> Result<Vec<String>, ApiError> {
+        let status = match self.engine.status(name).await {
+            Ok(s) => s,
+            Err(EngineError::UnknownService { .. }) => {
+                let owned = name.to_owned();
+                self.blocking(move |s| s.get_service(&owned)).await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(engine_error(e)),
+        };
+        let ids: Vec<String> = status.instances.into_iter().map(|i| i.id).collect();
+        match instance {
+            None => Ok(ids),
+            Some(id) if ids.iter().any(|i| i == id) => Ok(vec![id.to_owned()]),
+            Some(id) => Err(ApiError::not_found(format!(
+                "service {name} has no instance {id} (instances: {})",
+                if ids.is_empty() {
+                    "none".to_owned()
+                } else {
+                    ids.join(", ")
+                }
+            ))),
+        }
+    }
+
+    /// The output of the service's instances after `since` (RFC 3339), merged oldest first,
+    /// each line with its instance.
+    pub async fn logs(
+        &self,
+        name: &str,
+        since: Option<&str>,
+        instance: Option<&str>,
+    ) -> Result<Vec<Value>, ApiError> {
+        let mut lines = Vec::new();
+        for id in self.log_instances(name, instance).await? {
+            let host_lines = match self.engine.host().logs(&id).await {
+                Ok(l) => l,
+                // Removed meanwhile.
+                Err(crate::host::HostError::NotFound { .. }) => continue,
+                Err(e) => return Err(ApiError::internal(e.to_string())),
+            };
+            for line in host_lines {
+                if since.is_some_and(|s| line.time.as_str() <= s) {
+                    continue;
+                }
+                lines.push((
+                    line.time.clone(),
+                    json!({
+                        "time": line.time,
+                        "instance": id,
+                        "stream": line.stream,
+                        "text": line.text,
+                    }),
+                ));
+            }
+        }
+        lines.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(lines.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// The service's access log file, when the daemon keeps one.
+    pub fn access_log_path(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.engine.access_logs().map(|l| l.path(name))
+    }
+
     /// The live handle of a running (or recently ended) operation.
     pub fn live_operation(&self, id: &str) -> Option<Operation> {
         self.engine.operation(id)

@@ -66,6 +66,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, service: &str) -> mpsc::UnboundedSender
         internal_tx,
         pool_tx,
         writes,
+        access_log: None,
     };
     let span = tracing::info_span!("service", service = %service);
     tokio::spawn(actor.run(commands, internal, pool_events).instrument(span));
@@ -262,6 +263,7 @@ struct Actor {
     internal_tx: mpsc::UnboundedSender<Internal>,
     pool_tx: mpsc::UnboundedSender<PoolEvent>,
     writes: mpsc::UnboundedSender<Write>,
+    access_log: Option<Arc<lull_proxy::access_log::AccessLog>>,
 }
 
 /// Resolves with the preparing task's result, or never when there is none.
@@ -370,15 +372,37 @@ impl Actor {
             .find(|s| s.members.iter().any(|m| m.started.id == id))
     }
 
+    /// The service's access log, opened once.
+    fn access_log(&mut self) -> Option<Arc<lull_proxy::access_log::AccessLog>> {
+        if self.access_log.is_none() {
+            let logs = self.shared.access_logs.get()?;
+            let path = logs.path(&self.service);
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match lull_proxy::access_log::AccessLog::open(&path, logs.max_bytes) {
+                Ok(log) => self.access_log = Some(Arc::new(log)),
+                Err(e) => tracing::warn!(service = %self.service, "access log: {e}"),
+            }
+        }
+        self.access_log.clone()
+    }
+
     fn new_set(&mut self, revision: u64, plan: Arc<RevisionPlan>, role: Role) -> u64 {
         let key = self.next_set;
         self.next_set += 1;
-        let pool = Pool::new(
-            &self.service,
-            Arc::new(plan.proxy.clone()),
-            self.pool_tx.clone(),
-        );
-        let route = Arc::new(Route::new(pool.clone(), &revision.to_string()));
+        let config = Arc::new(plan.proxy.clone());
+        let pool = match self.shared.proxy_metrics.get() {
+            Some(metrics) => {
+                Pool::with_metrics(&self.service, config, self.pool_tx.clone(), metrics.clone())
+            }
+            None => Pool::new(&self.service, config, self.pool_tx.clone()),
+        };
+        let mut route = Route::new(pool.clone(), &revision.to_string());
+        if let Some(log) = self.access_log() {
+            route = route.with_access_log(log);
+        }
+        let route = Arc::new(route);
         self.sets.push(RevisionSet {
             key,
             revision,

@@ -326,6 +326,23 @@ pub(crate) struct Shared {
     pub(crate) settings: EngineSettings,
     services: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
     operations: Mutex<HashMap<String, Operation>>,
+    /// Where the proxy's per-request series go (see [`Engine::with_proxy_metrics`]).
+    pub(crate) proxy_metrics: std::sync::OnceLock<Arc<lull_proxy::metrics::ProxyMetrics>>,
+    /// Per-service access logs (see [`Engine::with_access_logs`]).
+    pub(crate) access_logs: std::sync::OnceLock<AccessLogs>,
+}
+
+/// Where services' access logs are written: `<dir>/<service>.jsonl`, rotated at `max_bytes`.
+#[derive(Debug, Clone)]
+pub struct AccessLogs {
+    pub dir: std::path::PathBuf,
+    pub max_bytes: Option<u64>,
+}
+
+impl AccessLogs {
+    pub fn path(&self, service: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{service}.jsonl"))
+    }
 }
 
 impl Shared {
@@ -367,8 +384,32 @@ impl Engine {
                 settings,
                 services: Mutex::new(HashMap::new()),
                 operations: Mutex::new(HashMap::new()),
+                proxy_metrics: std::sync::OnceLock::new(),
+                access_logs: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Services' pools report to `metrics` (set before the first service starts).
+    pub fn with_proxy_metrics(self, metrics: Arc<lull_proxy::metrics::ProxyMetrics>) -> Engine {
+        let _ = self.shared.proxy_metrics.set(metrics);
+        self
+    }
+
+    /// Every request through a service's routes is logged to its access log file.
+    pub fn with_access_logs(self, logs: AccessLogs) -> Engine {
+        let _ = self.shared.access_logs.set(logs);
+        self
+    }
+
+    /// The host the engine runs instances on.
+    pub fn host(&self) -> &Arc<dyn InstanceHost> {
+        &self.shared.host
+    }
+
+    /// Where access logs go, when they are kept.
+    pub fn access_logs(&self) -> Option<&AccessLogs> {
+        self.shared.access_logs.get()
     }
 
     pub fn settings(&self) -> &EngineSettings {

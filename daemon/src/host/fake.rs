@@ -37,8 +37,8 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::{
-    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, RecoveredInstance, StartRequest,
-    Started,
+    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
+    StartRequest, Started,
 };
 
 /// A CPU control that counts what the gate (or the engine) asked of it.
@@ -87,7 +87,8 @@ struct Shared {
     id: String,
     revision: u64,
     unhealthy: AtomicBool,
-    logs: Mutex<Vec<String>>,
+    /// (time, line), oldest first.
+    logs: Mutex<Vec<(String, String)>>,
     exit: watch::Sender<Option<ExitInfo>>,
     /// Set to the grace period when a stop begins.
     terminate: watch::Sender<Option<Duration>>,
@@ -95,7 +96,8 @@ struct Shared {
 
 impl Shared {
     fn log(&self, line: impl Into<String>) {
-        lock(&self.logs).push(line.into());
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        lock(&self.logs).push((time, line.into()));
     }
 
     /// Records how the process ended (the first ending wins).
@@ -470,7 +472,22 @@ impl InstanceHost for FakeHost {
             let shared = self.shared(id)?;
             let logs = lock(&shared.logs);
             let skip = logs.len().saturating_sub(lines);
-            Ok(logs[skip..].to_vec())
+            Ok(logs[skip..].iter().map(|(_, line)| line.clone()).collect())
+        })
+    }
+
+    fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {
+        Box::pin(async move {
+            let shared = self.shared(id)?;
+            let logs = lock(&shared.logs);
+            Ok(logs
+                .iter()
+                .map(|(time, text)| LogLine {
+                    time: time.clone(),
+                    stream: "stdout",
+                    text: text.clone(),
+                })
+                .collect())
         })
     }
 }

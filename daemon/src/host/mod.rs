@@ -176,6 +176,14 @@ pub struct RecoveredInstance {
     pub instance: Started,
 }
 
+/// One line an instance wrote: when (RFC 3339 UTC), on which stream, what.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    pub time: String,
+    pub stream: &'static str,
+    pub text: String,
+}
+
 /// The machine as the control plane sees it. Implementations are shared between tasks.
 pub trait InstanceHost: Send + Sync + 'static {
     /// Makes `reference` available locally (pulling it when missing).
@@ -203,6 +211,9 @@ pub trait InstanceHost: Send + Sync + 'static {
 
     /// The instances still running (after a daemon restart), with their service and revision.
     fn recover(&self) -> HostFuture<'_, Result<Vec<RecoveredInstance>, HostError>>;
+
+    /// Every line of the instance's stdout and stderr still kept, oldest first.
+    fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>>;
 
     /// The last `lines` lines of the instance's stdout and stderr, oldest first.
     fn log_tail<'a>(

@@ -21,8 +21,8 @@ use lull_runtime::reference::Reference;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, RecoveredInstance, StartRequest,
-    Started,
+    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
+    StartRequest, Started,
 };
 
 /// The proxy's `CpuControl` over an instance's CPU gate and its cgroup's usage counter.
@@ -465,6 +465,27 @@ impl InstanceHost for RealHost {
 
     fn recover(&self) -> HostFuture<'_, Result<Vec<RecoveredInstance>, HostError>> {
         Box::pin(self.recover_all())
+    }
+
+    fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {
+        Box::pin(async move {
+            let dir = self.runtime.config.instances_dir().join(id).join("logs");
+            if !dir.exists() {
+                return Err(HostError::NotFound { id: id.to_owned() });
+            }
+            let records = tokio::task::spawn_blocking(move || logs::read_all(&dir))
+                .await
+                .map_err(|e| instance_err(id, "read logs")(e.to_string()))?
+                .map_err(|e| instance_err(id, "read logs")(e.to_string()))?;
+            Ok(records
+                .into_iter()
+                .map(|r| LogLine {
+                    time: r.time,
+                    stream: r.stream.as_str(),
+                    text: r.text,
+                })
+                .collect())
+        })
     }
 
     fn log_tail<'a>(
