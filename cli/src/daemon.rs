@@ -78,149 +78,177 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
         println!("{config:#?}");
         return Ok(ExitCode::SUCCESS);
     }
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::block_in_place(|| SqliteStore::open(&config.data_dir))
-            .context("open the state store")?,
-    );
-    let interrupted = store
-        .fail_interrupted_operations(DAEMON_RESTARTED)
-        .context("close the operations a previous daemon left")?;
-    if !interrupted.is_empty() {
-        tracing::warn!(operations = ?interrupted, "marked failed: the daemon restarted during them");
-    }
-    let key = Arc::new(SecretKey::load_or_create(&config.data_dir).context("the secrets key")?);
-
-    let mut runtime_config = RuntimeConfig::new(&config.data_dir, &config.run_dir)
-        .context("find the lull executable")?;
-    runtime_config.cgroup_parent = cgroup_parent.to_owned();
-    let runtime = Arc::new(Runtime::open(runtime_config).context("open the runtime")?);
-    let (network, report) =
-        tokio::task::block_in_place(|| HostNetwork::start(config.network.clone()))
-            .context("set up the instance network")?;
-    for conflict in &report.conflicts {
-        eprintln!("warning: {conflict}");
-    }
-    let network: Arc<dyn InstanceNetwork> = Arc::new(network);
-    let host = Arc::new(
-        RealHost::new(runtime, network, RealHostConfig::under(&config.data_dir))
-            .context("the instance host")?,
-    );
-
-    let routes = Arc::new(RouteTable::new());
-    let proxy_metrics = Arc::new(ProxyMetrics::new());
-    let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
-    let mut http_port = None;
-    if let Some(listen) = &config.listeners.http {
-        let runtimes = proxy_runtimes()?;
-        for addr in addresses(listen) {
-            match proxy.listen_on(addr, &runtimes) {
-                Ok(bound) => {
-                    http_port = Some(bound.port());
-                    tracing::info!(%bound, "serving HTTP");
-                }
-                Err(e) if addr.is_ipv6() && listen.ip.is_none() => {
-                    tracing::warn!("no IPv6 listener: {e}");
-                }
-                Err(e) => return Err(e).context("the HTTP listener"),
-            }
-        }
-    }
-    if config.listeners.https.is_some() {
-        tracing::info!("HTTPS listener: certificates are not configured yet; serving HTTP only");
-    }
-
-    let planner = Arc::new(SpecPlanner {
-        store: store.clone(),
-        key: Some(key),
-        base_domain: config.base_domain.clone(),
-    });
-    let settings = EngineSettings {
-        rollback_window: config.rollback_window,
-        stop_grace: config.stop_grace,
-        ..EngineSettings::default()
-    };
-    let engine = Engine::new(host, store.clone(), routes, planner, settings)
-        .with_proxy_metrics(proxy_metrics.clone())
-        .with_access_logs(AccessLogs {
-            dir: config.data_dir.join("logs/access"),
-            max_bytes: Some(config.logs.max_bytes),
-        });
-    let recovered = engine.recover().await.context("adopt running instances")?;
-    if !recovered.adopted.is_empty() || !recovered.stopped.is_empty() {
-        eprintln!(
-            "adopted {} running instance(s), stopped {} of deleted services",
-            recovered.adopted.len(),
-            recovered.stopped.len()
-        );
-    }
-    let control = Arc::new(Control {
-        store: store.clone(),
-        engine,
-        base_domain: config.base_domain.clone(),
-        http_port,
-    });
-    match control.start_services().await {
-        Ok(started) => {
-            for (service, s) in started {
-                eprintln!("starting {service} (revision {})", s.revision);
-            }
-        }
-        Err(e) => eprintln!("warning: start services: {}", e.message),
-    }
-
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let listener = api_server::bind(&SocketOptions {
-        path: config.socket.path.clone(),
-        mode: 0o660,
-        group: Some(config.socket.group.clone()),
-    })
-    .context("the admin socket")?;
-    let api = tokio::spawn(api_server::serve(
-        listener,
-        Arc::new(handlers::router()),
-        control.clone(),
-        stop.clone(),
-    ));
-    let daemon_metrics = Arc::new(DaemonMetrics::new());
-    let metrics_task = match config.metrics {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("the metrics listener on {addr}"))?;
-            let sources: Vec<Arc<dyn MetricsSource>> = vec![daemon_metrics, proxy_metrics];
-            let health_store = store.clone();
-            let health: telemetry::HealthFn = Arc::new(move || {
-                health_store
-                    .list_services()
-                    .map(drop)
-                    .map_err(|e| format!("the state store: {e}"))
-            });
-            Some(tokio::spawn(telemetry::serve(
-                listener,
-                sources,
-                health,
-                stop.clone(),
-            )))
-        }
-        None => None,
-    };
-    eprintln!(
-        "lull daemon ready: admin socket {}, HTTP on port {}",
-        config.socket.path.display(),
-        http_port.map_or("off".to_owned(), |p| p.to_string())
-    );
+    let daemon = Running::start(&config, cgroup_parent).await?;
     notify_ready();
-
     wait_for_stop().await;
     eprintln!("lull daemon stopping (instances keep running; the next daemon adopts them)");
-    let _ = stop_tx.send(true);
-    let report = proxy.shutdown(Duration::from_secs(10)).await;
-    tracing::info!(?report, "proxy drained");
-    let _ = api.await;
-    if let Some(task) = metrics_task {
-        let _ = task.await;
-    }
+    daemon.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A daemon serving in this process.
+pub struct Running {
+    proxy: Proxy,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Brings the control plane up with `config`: store, key, runtime, network, proxy,
+    /// engine (adopting what runs), services, admin socket, metrics.
+    pub async fn start(config: &DaemonConfig, cgroup_parent: &str) -> Result<Running> {
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::block_in_place(|| SqliteStore::open(&config.data_dir))
+                .context("open the state store")?,
+        );
+        let interrupted = store
+            .fail_interrupted_operations(DAEMON_RESTARTED)
+            .context("close the operations a previous daemon left")?;
+        if !interrupted.is_empty() {
+            tracing::warn!(operations = ?interrupted, "marked failed: the daemon restarted during them");
+        }
+        let key = Arc::new(SecretKey::load_or_create(&config.data_dir).context("the secrets key")?);
+
+        let mut runtime_config = RuntimeConfig::new(&config.data_dir, &config.run_dir)
+            .context("find the lull executable")?;
+        runtime_config.cgroup_parent = cgroup_parent.to_owned();
+        let runtime = Arc::new(Runtime::open(runtime_config).context("open the runtime")?);
+        let (network, report) =
+            tokio::task::block_in_place(|| HostNetwork::start(config.network.clone()))
+                .context("set up the instance network")?;
+        for conflict in &report.conflicts {
+            eprintln!("warning: {conflict}");
+        }
+        let network: Arc<dyn InstanceNetwork> = Arc::new(network);
+        let host = Arc::new(
+            RealHost::new(runtime, network, RealHostConfig::under(&config.data_dir))
+                .context("the instance host")?,
+        );
+
+        let routes = Arc::new(RouteTable::new());
+        let proxy_metrics = Arc::new(ProxyMetrics::new());
+        let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
+        let mut http_port = None;
+        if let Some(listen) = &config.listeners.http {
+            let runtimes = proxy_runtimes()?;
+            for addr in addresses(listen) {
+                match proxy.listen_on(addr, &runtimes) {
+                    Ok(bound) => {
+                        http_port = Some(bound.port());
+                        tracing::info!(%bound, "serving HTTP");
+                    }
+                    Err(e) if addr.is_ipv6() && listen.ip.is_none() => {
+                        tracing::warn!("no IPv6 listener: {e}");
+                    }
+                    Err(e) => return Err(e).context("the HTTP listener"),
+                }
+            }
+        }
+        if config.listeners.https.is_some() {
+            tracing::info!(
+                "HTTPS listener: certificates are not configured yet; serving HTTP only"
+            );
+        }
+
+        let planner = Arc::new(SpecPlanner {
+            store: store.clone(),
+            key: Some(key),
+            base_domain: config.base_domain.clone(),
+        });
+        let settings = EngineSettings {
+            rollback_window: config.rollback_window,
+            stop_grace: config.stop_grace,
+            ..EngineSettings::default()
+        };
+        let engine = Engine::new(host, store.clone(), routes, planner, settings)
+            .with_proxy_metrics(proxy_metrics.clone())
+            .with_access_logs(AccessLogs {
+                dir: config.data_dir.join("logs/access"),
+                max_bytes: Some(config.logs.max_bytes),
+            });
+        let recovered = engine.recover().await.context("adopt running instances")?;
+        if !recovered.adopted.is_empty() || !recovered.stopped.is_empty() {
+            eprintln!(
+                "adopted {} running instance(s), stopped {} of deleted services",
+                recovered.adopted.len(),
+                recovered.stopped.len()
+            );
+        }
+        let control = Arc::new(Control {
+            store: store.clone(),
+            engine,
+            base_domain: config.base_domain.clone(),
+            http_port,
+        });
+        match control.start_services().await {
+            Ok(started) => {
+                for (service, s) in started {
+                    eprintln!("starting {service} (revision {})", s.revision);
+                }
+            }
+            Err(e) => eprintln!("warning: start services: {}", e.message),
+        }
+
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let listener = api_server::bind(&SocketOptions {
+            path: config.socket.path.clone(),
+            mode: 0o660,
+            group: Some(config.socket.group.clone()),
+        })
+        .context("the admin socket")?;
+        let api = tokio::spawn(api_server::serve(
+            listener,
+            Arc::new(handlers::router()),
+            control.clone(),
+            stop.clone(),
+        ));
+        let daemon_metrics = Arc::new(DaemonMetrics::new());
+        let metrics_task = match config.metrics {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("the metrics listener on {addr}"))?;
+                let sources: Vec<Arc<dyn MetricsSource>> = vec![daemon_metrics, proxy_metrics];
+                let health_store = store.clone();
+                let health: telemetry::HealthFn = Arc::new(move || {
+                    health_store
+                        .list_services()
+                        .map(drop)
+                        .map_err(|e| format!("the state store: {e}"))
+                });
+                Some(tokio::spawn(telemetry::serve(
+                    listener,
+                    sources,
+                    health,
+                    stop.clone(),
+                )))
+            }
+            None => None,
+        };
+        eprintln!(
+            "lull daemon ready: admin socket {}, HTTP on port {}",
+            config.socket.path.display(),
+            http_port.map_or("off".to_owned(), |p| p.to_string())
+        );
+        let mut tasks = vec![api];
+        tasks.extend(metrics_task);
+        Ok(Running {
+            proxy,
+            stop_tx,
+            tasks,
+        })
+    }
+
+    /// Stops serving: the admin socket and metrics close, the proxy drains. Instances keep
+    /// running; the next daemon adopts them.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        let report = self.proxy.shutdown(Duration::from_secs(10)).await;
+        tracing::info!(?report, "proxy drained");
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 async fn wait_for_stop() {

@@ -8,6 +8,7 @@ mod network;
 mod probe;
 mod run;
 mod size;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an image as a service and show its URL: uses the running daemon or starts one.
+    Up(Box<up::UpArgs>),
     /// Run the control plane (admin API, proxy, deployments) in the foreground.
     Daemon(daemon::DaemonArgs),
     /// Images: pull, import, list, remove, collect garbage.
@@ -120,6 +123,7 @@ fn open_runtime(cli: &Cli) -> Result<Runtime> {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
+        Command::Up(args) => up::run(args, &cli.cgroup_parent).await,
         Command::Daemon(args) => daemon::run(args, &cli.cgroup_parent).await,
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
