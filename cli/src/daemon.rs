@@ -47,25 +47,6 @@ fn addresses(listen: &ListenAddr) -> Vec<SocketAddr> {
     }
 }
 
-/// One current-thread runtime per CPU, each on a thread of its own, serving the proxy.
-fn proxy_runtimes() -> Result<Vec<tokio::runtime::Handle>> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (0..n)
-        .map(|i| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("start a proxy runtime")?;
-            let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name(format!("lull-proxy-{i}"))
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))
-                .context("start a proxy thread")?;
-            Ok(handle)
-        })
-        .collect()
-}
-
 pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
     let config = match DaemonConfig::load(&args.config) {
         Ok(c) => c,
@@ -130,7 +111,9 @@ impl Running {
         let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
         let mut http_port = None;
         if let Some(listen) = &config.listeners.http {
-            let runtimes = proxy_runtimes()?;
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let runtimes = lull_proxy::server::spawn_runtimes(cpus, "lull-proxy")
+                .context("start the proxy's threads")?;
             for addr in addresses(listen) {
                 match proxy.listen_on(addr, &runtimes) {
                     Ok(bound) => {

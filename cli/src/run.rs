@@ -81,29 +81,17 @@ fn parse_env(items: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// The image's name with a random suffix, for an instance.
 fn default_name(image: &str) -> String {
-    let repo = image.rsplit('/').next().unwrap_or("app");
-    let base: String = repo
-        .split([':', '@'])
-        .next()
-        .unwrap_or("app")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(40)
-        .collect();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
+    let mut base = crate::up::default_name(image);
+    base.truncate(40);
     format!(
         "{}-{:06x}",
-        base.trim_matches('-'),
+        base.trim_end_matches('-'),
         (nanos ^ std::process::id()) & 0xff_ffff
     )
 }

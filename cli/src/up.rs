@@ -44,7 +44,7 @@ pub struct UpArgs {
 }
 
 /// A DNS label from an image reference: `registry/team/my_app:1` → `my-app`.
-fn default_name(image: &str) -> String {
+pub fn default_name(image: &str) -> String {
     let repo = image.split(['@']).next().unwrap_or(image);
     let last = repo.rsplit('/').next().unwrap_or(repo);
     let last = last.split(':').next().unwrap_or(last);

@@ -248,7 +248,10 @@ async fn an_instance_exiting_fails_the_deploy_at_once_with_its_code_and_logs() {
     );
     assert!(failure.cause.contains("exited with code 3"), "{failure}");
     assert!(
-        failure.logs.iter().any(|l| l == "cannot open config.yaml"),
+        failure
+            .logs
+            .iter()
+            .any(|l| l.ends_with(" cannot open config.yaml")),
         "{failure}"
     );
     assert_eq!(rig.get("web.localhost").await.status, 404);
@@ -323,6 +326,7 @@ async fn a_rollback_inside_the_window_is_a_routing_switch() {
     })
     .await;
     let starts = rig.host.starts();
+    let restores = rig.host.cpu(&old[0]).unwrap().restores();
     let outcome = rig.engine.rollback("web", None).await.unwrap();
     let RollbackOutcome::Switched { revision, took } = outcome else {
         panic!("not a switch: {outcome:?}");
@@ -334,8 +338,9 @@ async fn a_rollback_inside_the_window_is_a_routing_switch() {
         starts,
         "a rollback inside the window started instances"
     );
+    // Restored by the switch (the gate throttles it again once it idles).
     assert!(
-        !rig.host.cpu(&old[0]).unwrap().is_throttled(),
+        rig.host.cpu(&old[0]).unwrap().restores() > restores,
         "CPU not restored"
     );
     let reply = rig.get("web.localhost").await;

@@ -279,6 +279,23 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     bind_with(addr, false)
 }
 
+/// `n` current-thread tokio runtimes, each driven forever by a thread of its own named
+/// `{name}-{i}`: what [`Proxy::listen_on`] serves from, one per CPU.
+pub fn spawn_runtimes(n: usize, name: &str) -> std::io::Result<Vec<tokio::runtime::Handle>> {
+    (0..n)
+        .map(|i| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+            Ok(handle)
+        })
+        .collect()
+}
+
 fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

@@ -763,6 +763,7 @@ impl Actor {
                     format!("resumed revision {revision} in {:?}", since.elapsed()),
                     json!({"revision": revision, "took_ms": since.elapsed().as_millis() as u64}),
                 );
+                self.flush().await;
                 let _ = reply.send(Ok(()));
             }
         }
@@ -1079,6 +1080,7 @@ impl Actor {
             format!("paused; {} instance(s) stopped", ids.len()),
             json!({"revision": revision, "instances": ids}),
         );
+        self.flush().await;
         Ok(())
     }
 
@@ -1122,7 +1124,12 @@ impl Actor {
             format!("deleted; {} instance(s) stopped", ids.len()),
             json!({"instances": ids}),
         );
-        // Let the writer finish before the caller reads the events.
+        self.flush().await;
+    }
+
+    /// Waits until the store has every write sent so far (before answering a caller who may
+    /// read the store next).
+    async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         let _ = self.writes.send(Write::Flush(done));
         let _ = flushed.await;

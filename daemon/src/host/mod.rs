@@ -215,12 +215,21 @@ pub trait InstanceHost: Send + Sync + 'static {
     /// Every line of the instance's stdout and stderr still kept, oldest first.
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>>;
 
-    /// The last `lines` lines of the instance's stdout and stderr, oldest first.
+    /// The last `lines` lines of the instance's stdout and stderr, oldest first, each as
+    /// `TIME STREAM TEXT`.
     fn log_tail<'a>(
         &'a self,
         id: &'a str,
         lines: usize,
-    ) -> HostFuture<'a, Result<Vec<String>, HostError>>;
+    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
+        Box::pin(async move {
+            let all = self.logs(id).await?;
+            Ok(all[all.len().saturating_sub(lines)..]
+                .iter()
+                .map(|l| format!("{} {} {}", l.time, l.stream, l.text))
+                .collect())
+        })
+    }
 }
 
 /// A fresh instance id: `<service>-r<revision>-<6 hex>`, valid for the runtime (lowercase

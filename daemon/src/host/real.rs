@@ -487,23 +487,4 @@ impl InstanceHost for RealHost {
                 .collect())
         })
     }
-
-    fn log_tail<'a>(
-        &'a self,
-        id: &'a str,
-        lines: usize,
-    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
-        Box::pin(async move {
-            let dir = self.runtime.config.instances_dir().join(id).join("logs");
-            let records = tokio::task::spawn_blocking(move || logs::read_all(&dir))
-                .await
-                .map_err(|e| instance_err(id, "read logs")(e.to_string()))?
-                .map_err(|e| instance_err(id, "read logs")(e.to_string()))?;
-            Ok(records
-                .iter()
-                .skip(records.len().saturating_sub(lines))
-                .map(|r| format!("{} {} {}", r.time, r.stream.as_str(), r.text))
-                .collect())
-        })
-    }
 }

@@ -460,25 +460,6 @@ fn free_port() -> Result<u16> {
 /// Threads (each a current-thread runtime) serving lull's proxy: one per CPU of this machine.
 const PROXY_THREADS: usize = 2;
 
-/// `n` current-thread runtimes, each driven forever by a thread of its own (named
-/// `lull-proxy`, which the profiles and the CPU accounting look for).
-fn proxy_runtimes(n: usize) -> Result<Vec<tokio::runtime::Handle>> {
-    (0..n)
-        .map(|_| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("start a proxy runtime")?;
-            let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name("lull-proxy".into())
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))
-                .context("start a proxy thread")?;
-            Ok(handle)
-        })
-        .collect()
-}
-
 struct LullProxy {
     proxy: Proxy,
     routes: Arc<RouteTable>,
@@ -515,7 +496,8 @@ impl LullProxy {
         let addr = proxy
             .listen_on(
                 SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                &proxy_runtimes(PROXY_THREADS)?,
+                &lull_proxy::server::spawn_runtimes(PROXY_THREADS, "lull-proxy")
+                    .context("start the proxy's threads")?,
             )
             .context("start lull's proxy")?;
         Ok(LullProxy {
