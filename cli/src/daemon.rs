@@ -108,6 +108,7 @@ impl Running {
 
         let routes = Arc::new(RouteTable::new());
         let proxy_metrics = Arc::new(ProxyMetrics::new());
+        let daemon_metrics = Arc::new(DaemonMetrics::new());
         let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
         let mut http_port = None;
         if let Some(listen) = &config.listeners.http {
@@ -145,6 +146,7 @@ impl Running {
         };
         let engine = Engine::new(host, store.clone(), routes, planner, settings)
             .with_proxy_metrics(proxy_metrics.clone())
+        .with_daemon_metrics(daemon_metrics.clone())
             .with_access_logs(AccessLogs {
                 dir: config.data_dir.join("logs/access"),
                 max_bytes: Some(config.logs.max_bytes),
@@ -185,7 +187,6 @@ impl Running {
             control.clone(),
             stop.clone(),
         ));
-        let daemon_metrics = Arc::new(DaemonMetrics::new());
         let metrics_task = match config.metrics {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)

@@ -15,7 +15,6 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
@@ -45,9 +44,9 @@ struct CauseLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
+struct KindLabels {
     service: String,
-    state: String,
+    kind: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,8 +69,7 @@ pub struct DaemonMetrics {
     deployments: Family<OutcomeLabels, Counter>,
     deploy_duration: HistogramFamily,
     restarts: Family<CauseLabels, Counter>,
-    instances: Family<StateLabels, Gauge>,
-    services: Gauge,
+    events: Family<KindLabels, Counter>,
 }
 
 impl Default for DaemonMetrics {
@@ -108,21 +106,18 @@ impl DaemonMetrics {
             "Instances restarted, by service and cause (exit, oom, unhealthy)",
             restarts.clone(),
         );
-        let instances = Family::<StateLabels, Gauge>::default();
+        let events = Family::<KindLabels, Counter>::default();
         registry.register(
-            "instances",
-            "Instances by service and state (starting, serving, standby, draining)",
-            instances.clone(),
+            "events",
+            "Lifecycle events recorded, by service and kind (deploy.started, instance.healthy, ...)",
+            events.clone(),
         );
-        let services = Gauge::default();
-        registry.register("services", "Services defined", services.clone());
         DaemonMetrics {
             registry,
             deployments,
             deploy_duration,
             restarts,
-            instances,
-            services,
+            events,
         }
     }
 
@@ -152,27 +147,13 @@ impl DaemonMetrics {
             .inc();
     }
 
-    pub fn set_instances(&self, service: &str, state: &str, count: i64) {
-        self.instances
-            .get_or_create(&StateLabels {
+    pub fn event(&self, service: &str, kind: &str) {
+        self.events
+            .get_or_create(&KindLabels {
                 service: service.to_owned(),
-                state: state.to_owned(),
+                kind: kind.to_owned(),
             })
-            .set(count);
-    }
-
-    pub fn set_services(&self, count: i64) {
-        self.services.set(count);
-    }
-
-    /// Drops every series of a deleted service.
-    pub fn forget_service(&self, service: &str) {
-        for state in ["starting", "serving", "standby", "draining"] {
-            self.instances.remove(&StateLabels {
-                service: service.to_owned(),
-                state: state.to_owned(),
-            });
-        }
+            .inc();
     }
 }
 
@@ -312,8 +293,7 @@ mod tests {
         daemon.deployment_finished("web", true, Duration::from_millis(420));
         daemon.deployment_finished("web", false, Duration::from_secs(1));
         daemon.instance_restarted("web", "exit");
-        daemon.set_instances("web", "serving", 2);
-        daemon.set_services(1);
+        daemon.event("web", "deploy.started");
         let proxy = Arc::new(lull_proxy::metrics::ProxyMetrics::new());
         proxy.observe_request("web", 200, Duration::from_millis(3));
         let healthy = Arc::new(AtomicBool::new(true));
@@ -343,7 +323,9 @@ mod tests {
         assert!(
             body.contains("lull_daemon_instance_restarts_total{service=\"web\",cause=\"exit\"} 1")
         );
-        assert!(body.contains("lull_daemon_instances{service=\"web\",state=\"serving\"} 2"));
+        assert!(
+            body.contains("lull_daemon_events_total{service=\"web\",kind=\"deploy.started\"} 1")
+        );
         assert!(
             body.contains("lull_proxy_requests_total{service=\"web\""),
             "{body}"

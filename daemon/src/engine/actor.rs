@@ -266,6 +266,18 @@ struct Actor {
     access_log: Option<Arc<lull_proxy::access_log::AccessLog>>,
 }
 
+/// A restart's cause as a metric label: `oom`, `unhealthy` or `exit`.
+fn restart_class(cause: &Value) -> &'static str {
+    let cause = cause.as_str().unwrap_or("");
+    if cause.contains("OOM") {
+        "oom"
+    } else if cause.contains("health") {
+        "unhealthy"
+    } else {
+        "exit"
+    }
+}
+
 /// Resolves with the preparing task's result, or never when there is none.
 async fn prepared(phase: &mut Phase) -> Prepared {
     match phase {
@@ -331,6 +343,23 @@ impl Actor {
 
     fn event(&self, kind: &str, message: String, fields: Value) {
         tracing::info!(kind, %message, "event");
+        if let Some(metrics) = self.shared.daemon_metrics.get() {
+            metrics.event(&self.service, kind);
+            match kind {
+                "deploy.succeeded" => metrics.deployment_finished(
+                    &self.service,
+                    true,
+                    Duration::from_millis(fields["took_ms"].as_u64().unwrap_or(0)),
+                ),
+                "deploy.failed" => {
+                    metrics.deployment_finished(&self.service, false, Duration::ZERO)
+                }
+                "instance.restarted" => {
+                    metrics.instance_restarted(&self.service, restart_class(&fields["cause"]))
+                }
+                _ => {}
+            }
+        }
         let _ = self.writes.send(Write::Event(NewEvent {
             service: self.service.clone(),
             kind: kind.to_owned(),

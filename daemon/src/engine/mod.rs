@@ -328,6 +328,8 @@ pub(crate) struct Shared {
     operations: Mutex<HashMap<String, Operation>>,
     /// Where the proxy's per-request series go (see [`Engine::with_proxy_metrics`]).
     pub(crate) proxy_metrics: std::sync::OnceLock<Arc<lull_proxy::metrics::ProxyMetrics>>,
+    /// Deploy, restart and event counters (see [`Engine::with_daemon_metrics`]).
+    pub(crate) daemon_metrics: std::sync::OnceLock<Arc<crate::telemetry::DaemonMetrics>>,
     /// Per-service access logs (see [`Engine::with_access_logs`]).
     pub(crate) access_logs: std::sync::OnceLock<AccessLogs>,
 }
@@ -385,6 +387,7 @@ impl Engine {
                 services: Mutex::new(HashMap::new()),
                 operations: Mutex::new(HashMap::new()),
                 proxy_metrics: std::sync::OnceLock::new(),
+                daemon_metrics: std::sync::OnceLock::new(),
                 access_logs: std::sync::OnceLock::new(),
             }),
         }
@@ -393,6 +396,12 @@ impl Engine {
     /// Services' pools report to `metrics` (set before the first service starts).
     pub fn with_proxy_metrics(self, metrics: Arc<lull_proxy::metrics::ProxyMetrics>) -> Engine {
         let _ = self.shared.proxy_metrics.set(metrics);
+        self
+    }
+
+    /// Deploys, restarts and events are counted in `metrics`.
+    pub fn with_daemon_metrics(self, metrics: Arc<crate::telemetry::DaemonMetrics>) -> Engine {
+        let _ = self.shared.daemon_metrics.set(metrics);
         self
     }
 
