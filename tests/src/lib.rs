@@ -3,6 +3,7 @@
 
 pub mod busybox;
 pub mod cpu;
+pub mod daemon;
 pub mod e2e;
 pub mod host_net;
 pub mod http;
