@@ -151,8 +151,12 @@ fn describe_api(api: &ApiError) -> String {
             }
             out
         }
-        ErrorCode::NotFound => format!(
+        ErrorCode::NotFound if api.message.contains("service") => format!(
             "lull: {}\n  (`lull service list` shows the services there are)",
+            api.message
+        ),
+        ErrorCode::NotFound if api.message.starts_with("revision") => format!(
+            "lull: {}\n  (`lull revisions SERVICE` lists a service's revisions)",
             api.message
         ),
         ErrorCode::Internal => format!(
@@ -243,7 +247,9 @@ impl Ctx {
             if let Some(line) = value.get("line") {
                 if !self.json {
                     let now = chrono::Utc::now().format("%H:%M:%S%.3fZ");
-                    println!("  {now}  {}", line.as_str().unwrap_or_default());
+                    let text = line.as_str().unwrap_or_default();
+                    // A line of several (a failure with its logs) stays in the column.
+                    println!("  {now}  {}", text.replace('\n', "\n                   "));
                 }
             } else if let Some(end) = value.get("end") {
                 return self.ended(service, end).await;
@@ -286,7 +292,13 @@ impl Ctx {
                     .as_str()
                     .or_else(|| end["cause"].as_str())
                     .unwrap_or("no reason given");
-                let mut text = format!("deploy of {service} failed: {message}");
+                let mut text = match message.split_once("; last log lines:\n") {
+                    Some((cause, logs)) => format!(
+                        "deploy of {service} failed: {cause}\nlast log lines:\n  {}",
+                        logs.replace('\n', "\n  ")
+                    ),
+                    None => format!("deploy of {service} failed: {message}"),
+                };
                 // The message carries the last log lines; older daemons may not.
                 if !message.contains("last log lines")
                     && let Some(logs) = end["logs"].as_array().filter(|l| !l.is_empty())
@@ -297,7 +309,7 @@ impl Ctx {
                     }
                 }
                 text.push_str(&format!(
-                    "\nwhat serves is unchanged; fix it with `lull service update {service} ...` \
+                    "\nwhat served before keeps serving; fix it with `lull service update {service} ...` \
                      or go back with `lull rollback {service}` (`lull events {service}` has the history)"
                 ));
                 Err(Failure::Operation(text))

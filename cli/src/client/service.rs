@@ -595,10 +595,14 @@ async fn show(ctx: &Ctx, name: &str) -> Outcome {
     row(
         "cpu",
         match spec["cpu_mode"].as_str() {
-            Some("request") => format!(
-                "while serving requests (throttled {} after the last one)",
-                cell(&spec["idle_delay"])
-            ),
+            Some("request") => match spec["idle_delay"].as_str() {
+                Some("0" | "0s") | None => {
+                    "while serving requests (throttled as soon as the last one ends)".into()
+                }
+                Some(delay) => {
+                    format!("while serving requests (throttled {delay} after the last one)")
+                }
+            },
             _ => "always".into(),
         },
     );
