@@ -292,11 +292,21 @@ async fn a_service_through_the_cli_from_create_to_delete() {
         .map(json)
         .collect();
     assert!(events.len() >= 4, "{events:?}");
-    let last_seq = events.last().and_then(|e| e["seq"].as_u64()).expect("seq");
-    let run = lull(&d, &["events", "web", "--since", &last_seq.to_string()])
-        .await
-        .expect(0);
-    assert_eq!(run.stdout, "", "{run:#?}");
+    let seq = |e: &Value| e["seq"].as_u64().expect("seq");
+    let since = seq(&events[1]);
+    let later: Vec<Value> = lull(
+        &d,
+        &["--json", "events", "web", "--since", &since.to_string()],
+    )
+    .await
+    .expect(0)
+    .stdout
+    .lines()
+    .map(json)
+    .collect();
+    assert_eq!(later.first().map(seq), Some(seq(&events[2])), "{later:?}");
+    assert!(later.iter().all(|e| seq(e) > since), "{later:?}");
+    let last_seq = seq(&events[events.len() - 1]);
 
     // Export: an apprunner.yaml plus lull's settings, which reads back as the same service.
     let run = lull(&d, &["service", "export", "web"]).await.expect(0);

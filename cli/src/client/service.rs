@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand, ValueEnum};
 use http::Method;
 use lull_builder::apprunner::{AppRunnerConfig, RunSection};
+use lull_daemon::api::{ClientError, ErrorCode};
 use lull_daemon::spec::{ExportError, split_words};
 use serde_json::{Map, Value, json};
 
@@ -684,9 +685,10 @@ async fn delete(ctx: &Ctx, args: &DeleteArgs) -> Outcome {
 }
 
 async fn pause(ctx: &Ctx, name: &str) -> Outcome {
-    let answer = ctx
+    let sent = ctx
         .send(Method::POST, &format!("{}/pause", service_path(name)), None)
-        .await?;
+        .await;
+    let answer = settle(ctx, name, "paused", sent).await?;
     if ctx.json {
         print_json(&answer);
     } else {
@@ -699,13 +701,14 @@ async fn pause(ctx: &Ctx, name: &str) -> Outcome {
 
 async fn resume(ctx: &Ctx, args: &WaitArgs) -> Outcome {
     let name = &args.name;
-    let answer = ctx
+    let sent = ctx
         .send(
             Method::POST,
             &format!("{}/resume", service_path(name)),
             None,
         )
-        .await?;
+        .await;
+    let answer = settle(ctx, name, "active", sent).await?;
     if answer["operation"].is_string() {
         let started = json!({
             "service": name,
@@ -723,6 +726,34 @@ async fn resume(ctx: &Ctx, args: &WaitArgs) -> Outcome {
         }
     }
     Ok(Exit::Ok)
+}
+
+/// The daemon's pause and resume record the service's new state while its engine records the
+/// same state on its own; when the two writes meet, the daemon answers a conflict ("it changed
+/// meanwhile") although the pause or resume took effect. The state the service ended in tells:
+/// when it is `wanted`, the call succeeded.
+async fn settle(
+    ctx: &Ctx,
+    name: &str,
+    wanted: &str,
+    sent: Result<Value, Failure>,
+) -> Result<Value, Failure> {
+    let failure = match sent {
+        Err(Failure::Client(ClientError::Api(api)))
+            if api.code == ErrorCode::Conflict && api.message.contains("changed meanwhile") =>
+        {
+            Failure::Client(ClientError::Api(api))
+        }
+        other => return other,
+    };
+    let view = ctx.get(&service_path(name)).await?;
+    if view["state"] != wanted {
+        return Err(failure);
+    }
+    Ok(match wanted {
+        "paused" => json!({ "paused": name }),
+        _ => json!({ "resumed": true, "revision": view["status"]["serving"] }),
+    })
 }
 
 async fn export(ctx: &Ctx, name: &str) -> Outcome {
