@@ -146,7 +146,7 @@ impl Running {
         };
         let engine = Engine::new(host, store.clone(), routes, planner, settings)
             .with_proxy_metrics(proxy_metrics.clone())
-        .with_daemon_metrics(daemon_metrics.clone())
+            .with_daemon_metrics(daemon_metrics.clone())
             .with_access_logs(AccessLogs {
                 dir: config.data_dir.join("logs/access"),
                 max_bytes: Some(config.logs.max_bytes),

@@ -1,6 +1,9 @@
-//! The one `lull` binary. Today it drives the runtime directly (images and instances on this
-//! host); the daemon and its client commands arrive with the control-plane issue.
+//! The one `lull` binary. `image`, `run`, `ps`, `logs`, `stop`, `rm` and `network` drive the
+//! runtime on this host directly; the client commands (`service`, `deploy`, `rollback`,
+//! `revisions`, `events`, `status`) talk to a running daemon (see [`client`] for their exit
+//! codes).
 
+mod client;
 mod daemon;
 mod images;
 mod instances;
@@ -27,7 +30,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "lull",
     version,
-    about = "A self-hosted App Runner for a bare Linux VM"
+    about = "A self-hosted App Runner for a bare Linux VM",
+    after_long_help = client::EXIT_CODES
 )]
 struct Cli {
     /// Where images, layers and instances are kept.
@@ -41,6 +45,8 @@ struct Cli {
     cgroup_parent: String,
     #[command(flatten)]
     network: network::NetworkArgs,
+    #[command(flatten)]
+    client: client::ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,6 +73,24 @@ enum Command {
     /// The instance network: bridge, addresses, firewall.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Services on the daemon: create, update, list, show, delete, pause, resume, export.
+    #[command(subcommand)]
+    Service(client::service::ServiceCommand),
+    /// Deploy a service's current revision again, following it to its end.
+    #[command(after_long_help = client::EXIT_CODES)]
+    Deploy(client::deploy::DeployArgs),
+    /// Switch a service back to an earlier revision.
+    #[command(after_long_help = client::EXIT_CODES)]
+    Rollback(client::deploy::RollbackArgs),
+    /// A service's revisions, oldest first, with the current and serving ones marked.
+    #[command(after_long_help = client::EXIT_CODES)]
+    Revisions(client::revisions::RevisionsArgs),
+    /// A service's lifecycle events, oldest first (`-f` follows).
+    #[command(after_long_help = client::EXIT_CODES)]
+    Events(client::events::EventsArgs),
+    /// The daemon and its services.
+    #[command(after_long_help = client::EXIT_CODES)]
+    Status,
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]
     Zygote,
@@ -133,6 +157,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Stop(args) => instances::stop(&open_runtime(&cli)?, args).await,
         Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args, &cli.network).await,
         Command::Network(cmd) => network::run(cmd, &cli.network, &cli.data_dir, &cli.run_dir),
+        Command::Service(cmd) => Ok(client::service::run(&cli.client, cmd).await),
+        Command::Deploy(args) => Ok(client::deploy::deploy(&cli.client, args).await),
+        Command::Rollback(args) => Ok(client::deploy::rollback(&cli.client, args).await),
+        Command::Revisions(args) => Ok(client::revisions::run(&cli.client, args).await),
+        Command::Events(args) => Ok(client::events::run(&cli.client, args).await),
+        Command::Status => Ok(client::status::run(&cli.client).await),
         Command::Zygote => unreachable!("dispatched before argument parsing"),
     }
 }
