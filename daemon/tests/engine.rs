@@ -99,6 +99,7 @@ impl Rig {
                 service_doc: None,
                 state: None,
                 event: None,
+                make_current: true,
             })
             .unwrap()
             .revision

@@ -63,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         message: "crash test revision".into(),
                         fields: json!({ "generation": generation }),
                     }),
+                    make_current: true,
                 })?;
                 writeln!(
                     out,

@@ -259,13 +259,17 @@ impl Control {
         cause: String,
         kind: &str,
     ) -> Result<RevisionRecord, ApiError> {
+        // The revision becomes current (and the service's document) when it serves: the engine
+        // records that. Until then what serves stays current, so a daemon restart mid-deploy
+        // adopts it, and a failed deploy leaves nothing to undo.
         let commit = RevisionCommit {
             service: record.name.clone(),
             expected_generation: Some(record.generation),
-            doc: doc.clone(),
+            doc,
             cause: cause.clone(),
-            service_doc: Some(doc),
+            service_doc: None,
             state: None,
+            make_current: false,
             event: Some(NewEvent {
                 service: record.name.clone(),
                 kind: kind.to_owned(),
@@ -310,6 +314,16 @@ impl Control {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
                 format!("service {name} is paused: resume it, then update it"),
+            ));
+        }
+        if let Ok(status) = self.engine.status(name).await
+            && let Some(operation) = status.operation
+        {
+            return Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "service {name} is busy with {operation}; update it when that has finished (`lull events {name}`)"
+                ),
             ));
         }
         let current = Self::current_spec(&record)?;
@@ -496,18 +510,15 @@ impl Control {
         Ok(started)
     }
 
-    /// The revision of the service's last successful deploy, else its current one.
+    /// The revision that served last (the current one), else the newest (a service whose
+    /// first deploy failed).
     async fn last_served(&self, record: &ServiceRecord) -> Result<u64, ApiError> {
+        if let Some(current) = record.current_revision {
+            return Ok(current);
+        }
         let owned = record.name.clone();
-        let operations = self
-            .blocking(move |s| s.list_operations(Some(&owned)))
-            .await?;
-        let served = operations
-            .iter()
-            .filter(|o| o.state == crate::store::OperationState::Succeeded)
-            .max_by_key(|o| o.updated_at)
-            .and_then(|o| o.result.as_ref()?.get("revision")?.as_u64());
-        served.or(record.current_revision).ok_or_else(|| {
+        let revisions = self.blocking(move |s| s.list_revisions(&owned)).await?;
+        revisions.last().map(|r| r.number).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Conflict,
                 format!("service {} has no revision to run", record.name),

@@ -89,6 +89,11 @@ enum Write {
         service: String,
         state: &'static str,
     },
+    /// Makes `revision` the service's current one (its document the service's): it serves.
+    Serving {
+        service: String,
+        revision: u64,
+    },
     /// Answered once every earlier write is done.
     Flush(oneshot::Sender<()>),
     /// Tells an operation's followers it ended, once the store says so too.
@@ -118,11 +123,43 @@ async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Writ
                 s.finish_operation(&operation, &outcome).map(drop)
             }
             Write::SetState { service, state } => set_service_state(s, &service, state),
+            Write::Serving { service, revision } => set_serving(s, &service, revision),
             Write::Flush(_) | Write::End { .. } => Ok(()),
         })
         .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot record in the store");
+        }
+    }
+}
+
+/// Records that `revision` serves: the service's current revision and document become its.
+/// Retried when Control's own write to the record got there first.
+fn set_serving(store: &dyn Store, service: &str, revision: u64) -> Result<(), StoreError> {
+    let doc = match store.get_revision(service, revision) {
+        Ok(r) => r.doc,
+        Err(StoreError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut attempts = 0;
+    loop {
+        let record = match store.get_service(service) {
+            Ok(record) => record,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if record.current_revision == Some(revision) && record.doc == doc {
+            return Ok(());
+        }
+        let generation = record.generation;
+        let record = crate::store::ServiceRecord {
+            current_revision: Some(revision),
+            doc: doc.clone(),
+            ..record
+        };
+        match store.put_service(&record, generation) {
+            Err(StoreError::Conflict { .. }) if attempts < 5 => attempts += 1,
+            other => return other.map(drop),
         }
     }
 }
@@ -803,6 +840,10 @@ impl Actor {
         let Some(set) = self.sets.iter().find(|s| s.key == key) else {
             return;
         };
+        let _ = self.writes.send(Write::Serving {
+            service: self.service.clone(),
+            revision: set.revision,
+        });
         let hosts = set.plan.hosts(&self.service);
         let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
         let route = set.route.clone();
@@ -1035,6 +1076,8 @@ impl Actor {
                 format!("rolled back to revision {target} in {took:?}"),
                 json!({"revision": target, "from": current, "took_us": took.as_micros() as u64}),
             );
+            // The switch is measured without it; the caller then reads the store.
+            self.flush().await;
             return Ok(RollbackOutcome::Switched {
                 revision: target,
                 took,

@@ -12,6 +12,7 @@ use super::*;
 pub(crate) fn run(store: &dyn Store) {
     services(store);
     revisions(store);
+    revisions_made_current_later(store);
     concurrent_commits_get_distinct_contiguous_numbers(store);
     events(store);
     operations(store);
@@ -36,6 +37,7 @@ fn commit(service: &str, expected_generation: Option<u64>, image: &str) -> Revis
         service_doc: Some(json!({"image": image})),
         state: None,
         event: None,
+        make_current: true,
     }
 }
 
@@ -239,6 +241,35 @@ fn revisions(store: &dyn Store) {
         .unwrap();
     assert_eq!(again.revision.number, 1);
     store.delete_service("rev", None).unwrap();
+}
+
+/// A revision committed without becoming current leaves the service's current revision and
+/// document alone; `put_service` makes it current once it serves.
+fn revisions_made_current_later(store: &dyn Store) {
+    let created = store.create_service(&new_service("later")).unwrap();
+    let first = store
+        .commit_revision(&commit("later", Some(created.generation), "img:1"))
+        .unwrap();
+    assert_eq!(first.service.current_revision, Some(1));
+    let mut pending = commit("later", Some(first.service.generation), "img:2");
+    pending.make_current = false;
+    pending.service_doc = None;
+    let second = store.commit_revision(&pending).unwrap();
+    assert_eq!(second.revision.number, 2);
+    assert_eq!(second.service.current_revision, Some(1));
+    assert_eq!(second.service.doc, first.service.doc);
+    let stored = store.get_service("later").unwrap();
+    assert_eq!(stored.current_revision, Some(1));
+    assert_eq!(stored.generation, second.service.generation);
+    let serving = ServiceRecord {
+        current_revision: Some(2),
+        doc: second.revision.doc.clone(),
+        ..stored.clone()
+    };
+    let put = store.put_service(&serving, stored.generation).unwrap();
+    assert_eq!(put.current_revision, Some(2));
+    assert_eq!(store.get_service("later").unwrap().doc, second.revision.doc);
+    store.delete_service("later", None).unwrap();
 }
 
 fn concurrent_commits_get_distinct_contiguous_numbers(store: &dyn Store) {

@@ -173,7 +173,9 @@ impl Store for MemStore {
         revisions.push(revision.clone());
         let service = state.service_mut(&commit.service)?;
         service.generation += 1;
-        service.current_revision = Some(revision.number);
+        if commit.make_current {
+            service.current_revision = Some(revision.number);
+        }
         if let Some(doc) = &commit.service_doc {
             service.doc = doc.clone();
         }

@@ -253,6 +253,9 @@ pub struct RevisionCommit {
     pub state: Option<String>,
     /// An event recorded in the same transaction (e.g. "revision created").
     pub event: Option<NewEvent>,
+    /// Whether the new revision becomes the service's current one at once. The daemon commits
+    /// with `false` and makes a revision current when it serves (`put_service`).
+    pub make_current: bool,
 }
 
 /// What [`Store::commit_revision`] wrote.

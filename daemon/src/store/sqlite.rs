@@ -972,9 +972,14 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(|error| self.error(&context, error))?;
+            let current = if commit.make_current {
+                Some(revision.number)
+            } else {
+                stored.current_revision
+            };
             let service = ServiceRecord {
                 generation: stored.generation + 1,
-                current_revision: Some(revision.number),
+                current_revision: current,
                 state: commit.state.clone().unwrap_or(stored.state),
                 doc: commit.service_doc.clone().unwrap_or(stored.doc),
                 updated_at: now,
@@ -988,7 +993,7 @@ impl Store for SqliteStore {
                 params![
                     service.name,
                     to_sql_int(service.generation),
-                    to_sql_int(revision.number),
+                    service.current_revision.map(to_sql_int),
                     service.state,
                     service.doc.to_string(),
                     now.to_string()
@@ -1359,6 +1364,7 @@ mod tests {
                     service_doc: None,
                     state: None,
                     event: None,
+                    make_current: true,
                 })
                 .unwrap();
             store.create_operation("deploy", "web").unwrap();
