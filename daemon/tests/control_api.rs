@@ -303,3 +303,67 @@ async fn a_service_from_create_to_delete() {
     let gone = c.get::<Value>("/v1/services/web").await.unwrap_err();
     assert_eq!(gone.api().unwrap().code, ErrorCode::NotFound);
 }
+
+/// A paused service stays paused across a daemon restart, answering 503 (never 404), and
+/// resumes; an active one with nothing running is started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_paused_stays_503_and_active_is_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("data")).unwrap());
+    let up = |store: Arc<dyn Store>| async move {
+        let routes = Arc::new(RouteTable::new());
+        let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
+        let addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let planner = Arc::new(SpecPlanner {
+            store: store.clone(),
+            key: None,
+            base_domain: None,
+        });
+        let engine = Engine::new(
+            Arc::new(FakeHost::new()),
+            store.clone(),
+            routes,
+            planner,
+            EngineSettings::default(),
+        );
+        let control = Control {
+            store,
+            engine,
+            base_domain: None,
+            http_port: Some(addr.port()),
+        };
+        (control, proxy, addr)
+    };
+    let (first, _proxy1, addr1) = up(store.clone()).await;
+    for name in ["paused", "active"] {
+        let started = first
+            .create(json!({"name": name, "source": {"type": "image", "reference": "fake/app:1"}}))
+            .await
+            .unwrap();
+        let mut op = first
+            .live_operation(started.operation.as_deref().unwrap())
+            .unwrap();
+        assert!(matches!(
+            op.wait().await,
+            lull_daemon::engine::OperationEnd::Succeeded { .. }
+        ));
+    }
+    first.pause("paused").await.unwrap();
+    assert_eq!(get(addr1, "paused.localhost").await.0, 503);
+
+    // A new daemon over the same store, on a host where nothing runs (a reboot).
+    let (second, _proxy2, addr2) = up(store.clone()).await;
+    let started = second.start_services().await.unwrap();
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0].0, "active");
+    let (status, _, retry_after) = get(addr2, "paused.localhost").await;
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some());
+    second.resume("paused").await.unwrap();
+    assert_eq!(get(addr2, "paused.localhost").await.0, 200);
+    let mut op = second
+        .live_operation(started[0].1.operation.as_deref().unwrap())
+        .unwrap();
+    op.wait().await;
+    assert_eq!(get(addr2, "active.localhost").await.0, 200);
+}

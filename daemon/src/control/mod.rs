@@ -492,7 +492,19 @@ impl Control {
         let records = self.blocking(|s| s.list_services()).await?;
         let mut started = Vec::new();
         for record in records {
-            if record.state != ACTIVE || running.contains(&record.name) {
+            if running.contains(&record.name) {
+                continue;
+            }
+            if record.state == PAUSED {
+                // Paused stays paused, answering 503 rather than 404.
+                if let Some(revision) = record.current_revision
+                    && let Err(e) = self.engine.hold_paused(&record.name, revision).await
+                {
+                    tracing::warn!(service = %record.name, "cannot hold it paused: {e}");
+                }
+                continue;
+            }
+            if record.state != ACTIVE {
                 continue;
             }
             let revision = match self.last_served(&record).await {

@@ -622,8 +622,27 @@ impl Actor {
             } => {
                 let _ = reply.send(self.adopt(instances, serving).await);
             }
+            Command::HoldPaused { revision, reply } => {
+                let _ = reply.send(self.hold_paused(revision).await);
+            }
             Command::Delete { .. } => {}
         }
+    }
+
+    async fn hold_paused(&mut self, revision: u64) -> Result<(), EngineError> {
+        if self.serving().is_some() {
+            return Ok(());
+        }
+        let plan = Arc::new(self.plan(revision).await?);
+        let desired = (plan.min_instances as usize).max(1);
+        let key = self.new_set(revision, plan, Role::Serving);
+        if let Some(set) = self.set(key) {
+            set.pool.set_paused(true);
+            set.desired = desired;
+        }
+        self.paused = true;
+        self.switch_to(key);
+        Ok(())
     }
 
     async fn plan(&self, revision: u64) -> Result<RevisionPlan, EngineError> {
@@ -1307,6 +1326,11 @@ impl Actor {
             instances = rest;
             let ids: Vec<String> = mine.iter().map(|i| i.instance.id.clone()).collect();
             for instance in mine {
+                // A daemon that died left it as its gate had it, perhaps throttled; the new gate
+                // starts from "restored", so make that true before anything counts on it.
+                if let Err(e) = instance.instance.cpu.restore() {
+                    tracing::warn!(instance = %instance.instance.id, error = %e, "cannot restore CPU");
+                }
                 self.add_member(key, instance.instance);
             }
             self.event(

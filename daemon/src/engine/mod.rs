@@ -315,6 +315,10 @@ pub(crate) enum Command {
         serving: u64,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    HoldPaused {
+        revision: u64,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 /// What every service's actor shares.
@@ -484,6 +488,15 @@ impl Engine {
     ) -> Result<RollbackOutcome, EngineError> {
         let tx = self.existing(service)?;
         self.ask(service, tx, |reply| Command::Rollback { revision, reply })
+            .await?
+    }
+
+    /// At startup, for a service recorded as paused with nothing running: routes its hosts to
+    /// a paused, empty pool of `revision`, so requests get 503 with `Retry-After` (never 404)
+    /// and `resume` starts it.
+    pub async fn hold_paused(&self, service: &str, revision: u64) -> Result<(), EngineError> {
+        let tx = self.actor(service);
+        self.ask(service, tx, |reply| Command::HoldPaused { revision, reply })
             .await?
     }
 

@@ -428,6 +428,12 @@ impl InstanceHost for RealHost {
     ) -> HostFuture<'a, Result<ExitInfo, HostError>> {
         Box::pin(async move {
             let instance = self.instance(id)?;
+            // An idle instance may be throttled: give it its CPU back for its shutdown.
+            if let Ok(gate) = instance.open_gate()
+                && let Err(e) = gate.restore()
+            {
+                tracing::warn!(instance = id, "restore the CPU before stopping: {e}");
+            }
             let status = instance
                 .stop(grace)
                 .await
