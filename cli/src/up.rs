@@ -155,8 +155,30 @@ async fn up(args: &UpArgs, client: &Client) -> Result<(String, ExitCode)> {
         client.call(Method::POST, "/v1/services", Some(&body)).await
     }
     .map_err(api_error)?;
-    if let Some(op) = started["operation"].as_str()
-        && !follow_operation(client, op).await?
+    let mut operation = started["operation"].as_str().map(str::to_owned);
+    if operation.is_none() {
+        // Unchanged settings: deploy again unless it serves (a first deploy that failed, an
+        // image pushed again under the same tag).
+        let view: Value = client
+            .get(&format!("/v1/services/{name}"))
+            .await
+            .map_err(api_error)?;
+        if view["status"]["serving"].is_null() {
+            let again: Value = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/services/{name}/deploy"),
+                    None::<&()>,
+                )
+                .await
+                .map_err(api_error)?;
+            operation = again["operation"].as_str().map(str::to_owned);
+        } else {
+            eprintln!("nothing changed: {name} already runs this image and settings");
+        }
+    }
+    if let Some(op) = operation
+        && !follow_operation(client, &op).await?
     {
         return Ok((name, ExitCode::FAILURE));
     }

@@ -193,6 +193,34 @@ async fn a_service_from_create_to_delete() {
         .await
         .unwrap_err();
     assert_eq!(bad.api().unwrap().fields[0].field, "since");
+    // A duration far past the calendar is "since the beginning", not a crash.
+    let mut all = c
+        .stream(
+            Method::GET,
+            "/v1/services/web/logs?since=100000000d",
+            None::<&()>,
+        )
+        .await
+        .unwrap();
+    assert!(all.next().await.unwrap().is_some());
+    let outside = c
+        .get::<Value>("/v1/services/..%2F..%2Fx/logs?requests")
+        .await
+        .unwrap_err();
+    assert_eq!(outside.api().unwrap().code, ErrorCode::NotFound);
+
+    // Another service may not take web's hostname.
+    let taken = c
+        .call::<_, Value>(
+            Method::POST,
+            "/v1/services",
+            Some(&json!({"name": "thief", "source": {"type": "image", "reference": "fake/app:1"}, "hostnames": ["web.localhost"]})),
+        )
+        .await
+        .unwrap_err();
+    let taken = taken.api().unwrap();
+    assert_eq!(taken.fields[0].field, "hostnames", "{taken:?}");
+    assert!(taken.message.contains("service web"), "{taken:?}");
 
     // A second create of the same name: already exists.
     let again = c

@@ -138,7 +138,7 @@ pub async fn serve<S: Send + Sync + 'static>(
             let service = hyper::service::service_fn(move |req| {
                 let router = router.clone();
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&router, state, req).await) }
+                async move { Ok::<_, Infallible>(handle(router, state, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -157,7 +157,7 @@ pub async fn serve<S: Send + Sync + 'static>(
 }
 
 async fn handle<S: Send + Sync + 'static>(
-    router: &Router<S>,
+    router: Arc<Router<S>>,
     state: Arc<S>,
     req: Request<Incoming>,
 ) -> Response<ApiBody> {
@@ -189,7 +189,15 @@ async fn handle<S: Send + Sync + 'static>(
     };
     let method = api_req.method.clone();
     let path = api_req.path.clone();
-    match router.dispatch(state, api_req).await {
+    // In a task of its own: a client that goes away (Ctrl-C) must not cancel a change halfway
+    // (a delete between the engine and the store, say).
+    let dispatched = tokio::spawn(async move { router.dispatch(state, api_req).await }).await;
+    let dispatched = dispatched.unwrap_or_else(|e| {
+        Err(ApiError::internal(format!(
+            "the request's handler failed: {e}"
+        )))
+    });
+    match dispatched {
         Ok(reply) => reply_response(reply),
         Err(err) => {
             if err.code == ErrorCode::Internal {

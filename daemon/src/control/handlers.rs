@@ -195,7 +195,10 @@ fn since_time(value: Option<&str>) -> Result<Option<String>, ApiError> {
     let at = match chrono::DateTime::parse_from_rfc3339(value) {
         Ok(t) => t.with_timezone(&chrono::Utc),
         Err(_) => match crate::duration::parse(value) {
-            Ok(ago) => chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default(),
+            Ok(ago) => chrono::Duration::from_std(ago)
+                .ok()
+                .and_then(|ago| chrono::Utc::now().checked_sub_signed(ago))
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),
             Err(_) => {
                 return Err(ApiError::invalid(vec![crate::api::FieldError {
                     field: "since".into(),
@@ -219,6 +222,8 @@ async fn logs(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
     let follow = r.flag("follow")?;
     let instance = r.query("instance").map(str::to_owned);
     if r.flag("requests")? {
+        // The service must exist: its name becomes a file name.
+        c.get(&name).await?;
         return access_log(c, name, since, follow);
     }
     let first = c.logs(&name, since.as_deref(), instance.as_deref()).await?;

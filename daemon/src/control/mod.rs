@@ -227,10 +227,45 @@ impl Control {
         self.view(record).await
     }
 
+    /// Refuses hostnames another service answers on: one host, one service.
+    async fn check_hostnames(&self, spec: &ServiceSpec) -> Result<(), ApiError> {
+        let mine = spec.hostnames(self.base_domain.as_deref());
+        let name = spec.name.clone();
+        let others = self
+            .blocking(move |s| {
+                s.list_services().map(|all| {
+                    all.into_iter()
+                        .filter(|r| r.name != name)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .await?;
+        let mut fields = Vec::new();
+        for other in others {
+            let Ok(theirs) = Self::current_spec(&other) else {
+                continue;
+            };
+            for host in theirs.hostnames(self.base_domain.as_deref()) {
+                if mine.contains(&host) {
+                    fields.push(FieldError {
+                        field: "hostnames".into(),
+                        message: format!("{host} is service {}'s", other.name),
+                    });
+                }
+            }
+        }
+        if fields.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(fields))
+        }
+    }
+
     /// Creates a service from its JSON form (revision 1) and starts deploying it.
     pub async fn create(&self, body: Value) -> Result<Started, ApiError> {
         let update = ServiceUpdate::from_value(body).map_err(spec_errors)?;
         let spec = ServiceSpec::from_update(&update).map_err(spec_errors)?;
+        self.check_hostnames(&spec).await?;
         let revision = Revision::first(spec.clone(), chrono::Utc::now());
         let name = spec.name.clone();
         let doc = spec.to_json();
@@ -329,6 +364,9 @@ impl Control {
         let current = Self::current_spec(&record)?;
         let spec = current.updated(&update).map_err(spec_errors)?;
         let changes = spec::changes(&current, &spec);
+        if !changes.is_empty() {
+            self.check_hostnames(&spec).await?;
+        }
         if changes.is_empty() {
             return Ok(Started {
                 service: name.to_owned(),

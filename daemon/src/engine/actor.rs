@@ -645,20 +645,33 @@ impl Actor {
         Ok(())
     }
 
+    /// The revision's plan; the planner may read the store (secrets), so it runs off the
+    /// async threads too.
     async fn plan(&self, revision: u64) -> Result<RevisionPlan, EngineError> {
         let service = self.service.clone();
-        let record = blocking(self.shared.store.clone(), move |s| {
-            s.get_revision(&service, revision)
+        let planner = self.shared.planner.clone();
+        let planned = tokio::task::spawn_blocking({
+            let store = self.shared.store.clone();
+            move || {
+                store
+                    .get_revision(&service, revision)
+                    .map(|record| planner.plan(&record))
+            }
         })
-        .await
-        .map_err(|source| EngineError::Store {
-            service: self.service.clone(),
-            context: format!("reading revision {revision}"),
-            source,
-        })?;
-        self.shared
-            .planner
-            .plan(&record)
+        .await;
+        let planned = match planned {
+            Ok(p) => p,
+            Err(e) => Err(StoreError::Backend {
+                context: "running a store call".into(),
+                source: Box::new(e),
+            }),
+        };
+        planned
+            .map_err(|source| EngineError::Store {
+                service: self.service.clone(),
+                context: format!("reading revision {revision}"),
+                source,
+            })?
             .map_err(|reason| EngineError::Plan {
                 service: self.service.clone(),
                 revision,
