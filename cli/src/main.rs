@@ -7,6 +7,7 @@ mod instances;
 mod network;
 mod probe;
 mod run;
+mod secrets;
 mod size;
 mod up;
 
@@ -67,6 +68,12 @@ enum Command {
     /// The instance network: bridge, addresses, firewall.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Secrets given to services (values from stdin or a file, never the command line).
+    #[command(subcommand)]
+    Secret(secrets::SecretCommand),
+    /// Credentials for pulling from private registries.
+    #[command(subcommand)]
+    Registry(secrets::RegistryCommand),
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]
     Zygote,
@@ -133,6 +140,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Stop(args) => instances::stop(&open_runtime(&cli)?, args).await,
         Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args, &cli.network).await,
         Command::Network(cmd) => network::run(cmd, &cli.network, &cli.data_dir, &cli.run_dir),
+        Command::Secret(cmd) => Ok(secrets::run_secret(cmd).await),
+        Command::Registry(cmd) => Ok(secrets::run_registry(cmd).await),
         Command::Zygote => unreachable!("dispatched before argument parsing"),
     }
 }

@@ -59,6 +59,7 @@ async fn daemon() -> Daemon {
         engine,
         base_domain: None,
         http_port: Some(proxy_addr.port()),
+        key: None,
     });
     let socket = dir.path().join("lull.sock");
     let listener = server::bind(&SocketOptions::new(&socket)).unwrap();

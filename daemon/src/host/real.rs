@@ -16,7 +16,7 @@ use lull_runtime::instance::{
     ExitStatus, FileBind, Instance, InstanceRequest, ProcessOverrides, Recovered,
 };
 use lull_runtime::logs::{self, LogLimits};
-use lull_runtime::pull::PullOptions;
+use lull_runtime::pull::{Credentials, PullOptions};
 use lull_runtime::reference::Reference;
 use serde::{Deserialize, Serialize};
 
@@ -82,11 +82,16 @@ struct Label {
     port: u16,
 }
 
+/// Stored credentials for a registry host (`host[:port]`, `docker.io` for Docker Hub):
+/// `(username, password)`, or `None`. It may block (it reads the state store).
+pub type RegistryCredentials = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Sync>;
+
 pub struct RealHost {
     runtime: Arc<Runtime>,
     network: Arc<dyn InstanceNetwork>,
     config: RealHostConfig,
     live: Mutex<HashMap<String, Arc<Instance>>>,
+    credentials: Option<RegistryCredentials>,
 }
 
 impl RealHost {
@@ -105,7 +110,37 @@ impl RealHost {
             network,
             config,
             live: Mutex::new(HashMap::new()),
+            credentials: None,
         })
+    }
+
+    /// Pulls use the credentials `lookup` finds for an image's registry (`lull registry
+    /// login`), before any docker config.
+    pub fn with_registry_credentials(mut self, lookup: RegistryCredentials) -> RealHost {
+        self.credentials = Some(lookup);
+        self
+    }
+
+    /// The pull options for `reference`: the configured ones, with the stored credentials of
+    /// its registry when there are some.
+    async fn pull_options(&self, reference: &Reference) -> PullOptions {
+        let mut options = self.config.pull.clone();
+        let Some(lookup) = self.credentials.clone() else {
+            return options;
+        };
+        if options.credentials.is_some() {
+            return options;
+        }
+        let registry = reference.registry().to_owned();
+        let found = tokio::task::spawn_blocking(move || lookup(&registry))
+            .await
+            .ok()
+            .flatten();
+        if let Some((username, password)) = found {
+            tracing::debug!(registry = reference.registry(), %username, "pulling with stored credentials");
+            options.credentials = Some(Credentials::new(username, password));
+        }
+        options
     }
 
     fn label_path(&self, id: &str) -> PathBuf {
@@ -137,7 +172,7 @@ impl RealHost {
             None => self
                 .runtime
                 .store
-                .pull(&parsed, &self.config.pull)
+                .pull(&parsed, &self.pull_options(&parsed).await)
                 .await
                 .map_err(|e| image_err(format!("pull: {e}")))?,
         };
