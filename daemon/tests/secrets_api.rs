@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 const FIRST: &str = "s3cr3t-first-value";
 const SECOND: &str = "s3cr3t-second-value";
+const THIRD: &str = "s3cr3t-third-value";
 const PASSWORD: &str = "registry-pa55word";
 
 struct Daemon {
@@ -326,6 +327,27 @@ async fn secrets_reach_instances_roll_out_and_never_show() {
     );
     d.lines("/v1/services/crash/events").await;
 
+    // A paused service gets the revision, not a deploy.
+    d.call(Method::POST, "/v1/services/web/pause", json!({}))
+        .await;
+    let set = d
+        .call(
+            Method::PUT,
+            "/v1/secrets/greeting",
+            json!({ "value": THIRD }),
+        )
+        .await;
+    let deploys = set["deploys"].as_array().unwrap();
+    let deploy = deploys.iter().find(|d| d["service"] == "web").unwrap();
+    assert_eq!(deploy["revision"], 3, "{set}");
+    assert_eq!(deploy["operation"], Value::Null, "{set}");
+    assert!(deploy["note"].as_str().unwrap().contains("paused"), "{set}");
+    assert!(d.host.running_of("web", 3).is_empty());
+    // The broken service got one too, and fails again, redacted.
+    let crash = deploys.iter().find(|d| d["service"] == "crash").unwrap();
+    let end = d.follow(&crash["operation"]).await;
+    assert_eq!(end["state"], "failed", "{end}");
+
     // Unused again: deleted; then not found.
     for service in ["web", "crash"] {
         d.call(
@@ -351,7 +373,7 @@ async fn secrets_reach_instances_roll_out_and_never_show() {
     // No answer ever held a value.
     for text in d.seen.lock().unwrap().iter() {
         assert!(
-            !text.contains(FIRST) && !text.contains(SECOND),
+            !text.contains(FIRST) && !text.contains(SECOND) && !text.contains(THIRD),
             "a secret value in an answer: {text}"
         );
     }

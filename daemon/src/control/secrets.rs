@@ -332,8 +332,10 @@ impl Control {
         };
         rollout.revision = Some(committed.number);
         if service.state == PAUSED {
-            rollout.note =
-                Some("the service is paused: the new revision deploys when it resumes".into());
+            rollout.note = Some(format!(
+                "the service is paused: revision {} is current; deploy it once resumed",
+                committed.number
+            ));
             return rollout;
         }
         if service.state != ACTIVE {

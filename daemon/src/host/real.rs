@@ -74,6 +74,24 @@ impl RealHostConfig {
     }
 }
 
+/// `base` with the stored credentials of `registry` when `lookup` has some and `base` names no
+/// explicit credentials. Blocking (the lookup reads the store).
+pub fn pull_options_for(
+    base: &PullOptions,
+    lookup: Option<&RegistryCredentials>,
+    registry: &str,
+) -> PullOptions {
+    let mut options = base.clone();
+    if options.credentials.is_some() {
+        return options;
+    }
+    if let Some((username, password)) = lookup.and_then(|lookup| lookup(registry)) {
+        tracing::debug!(registry, %username, "pulling with stored credentials");
+        options.credentials = Some(Credentials::new(username, password));
+    }
+    options
+}
+
 /// What the daemon records of an instance it started.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Label {
@@ -124,23 +142,23 @@ impl RealHost {
     /// The pull options for `reference`: the configured ones, with the stored credentials of
     /// its registry when there are some.
     async fn pull_options(&self, reference: &Reference) -> PullOptions {
-        let mut options = self.config.pull.clone();
-        let Some(lookup) = self.credentials.clone() else {
-            return options;
-        };
-        if options.credentials.is_some() {
-            return options;
-        }
+        let base = self.config.pull.clone();
+        let lookup = self.credentials.clone();
         let registry = reference.registry().to_owned();
-        let found = tokio::task::spawn_blocking(move || lookup(&registry))
-            .await
-            .ok()
-            .flatten();
-        if let Some((username, password)) = found {
-            tracing::debug!(registry = reference.registry(), %username, "pulling with stored credentials");
-            options.credentials = Some(Credentials::new(username, password));
+        match tokio::task::spawn_blocking(move || {
+            pull_options_for(&base, lookup.as_ref(), &registry)
+        })
+        .await
+        {
+            Ok(options) => options,
+            Err(e) => {
+                tracing::warn!(
+                    registry = reference.registry(),
+                    "registry credentials lookup: {e}"
+                );
+                self.config.pull.clone()
+            }
         }
-        options
     }
 
     fn label_path(&self, id: &str) -> PathBuf {
@@ -540,5 +558,38 @@ impl InstanceHost for RealHost {
                 .map(|r| format!("{} {} {}", r.time, r.stream.as_str(), r.text))
                 .collect())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulls_use_the_stored_credentials_of_the_images_registry() {
+        let lookup: RegistryCredentials = Arc::new(|registry: &str| {
+            (registry == "127.0.0.1:5000").then(|| ("bob".to_owned(), "pw".to_owned()))
+        });
+        let base = PullOptions::default();
+        let options = pull_options_for(&base, Some(&lookup), "127.0.0.1:5000");
+        assert_eq!(options.credentials, Some(Credentials::new("bob", "pw")));
+        // Another registry, or no lookup: none.
+        assert_eq!(
+            pull_options_for(&base, Some(&lookup), "ghcr.io").credentials,
+            None
+        );
+        assert_eq!(
+            pull_options_for(&base, None, "127.0.0.1:5000").credentials,
+            None
+        );
+        // Explicit credentials in the host's options win.
+        let explicit = PullOptions {
+            credentials: Some(Credentials::new("ops", "given")),
+            ..PullOptions::default()
+        };
+        assert_eq!(
+            pull_options_for(&explicit, Some(&lookup), "127.0.0.1:5000").credentials,
+            Some(Credentials::new("ops", "given"))
+        );
     }
 }
