@@ -15,6 +15,7 @@ use clap::Args;
 use lull_daemon::api::server::{self as api_server, SocketOptions};
 use lull_daemon::config::{DaemonConfig, ListenAddr};
 use lull_daemon::control::planner::SpecPlanner;
+use lull_daemon::control::secrets::registry_credentials;
 use lull_daemon::control::{Control, handlers};
 use lull_daemon::engine::{AccessLogs, Engine, EngineSettings};
 use lull_daemon::host::real::{RealHost, RealHostConfig};
@@ -103,7 +104,11 @@ impl Running {
         let network: Arc<dyn InstanceNetwork> = Arc::new(network);
         let host = Arc::new(
             RealHost::new(runtime, network, RealHostConfig::under(&config.data_dir))
-                .context("the instance host")?,
+                .context("the instance host")?
+                .with_registry_credentials(Arc::new(registry_credentials(
+                    store.clone(),
+                    key.clone(),
+                ))),
         );
 
         let routes = Arc::new(RouteTable::new());
@@ -136,7 +141,7 @@ impl Running {
 
         let planner = Arc::new(SpecPlanner {
             store: store.clone(),
-            key: Some(key),
+            key: Some(key.clone()),
             base_domain: config.base_domain.clone(),
         });
         let settings = EngineSettings {
@@ -164,6 +169,7 @@ impl Running {
             engine,
             base_domain: config.base_domain.clone(),
             http_port,
+            key: Some(key),
         });
         match control.start_services().await {
             Ok(started) => {

@@ -10,6 +10,7 @@ mod instances;
 mod network;
 mod probe;
 mod run;
+mod secrets;
 mod size;
 mod up;
 
@@ -91,6 +92,12 @@ enum Command {
     /// The daemon and its services.
     #[command(after_long_help = client::EXIT_CODES)]
     Status,
+    /// Secrets given to services (values from stdin or a file, never the command line).
+    #[command(subcommand)]
+    Secret(secrets::SecretCommand),
+    /// Credentials for pulling from private registries.
+    #[command(subcommand)]
+    Registry(secrets::RegistryCommand),
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]
     Zygote,
@@ -163,6 +170,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Revisions(args) => Ok(client::revisions::run(&cli.client, args).await),
         Command::Events(args) => Ok(client::events::run(&cli.client, args).await),
         Command::Status => Ok(client::status::run(&cli.client).await),
+        Command::Secret(cmd) => Ok(secrets::run_secret(&cli.client, cmd).await),
+        Command::Registry(cmd) => Ok(secrets::run_registry(&cli.client, cmd).await),
         Command::Zygote => unreachable!("dispatched before argument parsing"),
     }
 }

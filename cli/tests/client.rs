@@ -59,6 +59,7 @@ async fn daemon() -> Daemon {
         store,
         engine,
         base_domain: None,
+        key: None,
         http_port: Some(proxy_addr.port()),
     });
     let socket = dir.path().join("lull.sock");

@@ -59,6 +59,7 @@ async fn daemon() -> Daemon {
         engine,
         base_domain: None,
         http_port: Some(proxy_addr.port()),
+        key: None,
     });
     let socket = dir.path().join("lull.sock");
     let listener = server::bind(&SocketOptions::new(&socket)).unwrap();
@@ -358,6 +359,7 @@ async fn after_a_restart_paused_stays_503_and_active_is_started() {
             store,
             engine,
             base_domain: None,
+            key: None,
             http_port: Some(addr.port()),
         };
         (control, proxy, addr)

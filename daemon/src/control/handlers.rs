@@ -127,6 +127,93 @@ pub fn router() -> Router<Control> {
             },
         )
         .route(Method::GET, "/v1/operations/{id}/progress", progress)
+        .route(
+            Method::GET,
+            "/v1/secrets",
+            |c: Arc<Control>, _| async move { Reply::ok(c.list_secrets().await?) },
+        )
+        .route(Method::PUT, "/v1/secrets/{name}", put_secret)
+        .route(
+            Method::DELETE,
+            "/v1/secrets/{name}",
+            |c: Arc<Control>, r| async move {
+                c.delete_secret(r.param("name")).await?;
+                Reply::ok(json!({ "deleted": r.param("name") }))
+            },
+        )
+        .route(
+            Method::GET,
+            "/v1/registries",
+            |c: Arc<Control>, _| async move { Reply::ok(c.list_registries().await?) },
+        )
+        .route(Method::PUT, "/v1/registries/{host}", put_registry)
+        .route(
+            Method::DELETE,
+            "/v1/registries/{host}",
+            |c: Arc<Control>, r| async move { Reply::ok(c.registry_logout(r.param("host")).await?) },
+        )
+}
+
+/// `PUT /v1/secrets/{name}` with `{"value": "..."}`: the value is sealed, never answered.
+async fn put_secret(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
+    // No Debug: the value must not reach a log by accident.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        value: String,
+    }
+    let body: Body = r
+        .json()
+        .map_err(|e| scrub_body_error(e, r#"{"value": "..."}"#))?;
+    let set = c
+        .set_secret(r.param("name"), zeroize::Zeroizing::new(body.value))
+        .await?;
+    let status = if set.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Reply::status(status, set)
+}
+
+/// A body error that cannot quote a secret: JSON errors may quote the offending text, so only
+/// unknown and missing fields are told as they are; anything else names the field (if any) and
+/// the expected shape.
+fn scrub_body_error(e: ApiError, shape: &str) -> ApiError {
+    if e.code == ErrorCode::UnsupportedMediaType
+        || e.message.contains("unknown field")
+        || e.message.contains("missing field")
+    {
+        return e;
+    }
+    match e.fields.first() {
+        Some(field) => ApiError::invalid(vec![crate::api::FieldError {
+            field: field.field.clone(),
+            message: "expected a string".into(),
+        }]),
+        None => ApiError::new(e.code, format!("the body must be JSON: {shape}")),
+    }
+}
+
+/// `PUT /v1/registries/{host}` with `{"username": "...", "password": "..."}`.
+async fn put_registry(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        username: String,
+        password: String,
+    }
+    let body: Body = r
+        .json()
+        .map_err(|e| scrub_body_error(e, r#"{"username": "...", "password": "..."}"#))?;
+    let view = c
+        .registry_login(
+            r.param("host"),
+            &body.username,
+            zeroize::Zeroizing::new(body.password),
+        )
+        .await?;
+    Reply::ok(view)
 }
 
 fn operation_json(op: &crate::store::OperationRecord) -> Value {
@@ -338,14 +425,17 @@ async fn progress(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
     let id = r.param("id").to_owned();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     if let Some(mut op) = c.live_operation(&id) {
+        let redactor = c.redactor().await;
         tokio::spawn(async move {
             while let Some(line) = op.next_line().await {
+                let line = redactor.redact(&line);
                 if tx.send(json!({ "line": line })).await.is_err() {
                     return;
                 }
             }
-            let end = op.wait().await;
-            let _ = tx.send(json!({ "end": end_json(&end) })).await;
+            let mut end = end_json(&op.wait().await);
+            super::secrets::redact_json(&redactor, &mut end);
+            let _ = tx.send(json!({ "end": end })).await;
         });
         return Ok(Reply::Lines(rx));
     }

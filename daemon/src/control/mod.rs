@@ -4,6 +4,7 @@
 
 pub mod handlers;
 pub mod planner;
+pub mod secrets;
 
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ pub struct Control {
     pub base_domain: Option<String>,
     /// The proxy's HTTP port, for the URLs shown to users (`None`: not listening).
     pub http_port: Option<u16>,
+    /// Seals and opens secrets; without it secrets cannot be set.
+    pub key: Option<Arc<crate::secrets::SecretKey>>,
 }
 
 /// A service as `GET /v1/services/{name}` shows it.
@@ -634,13 +637,35 @@ impl Control {
         limit: usize,
     ) -> Result<Vec<EventRecord>, ApiError> {
         let owned = name.to_owned();
-        self.blocking(move |s| s.list_events(&owned, since, limit))
-            .await
+        let mut events = self
+            .blocking(move |s| s.list_events(&owned, since, limit))
+            .await?;
+        let redactor = self.redactor().await;
+        if !redactor.is_empty() {
+            for event in &mut events {
+                event.message = redactor.redact(&event.message).into_owned();
+                secrets::redact_json(&redactor, &mut event.fields);
+            }
+        }
+        Ok(events)
     }
 
     pub async fn operation(&self, id: &str) -> Result<OperationRecord, ApiError> {
         let owned = id.to_owned();
-        self.blocking(move |s| s.get_operation(&owned)).await
+        let mut record = self.blocking(move |s| s.get_operation(&owned)).await?;
+        let redactor = self.redactor().await;
+        if !redactor.is_empty() {
+            for p in &mut record.progress {
+                p.line = redactor.redact(&p.line).into_owned();
+            }
+            for v in [&mut record.result, &mut record.error]
+                .into_iter()
+                .flatten()
+            {
+                secrets::redact_json(&redactor, v);
+            }
+        }
+        Ok(record)
     }
 
     /// The service's instances (every revision the engine still holds), or only `instance`.
@@ -682,6 +707,7 @@ impl Control {
         instance: Option<&str>,
     ) -> Result<Vec<Value>, ApiError> {
         let mut lines = Vec::new();
+        let redactor = self.redactor().await;
         for id in self.log_instances(name, instance).await? {
             let host_lines = match self.engine.host().logs(&id).await {
                 Ok(l) => l,
@@ -699,7 +725,7 @@ impl Control {
                         "time": line.time,
                         "instance": id,
                         "stream": line.stream,
-                        "text": line.text,
+                        "text": redactor.redact(&line.text),
                     }),
                 ));
             }

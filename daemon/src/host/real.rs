@@ -16,7 +16,7 @@ use lull_runtime::instance::{
     ExitStatus, FileBind, Instance, InstanceRequest, ProcessOverrides, Recovered,
 };
 use lull_runtime::logs::{self, LogLimits};
-use lull_runtime::pull::PullOptions;
+use lull_runtime::pull::{Credentials, PullOptions};
 use lull_runtime::reference::Reference;
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,24 @@ impl RealHostConfig {
     }
 }
 
+/// `base` with the stored credentials of `registry` when `lookup` has some and `base` names no
+/// explicit credentials. Blocking (the lookup reads the store).
+pub fn pull_options_for(
+    base: &PullOptions,
+    lookup: Option<&RegistryCredentials>,
+    registry: &str,
+) -> PullOptions {
+    let mut options = base.clone();
+    if options.credentials.is_some() {
+        return options;
+    }
+    if let Some((username, password)) = lookup.and_then(|lookup| lookup(registry)) {
+        tracing::debug!(registry, %username, "pulling with stored credentials");
+        options.credentials = Some(Credentials::new(username, password));
+    }
+    options
+}
+
 /// What the daemon records of an instance it started.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Label {
@@ -82,11 +100,16 @@ struct Label {
     port: u16,
 }
 
+/// Stored credentials for a registry host (`host[:port]`, `docker.io` for Docker Hub):
+/// `(username, password)`, or `None`. It may block (it reads the state store).
+pub type RegistryCredentials = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Sync>;
+
 pub struct RealHost {
     runtime: Arc<Runtime>,
     network: Arc<dyn InstanceNetwork>,
     config: RealHostConfig,
     live: Mutex<HashMap<String, Arc<Instance>>>,
+    credentials: Option<RegistryCredentials>,
 }
 
 impl RealHost {
@@ -105,7 +128,37 @@ impl RealHost {
             network,
             config,
             live: Mutex::new(HashMap::new()),
+            credentials: None,
         })
+    }
+
+    /// Pulls use the credentials `lookup` finds for an image's registry (`lull registry
+    /// login`), before any docker config.
+    pub fn with_registry_credentials(mut self, lookup: RegistryCredentials) -> RealHost {
+        self.credentials = Some(lookup);
+        self
+    }
+
+    /// The pull options for `reference`: the configured ones, with the stored credentials of
+    /// its registry when there are some.
+    async fn pull_options(&self, reference: &Reference) -> PullOptions {
+        let base = self.config.pull.clone();
+        let lookup = self.credentials.clone();
+        let registry = reference.registry().to_owned();
+        match tokio::task::spawn_blocking(move || {
+            pull_options_for(&base, lookup.as_ref(), &registry)
+        })
+        .await
+        {
+            Ok(options) => options,
+            Err(e) => {
+                tracing::warn!(
+                    registry = reference.registry(),
+                    "registry credentials lookup: {e}"
+                );
+                self.config.pull.clone()
+            }
+        }
     }
 
     fn label_path(&self, id: &str) -> PathBuf {
@@ -137,7 +190,7 @@ impl RealHost {
             None => self
                 .runtime
                 .store
-                .pull(&parsed, &self.config.pull)
+                .pull(&parsed, &self.pull_options(&parsed).await)
                 .await
                 .map_err(|e| image_err(format!("pull: {e}")))?,
         };
@@ -492,5 +545,38 @@ impl InstanceHost for RealHost {
                 })
                 .collect())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulls_use_the_stored_credentials_of_the_images_registry() {
+        let lookup: RegistryCredentials = Arc::new(|registry: &str| {
+            (registry == "127.0.0.1:5000").then(|| ("bob".to_owned(), "pw".to_owned()))
+        });
+        let base = PullOptions::default();
+        let options = pull_options_for(&base, Some(&lookup), "127.0.0.1:5000");
+        assert_eq!(options.credentials, Some(Credentials::new("bob", "pw")));
+        // Another registry, or no lookup: none.
+        assert_eq!(
+            pull_options_for(&base, Some(&lookup), "ghcr.io").credentials,
+            None
+        );
+        assert_eq!(
+            pull_options_for(&base, None, "127.0.0.1:5000").credentials,
+            None
+        );
+        // Explicit credentials in the host's options win.
+        let explicit = PullOptions {
+            credentials: Some(Credentials::new("ops", "given")),
+            ..PullOptions::default()
+        };
+        assert_eq!(
+            pull_options_for(&explicit, Some(&lookup), "127.0.0.1:5000").credentials,
+            Some(Credentials::new("ops", "given"))
+        );
     }
 }
