@@ -15,10 +15,20 @@ use lull_runtime::logs;
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    /// A service on the daemon (its instances' output, merged) or a local instance.
     pub id: String,
     /// Keep printing new output.
     #[arg(short, long)]
     pub follow: bool,
+    /// Service: only output after this time (RFC 3339, or a duration back such as 10m).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Service: only this instance's output.
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+    /// Service: the proxy's access log of it instead of the app's output.
+    #[arg(long)]
+    pub requests: bool,
 }
 
 #[derive(Debug, Args)]

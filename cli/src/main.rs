@@ -65,7 +65,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// List instances on this host.
     Ps,
-    /// Show an instance's output (timestamps in RFC 3339 UTC, oldest first).
+    /// Show a service's output (its instances', merged) or a local instance's, oldest first,
+    /// with RFC 3339 UTC times.
     Logs(instances::LogsArgs),
     /// Stop an instance: SIGTERM, then SIGKILL after the grace period.
     Stop(instances::StopArgs),
@@ -160,7 +161,26 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
         Command::Run(args) => run::run(open_runtime(&cli)?, args, &cli.network).await,
         Command::Ps => instances::ps(&open_runtime(&cli)?, &cli.network),
-        Command::Logs(args) => instances::logs(&cli.data_dir, args).await,
+        Command::Logs(args) => {
+            let service = client::logs::ServiceLogs {
+                name: &args.id,
+                follow: args.follow,
+                since: args.since.as_deref(),
+                instance: args.instance.as_deref(),
+                requests: args.requests,
+            };
+            match client::logs::run(&cli.client, &service).await {
+                Some(outcome) => Ok(client::finish(outcome)),
+                None if args.since.is_some() || args.instance.is_some() || args.requests => {
+                    anyhow::bail!(
+                        "no service {} on the daemon at {} (--since, --instance and --requests are for services)",
+                        args.id,
+                        cli.client.socket.display()
+                    )
+                }
+                None => instances::logs(&cli.data_dir, args).await,
+            }
+        }
         Command::Stop(args) => instances::stop(&open_runtime(&cli)?, args).await,
         Command::Rm(args) => instances::rm(&open_runtime(&cli)?, args, &cli.network).await,
         Command::Network(cmd) => network::run(cmd, &cli.network, &cli.data_dir, &cli.run_dir),

@@ -54,7 +54,11 @@ async fn daemon() -> Daemon {
         routes,
         planner,
         settings,
-    );
+    )
+    .with_access_logs(lull_daemon::engine::AccessLogs {
+        dir: dir.path().join("access"),
+        max_bytes: None,
+    });
     let control = Arc::new(Control {
         store,
         engine,
@@ -161,6 +165,22 @@ async fn a_service_through_the_cli_from_create_to_delete() {
         .find(|l| l.starts_with("  ") && l.trim_start().chars().nth(2) == Some(':'));
     assert!(progress.is_some(), "no timed progress line: {run:#?}");
     assert!(get(d.proxy_addr, "web.localhost").await.1.contains("rev 1"));
+
+    // Logs: the service's output with time and instance; its access log with --requests.
+    let run = lull(&d, &["logs", "web"]).await.expect(0);
+    let first = run.stdout.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        first.contains(" web-r1-") && first.contains("rev 1 starting"),
+        "{run:#?}"
+    );
+    let run = lull(&d, &["logs", "web", "--requests"]).await.expect(0);
+    assert!(run.stdout.contains(" GET / 200 "), "{run:#?}");
+    let run = lull(&d, &["logs", "web", "--since", "soon"])
+        .await
+        .expect(2);
+    assert!(run.stderr.contains("since"), "{run:#?}");
+    let run = lull(&d, &["logs", "nothing-here", "--requests"]).await;
+    assert_ne!(run.code, 0, "{run:#?}");
 
     // A second create of the name: conflict.
     let run = lull(&d, &["service", "create", "web", "--image", "fake/app:1"])
