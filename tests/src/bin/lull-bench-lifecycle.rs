@@ -337,8 +337,8 @@ fn measure(bench: &mut Bench, runs: usize) -> Result<Report> {
     report.rows.push(row);
     report.details.push(format!(
         "daemon restart: kill -9 of the daemon, a new `lull daemon` spawned (same config) → \
-         first 200 through the proxy; per run {}; {adopted} instance(s) adopted each time (the \
-         serving one and the previous revisions' standbys); {}",
+         first 200 through the proxy; per run {}; the service listed {adopted} instance(s) \
+         after the last one; {}",
         join_ms(&restart),
         if new_instances.is_empty() {
             "no instance started, the same ones serving before and after".to_owned()
