@@ -7,7 +7,8 @@
 //! `cargo xtask bench netns [--smoke]` does the same for the network benchmarks
 //! ([`crate::bench_netns`]), in a section of its own with its own markers, and
 //! `cargo xtask bench proxy [--smoke]` for the proxy against nginx and haproxy
-//! ([`crate::bench_proxy`]).
+//! ([`crate::bench_proxy`]), and `cargo xtask bench lifecycle [--smoke]` for the daemon's
+//! deploy, failed deploy, pause, resume and restart times ([`crate::bench_lifecycle`]).
 
 use std::fs;
 use std::path::Path;
@@ -42,6 +43,8 @@ pub enum Suite {
     /// The proxy against direct, nginx and haproxy (wrk, h2load, a fixed rate), and the CPU
     /// gate's cost per request
     Proxy,
+    /// `lull daemon` end to end: deploy, failed deploy, pause, resume and restart times
+    Lifecycle,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +62,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Runtime => run_runtime(args),
         Suite::Netns => crate::bench_netns::run(args.smoke),
         Suite::Proxy => crate::bench_proxy::run(args.smoke),
+        Suite::Lifecycle => crate::bench_lifecycle::run(args.smoke),
     }
 }
 

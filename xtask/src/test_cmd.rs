@@ -104,6 +104,7 @@ fn stages() -> Vec<Stage> {
                 cargo(&["xtask", "bench", "runtime", "--smoke"]),
                 cargo(&["xtask", "bench", "netns", "--smoke"]),
                 cargo(&["xtask", "bench", "proxy", "--smoke"]),
+                cargo(&["xtask", "bench", "lifecycle", "--smoke"]),
             ],
         },
     ]
