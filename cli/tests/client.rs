@@ -6,85 +6,29 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use lull_daemon::api::server::{self, SocketOptions};
-use lull_daemon::control::planner::SpecPlanner;
-use lull_daemon::control::{Control, handlers};
-use lull_daemon::engine::{Engine, EngineSettings};
-use lull_daemon::host::fake::FakeHost;
-use lull_daemon::store::{SqliteStore, Store};
-use lull_proxy::{Proxy, ProxyOptions, RouteTable};
+use lull_daemon::testing::InProcess;
 use serde_json::Value;
 
 struct Daemon {
     socket: PathBuf,
     proxy_addr: SocketAddr,
     dir: tempfile::TempDir,
-    _stop: tokio::sync::watch::Sender<bool>,
-    _proxy: Proxy,
+    _plane: InProcess,
 }
 
 async fn daemon() -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("data")).expect("open the store"));
-    let routes = Arc::new(RouteTable::new());
-    let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
-    let proxy_addr = proxy
-        .listen("127.0.0.1:0".parse().expect("address"))
-        .await
-        .expect("proxy listens");
-    let planner = Arc::new(SpecPlanner {
-        store: store.clone(),
-        key: None,
-        base_domain: None,
-    });
-    let settings = EngineSettings {
-        rollback_window: Duration::from_secs(60),
-        startup_deadline: Duration::from_secs(5),
-        stop_grace: Duration::from_millis(200),
-        drain_timeout: Duration::from_secs(2),
-        ..EngineSettings::default()
-    };
-    let engine = Engine::new(
-        Arc::new(FakeHost::new()),
-        store.clone(),
-        routes,
-        planner,
-        settings,
-    )
-    .with_access_logs(lull_daemon::engine::AccessLogs {
-        dir: dir.path().join("access"),
-        max_bytes: None,
-    });
-    let control = Arc::new(Control {
-        store,
-        engine,
-        base_domain: None,
-        key: None,
-        http_port: Some(proxy_addr.port()),
-    });
-    let socket = dir.path().join("lull.sock");
-    let listener = server::bind(&SocketOptions::new(&socket)).expect("bind the admin socket");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(handlers::router()),
-        control,
-        stopped,
-    ));
+    let plane = InProcess::start(dir.path()).await;
     Daemon {
-        socket,
-        proxy_addr,
+        socket: plane.socket.clone(),
+        proxy_addr: plane.proxy_addr,
         dir,
-        _stop: stop,
-        _proxy: proxy,
+        _plane: plane,
     }
 }
 
-/// What one run of `lull` did.
 #[derive(Debug)]
 struct Run {
     code: i32,

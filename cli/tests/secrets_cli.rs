@@ -9,14 +9,9 @@ use std::time::Duration;
 
 use http::Method;
 use lull_daemon::api::Client;
-use lull_daemon::api::server::{self, SocketOptions};
-use lull_daemon::control::planner::SpecPlanner;
-use lull_daemon::control::{Control, handlers};
-use lull_daemon::engine::{Engine, EngineSettings};
-use lull_daemon::host::fake::FakeHost;
-use lull_daemon::secrets::{KEY_LEN, SecretKey};
-use lull_daemon::store::{SqliteStore, Store};
-use lull_proxy::{Proxy, ProxyOptions, RouteTable};
+use lull_daemon::secrets::SecretKey;
+use lull_daemon::store::Store;
+use lull_daemon::testing::InProcess;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -25,58 +20,18 @@ struct Daemon {
     store: Arc<dyn Store>,
     key: Arc<SecretKey>,
     dir: tempfile::TempDir,
-    _stop: tokio::sync::watch::Sender<bool>,
-    _proxy: Proxy,
+    _plane: InProcess,
 }
 
 async fn daemon() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("data")).unwrap());
-    let key = Arc::new(SecretKey::from_bytes(&[0x5a; KEY_LEN]));
-    let routes = Arc::new(RouteTable::new());
-    let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
-    let proxy_addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let planner = Arc::new(SpecPlanner {
-        store: store.clone(),
-        key: Some(key.clone()),
-        base_domain: None,
-    });
-    let settings = EngineSettings {
-        startup_deadline: Duration::from_secs(5),
-        stop_grace: Duration::from_millis(200),
-        drain_timeout: Duration::from_secs(2),
-        ..EngineSettings::default()
-    };
-    let engine = Engine::new(
-        Arc::new(FakeHost::new()),
-        store.clone(),
-        routes,
-        planner,
-        settings,
-    );
-    let control = Arc::new(Control {
-        store: store.clone(),
-        engine,
-        base_domain: None,
-        http_port: Some(proxy_addr.port()),
-        key: Some(key.clone()),
-    });
-    let socket = dir.path().join("lull.sock");
-    let listener = server::bind(&SocketOptions::new(&socket)).unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(handlers::router()),
-        control,
-        stopped,
-    ));
+    let plane = InProcess::start(dir.path()).await;
     Daemon {
-        socket,
-        store,
-        key,
+        socket: plane.socket.clone(),
+        store: plane.store.clone(),
+        key: plane.key.clone(),
         dir,
-        _stop: stop,
-        _proxy: proxy,
+        _plane: plane,
     }
 }
 

@@ -15,3 +15,4 @@ pub mod secrets;
 pub mod spec;
 pub mod store;
 pub mod telemetry;
+pub mod testing;

@@ -7,75 +7,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Method;
-use lull_daemon::api::server::{self, SocketOptions};
 use lull_daemon::api::{Client, ErrorCode};
+use lull_daemon::control::Control;
 use lull_daemon::control::planner::SpecPlanner;
-use lull_daemon::control::{Control, handlers};
-use lull_daemon::engine::{AccessLogs, Engine, EngineSettings};
+use lull_daemon::engine::{Engine, EngineSettings};
 use lull_daemon::host::fake::FakeHost;
 use lull_daemon::store::{SqliteStore, Store};
+use lull_daemon::testing::InProcess;
 use lull_proxy::{Proxy, ProxyOptions, RouteTable};
 use serde_json::{Value, json};
 
 struct Daemon {
     client: Client,
     proxy_addr: SocketAddr,
-    _stop: tokio::sync::watch::Sender<bool>,
+    _plane: InProcess,
     _dir: tempfile::TempDir,
-    _proxy: Proxy,
 }
 
 async fn daemon() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("data")).unwrap());
-    let routes = Arc::new(RouteTable::new());
-    let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
-    let proxy_addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let planner = Arc::new(SpecPlanner {
-        store: store.clone(),
-        key: None,
-        base_domain: None,
-    });
-    let settings = EngineSettings {
-        rollback_window: Duration::from_secs(60),
-        startup_deadline: Duration::from_secs(5),
-        stop_grace: Duration::from_millis(200),
-        drain_timeout: Duration::from_secs(2),
-        ..EngineSettings::default()
-    };
-    let engine = Engine::new(
-        Arc::new(FakeHost::new()),
-        store.clone(),
-        routes,
-        planner,
-        settings,
-    )
-    .with_access_logs(AccessLogs {
-        dir: dir.path().join("access"),
-        max_bytes: None,
-    });
-    let control = Arc::new(Control {
-        store,
-        engine,
-        base_domain: None,
-        http_port: Some(proxy_addr.port()),
-        key: None,
-    });
-    let socket = dir.path().join("lull.sock");
-    let listener = server::bind(&SocketOptions::new(&socket)).unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(handlers::router()),
-        control,
-        stopped,
-    ));
+    let plane = InProcess::start(dir.path()).await;
     Daemon {
-        client: Client::new(&socket),
-        proxy_addr,
-        _stop: stop,
+        client: plane.client.clone(),
+        proxy_addr: plane.proxy_addr,
+        _plane: plane,
         _dir: dir,
-        _proxy: proxy,
     }
 }
 

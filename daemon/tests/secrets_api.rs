@@ -4,20 +4,15 @@
 //! and no value ever shows in an answer, an event, a log line or an operation.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::Method;
-use lull_daemon::api::server::{self, SocketOptions};
 use lull_daemon::api::{Client, ErrorCode};
-use lull_daemon::control::planner::SpecPlanner;
 use lull_daemon::control::secrets::registry_credentials;
-use lull_daemon::control::{Control, handlers};
-use lull_daemon::engine::{Engine, EngineSettings};
 use lull_daemon::host::InstanceHost;
 use lull_daemon::host::fake::FakeHost;
-use lull_daemon::secrets::{KEY_LEN, SecretKey};
-use lull_daemon::store::{SqliteStore, Store};
-use lull_proxy::{Proxy, ProxyOptions, RouteTable};
+use lull_daemon::secrets::SecretKey;
+use lull_daemon::store::Store;
+use lull_daemon::testing::InProcess;
 use serde_json::{Value, json};
 
 const FIRST: &str = "s3cr3t-first-value";
@@ -32,67 +27,21 @@ struct Daemon {
     key: Arc<SecretKey>,
     /// Every answer's text, to check no value ever appears in one.
     seen: std::sync::Mutex<Vec<String>>,
-    _stop: tokio::sync::watch::Sender<bool>,
+    _plane: InProcess,
     _dir: tempfile::TempDir,
-    _proxy: Proxy,
 }
 
 async fn daemon() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("data")).unwrap());
-    let mut bytes = [0u8; KEY_LEN];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(37) ^ (std::process::id() as u8);
-    }
-    let key = Arc::new(SecretKey::from_bytes(&bytes));
-    let routes = Arc::new(RouteTable::new());
-    let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
-    let proxy_addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let planner = Arc::new(SpecPlanner {
-        store: store.clone(),
-        key: Some(key.clone()),
-        base_domain: None,
-    });
-    let settings = EngineSettings {
-        rollback_window: Duration::from_secs(60),
-        startup_deadline: Duration::from_secs(5),
-        stop_grace: Duration::from_millis(200),
-        drain_timeout: Duration::from_secs(2),
-        ..EngineSettings::default()
-    };
-    let host = FakeHost::new();
-    let engine = Engine::new(
-        Arc::new(host.clone()),
-        store.clone(),
-        routes,
-        planner,
-        settings,
-    );
-    let control = Arc::new(Control {
-        store: store.clone(),
-        engine,
-        base_domain: None,
-        http_port: Some(proxy_addr.port()),
-        key: Some(key.clone()),
-    });
-    let socket = dir.path().join("lull.sock");
-    let listener = server::bind(&SocketOptions::new(&socket)).unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(handlers::router()),
-        control,
-        stopped,
-    ));
+    let plane = InProcess::start(dir.path()).await;
     Daemon {
-        client: Client::new(&socket),
-        host,
-        store,
-        key,
+        client: plane.client.clone(),
+        host: plane.host.clone(),
+        store: plane.store.clone(),
+        key: plane.key.clone(),
         seen: std::sync::Mutex::new(Vec::new()),
-        _stop: stop,
+        _plane: plane,
         _dir: dir,
-        _proxy: proxy,
     }
 }
 
