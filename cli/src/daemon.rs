@@ -16,6 +16,7 @@ use lull_daemon::api::server::{self as api_server, SocketOptions};
 use lull_daemon::config::{DaemonConfig, ListenAddr};
 use lull_daemon::control::planner::SpecPlanner;
 use lull_daemon::control::secrets::registry_credentials;
+use lull_daemon::control::secrets::secrets_redactor;
 use lull_daemon::control::{Control, handlers};
 use lull_daemon::engine::{AccessLogs, Engine, EngineSettings};
 use lull_daemon::host::real::{RealHost, RealHostConfig};
@@ -152,6 +153,10 @@ impl Running {
         let engine = Engine::new(host, store.clone(), routes, planner, settings)
             .with_proxy_metrics(proxy_metrics.clone())
             .with_daemon_metrics(daemon_metrics.clone())
+            .with_redaction({
+                let key = key.clone();
+                Arc::new(move |s: &dyn Store| secrets_redactor(s, &key))
+            })
             .with_access_logs(AccessLogs {
                 dir: config.data_dir.join("logs/access"),
                 max_bytes: Some(config.logs.max_bytes),

@@ -73,6 +73,10 @@ impl InProcess {
         .with_access_logs(AccessLogs {
             dir: dir.join("access"),
             max_bytes: None,
+        })
+        .with_redaction({
+            let key = key.clone();
+            Arc::new(move |s: &dyn Store| crate::control::secrets::secrets_redactor(s, &key))
         });
         let control = Arc::new(Control {
             store: store.clone(),

@@ -296,6 +296,33 @@ async fn secrets_reach_instances_roll_out_and_never_show() {
     let crash = deploys.iter().find(|d| d["service"] == "crash").unwrap();
     let end = d.follow(&crash["operation"]).await;
     assert_eq!(end["state"], "failed", "{end}");
+    // Redacted where they are stored too, not only in answers.
+    for service in ["web", "crash"] {
+        for event in d.store.list_events(service, 0, 10_000).unwrap() {
+            let text = format!("{} {}", event.message, event.fields);
+            for value in [FIRST, SECOND, THIRD] {
+                assert!(!text.contains(value), "stored event holds a secret: {text}");
+            }
+        }
+    }
+    for op in d.store.list_operations(None).unwrap() {
+        let text = format!("{:?} {:?} {:?}", op.progress, op.result, op.error);
+        for value in [FIRST, SECOND, THIRD] {
+            assert!(
+                !text.contains(value),
+                "stored operation holds a secret: {text}"
+            );
+        }
+    }
+
+    // Resumed, the paused service runs the revision its secret's change made.
+    let resumed = d
+        .call(Method::POST, "/v1/services/web/resume", json!({}))
+        .await;
+    let op = resumed["operation"].clone();
+    assert!(op.is_string(), "{resumed}");
+    assert_eq!(d.follow(&op).await["state"], "succeeded");
+    assert!(!d.host.running_of("web", 3).is_empty());
 
     // Unused again: deleted; then not found.
     for service in ["web", "crash"] {

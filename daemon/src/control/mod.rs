@@ -508,6 +508,33 @@ impl Control {
             Ok(()) => {
                 self.set_state(name, ACTIVE).await?;
                 let serving = self.engine.status(name).await.ok().and_then(|s| s.serving);
+                // A secret that changed while it was paused made a revision (the only way one
+                // is made while paused): deploy it now.
+                let owned = name.to_owned();
+                let (newest, paused_at) = self
+                    .blocking(move |s| {
+                        let newest = s.list_revisions(&owned)?.pop();
+                        let paused_at = s
+                            .list_events(&owned, 0, usize::MAX)?
+                            .into_iter()
+                            .rev()
+                            .find(|e| e.kind == "service.paused")
+                            .map(|e| e.time);
+                        Ok((newest, paused_at))
+                    })
+                    .await?;
+                if let (Some(newest), Some(paused_at), Some(serving)) = (newest, paused_at, serving)
+                    && newest.number != serving
+                    && newest.created_at > paused_at
+                {
+                    let newest = newest.number;
+                    let started = self.deploy_revision(name, newest).await?;
+                    return Ok(json!({
+                        "resumed": true,
+                        "revision": newest,
+                        "operation": started.operation,
+                    }));
+                }
                 Ok(json!({ "resumed": true, "revision": serving }))
             }
             Err(EngineError::UnknownService { .. }) if record.state != PAUSED => Err(

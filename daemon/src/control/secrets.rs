@@ -164,6 +164,23 @@ pub fn registry_credentials(
     }
 }
 
+/// A redactor of every secret's value (those that open with `key`), for code off the async
+/// threads (it reads the store).
+pub fn secrets_redactor(store: &dyn Store, key: &SecretKey) -> Redactor {
+    let mut redactor = Redactor::new();
+    match store.list_secrets() {
+        Ok(records) => {
+            for record in records {
+                if let Ok(value) = key.open(&record.name, &record.ciphertext) {
+                    redactor.add(&value);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("list secrets to redact: {e}"),
+    }
+    redactor
+}
+
 /// Replaces every string in `value` that holds a known secret value.
 pub fn redact_json(redactor: &Redactor, value: &mut Value) {
     if redactor.is_empty() {

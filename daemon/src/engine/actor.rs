@@ -54,7 +54,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, service: &str) -> mpsc::UnboundedSender
     let (internal_tx, internal) = mpsc::unbounded_channel();
     let (pool_tx, pool_events) = mpsc::unbounded_channel();
     let (writes, write_rx) = mpsc::unbounded_channel();
-    tokio::spawn(write_store(shared.store.clone(), write_rx));
+    tokio::spawn(write_store(shared.clone(), write_rx));
     let actor = Actor {
         service: service.to_owned(),
         shared,
@@ -103,7 +103,7 @@ enum Write {
     },
 }
 
-async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
+async fn write_store(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Write>) {
     while let Some(write) = rx.recv().await {
         let write = match write {
             Write::Flush(done) => {
@@ -116,15 +116,48 @@ async fn write_store(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Writ
             }
             write => write,
         };
-        let result = blocking(store.clone(), move |s| match write {
-            Write::Event(event) => s.append_event(&event).map(drop),
-            Write::Progress { operation, line } => s.append_operation_progress(&operation, &line),
-            Write::Finish { operation, outcome } => {
-                s.finish_operation(&operation, &outcome).map(drop)
+        let redaction = shared.redaction.get().cloned();
+        let result = blocking(shared.store.clone(), move |s| {
+            let redactor = match &write {
+                Write::Event(_) | Write::Progress { .. } | Write::Finish { .. } => {
+                    redaction.map(|make| make(s))
+                }
+                _ => None,
+            };
+            let text = |t: &str| match &redactor {
+                Some(r) => r.redact(t).into_owned(),
+                None => t.to_owned(),
+            };
+            let json = |mut v: Value| {
+                if let Some(r) = &redactor {
+                    crate::control::secrets::redact_json(r, &mut v);
+                }
+                v
+            };
+            match write {
+                Write::Event(event) => {
+                    let event = NewEvent {
+                        message: text(&event.message),
+                        fields: json(event.fields),
+                        ..event
+                    };
+                    tracing::info!(service = %event.service, kind = %event.kind, message = %event.message, "event");
+                    s.append_event(&event).map(drop)
+                }
+                Write::Progress { operation, line } => {
+                    s.append_operation_progress(&operation, &text(&line))
+                }
+                Write::Finish { operation, outcome } => {
+                    let outcome = match outcome {
+                        OperationOutcome::Succeeded(v) => OperationOutcome::Succeeded(json(v)),
+                        OperationOutcome::Failed(v) => OperationOutcome::Failed(json(v)),
+                    };
+                    s.finish_operation(&operation, &outcome).map(drop)
+                }
+                Write::SetState { service, state } => set_service_state(s, &service, state),
+                Write::Serving { service, revision } => set_serving(s, &service, revision),
+                Write::Flush(_) | Write::End { .. } => Ok(()),
             }
-            Write::SetState { service, state } => set_service_state(s, &service, state),
-            Write::Serving { service, revision } => set_serving(s, &service, revision),
-            Write::Flush(_) | Write::End { .. } => Ok(()),
         })
         .await;
         if let Err(e) = result {
@@ -379,7 +412,7 @@ impl Actor {
     // Recording.
 
     fn event(&self, kind: &str, message: String, fields: Value) {
-        tracing::info!(kind, %message, "event");
+        // Logged by the store writer, once secret values are out of it.
         if let Some(metrics) = self.shared.daemon_metrics.get() {
             metrics.event(&self.service, kind);
             match kind {

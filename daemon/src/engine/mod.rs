@@ -334,9 +334,15 @@ pub(crate) struct Shared {
     pub(crate) proxy_metrics: std::sync::OnceLock<Arc<lull_proxy::metrics::ProxyMetrics>>,
     /// Deploy, restart and event counters (see [`Engine::with_daemon_metrics`]).
     pub(crate) daemon_metrics: std::sync::OnceLock<Arc<crate::telemetry::DaemonMetrics>>,
+    /// Builds the redactor applied to events and progress before they are logged or stored
+    /// (see [`Engine::with_redaction`]).
+    pub(crate) redaction: std::sync::OnceLock<Redaction>,
     /// Per-service access logs (see [`Engine::with_access_logs`]).
     pub(crate) access_logs: std::sync::OnceLock<AccessLogs>,
 }
+
+/// Makes the redactor of secret values from the store; called off the async threads.
+pub type Redaction = Arc<dyn Fn(&dyn Store) -> crate::secrets::Redactor + Send + Sync>;
 
 /// Where services' access logs are written: `<dir>/<service>.jsonl`, rotated at `max_bytes`.
 #[derive(Debug, Clone)]
@@ -392,6 +398,7 @@ impl Engine {
                 operations: Mutex::new(HashMap::new()),
                 proxy_metrics: std::sync::OnceLock::new(),
                 daemon_metrics: std::sync::OnceLock::new(),
+                redaction: std::sync::OnceLock::new(),
                 access_logs: std::sync::OnceLock::new(),
             }),
         }
@@ -406,6 +413,13 @@ impl Engine {
     /// Deploys, restarts and events are counted in `metrics`.
     pub fn with_daemon_metrics(self, metrics: Arc<crate::telemetry::DaemonMetrics>) -> Engine {
         let _ = self.shared.daemon_metrics.set(metrics);
+        self
+    }
+
+    /// Secret values are replaced by `[redacted]` in events and progress lines (an app's last
+    /// log lines quoted in a failure may hold one) before they are logged or stored.
+    pub fn with_redaction(self, redaction: Redaction) -> Engine {
+        let _ = self.shared.redaction.set(redaction);
         self
     }
 
