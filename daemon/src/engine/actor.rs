@@ -994,7 +994,8 @@ impl Actor {
         ids: Vec<String>,
         failure: StartupFailure,
     ) {
-        tracing::warn!(%failure, "startup failed");
+        // Not the failure's log lines: they may hold a secret (the store writer redacts them).
+        tracing::warn!(revision = failure.revision, instance = ?failure.instance, cause = %failure.cause, "startup failed");
         let fields = json!({
             "revision": failure.revision,
             "instance": failure.instance,
@@ -1026,12 +1027,18 @@ impl Actor {
                 }
             }
             Purpose::Resume { reply } => {
+                // Every instance this resume started goes, the healthy ones too: paused means
+                // nothing runs.
+                let mut gone = ids;
                 if let Some(set) = self.set(key) {
-                    for id in &ids {
+                    gone.extend(set.members.iter().map(|m| m.started.id.clone()));
+                    gone.sort();
+                    gone.dedup();
+                    for id in &gone {
                         set.take(id);
                     }
                 }
-                for id in ids {
+                for id in gone {
                     tokio::spawn(retire(self.shared.clone(), id));
                 }
                 self.event(
