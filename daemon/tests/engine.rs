@@ -607,3 +607,37 @@ async fn no_request_fails_during_deploys_under_load() {
     assert!(rig.get("web.localhost").await.body.ends_with("rev 4"));
     eventually("old revisions stopped", || rig.host.running().len() == 1).await;
 }
+
+/// A request still in flight when the drain times out keeps its instance's CPU until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_drain_timeout_keeps_its_cpu() {
+    let rig = Rig::new(EngineSettings {
+        drain_timeout: Duration::from_millis(100),
+        ..fast()
+    })
+    .await;
+    rig.create("web");
+    let r1 = rig.revision("web", json!({}));
+    let r2 = rig.revision("web", json!({}));
+    rig.deploy_ok("web", r1).await;
+    let old = rig.host.running_of("web", r1);
+    let addr = rig.addr;
+    let slow = tokio::spawn(async move { get(addr, "web.localhost", "/sleep/1500").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.deploy_ok("web", r2).await;
+    // Past the drain timeout, the slow request still runs: its instance is not throttled.
+    eventually("revision 1 standing by", || {
+        rig.store
+            .list_events("web", 0, 1000)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "revision.standby")
+    })
+    .await;
+    assert!(
+        !rig.host.cpu(&old[0]).unwrap().is_throttled(),
+        "throttled with a request in flight"
+    );
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+}

@@ -1093,7 +1093,17 @@ impl Actor {
             until: Instant::now() + window,
         };
         set.health = None;
-        for member in &set.members {
+        // A request still in flight past the drain timeout keeps its CPU: the instance's gate
+        // throttles it when that request ends.
+        let busy: Vec<String> = set
+            .pool
+            .snapshot()
+            .instances
+            .into_iter()
+            .filter(|i| i.in_flight > 0)
+            .map(|i| i.id)
+            .collect();
+        for member in set.members.iter().filter(|m| !busy.contains(&m.started.id)) {
             if let Err(e) = member.started.cpu.throttle() {
                 tracing::warn!(instance = %member.started.id, error = %e, "cannot throttle a standby instance");
             }
