@@ -5,6 +5,7 @@
 //! itself.
 
 pub mod api;
+pub mod autoscale;
 pub mod config;
 pub mod control;
 pub mod duration;

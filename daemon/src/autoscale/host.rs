@@ -1,0 +1,254 @@
+//! The host's budget: what every service's instances together may take. An instance is admitted
+//! before it starts (its memory limit counted against the host's memory times the overcommit
+//! ratio, the host-wide instance cap, and host pressure as a brake), and released when it is
+//! removed. A refusal says which limit and by how much, for the event that reports it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use super::psi::Pressure;
+
+/// Host-wide limits (from `lull.toml`'s `[scaling]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostLimits {
+    /// The host's memory (MemTotal).
+    pub memory_total: u64,
+    /// How far the sum of instance memory limits may exceed the host's memory (1.0: not at all).
+    /// Idle instances use far less than their limit, so a ratio above 1 is sound.
+    pub overcommit_ratio: f64,
+    /// Instances across all services.
+    pub max_instances: usize,
+    /// Scale-out pauses while the CPU `some` pressure (avg10, %) is above this.
+    pub cpu_pressure_brake: f64,
+    /// Scale-out pauses while the memory `some` pressure (avg10, %) is above this.
+    pub memory_pressure_brake: f64,
+}
+
+impl HostLimits {
+    /// Defaults for a host with `memory_total` bytes.
+    pub fn for_memory(memory_total: u64) -> HostLimits {
+        HostLimits {
+            memory_total,
+            overcommit_ratio: 1.5,
+            max_instances: 2000,
+            cpu_pressure_brake: 90.0,
+            memory_pressure_brake: 20.0,
+        }
+    }
+
+    /// Memory the instances' limits may add up to.
+    pub fn memory_allowed(&self) -> u64 {
+        (self.memory_total as f64 * self.overcommit_ratio) as u64
+    }
+}
+
+/// Why an instance may not start.
+#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[serde(tag = "limit", rename_all = "snake_case")]
+pub enum Refusal {
+    #[error(
+        "memory: {needed} more bytes would commit {committed_after} of the {allowed} the host allows ({ratio}x its memory)"
+    )]
+    Memory {
+        needed: u64,
+        committed_after: u64,
+        allowed: u64,
+        ratio: f64,
+    },
+    #[error("the host runs {running} instances, its cap")]
+    Instances { running: usize },
+    #[error("host {resource} pressure is {avg10:.1}% (avg10), above the brake at {brake:.1}%")]
+    Pressure {
+        resource: &'static str,
+        avg10: f64,
+        brake: f64,
+    },
+}
+
+/// An admitted instance's place in the budget; dropping it does not release it (instances
+/// outlive handles): call [`HostBudget::release`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub id: String,
+    pub memory: u64,
+}
+
+/// Every instance's share of the host, across services.
+#[derive(Debug)]
+pub struct HostBudget {
+    limits: Mutex<HostLimits>,
+    committed: Mutex<HashMap<String, u64>>,
+}
+
+impl HostBudget {
+    pub fn new(limits: HostLimits) -> HostBudget {
+        HostBudget {
+            limits: Mutex::new(limits),
+            committed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn limits(&self) -> HostLimits {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits instance `id` with a `memory` limit. `pressure` (when known) brakes scale-out
+    /// only: pass `None` for a replacement of a crashed instance or a deploy, which must not wait
+    /// for the host to calm down.
+    pub fn admit(
+        &self,
+        id: &str,
+        memory: u64,
+        pressure: Option<&Pressure>,
+    ) -> Result<Admission, Refusal> {
+        let limits = self.limits();
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        if committed.contains_key(id) {
+            return Ok(Admission {
+                id: id.to_owned(),
+                memory,
+            });
+        }
+        if committed.len() >= limits.max_instances {
+            return Err(Refusal::Instances {
+                running: committed.len(),
+            });
+        }
+        let after = committed.values().sum::<u64>() + memory;
+        if after > limits.memory_allowed() {
+            return Err(Refusal::Memory {
+                needed: memory,
+                committed_after: after,
+                allowed: limits.memory_allowed(),
+                ratio: limits.overcommit_ratio,
+            });
+        }
+        if let Some(p) = pressure {
+            let brakes = [
+                ("cpu", p.cpu_some_avg10, limits.cpu_pressure_brake),
+                ("memory", p.memory_some_avg10, limits.memory_pressure_brake),
+            ];
+            for (resource, avg10, brake) in brakes {
+                if let Some(avg10) = avg10
+                    && avg10 > brake
+                {
+                    return Err(Refusal::Pressure {
+                        resource,
+                        avg10,
+                        brake,
+                    });
+                }
+            }
+        }
+        committed.insert(id.to_owned(), memory);
+        Ok(Admission {
+            id: id.to_owned(),
+            memory,
+        })
+    }
+
+    /// Counts an instance that already runs (adopted after a restart) without refusing it.
+    pub fn adopt(&self, id: &str, memory: u64) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), memory);
+    }
+
+    pub fn release(&self, id: &str) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Instances counted and the memory their limits add up to.
+    pub fn committed(&self) -> (usize, u64) {
+        let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        (committed.len(), committed.values().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn budget() -> HostBudget {
+        HostBudget::new(HostLimits {
+            memory_total: 1024 * MIB,
+            overcommit_ratio: 1.5,
+            max_instances: 4,
+            cpu_pressure_brake: 90.0,
+            memory_pressure_brake: 20.0,
+        })
+    }
+
+    #[test]
+    fn memory_beyond_the_ratio_is_refused_and_release_frees_it() {
+        let b = budget();
+        b.admit("a", 1024 * MIB, None).unwrap();
+        b.admit("b", 512 * MIB, None).unwrap();
+        let refused = b.admit("c", MIB, None).unwrap_err();
+        assert_eq!(
+            refused,
+            Refusal::Memory {
+                needed: MIB,
+                committed_after: 1537 * MIB,
+                allowed: 1536 * MIB,
+                ratio: 1.5
+            }
+        );
+        assert!(
+            refused
+                .to_string()
+                .starts_with("memory: 1048576 more bytes")
+        );
+        b.release("b");
+        b.admit("c", MIB, None).unwrap();
+        assert_eq!(b.committed(), (2, 1025 * MIB));
+        // Admitting the same instance twice counts it once.
+        b.admit("c", MIB, None).unwrap();
+        assert_eq!(b.committed(), (2, 1025 * MIB));
+    }
+
+    #[test]
+    fn the_instance_cap_counts_adopted_instances() {
+        let b = budget();
+        for id in ["a", "b", "c"] {
+            b.adopt(id, MIB);
+        }
+        b.admit("d", MIB, None).unwrap();
+        assert_eq!(
+            b.admit("e", MIB, None).unwrap_err(),
+            Refusal::Instances { running: 4 }
+        );
+    }
+
+    #[test]
+    fn pressure_brakes_scale_out_only_when_given() {
+        let b = budget();
+        let p = Pressure {
+            cpu_some_avg10: Some(95.0),
+            memory_some_avg10: Some(1.0),
+            memory_full_avg10: None,
+        };
+        let e = b.admit("a", MIB, Some(&p)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host cpu pressure is 95.0% (avg10), above the brake at 90.0%"
+        );
+        assert_eq!(b.committed(), (0, 0));
+        b.admit("a", MIB, None).unwrap();
+        let calm = Pressure {
+            cpu_some_avg10: Some(10.0),
+            ..p
+        };
+        b.admit("b", MIB, Some(&calm)).unwrap();
+        let unknown = Pressure::default();
+        b.admit("c", MIB, Some(&unknown)).unwrap();
+    }
+}
