@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod config;
+pub mod demand;
 pub mod forward;
 pub mod gate;
 pub mod headers;

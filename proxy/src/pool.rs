@@ -59,6 +59,9 @@ pub enum PoolEvent {
         depth: usize,
         oldest_wait: Duration,
     },
+    /// Demand (in flight plus queued) went above the watermark set with
+    /// [`Pool::set_demand_watermark`]: the autoscaler's scale-out trigger.
+    Demand { service: String, demand: usize },
     /// An instance entered or left rotation.
     Health {
         service: String,
@@ -159,6 +162,7 @@ pub struct Pool {
     inner: Mutex<Inner>,
     /// Bumped when instances are added or removed (the health checker follows it).
     members: watch::Sender<u64>,
+    demand: crate::demand::DemandMeter,
 }
 
 impl std::fmt::Debug for Pool {
@@ -177,6 +181,23 @@ pub struct Lease {
     holds_cpu: bool,
     woke: bool,
     queued: Duration,
+    /// Whether this lease's request counts in the pool's demand (a lease made for a waiter
+    /// that is gone never did).
+    counted: bool,
+}
+
+/// A request counted in the pool's demand while it asks for a slot.
+struct Arrival<'a> {
+    meter: &'a crate::demand::DemandMeter,
+    counted: bool,
+}
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.meter.leave();
+        }
+    }
 }
 
 impl std::fmt::Debug for Lease {
@@ -236,6 +257,9 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.counted {
+            self.pool.demand.leave();
+        }
         self.pool.release(&self.slot, self.holds_cpu);
     }
 }
@@ -310,6 +334,7 @@ impl Pool {
                 retired_throttled: Duration::ZERO,
             }),
             members: watch::Sender::new(0),
+            demand: crate::demand::DemandMeter::default(),
         })
     }
 
@@ -458,6 +483,42 @@ impl Pool {
     /// (`lease.woke()` says so). A retry whose only possible instance is `avoid` waits for
     /// another one.
     pub async fn acquire(&self, avoid: Option<&str>) -> Result<Lease, Rejected> {
+        if let Some(demand) = self.demand.arrive() {
+            self.signal_demand(demand);
+        }
+        // Counted until the lease ends; a refusal, or a caller that stops waiting, uncounts.
+        let mut arrival = Arrival {
+            meter: &self.demand,
+            counted: true,
+        };
+        let mut lease = self.acquire_counted(avoid).await?;
+        arrival.counted = false;
+        lease.counted = true;
+        Ok(lease)
+    }
+
+    /// Requests in flight plus queued, and the peak since the last look (the autoscaler's
+    /// scale-in input).
+    pub fn demand(&self) -> &crate::demand::DemandMeter {
+        &self.demand
+    }
+
+    /// Signals [`PoolEvent::Demand`] when demand goes above `watermark` (at once if it already
+    /// is).
+    pub fn set_demand_watermark(&self, watermark: usize) {
+        if let Some(demand) = self.demand.set_watermark(watermark) {
+            self.signal_demand(demand);
+        }
+    }
+
+    fn signal_demand(&self, demand: usize) {
+        let _ = self.events.send(PoolEvent::Demand {
+            service: self.service.clone(),
+            demand,
+        });
+    }
+
+    async fn acquire_counted(&self, avoid: Option<&str>) -> Result<Lease, Rejected> {
         let started = Instant::now();
         let (ticket, mut rx) = {
             let mut inner = self.lock();
@@ -726,6 +787,7 @@ impl Pool {
             holds_cpu: false,
             woke: false,
             queued: Duration::ZERO,
+            counted: false,
         }
     }
 
@@ -884,6 +946,61 @@ mod tests {
             out.push(pool.acquire(None).await.unwrap());
         }
         out
+    }
+
+    #[tokio::test]
+    async fn demand_counts_in_flight_and_queued_and_signals_each_crossing() {
+        let mut f = fixture(&["a"], |c| {
+            c.max_concurrency = 1;
+            c.queue_size = 1;
+            c.queue_timeout = Duration::from_millis(50);
+        });
+        let demand_events = |events: &mut mpsc::UnboundedReceiver<PoolEvent>| {
+            drain_events(events)
+                .into_iter()
+                .filter_map(|e| match e {
+                    PoolEvent::Demand { demand, .. } => Some(demand),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        f.pool.set_demand_watermark(1);
+        let held = f.pool.acquire(None).await.unwrap();
+        assert_eq!(f.pool.demand().current(), 1);
+        assert_eq!(demand_events(&mut f.events), Vec::<usize>::new());
+        // A queued request counts, and crosses the watermark.
+        let pool = f.pool.clone();
+        let queued = tokio::spawn(async move { pool.acquire(None).await.map(drop) });
+        while f.pool.snapshot().queue_depth < 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(f.pool.demand().current(), 2);
+        assert_eq!(demand_events(&mut f.events), vec![2]);
+        // Refused (queue full): counted while it asked, not after.
+        assert!(f.pool.acquire(None).await.is_err());
+        assert_eq!(f.pool.demand().current(), 2);
+        // The queued one times out: uncounted.
+        assert!(queued.await.unwrap().is_err());
+        assert_eq!(f.pool.demand().current(), 1);
+        // A waiter whose caller gives up (its future dropped) is uncounted too.
+        let pool = f.pool.clone();
+        let gone = tokio::spawn(async move {
+            let _ = pool.acquire(None).await;
+        });
+        while f.pool.snapshot().queue_depth < 1 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(f.pool.demand().current(), 1);
+        drop(held);
+        assert_eq!(f.pool.demand().current(), 0);
+        assert_eq!(f.pool.demand().take_peak(), 3);
+        // A lower watermark with demand above it signals at once.
+        let _l = f.pool.acquire(None).await.unwrap();
+        demand_events(&mut f.events);
+        f.pool.set_demand_watermark(0);
+        assert_eq!(demand_events(&mut f.events), vec![1]);
     }
 
     #[tokio::test]
