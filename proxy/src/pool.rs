@@ -124,11 +124,13 @@ struct Entry {
     healthy: bool,
     suspect: bool,
     ever_healthy: bool,
+    /// Leaving (scale-in): takes no new request, finishes those it has.
+    retiring: bool,
 }
 
 impl Entry {
     fn in_rotation(&self) -> bool {
-        self.healthy && !self.suspect
+        self.healthy && !self.suspect && !self.retiring
     }
 }
 
@@ -375,6 +377,7 @@ impl Pool {
             healthy: false,
             suspect: false,
             ever_healthy: false,
+            retiring: false,
         });
         self.members.send_modify(|v| *v += 1);
     }
@@ -402,6 +405,23 @@ impl Pool {
         }
         tracing::debug!(service = %self.service, instance = %id, "instance removed");
         self.members.send_modify(|v| *v += 1);
+    }
+
+    /// Takes an instance out of rotation for good (scale-in) without a health event: it
+    /// finishes the requests it has; [`Pool::in_flight`] tells when it has none left.
+    pub fn retire_instance(&self, id: &str) {
+        if let Some(entry) = self.lock().entries.iter_mut().find(|e| e.slot.id == id) {
+            entry.retiring = true;
+        }
+    }
+
+    /// Requests in flight on instance `id`; `None` when it is not in the pool.
+    pub fn in_flight(&self, id: &str) -> Option<u32> {
+        self.lock()
+            .entries
+            .iter()
+            .find(|e| e.slot.id == id)
+            .map(|e| e.in_flight)
     }
 
     /// Puts an instance in rotation (`healthy`, which also clears a suspect mark) or takes it
@@ -1001,6 +1021,29 @@ mod tests {
         demand_events(&mut f.events);
         f.pool.set_demand_watermark(0);
         assert_eq!(demand_events(&mut f.events), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn a_retiring_instance_takes_no_new_request_and_finishes_its_own() {
+        let mut f = fixture(&["a", "b"], |_| {});
+        let on_a = f.pool.acquire(None).await.unwrap();
+        assert_eq!(on_a.instance(), "a");
+        drain_events(&mut f.events);
+        f.pool.retire_instance("a");
+        for _ in 0..4 {
+            assert_eq!(f.pool.acquire(None).await.unwrap().instance(), "b");
+        }
+        assert_eq!(f.pool.in_flight("a"), Some(1));
+        drop(on_a);
+        assert_eq!(f.pool.in_flight("a"), Some(0));
+        assert!(
+            drain_events(&mut f.events)
+                .iter()
+                .all(|e| !matches!(e, PoolEvent::Health { .. })),
+            "retiring is not a health change"
+        );
+        f.pool.remove_instance("a");
+        assert_eq!(f.pool.in_flight("a"), None);
     }
 
     #[tokio::test]

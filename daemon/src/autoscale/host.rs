@@ -94,15 +94,9 @@ impl HostBudget {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits instance `id` with a `memory` limit. `pressure` (when known) brakes scale-out
-    /// only: pass `None` for a replacement of a crashed instance or a deploy, which must not wait
-    /// for the host to calm down.
-    pub fn admit(
-        &self,
-        id: &str,
-        memory: u64,
-        pressure: Option<&Pressure>,
-    ) -> Result<Admission, Refusal> {
+    /// Admits instance `id` with a `memory` limit against the memory ratio and the instance
+    /// cap. An instance admitted already is admitted again without being counted twice.
+    pub fn admit(&self, id: &str, memory: u64) -> Result<Admission, Refusal> {
         let limits = self.limits();
         let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
         if committed.contains_key(id) {
@@ -125,28 +119,38 @@ impl HostBudget {
                 ratio: limits.overcommit_ratio,
             });
         }
-        if let Some(p) = pressure {
-            let brakes = [
-                ("cpu", p.cpu_some_avg10, limits.cpu_pressure_brake),
-                ("memory", p.memory_some_avg10, limits.memory_pressure_brake),
-            ];
-            for (resource, avg10, brake) in brakes {
-                if let Some(avg10) = avg10
-                    && avg10 > brake
-                {
-                    return Err(Refusal::Pressure {
-                        resource,
-                        avg10,
-                        brake,
-                    });
-                }
-            }
-        }
         committed.insert(id.to_owned(), memory);
         Ok(Admission {
             id: id.to_owned(),
             memory,
         })
+    }
+
+    /// The brake on scale-out: refuses while host CPU or memory pressure is above its limit.
+    /// Deploys and replacements of crashed instances do not ask: they must not wait for the
+    /// host to calm down.
+    pub fn brake(&self, pressure: &Pressure) -> Result<(), Refusal> {
+        let limits = self.limits();
+        let brakes = [
+            ("cpu", pressure.cpu_some_avg10, limits.cpu_pressure_brake),
+            (
+                "memory",
+                pressure.memory_some_avg10,
+                limits.memory_pressure_brake,
+            ),
+        ];
+        for (resource, avg10, brake) in brakes {
+            if let Some(avg10) = avg10
+                && avg10 > brake
+            {
+                return Err(Refusal::Pressure {
+                    resource,
+                    avg10,
+                    brake,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Counts an instance that already runs (adopted after a restart) without refusing it.
@@ -190,9 +194,9 @@ mod tests {
     #[test]
     fn memory_beyond_the_ratio_is_refused_and_release_frees_it() {
         let b = budget();
-        b.admit("a", 1024 * MIB, None).unwrap();
-        b.admit("b", 512 * MIB, None).unwrap();
-        let refused = b.admit("c", MIB, None).unwrap_err();
+        b.admit("a", 1024 * MIB).unwrap();
+        b.admit("b", 512 * MIB).unwrap();
+        let refused = b.admit("c", MIB).unwrap_err();
         assert_eq!(
             refused,
             Refusal::Memory {
@@ -208,10 +212,10 @@ mod tests {
                 .starts_with("memory: 1048576 more bytes")
         );
         b.release("b");
-        b.admit("c", MIB, None).unwrap();
+        b.admit("c", MIB).unwrap();
         assert_eq!(b.committed(), (2, 1025 * MIB));
         // Admitting the same instance twice counts it once.
-        b.admit("c", MIB, None).unwrap();
+        b.admit("c", MIB).unwrap();
         assert_eq!(b.committed(), (2, 1025 * MIB));
     }
 
@@ -221,34 +225,43 @@ mod tests {
         for id in ["a", "b", "c"] {
             b.adopt(id, MIB);
         }
-        b.admit("d", MIB, None).unwrap();
+        b.admit("d", MIB).unwrap();
         assert_eq!(
-            b.admit("e", MIB, None).unwrap_err(),
+            b.admit("e", MIB).unwrap_err(),
             Refusal::Instances { running: 4 }
         );
     }
 
     #[test]
-    fn pressure_brakes_scale_out_only_when_given() {
+    fn pressure_brakes_above_its_limit_only() {
         let b = budget();
         let p = Pressure {
             cpu_some_avg10: Some(95.0),
             memory_some_avg10: Some(1.0),
             memory_full_avg10: None,
         };
-        let e = b.admit("a", MIB, Some(&p)).unwrap_err();
+        let e = b.brake(&p).unwrap_err();
         assert_eq!(
             e.to_string(),
             "host cpu pressure is 95.0% (avg10), above the brake at 90.0%"
         );
-        assert_eq!(b.committed(), (0, 0));
-        b.admit("a", MIB, None).unwrap();
+        let memory = Pressure {
+            cpu_some_avg10: Some(10.0),
+            memory_some_avg10: Some(25.0),
+            memory_full_avg10: None,
+        };
+        assert!(matches!(
+            b.brake(&memory),
+            Err(Refusal::Pressure {
+                resource: "memory",
+                ..
+            })
+        ));
         let calm = Pressure {
             cpu_some_avg10: Some(10.0),
             ..p
         };
-        b.admit("b", MIB, Some(&calm)).unwrap();
-        let unknown = Pressure::default();
-        b.admit("c", MIB, Some(&unknown)).unwrap();
+        b.brake(&calm).unwrap();
+        b.brake(&Pressure::default()).unwrap();
     }
 }

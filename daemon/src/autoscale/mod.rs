@@ -18,11 +18,13 @@
 //! an event.
 
 mod host;
+mod metrics;
 mod psi;
 #[cfg(test)]
 mod tests;
 
 pub use host::{Admission, HostBudget, HostLimits, Refusal};
+pub use metrics::ScalingMetrics;
 pub use psi::{Pressure, PressureError, PressureSource, ProcPressure, parse_pressure};
 
 use std::collections::VecDeque;

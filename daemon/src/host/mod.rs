@@ -5,6 +5,7 @@
 //! each instance as a small HTTP server on loopback so that control-plane tests exercise the
 //! real proxy without root.
 
+pub mod budget;
 pub mod fake;
 pub mod real;
 
@@ -41,6 +42,9 @@ pub enum HostError {
     },
     #[error("cannot list running instances: {reason}")]
     Recover { reason: String },
+    /// The host's budget refused it (see [`crate::autoscale::Refusal`]).
+    #[error("instance {id} not started: {reason}")]
+    Refused { id: String, reason: String },
 }
 
 /// What the host knows of an image once it is available locally.
