@@ -84,6 +84,10 @@ impl RevisionPlanner for SpecPlanner {
                 })
                 .collect(),
             min_instances: spec.min_instances,
+            scaling: crate::engine::ScalingPlan {
+                max_instances: spec.max_instances,
+                ..crate::engine::ScalingPlan::default()
+            },
             hostnames: spec.hostnames(self.base_domain.as_deref()),
             proxy: spec.traffic.clone(),
         })

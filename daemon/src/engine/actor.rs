@@ -1,6 +1,8 @@
 //! One service's supervisor: a task owning the service's revision sets (pool, health checker,
 //! instances), driven by commands, instance exits, pool events and timers.
 
+mod scale;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +69,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, service: &str) -> mpsc::UnboundedSender
         pool_tx,
         writes,
         access_log: None,
+        scale: None,
     };
     let span = tracing::info_span!("service", service = %service);
     tokio::spawn(actor.run(commands, internal, pool_events).instrument(span));
@@ -320,6 +323,10 @@ enum Internal {
         cause: String,
         result: Result<Started, HostError>,
     },
+    ScaledOut {
+        set: u64,
+        result: Result<Started, HostError>,
+    },
 }
 
 struct Actor {
@@ -334,6 +341,8 @@ struct Actor {
     pool_tx: mpsc::UnboundedSender<PoolEvent>,
     writes: mpsc::UnboundedSender<Write>,
     access_log: Option<Arc<lull_proxy::access_log::AccessLog>>,
+    /// The serving set's autoscaler.
+    scale: Option<scale::ScaleState>,
 }
 
 /// A restart's cause as a metric label: `oom`, `unhealthy` or `exit`.
@@ -405,6 +414,9 @@ impl Actor {
             if let Role::Standby { until } = set.role {
                 earliest(until);
             }
+        }
+        if let Some(scale) = &self.scale {
+            earliest(scale.next_sample());
         }
         wake
     }
@@ -539,6 +551,7 @@ impl Actor {
                 healthy_since: None,
             });
         }
+        self.update_watermark();
     }
 
     /// Removes a set's instances from its pool and stops them (in the background).
@@ -932,6 +945,7 @@ impl Actor {
         if let Some(set) = self.set(key) {
             set.role = Role::Serving;
         }
+        self.scale_for(key);
     }
 
     fn go_live(
@@ -1435,6 +1449,7 @@ impl Actor {
             Internal::Exited { id, exit } => self.exited(&id, exit).await,
             Internal::Drained { set } => self.on_drained(set),
             Internal::Restarted { set, cause, result } => self.restarted(set, cause, result),
+            Internal::ScaledOut { set, result } => self.scaled_out(set, result),
         }
     }
 
@@ -1637,9 +1652,14 @@ impl Actor {
         for key in expired {
             self.retire_set(key);
         }
+        self.scale_sample(now);
     }
 
     async fn pool_event(&mut self, event: PoolEvent) {
+        if let PoolEvent::Demand { demand, .. } = event {
+            self.on_demand(demand);
+            return;
+        }
         let PoolEvent::Health {
             instance,
             healthy,
@@ -1657,6 +1677,7 @@ impl Actor {
             if let Some(member) = set.member(&instance) {
                 member.healthy_since.get_or_insert_with(Instant::now);
             }
+            self.scale_healthy(key, &instance);
             self.event(
                 "instance.healthy",
                 format!("instance {instance} healthy: {reason}"),

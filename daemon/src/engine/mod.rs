@@ -59,7 +59,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::host::{HostError, InstanceHost, RecoveredInstance};
 use crate::store::{Store, StoreError};
 
-pub use plan::{RevisionPlan, RevisionPlanner};
+pub use plan::{RevisionPlan, RevisionPlanner, ScalingPlan};
 
 /// The engine's timings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,6 +339,8 @@ pub(crate) struct Shared {
     pub(crate) redaction: std::sync::OnceLock<Redaction>,
     /// Per-service access logs (see [`Engine::with_access_logs`]).
     pub(crate) access_logs: std::sync::OnceLock<AccessLogs>,
+    /// The host budget's pressure brake and the scaling series (see [`Engine::with_scaling`]).
+    pub(crate) scaling: std::sync::OnceLock<Arc<crate::autoscale::ScalingMetrics>>,
 }
 
 /// Makes the redactor of secret values from the store; called off the async threads.
@@ -400,6 +402,7 @@ impl Engine {
                 daemon_metrics: std::sync::OnceLock::new(),
                 redaction: std::sync::OnceLock::new(),
                 access_logs: std::sync::OnceLock::new(),
+                scaling: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -426,6 +429,14 @@ impl Engine {
     /// Every request through a service's routes is logged to its access log file.
     pub fn with_access_logs(self, logs: AccessLogs) -> Engine {
         let _ = self.shared.access_logs.set(logs);
+        self
+    }
+
+    /// Scale-out is braked by the host pressure `scaling` reads, and decisions and cold starts
+    /// are counted in it. (The memory and instance caps are the host's: see
+    /// [`crate::host::budget::BudgetedHost`].)
+    pub fn with_scaling(self, scaling: Arc<crate::autoscale::ScalingMetrics>) -> Engine {
+        let _ = self.shared.scaling.set(scaling);
         self
     }
 

@@ -25,8 +25,11 @@ pub struct RevisionPlan {
     pub port: u16,
     pub limits: InstanceLimits,
     pub volumes: Vec<VolumeMount>,
-    /// Instances a deploy starts at least (one when zero).
+    /// Instances a deploy starts at least (one when zero); the autoscaler never goes below
+    /// it (zero: the service scales to zero when idle).
     pub min_instances: u32,
+    /// The autoscaler's other settings (its max concurrency is `proxy.max_concurrency`).
+    pub scaling: ScalingPlan,
     /// The hosts the service answers on; empty: `<service>.localhost`.
     pub hostnames: Vec<String>,
     /// The proxy's settings for the revision's pool (health check, concurrency, timeouts).
@@ -45,6 +48,7 @@ impl RevisionPlan {
             limits: InstanceLimits::default(),
             volumes: Vec::new(),
             min_instances: 1,
+            scaling: ScalingPlan::default(),
             hostnames: Vec::new(),
             proxy: ServiceConfig::default(),
         }
@@ -70,6 +74,44 @@ impl RevisionPlan {
     /// How long one health probe may take (for reporting the last result at a deadline).
     pub fn probe_timeout(&self) -> Duration {
         self.proxy.health.timeout
+    }
+}
+
+/// How a revision scales, besides its min instances and max concurrency.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScalingPlan {
+    pub max_instances: u32,
+    /// Share of max concurrency an instance is sized for, in (0, 1].
+    pub target_utilisation: f64,
+    pub scale_in_window: Duration,
+    /// With min instances 0: idle time before the last instance stops.
+    pub idle_to_zero: Duration,
+}
+
+impl Default for ScalingPlan {
+    fn default() -> Self {
+        let policy = crate::autoscale::Policy::default();
+        ScalingPlan {
+            max_instances: policy.max_instances,
+            target_utilisation: policy.target_utilisation,
+            scale_in_window: policy.scale_in_window,
+            idle_to_zero: policy.idle_to_zero,
+        }
+    }
+}
+
+impl RevisionPlan {
+    /// The autoscaler's policy for this revision.
+    pub fn scale_policy(&self) -> crate::autoscale::Policy {
+        crate::autoscale::Policy {
+            max_concurrency: self.proxy.max_concurrency,
+            target_utilisation: self.scaling.target_utilisation,
+            min_instances: self.min_instances,
+            max_instances: self.scaling.max_instances.max(self.min_instances).max(1),
+            scale_in_window: self.scaling.scale_in_window,
+            scale_in_step: crate::autoscale::DEFAULT_SCALE_IN_STEP,
+            idle_to_zero: self.scaling.idle_to_zero,
+        }
     }
 }
 
