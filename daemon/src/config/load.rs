@@ -27,6 +27,7 @@ const ROOT_KEYS: &[&str] = &[
     "metrics",
     "network",
     "logs",
+    "scaling",
 ];
 const SOCKET_KEYS: &[&str] = &["path", "group"];
 const LISTENER_KEYS: &[&str] = &["http", "https", "unprivileged"];
@@ -43,6 +44,12 @@ const NETWORK_KEYS: &[&str] = &[
     "allow_metadata",
 ];
 const LOG_KEYS: &[&str] = &["retention", "max_size"];
+const SCALING_KEYS: &[&str] = &[
+    "memory_overcommit",
+    "max_instances",
+    "cpu_pressure_brake",
+    "memory_pressure_brake",
+];
 
 pub(super) fn parse(text: &str) -> Result<DaemonConfig, Vec<Problem>> {
     let mut walk = Walk {
@@ -154,6 +161,35 @@ impl Walk<'_> {
         }
     }
 
+    /// A number (integer or float) within `range`.
+    fn number(
+        &mut self,
+        key: &str,
+        value: &Value,
+        range: std::ops::RangeInclusive<f64>,
+        expected: &str,
+    ) -> Option<f64> {
+        let n = match value.get_ref() {
+            DeValue::Integer(i) => i.as_str().parse::<f64>().ok(),
+            DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+            _ => {
+                self.wrong_type(key, value, expected);
+                return None;
+            }
+        };
+        match n {
+            Some(n) if range.contains(&n) => Some(n),
+            _ => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!("out of range (expected {expected})"),
+                );
+                None
+            }
+        }
+    }
+
     fn path(&mut self, key: &str, value: &Value) -> Option<PathBuf> {
         let text = self.string(key, value, "an absolute path")?;
         if !text.starts_with('/') {
@@ -251,6 +287,7 @@ impl Walk<'_> {
                 "metrics" => self.metrics(key, value, &mut config),
                 "network" => self.network(key, value, &mut config),
                 "logs" => self.logs(key, value, &mut config),
+                "scaling" => self.scaling(key, value, &mut config),
                 _ => {}
             }
         }
@@ -433,6 +470,54 @@ impl Walk<'_> {
                 lull_runtime::size::parse(t).map_err(|e| e.to_string())
             }) {
                 config.logs.max_bytes = bytes;
+            }
+        }
+    }
+}
+
+impl Walk<'_> {
+    fn scaling(&mut self, key: &str, value: &Value, config: &mut DaemonConfig) {
+        let Some(table) = self.table(key, value) else {
+            return;
+        };
+        let scaling = &mut config.scaling;
+        for (key, value) in self.entries(key, table, SCALING_KEYS) {
+            let name = key.rsplit('.').next().unwrap_or_default();
+            match name {
+                "memory_overcommit" => {
+                    if let Some(n) =
+                        self.number(&key, value, 0.1..=100.0, "a ratio from 0.1 to 100")
+                    {
+                        scaling.memory_overcommit = n;
+                    }
+                }
+                "max_instances" => {
+                    if let Some(n) = self.number(&key, value, 1.0..=1e6, "a whole number from 1") {
+                        if n.fract() != 0.0 {
+                            self.problem(
+                                value.span(),
+                                &key,
+                                "not a whole number (expected a whole number from 1)".into(),
+                            );
+                        } else {
+                            scaling.max_instances = n as usize;
+                        }
+                    }
+                }
+                "cpu_pressure_brake" => {
+                    if let Some(n) =
+                        self.number(&key, value, 0.0..=100.0, "a percentage from 0 to 100")
+                    {
+                        scaling.cpu_pressure_brake = n;
+                    }
+                }
+                _ => {
+                    if let Some(n) =
+                        self.number(&key, value, 0.0..=100.0, "a percentage from 0 to 100")
+                    {
+                        scaling.memory_pressure_brake = n;
+                    }
+                }
             }
         }
     }

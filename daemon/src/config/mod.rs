@@ -45,6 +45,7 @@ pub struct DaemonConfig {
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     pub stop_grace: Duration,
     pub logs: LogConfig,
+    pub scaling: ScalingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +123,44 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Host-wide limits on instances (`[scaling]`); see [`crate::autoscale::HostLimits`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingConfig {
+    /// How far the instances' memory limits may add up beyond the host's memory.
+    pub memory_overcommit: f64,
+    /// Instances across all services.
+    pub max_instances: usize,
+    /// Scale-out waits while host CPU pressure (PSI `some` avg10, %) is above this.
+    pub cpu_pressure_brake: f64,
+    /// Scale-out waits while host memory pressure (PSI `some` avg10, %) is above this.
+    pub memory_pressure_brake: f64,
+}
+
+impl Default for ScalingConfig {
+    fn default() -> Self {
+        let limits = crate::autoscale::HostLimits::for_memory(0);
+        ScalingConfig {
+            memory_overcommit: limits.overcommit_ratio,
+            max_instances: limits.max_instances,
+            cpu_pressure_brake: limits.cpu_pressure_brake,
+            memory_pressure_brake: limits.memory_pressure_brake,
+        }
+    }
+}
+
+impl ScalingConfig {
+    /// The limits for a host with `memory_total` bytes.
+    pub fn limits(&self, memory_total: u64) -> crate::autoscale::HostLimits {
+        crate::autoscale::HostLimits {
+            memory_total,
+            overcommit_ratio: self.memory_overcommit,
+            max_instances: self.max_instances,
+            cpu_pressure_brake: self.cpu_pressure_brake,
+            memory_pressure_brake: self.memory_pressure_brake,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// App logs older than this are removed.
@@ -159,6 +198,7 @@ impl DaemonConfig {
                 retention: DEFAULT_LOG_RETENTION,
                 max_bytes: DEFAULT_LOG_MAX_BYTES,
             },
+            scaling: ScalingConfig::default(),
         }
     }
 

@@ -157,7 +157,7 @@ max_size = "lots"
     let want = [
         "lull.toml:1:12: data_dir: \"var/lib/lull\" is not absolute (expected an absolute path)",
         "lull.toml:2:19: rollback_window: duration \"10 minutes\" has a number without a unit (use ms, s, m, h or d)",
-        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs)",
+        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling)",
         "lull.toml:6:8: listeners.http: \"80\" is not a listen address (expected \":PORT\", \"HOST:PORT\" or \"off\")",
     ];
     for (i, line) in want.iter().enumerate() {
@@ -250,5 +250,40 @@ fn the_file_name_leads_every_line_of_the_error() {
     assert_eq!(
         e.to_string().lines().map(|l| &l[..24]).collect::<Vec<_>>(),
         ["/etc/lull/lull.toml:1:1:", "/etc/lull/lull.toml:2:1:"]
+    );
+}
+
+#[test]
+fn the_scaling_section() {
+    let c = DaemonConfig::parse(
+        "[scaling]\nmemory_overcommit = 2\nmax_instances = 600\ncpu_pressure_brake = 75.5\nmemory_pressure_brake = 10\n",
+        "lull.toml",
+    )
+    .unwrap();
+    assert_eq!(c.scaling.memory_overcommit, 2.0);
+    assert_eq!(c.scaling.max_instances, 600);
+    assert_eq!(c.scaling.cpu_pressure_brake, 75.5);
+    let limits = c.scaling.limits(1 << 30);
+    assert_eq!(limits.memory_allowed(), 2 << 30);
+    assert_eq!(limits.memory_pressure_brake, 10.0);
+
+    let e = DaemonConfig::parse(
+        "[scaling]\nmemory_overcommit = \"lots\"\nmax_instances = 2.5\ncpu_pressure_brake = 120\nspeed = 1\n",
+        "lull.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("lull.toml:2:21: scaling.memory_overcommit: found a string (expected a ratio from 0.1 to 100)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("lull.toml:3:17: scaling.max_instances: not a whole number"),
+        "{e}"
+    );
+    assert!(e.contains("lull.toml:4:22: scaling.cpu_pressure_brake: out of range (expected a percentage from 0 to 100)"), "{e}");
+    assert!(
+        e.contains("lull.toml:5:1: scaling.speed: unknown key"),
+        "{e}"
     );
 }
