@@ -233,8 +233,11 @@ async fn forty_connections_start_the_missing_instances_at_once_then_scale_back_i
         rig.instances("web").await == 1
     })
     .await;
+    rig.wait_for("the scale-in events", Duration::from_secs(3), async || {
+        rig.events("web", "scale.in").len() == 3
+    })
+    .await;
     let ins = rig.events("web", "scale.in");
-    assert!(!ins.is_empty());
     assert!(
         ins.iter().all(|e| e.fields["decision"]["remove"] == 1),
         "{ins:?}"
@@ -259,6 +262,10 @@ async fn min_zero_scales_to_zero_and_the_next_request_is_a_measured_cold_start()
         rig.host.running().is_empty()
     })
     .await;
+    rig.wait_for("the scale-in event", Duration::from_secs(3), async || {
+        !rig.events("idle", "scale.in").is_empty()
+    })
+    .await;
     let zero = rig.events("idle", "scale.in");
     assert!(
         zero.last().unwrap().message.contains("idle to zero"),
@@ -272,6 +279,10 @@ async fn min_zero_scales_to_zero_and_the_next_request_is_a_measured_cold_start()
         "held, then served"
     );
     let took = cold.elapsed();
+    rig.wait_for("the cold start event", Duration::from_secs(3), async || {
+        !rig.events("idle", "scale.cold_start").is_empty()
+    })
+    .await;
     let events = rig.events("idle", "scale.cold_start");
     assert_eq!(events.len(), 1, "{events:?}");
     let reported = events[0].fields["took_ms"].as_f64().unwrap();

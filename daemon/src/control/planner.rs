@@ -86,7 +86,9 @@ impl RevisionPlanner for SpecPlanner {
             min_instances: spec.min_instances,
             scaling: crate::engine::ScalingPlan {
                 max_instances: spec.max_instances,
-                ..crate::engine::ScalingPlan::default()
+                target_utilisation: spec.scaling.target_utilisation,
+                scale_in_window: spec.scaling.scale_in_window,
+                idle_to_zero: spec.scaling.scale_to_zero_after,
             },
             hostnames: spec.hostnames(self.base_domain.as_deref()),
             proxy: spec.traffic.clone(),

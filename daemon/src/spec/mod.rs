@@ -10,6 +10,7 @@ mod wire;
 mod words;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use lull_proxy::config::ServiceConfig;
 use lull_runtime::reference::Reference;
@@ -18,8 +19,8 @@ pub use apprunner::{ExportError, apply_apprunner_run, export, import};
 pub use revision::{Revision, changes, secret_changed_cause};
 pub use validate::{SpecError, SpecErrors};
 pub use wire::{
-    HealthCheckUpdate, QueueUpdate, ServiceUpdate, SizeUpdate, TimeoutsUpdate, WireCpuMode,
-    WireDuration, WireEnv, WireProtocol, WireSecret, WireSize, WireSource, WireVolume,
+    HealthCheckUpdate, QueueUpdate, ScalingUpdate, ServiceUpdate, SizeUpdate, TimeoutsUpdate,
+    WireCpuMode, WireDuration, WireEnv, WireProtocol, WireSecret, WireSize, WireSource, WireVolume,
 };
 pub use words::{WordsError, join_words, split_words};
 
@@ -28,7 +29,7 @@ pub const DEFAULT_PORT: u16 = 8080;
 /// One vCPU.
 pub const DEFAULT_CPU: f64 = 1.0;
 pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
-/// At least one instance stays up (scale to zero is not offered yet).
+/// At least one instance stays up unless a service opts into scaling to zero (min 0).
 pub const DEFAULT_MIN_INSTANCES: u32 = 1;
 /// A single VM's worth; App Runner's default is 25 across a fleet.
 pub const DEFAULT_MAX_INSTANCES: u32 = 10;
@@ -52,12 +53,35 @@ pub struct ServiceSpec {
     pub env: Vec<EnvVar>,
     pub secrets: Vec<SecretRef>,
     pub size: InstanceSize,
+    /// 0: the service scales to zero after `scaling.scale_to_zero_after` without requests.
     pub min_instances: u32,
     pub max_instances: u32,
+    pub scaling: Scaling,
     pub volumes: Vec<Volume>,
     pub pids_limit: u32,
     /// Concurrency, queue, timeouts, health check, CPU gate: the proxy's own settings type.
     pub traffic: ServiceConfig,
+}
+
+/// How the autoscaler sizes a service, besides min/max instances and max concurrency.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scaling {
+    /// Share of max concurrency one instance is sized for, in (0, 1].
+    pub target_utilisation: f64,
+    /// How long demand must stay low before instances are stopped.
+    pub scale_in_window: Duration,
+    /// With min instances 0: time without a request before the last instance stops.
+    pub scale_to_zero_after: Duration,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Scaling {
+            target_utilisation: crate::autoscale::DEFAULT_TARGET_UTILISATION,
+            scale_in_window: crate::autoscale::DEFAULT_SCALE_IN_WINDOW,
+            scale_to_zero_after: crate::autoscale::DEFAULT_IDLE_TO_ZERO,
+        }
+    }
 }
 
 /// Where a service's code comes from.
@@ -125,6 +149,7 @@ impl ServiceSpec {
             },
             min_instances: DEFAULT_MIN_INSTANCES,
             max_instances: DEFAULT_MAX_INSTANCES,
+            scaling: Scaling::default(),
             volumes: Vec::new(),
             pids_limit: DEFAULT_PIDS_LIMIT,
             traffic: ServiceConfig::default(),

@@ -109,6 +109,7 @@ const FIELD_ORDER: &[&str] = &[
     "size",
     "min_instances",
     "max_instances",
+    "scaling",
     "volumes",
     "pids_limit",
     "max_concurrency",

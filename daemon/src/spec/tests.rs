@@ -29,6 +29,8 @@ fn defaults_are_valid() {
     assert_eq!(s.port, 8080);
     assert_eq!(s.traffic.max_concurrency, 100);
     assert_eq!((s.min_instances, s.max_instances), (1, 10));
+    assert_eq!(s.scaling.target_utilisation, 0.7);
+    assert_eq!(s.scaling.scale_in_window, Duration::from_secs(60));
     assert_eq!(s.hostnames(None), ["foo.localhost"]);
     assert_eq!(
         s.hostnames(Some("apps.example.com")),
@@ -108,8 +110,16 @@ fn each_bad_field_is_named_with_its_path() {
             "size.memory: 1M is too small (expected at least 4M)",
         ),
         (
-            Box::new(|s| s.min_instances = 0),
-            "min_instances: must be at least 1",
+            Box::new(|s| s.scaling.target_utilisation = 1.5),
+            "scaling.target_utilisation: 1.5 is not in (0, 1] (expected e.g. 0.7)",
+        ),
+        (
+            Box::new(|s| s.scaling.scale_in_window = Duration::from_millis(10)),
+            "scaling.scale_in_window: must be at least 1s",
+        ),
+        (
+            Box::new(|s| s.scaling.scale_to_zero_after = Duration::ZERO),
+            "scaling.scale_to_zero_after: must be at least 1s",
         ),
         (
             Box::new(|s| {
@@ -449,4 +459,26 @@ fn export_reads_back_as_the_same_spec() {
         import("version: 1.0\nrun:\n  command: x\n"),
         Err(ExportError::MissingLull)
     ));
+}
+
+#[test]
+fn scaling_settings_read_and_min_zero_is_scale_to_zero() {
+    let mut s = ServiceSpec::new(
+        "web",
+        Source::Image {
+            reference: "example.test/app:1".parse().unwrap(),
+        },
+    );
+    let update: ServiceUpdate = serde_json::from_str(
+        r#"{"min_instances": 0, "scaling": {"target_utilisation": 0.5, "scale_in_window": "30s", "scale_to_zero_after": "2m"}}"#,
+    )
+    .unwrap();
+    update.apply(&mut s).unwrap();
+    s.validate().unwrap();
+    assert_eq!(s.min_instances, 0);
+    assert_eq!(s.scaling.target_utilisation, 0.5);
+    assert_eq!(s.scaling.scale_in_window, Duration::from_secs(30));
+    assert_eq!(s.scaling.scale_to_zero_after, Duration::from_secs(120));
+    let e = serde_json::from_str::<ServiceUpdate>(r#"{"scaling": {"target": 0.5}}"#).unwrap_err();
+    assert!(e.to_string().contains("unknown field `target`"), "{e}");
 }

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::Component;
+use std::time::Duration;
 
 use lull_proxy::config::{HealthProbe, TIMEOUT_RULE};
 
@@ -148,8 +149,21 @@ impl ServiceSpec {
                 ),
             );
         }
-        if self.min_instances == 0 {
-            p.add("min_instances", "must be at least 1");
+        let sc = &self.scaling;
+        if !(sc.target_utilisation > 0.0 && sc.target_utilisation <= 1.0) {
+            p.add(
+                "scaling.target_utilisation",
+                format!(
+                    "{} is not in (0, 1] (expected e.g. 0.7)",
+                    sc.target_utilisation
+                ),
+            );
+        }
+        if sc.scale_in_window < Duration::from_secs(1) {
+            p.add("scaling.scale_in_window", "must be at least 1s");
+        }
+        if sc.scale_to_zero_after < Duration::from_secs(1) {
+            p.add("scaling.scale_to_zero_after", "must be at least 1s");
         }
         if self.max_instances == 0 || self.max_instances > MAX_INSTANCES {
             p.add("max_instances", format!("must be 1 to {MAX_INSTANCES}"));

@@ -43,6 +43,8 @@ pub struct ServiceUpdate {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_instances: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingUpdate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub volumes: Option<Vec<WireVolume>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pids_limit: Option<u32>,
@@ -102,6 +104,18 @@ pub struct SizeUpdate {
     /// `"64M"`, `"1G"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<WireSize>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalingUpdate {
+    /// 0.7: an instance is sized for 70 % of max concurrency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_utilisation: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_in_window: Option<WireDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after: Option<WireDuration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +300,15 @@ impl ServiceUpdate {
         }
         set(&mut spec.min_instances, self.min_instances);
         set(&mut spec.max_instances, self.max_instances);
+        if let Some(u) = &self.scaling {
+            let sc = &mut spec.scaling;
+            set(&mut sc.target_utilisation, u.target_utilisation);
+            set(&mut sc.scale_in_window, u.scale_in_window.map(|d| d.0));
+            set(
+                &mut sc.scale_to_zero_after,
+                u.scale_to_zero_after.map(|d| d.0),
+            );
+        }
         if let Some(volumes) = &self.volumes {
             spec.volumes = volumes
                 .iter()
@@ -388,6 +411,11 @@ impl ServiceUpdate {
             }),
             min_instances: Some(spec.min_instances),
             max_instances: Some(spec.max_instances),
+            scaling: Some(ScalingUpdate {
+                target_utilisation: Some(spec.scaling.target_utilisation),
+                scale_in_window: d(spec.scaling.scale_in_window),
+                scale_to_zero_after: d(spec.scaling.scale_to_zero_after),
+            }),
             volumes: Some(
                 spec.volumes
                     .iter()
