@@ -569,3 +569,48 @@ async fn missing_services_exit_3_and_a_missing_daemon_exits_5() {
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-daemon.sock"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_settings_from_flags_are_shown_in_words() {
+    let d = daemon().await;
+    lull(&d, &["service", "create", "web", "--image", "fake/app:1"])
+        .await
+        .expect(0);
+    let run = lull(
+        &d,
+        &[
+            "service",
+            "update",
+            "web",
+            "--min",
+            "0",
+            "--max",
+            "3",
+            "--target-utilisation",
+            "0.5",
+            "--scale-to-zero-after",
+            "2m",
+        ],
+    )
+    .await
+    .expect(0);
+    assert!(run.stdout.contains("revision 2 is serving"), "{run:#?}");
+    let run = lull(&d, &["service", "show", "web"]).await.expect(0);
+    assert!(
+        run.stdout.contains(
+            "0 to 3 instances, 100 requests in flight each (sized for 50%); scale in after 1m of low demand; to zero after 2m without a request"
+        ),
+        "{run:#?}"
+    );
+    let run = lull(
+        &d,
+        &["service", "update", "web", "--target-utilisation", "2"],
+    )
+    .await
+    .expect(2);
+    assert!(
+        run.stderr
+            .contains("scaling.target_utilisation: 2 is not in (0, 1]"),
+        "{run:#?}"
+    );
+}

@@ -104,6 +104,15 @@ pub struct SpecFlags {
     /// Requests in flight per instance at most.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<u32>,
+    /// Share of --concurrency one instance is sized for when scaling out (0.7: 70 %).
+    #[arg(long, value_name = "RATIO")]
+    pub target_utilisation: Option<f64>,
+    /// How long demand must stay low before instances stop, e.g. `60s`.
+    #[arg(long, value_name = "DURATION")]
+    pub scale_in_window: Option<String>,
+    /// With --min 0: time without a request before the last instance stops, e.g. `5m`.
+    #[arg(long, value_name = "DURATION")]
+    pub scale_to_zero_after: Option<String>,
     /// A hostname the service answers on besides `<name>.localhost`; repeat for more (the list
     /// given replaces the service's list).
     #[arg(long = "hostname", value_name = "HOST")]
@@ -306,6 +315,17 @@ fn apply_flags(body: &mut Map<String, Value>, flags: &SpecFlags, env_replaces: b
     if let Some(n) = flags.concurrency {
         body.insert("max_concurrency".into(), json!(n));
     }
+    let mut scaling = Map::new();
+    if let Some(t) = flags.target_utilisation {
+        scaling.insert("target_utilisation".into(), json!(t));
+    }
+    if let Some(w) = &flags.scale_in_window {
+        scaling.insert("scale_in_window".into(), json!(w));
+    }
+    if let Some(z) = &flags.scale_to_zero_after {
+        scaling.insert("scale_to_zero_after".into(), json!(z));
+    }
+    merge_object(body, "scaling", scaling);
     if !flags.hostnames.is_empty() {
         body.insert("hostnames".into(), json!(flags.hostnames));
     }
@@ -570,15 +590,24 @@ async fn show(ctx: &Ctx, name: &str) -> Outcome {
             cell(&spec["size"]["memory"])
         ),
     );
-    row(
-        "scale",
-        format!(
-            "{} to {} instances, {} requests in flight each",
-            cell(&spec["min_instances"]),
-            cell(&spec["max_instances"]),
-            cell(&spec["max_concurrency"])
-        ),
+    let scaling = &spec["scaling"];
+    let target = scaling["target_utilisation"]
+        .as_f64()
+        .map_or("?".to_owned(), |t| format!("{:.0}%", t * 100.0));
+    let mut scale = format!(
+        "{} to {} instances, {} requests in flight each (sized for {target}); scale in after {} of low demand",
+        cell(&spec["min_instances"]),
+        cell(&spec["max_instances"]),
+        cell(&spec["max_concurrency"]),
+        cell(&scaling["scale_in_window"]),
     );
+    if spec["min_instances"] == 0 {
+        scale.push_str(&format!(
+            "; to zero after {} without a request",
+            cell(&scaling["scale_to_zero_after"])
+        ));
+    }
+    row("scale", scale);
     let health = &spec["health_check"];
     row(
         "health",
