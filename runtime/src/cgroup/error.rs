@@ -51,6 +51,11 @@ pub enum CgroupError {
     },
     #[error("unexpected contents in {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
+    #[error("{path}: not frozen after {waited:?} (thawed again)")]
+    FreezeTimeout {
+        path: PathBuf,
+        waited: std::time::Duration,
+    },
     #[error("invalid cpu limit: {reason}")]
     InvalidCpuLimit { reason: String },
     #[error("invalid resource {field}: {reason}")]

@@ -167,3 +167,74 @@ fn remove_cleans_up_a_leftover_cgroup() {
     // Removing again is fine (crash recovery may run twice).
     test.cgroup.remove().unwrap();
 }
+
+/// A cgroup with the freezer (and cpuacct, to see whether its task runs), thawed before its
+/// spinner is killed: a frozen task dies only once thawed.
+struct FrozenTest {
+    inner: TestCgroup,
+}
+
+impl Drop for FrozenTest {
+    fn drop(&mut self) {
+        if let Some(dir) = self.inner.cgroup.controller_dir(Controller::Freezer) {
+            let (file, value) = match self.inner.cgroup.is_v2() {
+                true => ("cgroup.freeze", "0"),
+                false => ("freezer.state", "THAWED"),
+            };
+            let _ = std::fs::write(dir.join(file), value);
+        }
+    }
+}
+
+#[test]
+fn the_freezer_stops_and_resumes_a_spinning_process_on_the_host() {
+    let layout = match CgroupLayout::host().unwrap() {
+        CgroupLayout::V1(mounts) => CgroupLayout::V1(V1Hierarchies {
+            cpuacct: mounts.cpuacct,
+            freezer: mounts.freezer,
+            ..V1Hierarchies::default()
+        }),
+        v2 => v2,
+    };
+    let cgroup = InstanceCgroup::new(&layout, &PathBuf::from(unique_name())).unwrap();
+    let mut test = FrozenTest {
+        inner: TestCgroup {
+            cgroup,
+            child: None,
+        },
+    };
+    test.inner.cgroup.create().unwrap();
+    let child = Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    test.inner.child = Some(child);
+    test.inner.cgroup.add_process(pid).unwrap();
+    let cgroup = &test.inner.cgroup;
+    let fs: std::sync::Arc<dyn super::CgroupFs> = std::sync::Arc::new(super::HostCgroupFs);
+    let freezer = super::Freezer::open(fs, cgroup).unwrap();
+
+    assert!(!freezer.is_frozen().unwrap());
+    let running = cpu_share(cgroup, Duration::from_millis(300));
+    let started = Instant::now();
+    freezer.freeze().unwrap();
+    let freeze_call = started.elapsed();
+    assert!(freezer.is_frozen().unwrap());
+    let frozen = cpu_share(cgroup, Duration::from_millis(500));
+    let started = Instant::now();
+    freezer.thaw().unwrap();
+    let thaw_call = started.elapsed();
+    assert!(!freezer.is_frozen().unwrap());
+    let thawed = cpu_share(cgroup, Duration::from_millis(300));
+    eprintln!(
+        "host freezer: running {:.1} % of a cpu, frozen {:.4} %, thawed {:.1} %; freeze {freeze_call:?}, thaw {thaw_call:?}",
+        running * 100.0,
+        frozen * 100.0,
+        thawed * 100.0
+    );
+    assert!(running >= 0.3, "running share {running}");
+    assert_eq!(frozen, 0.0, "a frozen task runs not at all");
+    assert!(thawed >= 0.3, "thawed share {thawed}");
+}

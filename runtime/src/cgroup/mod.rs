@@ -16,6 +16,7 @@
 
 mod error;
 pub mod fake;
+mod freezer;
 mod fs;
 mod gate;
 mod instance;
@@ -26,6 +27,7 @@ mod limits;
 mod host_tests;
 
 pub use error::CgroupError;
+pub use freezer::{FREEZE_TIMEOUT, Freezer};
 pub use fs::{CgroupFs, ControlFile, HostCgroupFs};
 pub use gate::{CpuGate, Gate, GateError, GateState};
 pub use instance::{CgroupDirs, InstanceCgroup};
