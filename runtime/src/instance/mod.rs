@@ -276,8 +276,26 @@ impl Instance {
         })
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
+    /// Opens the instance's freezer (idle tier 2), on the group holding its processes.
+    pub fn open_freezer(&self) -> Result<crate::cgroup::Freezer, InstanceError> {
+        crate::cgroup::Freezer::open(
+            std::sync::Arc::new(crate::cgroup::HostCgroupFs),
+            &self.cgroup,
+        )
+        .map_err(|source| InstanceError::Cgroup {
+            id: self.id.clone(),
+            source,
+        })
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns the exit status. A frozen instance is
+    /// thawed first: a frozen task cannot act on a signal.
     pub async fn stop(&self, grace: Duration) -> Result<ExitStatus, InstanceError> {
+        if let Ok(freezer) = self.open_freezer()
+            && let Err(e) = freezer.thaw()
+        {
+            tracing::warn!(instance = %self.id, "thaw before stopping: {e}");
+        }
         self.signal(libc::SIGTERM)?;
         if tokio::time::timeout(grace, self.wait()).await.is_err() {
             tracing::info!(instance = %self.id, "did not stop within {grace:?} of SIGTERM: killing");
