@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -471,6 +471,65 @@ async fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>, tls: Optio
     }
 }
 
+/// How long a connection accepted just before a drain may take to send its first bytes.
+const FIRST_BYTES_WAIT: Duration = Duration::from_secs(1);
+
+/// Notes that the client's first bytes (or its end) were read.
+struct Heard<T> {
+    inner: T,
+    heard: Arc<AtomicBool>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if read.is_ready() && !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Release);
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 struct ConnGuard(Arc<Shared>);
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -499,7 +558,14 @@ where
         let info = info.clone();
         async move { Ok::<_, std::convert::Infallible>(forward::handle(&routes, &info, req).await) }
     });
-    let io = TokioIo::new(Touch::new(io, activity.clone()));
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(Touch::new(
+        Heard {
+            inner: io,
+            heard: heard.clone(),
+        },
+        activity.clone(),
+    ));
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut drain = shared.drain.subscribe();
@@ -508,6 +574,8 @@ where
     let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(tick);
     let mut draining = false;
+    // Draining came before the client's first bytes: shut down once they are in (see below).
+    let mut deferred: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -518,7 +586,23 @@ where
             }
             _ = drain.wait_for(|d| *d), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                // Before the first bytes are read, a graceful shutdown drops the connection
+                // without an answer (hyper-util is still telling HTTP/1 from HTTP/2), though
+                // the client may have sent its request already: the socket was accepted just
+                // before the drain. Let it be read first; hyper then answers that request and
+                // closes.
+                if heard.load(Ordering::Acquire) {
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    deferred = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)), if deferred.is_some() => {
+                let waited = deferred.map_or(Duration::ZERO, |since| since.elapsed());
+                if heard.load(Ordering::Acquire) || waited >= FIRST_BYTES_WAIT {
+                    deferred = None;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ = close.wait_for(|c| *c) => return,
             _ = ticker.tick() => {

@@ -79,3 +79,41 @@ fn refuses_no_sockets_and_mixed_addresses() {
     let err = proxy.listen_on_sockets(vec![a, b], &runtimes).unwrap_err();
     assert!(matches!(err, ServerError::MixedAddresses { .. }), "{err}");
 }
+
+/// A connection accepted just before the drain, whose request arrives after it, is answered
+/// (not dropped while the proxy was still telling HTTP/1 from HTTP/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_arriving_just_after_the_drain_is_answered() {
+    let proxy = Arc::new(Proxy::new(
+        Arc::new(RouteTable::new()),
+        ProxyOptions::default(),
+    ));
+    let addr = proxy.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Accepted, nothing sent yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(proxy.connections(), 1);
+    let shutdown = tokio::spawn({
+        let proxy = proxy.clone();
+        async move { proxy.shutdown(Duration::from_secs(3)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let answer = tokio::task::spawn_blocking(move || {
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: nobody.test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "answer: {answer:?}");
+    let report = shutdown.await.unwrap();
+    assert_eq!(report.forced, 0, "{report:?}");
+}
