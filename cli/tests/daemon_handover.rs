@@ -8,7 +8,8 @@
 //!   receives the daemon's `FDSTORE=1` sockets), SIGTERMs the daemon and starts the next one
 //!   with those sockets in `LISTEN_FDS`.
 //!
-//! Each prints the longest request across the switch. Preconditions: root and the registry
+//! Each prints the longest request across the switch; the second also SIGKILLs the daemon
+//! (a crash) with the sockets still in the fd store, and prints the gap that leaves. Preconditions: root and the registry
 //! on 127.0.0.1:5000 with the fixture images (`cargo xtask fixtures`).
 
 use std::collections::BTreeMap;
@@ -666,4 +667,27 @@ fn a_systemd_restart_with_the_fd_store_refuses_no_connection() {
         "the new daemon answers the admin socket"
     );
     d.api("GET", "/v1/status", None);
+
+    // A crash (SIGKILL) with the sockets in the fd store: requests in flight in the killed
+    // daemon fail, but still no connection is refused; the gap is the longest request.
+    let load = Load::start(d.http_port, 6, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let switch = Instant::now();
+    let mut crashed = children.0.pop().expect("the second daemon");
+    crashed.kill().unwrap();
+    crashed.wait().unwrap();
+    let stored: Vec<(String, OwnedFd)> = manager
+        .store
+        .iter()
+        .map(|(n, fd)| (n.clone(), fd.try_clone().unwrap()))
+        .collect();
+    children.0.push(spawn_under_manager(&d, &manager, &stored));
+    manager.wait_ready(Duration::from_secs(60), &d);
+    let switched = switch.elapsed();
+    std::thread::sleep(Duration::from_millis(800));
+    let stats = load.stop();
+    report("crash with the fd store", &stats, switched);
+    assert_eq!(stats.refused, 0, "{:?}", stats.failures);
+    assert!(stats.ok > 100, "{stats:?}");
+    assert_eq!(instance_pids(&d), instances, "instances were restarted");
 }
