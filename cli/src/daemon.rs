@@ -479,8 +479,9 @@ impl Running {
         start_services(&control).await;
 
         if handed_http {
-            // The sockets were serving in another daemon, which still does: accept once the
-            // adopted instances answer here too.
+            // Passed sockets: clients are already connecting, served meanwhile by the daemon
+            // handing over (or waiting in the backlog after a systemd restart). Accept once
+            // the adopted instances answer here, not into pools with none in rotation.
             wait_for_rotation(&routes, ROTATION_WAIT).await;
         }
         if !http_sockets.is_empty() {
