@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,6 +183,39 @@ pub fn encode_all(sources: &[Arc<dyn MetricsSource>]) -> String {
     out
 }
 
+/// Errors getting the metrics endpoint's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("metrics listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The metrics endpoint's socket on `addr`: `inherited` when it is bound there (a socket a
+/// previous daemon passed on), else a new one (an inherited socket bound elsewhere, left
+/// from an older setting, is closed). Returns the socket and whether it was inherited. Must
+/// be called within a tokio runtime.
+pub fn listener(
+    addr: SocketAddr,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<(TcpListener, bool), ListenerError> {
+    let bind = |source| ListenerError::Bind { addr, source };
+    let (socket, adopted) = match inherited {
+        Some(socket) if socket.local_addr().ok() == Some(addr) => (socket, true),
+        Some(other) => {
+            tracing::info!(addr = %addr, found = ?other.local_addr().ok(), "inherited metrics socket is bound elsewhere: binding a new one");
+            drop(other);
+            (std::net::TcpListener::bind(addr).map_err(bind)?, false)
+        }
+        None => (std::net::TcpListener::bind(addr).map_err(bind)?, false),
+    };
+    socket.set_nonblocking(true).map_err(bind)?;
+    Ok((TcpListener::from_std(socket).map_err(bind)?, adopted))
+}
+
 /// Whether the daemon works: `Err(reason)` makes `/healthz` answer 503 with it.
 pub type HealthFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -342,5 +376,26 @@ mod tests {
 
         stop_tx.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn keeps_an_inherited_socket_on_its_address_and_rebinds_otherwise() {
+        let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = inherited.local_addr().unwrap();
+        let (listener, adopted) = super::listener(addr, Some(inherited)).unwrap();
+        assert!(adopted);
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        drop(listener);
+
+        let stale = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stale_addr = stale.local_addr().unwrap();
+        let wanted = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let wanted_addr = wanted.local_addr().unwrap();
+        drop(wanted);
+        let (listener, adopted) = super::listener(wanted_addr, Some(stale)).unwrap();
+        assert!(!adopted);
+        assert_eq!(listener.local_addr().unwrap(), wanted_addr);
+        // The stale socket was closed.
+        assert!(std::net::TcpStream::connect(stale_addr).is_err());
     }
 }

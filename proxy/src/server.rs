@@ -12,9 +12,10 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -39,6 +40,29 @@ pub enum ServerError {
     },
     #[error("the proxy is shutting down; no new listener on {addr}")]
     ShuttingDown { addr: SocketAddr },
+    #[error("listening socket (fd {fd}): {source}")]
+    Adopt {
+        fd: RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening socket (fd {fd}) is bound to {found}, not {expected} like the others")]
+    MixedAddresses {
+        fd: RawFd,
+        found: SocketAddr,
+        expected: SocketAddr,
+    },
+    #[error("no listening socket given")]
+    NoSockets,
+}
+
+/// A duplicate of one of the proxy's listening sockets (see [`Proxy::listener_fds`]).
+#[derive(Debug)]
+pub struct ListenerFd {
+    pub addr: SocketAddr,
+    /// Whether the proxy serves TLS on it.
+    pub tls: bool,
+    pub fd: OwnedFd,
 }
 
 /// Proxy-wide settings for the client side (a service's own limits apply once its request is
@@ -93,6 +117,8 @@ struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Mutex<Vec<JoinHandle<()>>>,
+    /// Every listening socket, while its accept loop holds it: `(tls, socket)`.
+    sockets: Mutex<Vec<(bool, Weak<TcpListener>)>>,
 }
 
 impl Proxy {
@@ -123,6 +149,7 @@ impl Proxy {
                 streams: Arc::new(StreamCount::default()),
             }),
             listeners: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Vec::new()),
         }
     }
 
@@ -159,26 +186,88 @@ impl Proxy {
         if *self.shared.drain.borrow() {
             return Err(ServerError::ShuttingDown { addr });
         }
-        let mut bound = addr;
-        let mut tasks = Vec::with_capacity(runtimes.len());
-        for runtime in runtimes {
-            let _entered = runtime.enter();
-            let listener = bind_with(bound, true).map_err(|source| ServerError::Bind {
-                addr: bound,
-                source,
-            })?;
-            bound = listener.local_addr().map_err(|source| ServerError::Bind {
-                addr: bound,
-                source,
-            })?;
-            tasks.push(runtime.spawn(accept_loop(self.shared.clone(), listener, None)));
+        let sockets = bind_reuse_port(addr, runtimes.len())?;
+        self.listen_on_sockets(sockets, runtimes)
+    }
+
+    /// Serves plain HTTP on listening sockets bound elsewhere (inherited from a previous
+    /// daemon or from systemd, or made with [`bind_reuse_port`]), all on the same address:
+    /// socket `i` is accepted from on runtime `i % runtimes.len()`. Returns the address.
+    pub fn listen_on_sockets(
+        &self,
+        sockets: Vec<std::net::TcpListener>,
+        runtimes: &[tokio::runtime::Handle],
+    ) -> Result<SocketAddr, ServerError> {
+        let Some(first) = sockets.first() else {
+            return Err(ServerError::NoSockets);
+        };
+        if runtimes.is_empty() {
+            return Err(ServerError::Adopt {
+                fd: first.as_raw_fd(),
+                source: std::io::Error::other("no runtime to serve it on"),
+            });
         }
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(tasks);
-        tracing::info!(addr = %bound, sockets = runtimes.len(), "proxy listening");
+        let bound = first.local_addr().map_err(|source| ServerError::Adopt {
+            fd: first.as_raw_fd(),
+            source,
+        })?;
+        if *self.shared.drain.borrow() {
+            return Err(ServerError::ShuttingDown { addr: bound });
+        }
+        let mut adopted = Vec::with_capacity(sockets.len());
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let fd = socket.as_raw_fd();
+            let adopt = |source| ServerError::Adopt { fd, source };
+            let local = socket.local_addr().map_err(adopt)?;
+            if local != bound {
+                return Err(ServerError::MixedAddresses {
+                    fd,
+                    found: local,
+                    expected: bound,
+                });
+            }
+            socket.set_nonblocking(true).map_err(adopt)?;
+            let runtime = &runtimes[i % runtimes.len()];
+            let _entered = runtime.enter();
+            let listener = TcpListener::from_std(socket).map_err(adopt)?;
+            adopted.push((runtime, Arc::new(listener)));
+        }
+        let count = adopted.len();
+        for (runtime, listener) in adopted {
+            self.register(false, &listener);
+            let task = runtime.spawn(accept_loop(self.shared.clone(), listener, None));
+            self.listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+        }
+        tracing::info!(addr = %bound, sockets = count, "proxy listening");
         Ok(bound)
+    }
+
+    /// Duplicates of the listening sockets still accepted from, to pass to another process
+    /// (a daemon taking over, systemd's fd store). The duplicates do not stop
+    /// [`Proxy::shutdown`] from closing this proxy's own.
+    pub fn listener_fds(&self) -> std::io::Result<Vec<ListenerFd>> {
+        let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fds = Vec::new();
+        for (tls, socket) in sockets.iter() {
+            let Some(socket) = socket.upgrade() else {
+                continue;
+            };
+            fds.push(ListenerFd {
+                addr: socket.local_addr()?,
+                tls: *tls,
+                fd: socket.as_fd().try_clone_to_owned()?,
+            });
+        }
+        Ok(fds)
+    }
+
+    fn register(&self, tls: bool, listener: &Arc<TcpListener>) {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        sockets.retain(|(_, s)| s.strong_count() > 0);
+        sockets.push((tls, Arc::downgrade(listener)));
     }
 
     /// Listens for HTTPS on `addr`.
@@ -202,6 +291,8 @@ impl Proxy {
         let local = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = Arc::new(listener);
+        self.register(tls.is_some(), &listener);
         let shared = self.shared.clone();
         let task = tokio::spawn(accept_loop(shared, listener, tls));
         self.listeners
@@ -296,7 +387,33 @@ pub fn spawn_runtimes(n: usize, name: &str) -> std::io::Result<Vec<tokio::runtim
         .collect()
 }
 
+/// `n` (at least one) listening sockets on `addr` sharing its port with `SO_REUSEPORT` (port 0
+/// picks one for all), not yet served: give them to [`Proxy::listen_on_sockets`].
+pub fn bind_reuse_port(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, ServerError> {
+    let mut bound = addr;
+    let mut sockets = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let socket = bind_std(bound, true).map_err(|source| ServerError::Bind {
+            addr: bound,
+            source,
+        })?;
+        bound = socket.local_addr().map_err(|source| ServerError::Bind {
+            addr: bound,
+            source,
+        })?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
 fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, reuse_port)?)
+}
+
+fn bind_std(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
@@ -309,10 +426,10 @@ fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener>
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+async fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>, tls: Option<TlsAcceptor>) {
     let mut drain = shared.drain.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -354,6 +471,65 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
     }
 }
 
+/// How long a connection accepted just before a drain may take to send its first bytes.
+const FIRST_BYTES_WAIT: Duration = Duration::from_secs(1);
+
+/// Notes that the client's first bytes (or its end) were read.
+struct Heard<T> {
+    inner: T,
+    heard: Arc<AtomicBool>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if read.is_ready() && !self.heard.load(Ordering::Relaxed) {
+            self.heard.store(true, Ordering::Release);
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 struct ConnGuard(Arc<Shared>);
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -382,7 +558,14 @@ where
         let info = info.clone();
         async move { Ok::<_, std::convert::Infallible>(forward::handle(&routes, &info, req).await) }
     });
-    let io = TokioIo::new(Touch::new(io, activity.clone()));
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(Touch::new(
+        Heard {
+            inner: io,
+            heard: heard.clone(),
+        },
+        activity.clone(),
+    ));
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut drain = shared.drain.subscribe();
@@ -391,6 +574,8 @@ where
     let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(tick);
     let mut draining = false;
+    // Draining came before the client's first bytes: shut down once they are in (see below).
+    let mut deferred: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -401,7 +586,23 @@ where
             }
             _ = drain.wait_for(|d| *d), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                // Before the first bytes are read, a graceful shutdown drops the connection
+                // without an answer (hyper-util is still telling HTTP/1 from HTTP/2), though
+                // the client may have sent its request already: the socket was accepted just
+                // before the drain. Let it be read first; hyper then answers that request and
+                // closes.
+                if heard.load(Ordering::Acquire) {
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    deferred = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)), if deferred.is_some() => {
+                let waited = deferred.map_or(Duration::ZERO, |since| since.elapsed());
+                if heard.load(Ordering::Acquire) || waited >= FIRST_BYTES_WAIT {
+                    deferred = None;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ = close.wait_for(|c| *c) => return,
             _ = ticker.tick() => {

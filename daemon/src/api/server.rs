@@ -39,6 +39,10 @@ pub enum SocketError {
         group: String,
         source: nix::Error,
     },
+    #[error("inherited admin socket is bound to {found}, not {path}")]
+    InheritedPath { path: PathBuf, found: String },
+    #[error("inherited admin socket {path}: {source}")]
+    Inherited { path: PathBuf, source: io::Error },
 }
 
 /// Where and how the socket is made.
@@ -90,6 +94,40 @@ pub fn bind(options: &SocketOptions) -> Result<UnixListener, SocketError> {
         give_to_group(path, group)?;
     }
     Ok(listener)
+}
+
+/// Serves an admin socket bound by a previous daemon (passed at exec, by a daemon replacing
+/// itself or from systemd's fd store) instead of binding one: it must be bound to
+/// `options.path`. The socket keeps its file, mode and group. `listen` is called again so
+/// that `SO_PEERCRED` names this process to clients from now on (`lull daemon upgrade`
+/// finds the daemon's pid that way).
+pub fn adopt(
+    listener: std::os::unix::net::UnixListener,
+    options: &SocketOptions,
+) -> Result<UnixListener, SocketError> {
+    use std::os::fd::AsRawFd;
+    let path = &options.path;
+    let inherited = |source| SocketError::Inherited {
+        path: path.clone(),
+        source,
+    };
+    let local = listener.local_addr().map_err(inherited)?;
+    if local.as_pathname() != Some(path.as_path()) {
+        return Err(SocketError::InheritedPath {
+            path: path.clone(),
+            found: match local.as_pathname() {
+                Some(p) => p.display().to_string(),
+                None => "an unnamed or abstract address".to_owned(),
+            },
+        });
+    }
+    // SAFETY: listen(2) on a socket this function owns; it changes nothing but the backlog
+    // and the credentials connecting clients see.
+    if unsafe { libc::listen(listener.as_raw_fd(), 128) } != 0 {
+        return Err(inherited(io::Error::last_os_error()));
+    }
+    listener.set_nonblocking(true).map_err(inherited)?;
+    UnixListener::from_std(listener).map_err(inherited)
 }
 
 fn give_to_group(path: &Path, group: &str) -> Result<(), SocketError> {

@@ -390,6 +390,11 @@ impl Actor {
                         let _ = reply.send(Ok(()));
                         return;
                     }
+                    Some(Command::Detach { reply }) => {
+                        self.detach().await;
+                        let _ = reply.send(());
+                        return;
+                    }
                     Some(command) => self.command(command).await,
                     // The engine is gone (the daemon stops): leave the instances running.
                     None => return,
@@ -671,7 +676,7 @@ impl Actor {
             Command::HoldPaused { revision, reply } => {
                 let _ = reply.send(self.hold_paused(revision).await);
             }
-            Command::Delete { .. } => {}
+            Command::Delete { .. } | Command::Detach { .. } => {}
         }
     }
 
@@ -1705,6 +1710,27 @@ impl Actor {
             member,
             format!("instance {instance} failed its health check: {reason}"),
         );
+    }
+}
+
+// Handover to another daemon process (see `Engine::detach`).
+impl Actor {
+    /// Lets go of the service without stopping anything: pending restarts are dropped, health
+    /// checks stop, every pool's gates restore their CPU and never throttle again (the
+    /// successor owns the CPU now), and the store has every write before this returns. A
+    /// start in progress finishes off the actor; its operation is left to the successor to
+    /// mark failed.
+    async fn detach(&mut self) {
+        if !matches!(self.phase, Phase::Idle) {
+            tracing::warn!(service = %self.service, "handing over during an operation: the next daemon marks it failed");
+        }
+        self.restarts.clear();
+        for set in &mut self.sets {
+            set.health = None;
+            set.pool.drain();
+        }
+        self.flush().await;
+        tracing::info!(service = %self.service, "supervisor detached: instances left running");
     }
 }
 

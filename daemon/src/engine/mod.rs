@@ -41,6 +41,13 @@
 //! revision's pool (the current revision serves, others stand by) without a restart; services
 //! with fewer instances than their minimum get replacements.
 //!
+//! [`Engine::detach`] is the other half of a handover to a new daemon process: every
+//! supervisor ends without stopping its instances (no more health checks, restarts or
+//! deploys), and the gates of its pools restore their CPU and never throttle again, since the
+//! successor adopts the instances and owns their CPU from then on. The routes stay, so the
+//! old process's proxy finishes its requests. [`Engine::reattach`] undoes the refusal of new
+//! work when the successor failed; [`Engine::recover`] then adopts the instances again.
+//!
 //! The engine writes events and operations to the store; service records (revisions, their
 //! state) belong to the admin API, except that pause and resume set the service's state to
 //! `paused` and `active`.
@@ -319,6 +326,8 @@ pub(crate) enum Command {
         revision: u64,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// End the supervisor, leaving the instances running (see [`Engine::detach`]).
+    Detach { reply: oneshot::Sender<()> },
 }
 
 /// What every service's actor shares.
@@ -341,6 +350,8 @@ pub(crate) struct Shared {
     pub(crate) access_logs: std::sync::OnceLock<AccessLogs>,
     /// The host budget's pressure brake and the scaling series (see [`Engine::with_scaling`]).
     pub(crate) scaling: std::sync::OnceLock<Arc<crate::autoscale::ScalingMetrics>>,
+    /// Set by [`Engine::detach`]: no supervisor starts and no command is taken.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 /// Makes the redactor of secret values from the store; called off the async threads.
@@ -403,6 +414,7 @@ impl Engine {
                 redaction: std::sync::OnceLock::new(),
                 access_logs: std::sync::OnceLock::new(),
                 scaling: std::sync::OnceLock::new(),
+                detached: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -456,6 +468,10 @@ impl Engine {
 
     /// The service's actor, started if needed.
     fn actor(&self, service: &str) -> mpsc::UnboundedSender<Command> {
+        if self.is_detached() {
+            // A closed channel: the caller gets `EngineError::Stopped`.
+            return mpsc::unbounded_channel().0;
+        }
         let mut services = lock(&self.shared.services);
         if let Some(tx) = services.get(service)
             && !tx.is_closed()
@@ -469,6 +485,11 @@ impl Engine {
 
     /// The service's actor if it runs.
     fn existing(&self, service: &str) -> Result<mpsc::UnboundedSender<Command>, EngineError> {
+        if self.is_detached() {
+            return Err(EngineError::Stopped {
+                service: service.to_owned(),
+            });
+        }
         lock(&self.shared.services)
             .get(service)
             .filter(|tx| !tx.is_closed())
@@ -563,6 +584,43 @@ impl Engine {
             .collect();
         names.sort();
         names
+    }
+
+    /// Hands the instances over to another daemon process: every supervisor ends once its
+    /// pending store writes are done, leaving its instances running, unsupervised (no health
+    /// checks, restarts, deploys or stops), and its pools' gates restored and never
+    /// throttling again; routes stay as they are. From now on every command fails with
+    /// [`EngineError::Stopped`] and no supervisor starts, until [`Engine::reattach`].
+    /// Returns the services whose supervisor ended.
+    pub async fn detach(&self) -> Vec<String> {
+        self.shared
+            .detached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let services: Vec<(String, mpsc::UnboundedSender<Command>)> =
+            lock(&self.shared.services).drain().collect();
+        let mut ended = Vec::new();
+        for (service, tx) in services {
+            let (reply, done) = oneshot::channel();
+            if tx.send(Command::Detach { reply }).is_ok() && done.await.is_ok() {
+                ended.push(service);
+            }
+        }
+        ended.sort();
+        ended
+    }
+
+    /// Takes commands and starts supervisors again after [`Engine::detach`] (the successor
+    /// failed). The instances are not supervised until [`Engine::recover`] adopts them.
+    pub fn reattach(&self) {
+        self.shared
+            .detached
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_detached(&self) -> bool {
+        self.shared
+            .detached
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// At startup: adopts the instances the host still runs (no restart). The service's
