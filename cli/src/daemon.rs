@@ -104,7 +104,12 @@ impl Running {
         }
         let network: Arc<dyn InstanceNetwork> = Arc::new(network);
         let host = Arc::new(
-            RealHost::new(runtime, network, RealHostConfig::under(&config.data_dir))
+            RealHost::new(
+                runtime,
+                network,
+                RealHostConfig::under(&config.data_dir)
+                    .with_retained_logs_max_bytes(config.logs.max_bytes),
+            )
                 .context("the instance host")?
                 .with_registry_credentials(Arc::new(registry_credentials(
                     store.clone(),
