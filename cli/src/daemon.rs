@@ -110,11 +110,8 @@ impl Running {
                 RealHostConfig::under(&config.data_dir)
                     .with_retained_logs_max_bytes(config.logs.max_bytes),
             )
-                .context("the instance host")?
-                .with_registry_credentials(Arc::new(registry_credentials(
-                    store.clone(),
-                    key.clone(),
-                ))),
+            .context("the instance host")?
+            .with_registry_credentials(Arc::new(registry_credentials(store.clone(), key.clone()))),
         );
 
         let routes = Arc::new(RouteTable::new());

@@ -85,8 +85,12 @@ impl Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_secrets_reach_the_host_and_a_new_value_makes_a_revision() {
     let d = daemon().await;
-    d.call(Method::PUT, "/v1/secrets/db-pass", json!({ "value": FIRST }))
-        .await;
+    d.call(
+        Method::PUT,
+        "/v1/secrets/db-pass",
+        json!({ "value": FIRST }),
+    )
+    .await;
     let started = d
         .call(
             Method::POST,
@@ -126,7 +130,11 @@ async fn file_secrets_reach_the_host_and_a_new_value_makes_a_revision() {
 
     // A new value: a new revision whose instance gets the new file.
     let set = d
-        .call(Method::PUT, "/v1/secrets/db-pass", json!({ "value": SECOND }))
+        .call(
+            Method::PUT,
+            "/v1/secrets/db-pass",
+            json!({ "value": SECOND }),
+        )
         .await;
     assert_eq!(set["deploys"][0]["revision"], 2, "{set}");
     d.succeeds(&set["deploys"][0]["operation"]).await;
@@ -136,7 +144,10 @@ async fn file_secrets_reach_the_host_and_a_new_value_makes_a_revision() {
     let revisions = d
         .call(Method::GET, "/v1/services/web/revisions", Value::Null)
         .await;
-    assert_eq!(revisions[1]["cause"], "secret db-pass changed", "{revisions}");
+    assert_eq!(
+        revisions[1]["cause"], "secret db-pass changed",
+        "{revisions}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +189,8 @@ async fn mount_targets_are_checked_with_their_field_paths() {
         ),
     ];
     for (fields, path, message) in cases {
-        let mut body = json!({"name": "web", "source": {"type": "image", "reference": "fake/app:1"}});
+        let mut body =
+            json!({"name": "web", "source": {"type": "image", "reference": "fake/app:1"}});
         for (k, v) in fields.as_object().unwrap() {
             body[k] = v.clone();
         }
@@ -248,7 +260,10 @@ async fn logs_of_removed_instances_stay_merged_by_time_until_the_service_is_dele
         .lines(&format!("/v1/services/web/logs?instance={first}"))
         .await;
     assert!(!only.is_empty());
-    assert!(only.iter().all(|l| l["instance"] == first.as_str()), "{only:?}");
+    assert!(
+        only.iter().all(|l| l["instance"] == first.as_str()),
+        "{only:?}"
+    );
     let e = d
         .client
         .stream(

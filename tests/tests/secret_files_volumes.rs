@@ -178,8 +178,14 @@ async fn scenario(host: &Host, t: &TestRuntime) {
             .iter()
             .any(|l| l.starts_with(key) && l.contains("Read-only file system"))
     };
-    assert!(refused("conf-write="), "EROFS in the read-only volume: {lines:?}");
-    assert!(refused("secret-write="), "EROFS on the secret file: {lines:?}");
+    assert!(
+        refused("conf-write="),
+        "EROFS in the read-only volume: {lines:?}"
+    );
+    assert!(
+        refused("secret-write="),
+        "EROFS on the secret file: {lines:?}"
+    );
     assert!(has("data-write=ok"), "{lines:?}");
     assert_eq!(
         std::fs::read_to_string(config.volumes_dir.join("web/data/out")).unwrap(),
@@ -228,7 +234,10 @@ async fn scenario(host: &Host, t: &TestRuntime) {
     real.stop(&id2, Duration::from_secs(5)).await.unwrap();
     real.remove(&id2).await.unwrap();
     assert!(mounts_under(&secrets_root).is_empty());
-    assert_eq!(real.retained_logs("web").await.unwrap(), [id.clone(), id2.clone()]);
+    assert_eq!(
+        real.retained_logs("web").await.unwrap(),
+        [id.clone(), id2.clone()]
+    );
 
     // The service deleted: its retained logs go.
     real.forget_logs("web").await.unwrap();

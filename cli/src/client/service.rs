@@ -167,7 +167,11 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 fn parse_secret(text: &str) -> Result<Value, String> {
     match text.rsplit_once('=') {
         Some((target, secret)) if !target.is_empty() && !secret.is_empty() => {
-            let kind = if target.starts_with('/') { "file" } else { "env" };
+            let kind = if target.starts_with('/') {
+                "file"
+            } else {
+                "env"
+            };
             Ok(json!({ kind: target, "secret": secret }))
         }
         _ => Err(format!(

@@ -292,9 +292,7 @@ impl Control {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         drop(value);
         let owned = name.to_owned();
-        let stored = self
-            .blocking(move |s| s.put_secret(&owned, &sealed))
-            .await;
+        let stored = self.blocking(move |s| s.put_secret(&owned, &sealed)).await;
         // Stale either way: the write may have happened before an error was reported.
         key.redactors().invalidate();
         let record = stored?;
@@ -588,7 +586,10 @@ mod tests {
         put("db", "swordfish");
         let r = secrets_redactor(&store, &key);
         assert_eq!(key.opens(), 3);
-        assert_eq!(r.redact("hunter2 swordfish tok-123"), "hunter2 [redacted] [redacted]");
+        assert_eq!(
+            r.redact("hunter2 swordfish tok-123"),
+            "hunter2 [redacted] [redacted]"
+        );
         // One removed: nothing opened, its value no longer redacted.
         store.delete_secret("api").unwrap();
         key.redactors().invalidate();

@@ -666,15 +666,16 @@ impl InstanceHost for RealHost {
                 return Ok(());
             }
             let dir = self.config.retained_logs_dir.join(service);
-            let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(format!("remove {}: {e}", dir.display()))
-                }
-                _ => Ok(()),
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+            let removed =
+                tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(format!("remove {}: {e}", dir.display()))
+                    }
+                    _ => Ok(()),
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
             removed.map_err(|reason| HostError::Instance {
                 id: service.to_owned(),
                 action: "remove the retained logs of",
@@ -735,7 +736,9 @@ pub fn write_secret_files(
         Some("tmpfs"),
         dir,
         Some("tmpfs"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
         Some(options.as_str()),
     )
     .map_err(|source| HostFilesError::Mount {

@@ -182,10 +182,7 @@ impl ServiceSpec {
             } else if let Some(first) = targets.get(volume.path.as_path()) {
                 p.add(
                     field,
-                    format!(
-                        "{} is already the target of {first}",
-                        volume.path.display()
-                    ),
+                    format!("{} is already the target of {first}", volume.path.display()),
                 );
             } else {
                 targets.insert(&volume.path, field);

@@ -293,7 +293,8 @@ mod bind_tests {
             read_only: true,
             ..FileBind::new("/var/lib/lull/volumes/web/conf", "/etc/app")
         });
-        cfg.files.push(FileBind::new("/var/lib/lull/volumes/web/data", "/data"));
+        cfg.files
+            .push(FileBind::new("/var/lib/lull/volumes/web/data", "/data"));
         let user = ResolvedUser {
             uid: 0,
             gid: 0,
