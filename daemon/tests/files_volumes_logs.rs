@@ -224,7 +224,10 @@ async fn logs_of_removed_instances_stay_merged_by_time_until_the_service_is_dele
     d.call(Method::POST, "/v1/services/web/pause", Value::Null)
         .await;
     assert!(d.host.running().is_empty());
-    assert_eq!(d.host.retained_logs("web").await.unwrap(), [first.clone()]);
+    assert_eq!(
+        d.host.retained_logs("web").await.unwrap(),
+        std::slice::from_ref(&first)
+    );
     let resumed = d
         .call(Method::POST, "/v1/services/web/resume", Value::Null)
         .await;

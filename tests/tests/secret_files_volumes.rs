@@ -206,7 +206,10 @@ async fn scenario(host: &Host, t: &TestRuntime) {
     assert!(!dir.exists());
     assert!(mounts_under(&secrets_root).is_empty());
     assert!(!t.runtime.config.instances_dir().join(&id).exists());
-    assert_eq!(real.retained_logs("web").await.unwrap(), [id.clone()]);
+    assert_eq!(
+        real.retained_logs("web").await.unwrap(),
+        std::slice::from_ref(&id)
+    );
     let kept: Vec<String> = real
         .logs(&id)
         .await

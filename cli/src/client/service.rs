@@ -19,10 +19,10 @@ use super::{
 pub enum ServiceCommand {
     /// Create a service and deploy its first revision, following the deploy to its end.
     #[command(after_long_help = EXIT_CODES)]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Change a service: a new revision, deployed blue/green. Only the flags given change.
     #[command(after_long_help = EXIT_CODES)]
-    Update(UpdateArgs),
+    Update(Box<UpdateArgs>),
     /// Every service: state, revision, instances, URL.
     #[command(after_long_help = EXIT_CODES)]
     List,

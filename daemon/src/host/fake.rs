@@ -125,6 +125,9 @@ struct FakeInstance {
     task: JoinHandle<()>,
 }
 
+/// A removed instance's service, id and (time, line) lines.
+type RetainedLogs = (String, String, Vec<(String, String)>);
+
 #[derive(Default)]
 struct State {
     instances: HashMap<String, FakeInstance>,
@@ -134,8 +137,8 @@ struct State {
     kills: u64,
     image_error: Option<String>,
     images: Vec<String>,
-    /// Logs of removed instances, in removal order: (service, id, lines).
-    retained: Vec<(String, String, Vec<(String, String)>)>,
+    /// Logs of removed instances, in removal order.
+    retained: Vec<RetainedLogs>,
 }
 
 /// The fake host; clones share one set of instances (keep one in the test as its handle).
