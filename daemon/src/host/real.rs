@@ -287,8 +287,13 @@ impl RealHost {
             port: req.port,
         };
         let label_json = serde_json::to_vec(&label).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(self.label_path(&id), label_json)
-            .map_err(|e| fail(format!("write {}: {e}", self.label_path(&id).display())))?;
+        if let Err(e) = std::fs::write(self.label_path(&id), label_json) {
+            self.remove_secret_files(&id).await;
+            return Err(fail(format!(
+                "write {}: {e}",
+                self.label_path(&id).display()
+            )));
+        }
 
         let network = self.network.clone();
         let attach = AttachRequest {
