@@ -393,12 +393,14 @@ impl Running {
         }
         let network: Arc<dyn InstanceNetwork> = Arc::new(network);
         let host = Arc::new(
-            RealHost::new(runtime, network, RealHostConfig::under(&config.data_dir))
-                .context("the instance host")?
-                .with_registry_credentials(Arc::new(registry_credentials(
-                    store.clone(),
-                    key.clone(),
-                ))),
+            RealHost::new(
+                runtime,
+                network,
+                RealHostConfig::under(&config.data_dir)
+                    .with_retained_logs_max_bytes(config.logs.max_bytes),
+            )
+            .context("the instance host")?
+            .with_registry_credentials(Arc::new(registry_credentials(store.clone(), key.clone()))),
         );
 
         let routes = Arc::new(RouteTable::new());

@@ -175,10 +175,7 @@ pub async fn run(runtime: Runtime, args: &RunArgs, network_args: &NetworkArgs) -
         netns: Some(attachment.netns.clone()),
         files: attachment
             .files()
-            .map(|(source, destination)| FileBind {
-                source: source.to_path_buf(),
-                destination: destination.into(),
-            })
+            .map(|(source, destination)| FileBind::new(source, destination))
             .to_vec(),
         log_limits: LogLimits::default(),
     };

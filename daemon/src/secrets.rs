@@ -23,11 +23,14 @@
 //! (no `/`, not `.` or `..`), as URL path segments and as command-line arguments (no leading `-`).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
@@ -121,9 +124,15 @@ impl fmt::Debug for SecretValue {
 }
 
 /// The key secrets are sealed with. Its `Debug` shows where it came from, never the key.
+///
+/// It also keeps the [`RedactorCache`] of the secrets sealed with it, so that whoever holds the
+/// key (the control plane, the engine's event writer) shares one cache.
 pub struct SecretKey {
     cipher: ChaCha20Poly1305,
     path: Option<PathBuf>,
+    /// Blobs opened so far (each a decryption).
+    opens: AtomicU64,
+    redactors: RedactorCache,
 }
 
 impl fmt::Debug for SecretKey {
@@ -256,7 +265,22 @@ impl SecretKey {
         let mut key = chacha20poly1305::Key::from(*bytes);
         let cipher = ChaCha20Poly1305::new(&key);
         key.as_mut_slice().zeroize();
-        SecretKey { cipher, path: None }
+        SecretKey {
+            cipher,
+            path: None,
+            opens: AtomicU64::new(0),
+            redactors: RedactorCache::default(),
+        }
+    }
+
+    /// How many blobs this key has opened (decrypted) so far.
+    pub fn opens(&self) -> u64 {
+        self.opens.load(Ordering::Relaxed)
+    }
+
+    /// The cache of redactors of the secrets sealed with this key.
+    pub fn redactors(&self) -> &RedactorCache {
+        &self.redactors
     }
 
     /// The file the key came from, if any.
@@ -315,6 +339,7 @@ impl SecretKey {
             .try_into()
             .map_err(|_| malformed("bad nonce".into()))?;
         let aad = associated_data(name);
+        self.opens.fetch_add(1, Ordering::Relaxed);
         self.cipher
             .decrypt(
                 &Nonce::from(nonce),
@@ -458,6 +483,84 @@ impl Redactor {
             rest = &rest[next.len_utf8()..];
         }
         Cow::Owned(redacted)
+    }
+}
+
+/// The redactor of every stored secret, built once and reused until a secret is set or removed
+/// ([`RedactorCache::invalidate`], a generation counter). A rebuild opens only the secrets whose
+/// sealed blob changed; the others keep their opened value.
+#[derive(Default)]
+pub struct RedactorCache {
+    generation: AtomicU64,
+    built: Mutex<Option<BuiltRedactor>>,
+}
+
+struct BuiltRedactor {
+    generation: u64,
+    redactor: Redactor,
+    /// Name to (sealed blob, opened value).
+    opened: BTreeMap<String, (Vec<u8>, SecretValue)>,
+}
+
+impl fmt::Debug for RedactorCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedactorCache")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedactorCache {
+    /// Marks the cached redactor stale: call it after a secret is stored or removed.
+    pub fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The current generation; read it before listing the stored secrets for a rebuild.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The cached redactor, if it was built at `generation`.
+    pub fn current(&self, generation: u64) -> Option<Redactor> {
+        let built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        built
+            .as_ref()
+            .filter(|b| b.generation == generation)
+            .map(|b| b.redactor.clone())
+    }
+
+    /// Builds the redactor of `sealed` (name, blob) as of `generation`, opening with `key` only
+    /// the blobs that are new or changed since the last build, and caches it.
+    pub fn rebuild(
+        &self,
+        key: &SecretKey,
+        generation: u64,
+        sealed: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> Redactor {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let mut previous = built.take().map(|b| b.opened).unwrap_or_default();
+        let mut opened = BTreeMap::new();
+        for (name, blob) in sealed {
+            let value = match previous.remove(&name) {
+                Some((old_blob, value)) if old_blob == blob => value,
+                _ => match key.open(&name, &blob) {
+                    Ok(value) => value,
+                    Err(e) => {
+                        tracing::debug!(secret = %name, "not redacted: {e}");
+                        continue;
+                    }
+                },
+            };
+            opened.insert(name, (blob, value));
+        }
+        let redactor = Redactor::with_values(opened.values().map(|(_, v)| v));
+        *built = Some(BuiltRedactor {
+            generation,
+            redactor: redactor.clone(),
+            opened,
+        });
+        redactor
     }
 }
 

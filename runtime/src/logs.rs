@@ -265,6 +265,52 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The bytes of the log files of a dir.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    log_files(dir)
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Keeps the logs of several instance dirs, given oldest instance first, under `max_bytes`
+/// together: whole files are removed, the oldest first (an older instance's before a newer
+/// one's, a rotated file before its current one), and a dir left without a log file is removed
+/// too. Returns the files removed.
+pub fn trim_to(dirs: &[PathBuf], max_bytes: u64) -> Result<Vec<PathBuf>, LogError> {
+    let mut files: Vec<(PathBuf, u64)> = Vec::new();
+    for dir in dirs {
+        for path in log_files(dir) {
+            match fs::metadata(&path) {
+                Ok(meta) => files.push((path, meta.len())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(LogError::Io { path, source: e }),
+            }
+        }
+    }
+    let mut total: u64 = files.iter().map(|(_, len)| len).sum();
+    let mut removed = Vec::new();
+    for (path, len) in files {
+        if total <= max_bytes {
+            break;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LogError::Io { path, source: e }),
+        }
+        total -= len;
+        removed.push(path);
+    }
+    for dir in dirs {
+        if dir.is_dir() && log_files(dir).is_empty() {
+            fs::remove_dir_all(dir).map_err(io_err(dir))?;
+        }
+    }
+    Ok(removed)
+}
+
 /// Reads every record kept for an instance, oldest first.
 pub fn read_all(dir: &Path) -> Result<Vec<LogRecord>, LogError> {
     let mut out = Vec::new();
@@ -526,5 +572,54 @@ mod follower_tests {
         seen.extend(f.poll().into_iter().map(|r| r.text));
         let want: Vec<String> = (0..30).map(|i| format!("n{i}")).collect();
         assert_eq!(seen, want);
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+
+    fn write_lines(dir: &Path, limits: LogLimits, lines: usize) {
+        let mut w = LogWriter::open(dir, limits).unwrap();
+        for i in 0..lines {
+            w.record(Stream::Stdout, false, format!("line {i:04}").as_bytes())
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn trimming_removes_the_oldest_files_first_and_empty_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_file_bytes: 1000,
+            max_rotated: 10,
+        };
+        let old = tmp.path().join("old");
+        let new = tmp.path().join("new");
+        write_lines(&old, limits, 20);
+        write_lines(&new, limits, 60);
+        let (old_bytes, new_bytes) = (dir_bytes(&old), dir_bytes(&new));
+        assert!(old_bytes > 0 && new_bytes > 2000, "{old_bytes} {new_bytes}");
+        let newest_before = read_all(&new).unwrap();
+
+        // Room for everything: nothing goes.
+        let dirs = vec![old.clone(), new.clone()];
+        assert!(trim_to(&dirs, old_bytes + new_bytes).unwrap().is_empty());
+
+        // Room for the newer dir less some: the older dir goes whole, then the newer's oldest
+        // rotated file; what is left is the newest lines, in order.
+        let removed = trim_to(&dirs, new_bytes - 1).unwrap();
+        assert!(!old.exists(), "the older instance's dir is removed");
+        assert!(removed.iter().any(|p| p.starts_with(&old)));
+        assert!(removed.iter().any(|p| p.starts_with(&new)));
+        assert!(dir_bytes(&new) < new_bytes);
+        let kept = read_all(&new).unwrap();
+        assert!(!kept.is_empty() && kept.len() < newest_before.len());
+        assert_eq!(kept.last(), newest_before.last());
+        assert_eq!(kept[..], newest_before[newest_before.len() - kept.len()..]);
+
+        // A cap of zero removes everything.
+        trim_to(&dirs, 0).unwrap();
+        assert!(!new.exists());
     }
 }

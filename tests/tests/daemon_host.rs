@@ -100,6 +100,7 @@ async fn scenario(host: &Host, t: &TestRuntime) {
                 target: "/data".into(),
                 read_only: false,
             }],
+            secret_files: vec![],
         })
         .await
         .unwrap();
@@ -160,6 +161,7 @@ async fn scenario(host: &Host, t: &TestRuntime) {
             port: PORT,
             limits: InstanceLimits::default(),
             volumes: vec![],
+            secret_files: vec![],
         })
         .await
         .unwrap_err();

@@ -503,10 +503,7 @@ fn two_fixture_app_instances_answer_the_host_on_their_addresses() {
             netns: Some(att.netns.clone()),
             files: att
                 .files()
-                .map(|(source, destination)| FileBind {
-                    source: source.to_path_buf(),
-                    destination: destination.into(),
-                })
+                .map(|(source, destination)| FileBind::new(source, destination))
                 .to_vec(),
             log_limits: LogLimits::default(),
         };

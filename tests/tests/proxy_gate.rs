@@ -121,10 +121,7 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
         netns: Some(att.netns.clone()),
         files: att
             .files()
-            .map(|(source, destination)| FileBind {
-                source: source.to_path_buf(),
-                destination: destination.into(),
-            })
+            .map(|(source, destination)| FileBind::new(source, destination))
             .to_vec(),
         log_limits: LogLimits::default(),
     };

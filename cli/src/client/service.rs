@@ -89,6 +89,16 @@ pub struct SpecFlags {
     /// service's whole list.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// A secret given to instances: `ENV=SECRET` as an environment variable, `/PATH=SECRET` as
+    /// a file (mode 0400, owned by the app's user, on a tmpfs); repeat for more. The list given
+    /// replaces the service's list.
+    #[arg(long = "secret", value_name = "ENV|/PATH=SECRET", value_parser = parse_secret)]
+    pub secrets: Vec<Value>,
+    /// A per-service host directory mounted into instances, kept across deploys:
+    /// `NAME:/PATH`, with `:ro` (read-only) and/or `:shared` (several instances at once)
+    /// after it; repeat for more. The list given replaces the service's list.
+    #[arg(long = "volume", value_name = "NAME:/PATH[:ro][:shared]", value_parser = parse_volume)]
+    pub volumes: Vec<Value>,
     /// vCPUs per instance (0.1, 0.25, 2).
     #[arg(long, value_name = "VCPU")]
     pub cpu: Option<f64>,
@@ -160,6 +170,44 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
+}
+
+/// `ENV=SECRET` or `/PATH=SECRET` as the API's JSON form of a secret.
+fn parse_secret(text: &str) -> Result<Value, String> {
+    match text.rsplit_once('=') {
+        Some((target, secret)) if !target.is_empty() && !secret.is_empty() => {
+            let kind = if target.starts_with('/') {
+                "file"
+            } else {
+                "env"
+            };
+            Ok(json!({ kind: target, "secret": secret }))
+        }
+        _ => Err(format!(
+            "expected ENV=SECRET or /PATH=SECRET (a lull secret's name), got {text:?}"
+        )),
+    }
+}
+
+/// `NAME:/PATH[:ro][:shared]` as the API's JSON form of a volume.
+fn parse_volume(text: &str) -> Result<Value, String> {
+    let bad = || format!("expected NAME:/PATH with :ro and/or :shared after it, got {text:?}");
+    let mut parts = text.split(':');
+    let (Some(name), Some(path)) = (parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if name.is_empty() || !path.starts_with('/') {
+        return Err(bad());
+    }
+    let mut volume = json!({ "name": name, "path": path });
+    for option in parts {
+        match option {
+            "ro" => volume["read_only"] = json!(true),
+            "shared" => volume["shared"] = json!(true),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(volume)
 }
 
 pub async fn run(args: &ClientArgs, command: &ServiceCommand) -> ExitCode {
@@ -297,6 +345,12 @@ fn apply_flags(body: &mut Map<String, Value>, flags: &SpecFlags, env_replaces: b
             .map(|(k, v)| json!({"name": k, "value": v}))
             .collect();
         body.insert("env".into(), Value::Array(list));
+    }
+    if !flags.secrets.is_empty() {
+        body.insert("secrets".into(), Value::Array(flags.secrets.clone()));
+    }
+    if !flags.volumes.is_empty() {
+        body.insert("volumes".into(), Value::Array(flags.volumes.clone()));
     }
     let mut size = Map::new();
     if let Some(cpu) = flags.cpu {
@@ -636,10 +690,11 @@ async fn show(ctx: &Ctx, name: &str) -> Outcome {
         },
     );
     for volume in spec["volumes"].as_array().into_iter().flatten() {
-        let shared = if volume["shared"] == true {
-            " (shared)"
-        } else {
-            ""
+        let shared = match (volume["shared"] == true, volume["read_only"] == true) {
+            (true, true) => " (shared, read-only)",
+            (true, false) => " (shared)",
+            (false, true) => " (read-only)",
+            (false, false) => "",
         };
         row(
             "volume",
@@ -822,6 +877,42 @@ mod tests {
                 "idle_delay": "2s",
             })
         );
+    }
+
+    #[test]
+    fn secret_and_volume_flags_become_the_api_form() {
+        let probe = Probe::parse_from([
+            "x",
+            "--secret",
+            "DB_PASS=db-pass",
+            "--secret",
+            "/run/secrets/tls.key=tls-key",
+            "--volume",
+            "data:/data",
+            "--volume",
+            "conf:/etc/app:ro:shared",
+        ]);
+        let mut body = Map::new();
+        apply_flags(&mut body, &probe.flags, true);
+        assert_eq!(
+            Value::Object(body),
+            json!({
+                "secrets": [
+                    {"env": "DB_PASS", "secret": "db-pass"},
+                    {"file": "/run/secrets/tls.key", "secret": "tls-key"},
+                ],
+                "volumes": [
+                    {"name": "data", "path": "/data"},
+                    {"name": "conf", "path": "/etc/app", "read_only": true, "shared": true},
+                ],
+            })
+        );
+        for bad in ["DB_PASS", "=x", "X=", "/p="] {
+            assert!(parse_secret(bad).is_err(), "{bad}");
+        }
+        for bad in ["data", "data:rel", ":/data", "data:/data:rw"] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -143,6 +143,14 @@ fn status_view(s: ServiceStatus) -> StatusView {
     }
 }
 
+/// A log line's time, for ordering lines of several instances (their texts may differ in
+/// precision).
+fn log_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
 /// The JSON form of an operation's end.
 pub fn end_json(end: &OperationEnd) -> Value {
     match end {
@@ -622,6 +630,10 @@ impl Control {
             format!("service {name} deleted: instances stopped, routes removed"),
         )
         .await;
+        // Its app logs go last, after the event that ends its history.
+        if let Err(e) = self.engine.host().forget_logs(name).await {
+            tracing::warn!(service = name, "remove the retained logs: {e}");
+        }
         Ok(())
     }
 
@@ -695,27 +707,39 @@ impl Control {
         Ok(record)
     }
 
-    /// The service's instances (every revision the engine still holds), or only `instance`.
+    /// The service's instances whose logs are kept: removed ones (oldest first), then those
+    /// the engine still holds; or only `instance`.
     async fn log_instances(
         &self,
         name: &str,
         instance: Option<&str>,
     ) -> Result<Vec<String>, ApiError> {
-        let status = match self.engine.status(name).await {
-            Ok(s) => s,
+        let live: Vec<String> = match self.engine.status(name).await {
+            Ok(s) => s.instances.into_iter().map(|i| i.id).collect(),
             Err(EngineError::UnknownService { .. }) => {
                 let owned = name.to_owned();
                 self.blocking(move |s| s.get_service(&owned)).await?;
-                return Ok(Vec::new());
+                Vec::new()
             }
             Err(e) => return Err(engine_error(e)),
         };
-        let ids: Vec<String> = status.instances.into_iter().map(|i| i.id).collect();
+        let mut ids = match self.engine.host().retained_logs(name).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(service = name, "list retained logs: {e}");
+                Vec::new()
+            }
+        };
+        for id in live {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         match instance {
             None => Ok(ids),
             Some(id) if ids.iter().any(|i| i == id) => Ok(vec![id.to_owned()]),
             Some(id) => Err(ApiError::not_found(format!(
-                "service {name} has no instance {id} (instances: {})",
+                "service {name} has no instance {id}, running or with logs kept (instances: {})",
                 if ids.is_empty() {
                     "none".to_owned()
                 } else {
@@ -725,28 +749,36 @@ impl Control {
         }
     }
 
-    /// The output of the service's instances after `since` (RFC 3339), merged oldest first,
-    /// each line with its instance.
+    /// The output of the service's instances after `since` (RFC 3339), live and removed ones
+    /// (whose logs the host keeps) merged oldest first, each line with its instance.
     pub async fn logs(
         &self,
         name: &str,
         since: Option<&str>,
         instance: Option<&str>,
     ) -> Result<Vec<Value>, ApiError> {
+        let since = since.map(|s| (log_time(s), s));
         let mut lines = Vec::new();
         let redactor = self.redactor().await;
         for id in self.log_instances(name, instance).await? {
             let host_lines = match self.engine.host().logs(&id).await {
                 Ok(l) => l,
-                // Removed meanwhile.
+                // Removed meanwhile, and its logs not kept.
                 Err(crate::host::HostError::NotFound { .. }) => continue,
                 Err(e) => return Err(ApiError::internal(e.to_string())),
             };
             for line in host_lines {
-                if since.is_some_and(|s| line.time.as_str() <= s) {
+                let at = log_time(&line.time);
+                let after = match (&since, at) {
+                    (None, _) => true,
+                    (Some((Some(since), _)), Some(at)) => at > *since,
+                    (Some((_, since)), _) => line.time.as_str() > *since,
+                };
+                if !after {
                     continue;
                 }
                 lines.push((
+                    at,
                     line.time.clone(),
                     json!({
                         "time": line.time,
@@ -757,8 +789,9 @@ impl Control {
                 ));
             }
         }
-        lines.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(lines.into_iter().map(|(_, v)| v).collect())
+        // Stable: lines of one instance at the same time keep their order.
+        lines.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(lines.into_iter().map(|(_, _, v)| v).collect())
     }
 
     /// The service's access log file, when the daemon keeps one.

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use crate::engine::{RevisionPlan, RevisionPlanner};
-use crate::host::{InstanceLimits, VolumeMount};
-use crate::secrets::SecretKey;
+use crate::host::{InstanceLimits, SecretFile, VolumeMount};
+use crate::secrets::{SecretKey, SecretValue};
 use crate::spec::{SecretTarget, ServiceSpec, Source};
 use crate::store::{RevisionRecord, Store};
 
@@ -17,7 +17,8 @@ pub struct SpecPlanner {
 }
 
 impl SpecPlanner {
-    fn secret(&self, name: &str) -> Result<String, String> {
+    /// Opens secret `name`.
+    fn secret_value(&self, name: &str) -> Result<SecretValue, String> {
         let key = self
             .key
             .as_ref()
@@ -26,10 +27,13 @@ impl SpecPlanner {
             .store
             .get_secret(name)
             .map_err(|e| format!("secret {name}: {e} (set it with `lull secret set {name}`)"))?;
-        let value = key
-            .open(name, &record.ciphertext)
-            .map_err(|e| format!("secret {name}: {e}"))?;
-        value
+        key.open(name, &record.ciphertext)
+            .map_err(|e| format!("secret {name}: {e}"))
+    }
+
+    /// Opens secret `name` for an environment variable (it must be UTF-8).
+    fn secret(&self, name: &str) -> Result<String, String> {
+        self.secret_value(name)?
             .as_str()
             .map(str::to_owned)
             .ok_or_else(|| format!("secret {name}: not UTF-8, cannot be an environment variable"))
@@ -51,16 +55,14 @@ impl RevisionPlanner for SpecPlanner {
         let spec = spec_of(revision)?;
         let Source::Image { reference } = &spec.source;
         let mut env = spec.environment();
+        let mut secret_files = Vec::new();
         for secret in &spec.secrets {
             match &secret.target {
                 SecretTarget::Env(name) => env.push((name.clone(), self.secret(&secret.secret)?)),
-                SecretTarget::File(path) => {
-                    return Err(format!(
-                        "secret {} as file {}: file secrets are not supported yet; use an environment variable",
-                        secret.secret,
-                        path.display()
-                    ));
-                }
+                SecretTarget::File(path) => secret_files.push(SecretFile {
+                    target: path.display().to_string(),
+                    value: self.secret_value(&secret.secret)?,
+                }),
             }
         }
         Ok(RevisionPlan {
@@ -80,9 +82,10 @@ impl RevisionPlanner for SpecPlanner {
                 .map(|v| VolumeMount {
                     name: v.name.clone(),
                     target: v.path.display().to_string(),
-                    read_only: false,
+                    read_only: v.read_only,
                 })
                 .collect(),
+            secret_files,
             min_instances: spec.min_instances,
             scaling: crate::engine::ScalingPlan {
                 max_instances: spec.max_instances,

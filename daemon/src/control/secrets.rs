@@ -165,20 +165,26 @@ pub fn registry_credentials(
 }
 
 /// A redactor of every secret's value (those that open with `key`), for code off the async
-/// threads (it reads the store).
+/// threads (it may read the store). It comes from the key's cache, rebuilt only after a secret
+/// was set or removed through [`Control`] (which invalidates it), opening only changed secrets.
 pub fn secrets_redactor(store: &dyn Store, key: &SecretKey) -> Redactor {
-    let mut redactor = Redactor::new();
-    match store.list_secrets() {
-        Ok(records) => {
-            for record in records {
-                if let Ok(value) = key.open(&record.name, &record.ciphertext) {
-                    redactor.add(&value);
-                }
-            }
-        }
-        Err(e) => tracing::warn!("list secrets to redact: {e}"),
+    let cache = key.redactors();
+    // Read before listing: a change made meanwhile leaves this build stale, not lost.
+    let generation = cache.generation();
+    if let Some(redactor) = cache.current(generation) {
+        return redactor;
     }
-    redactor
+    match store.list_secrets() {
+        Ok(records) => cache.rebuild(
+            key,
+            generation,
+            records.into_iter().map(|r| (r.name, r.ciphertext)),
+        ),
+        Err(e) => {
+            tracing::warn!("list secrets to redact: {e}");
+            Redactor::new()
+        }
+    }
 }
 
 /// Replaces every string in `value` that holds a known secret value.
@@ -286,9 +292,10 @@ impl Control {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         drop(value);
         let owned = name.to_owned();
-        let record = self
-            .blocking(move |s| s.put_secret(&owned, &sealed))
-            .await?;
+        let stored = self.blocking(move |s| s.put_secret(&owned, &sealed)).await;
+        // Stale either way: the write may have happened before an error was reported.
+        key.redactors().invalidate();
+        let record = stored?;
         tracing::info!(secret = name, "secret set");
         let users = self.secret_users().await?;
         let mut deploys = Vec::new();
@@ -391,7 +398,11 @@ impl Control {
             ));
         }
         let owned = name.to_owned();
-        self.blocking(move |s| s.delete_secret(&owned)).await?;
+        let deleted = self.blocking(move |s| s.delete_secret(&owned)).await;
+        if let Some(key) = &self.key {
+            key.redactors().invalidate();
+        }
+        deleted?;
         tracing::info!(secret = name, "secret deleted");
         Ok(())
     }
@@ -407,25 +418,22 @@ impl Control {
             .map_err(|e| ApiError::internal(format!("store task: {e}")))
     }
 
-    /// A redactor for every stored secret's value (those that open with this key).
+    /// A redactor for every stored secret's value (those that open with this key), from the
+    /// key's cache (see [`secrets_redactor`]).
     pub async fn redactor(&self) -> Redactor {
         let Some(key) = self.key.clone() else {
             return Redactor::new();
         };
-        let records = match self.blocking(|s| s.list_secrets()).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("list secrets to redact: {}", e.message);
-                return Redactor::new();
-            }
-        };
-        let mut redactor = Redactor::new();
-        for record in records {
-            if let Ok(value) = key.open(&record.name, &record.ciphertext) {
-                redactor.add(&value);
-            }
+        if let Some(redactor) = key.redactors().current(key.redactors().generation()) {
+            return redactor;
         }
-        redactor
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || secrets_redactor(store.as_ref(), &key))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!("redactor task: {e}");
+                Redactor::new()
+            })
     }
 
     /// Stores credentials for a registry host; answers the host and username.
@@ -551,6 +559,49 @@ mod tests {
             value,
             json!({"a": ["x [redacted] y", 3], "b": {"c": "[redacted]"}, "d": "clean"})
         );
+    }
+
+    #[test]
+    fn the_redactor_is_cached_until_a_secret_changes_and_reopens_only_changes() {
+        let store = crate::store::MemStore::new();
+        let key = SecretKey::from_bytes(&[7; 32]);
+        let put = |name: &str, value: &str| {
+            store
+                .put_secret(name, &key.seal(name, value.as_bytes()).unwrap())
+                .unwrap();
+            key.redactors().invalidate();
+        };
+        put("db", "hunter2");
+        put("api", "tok-123");
+        let r = secrets_redactor(&store, &key);
+        assert_eq!(r.redact("x hunter2 tok-123"), "x [redacted] [redacted]");
+        assert_eq!(key.opens(), 2);
+        // Event after event: no decryption at all.
+        for _ in 0..5 {
+            let r = secrets_redactor(&store, &key);
+            assert_eq!(r.redact("hunter2"), "[redacted]");
+        }
+        assert_eq!(key.opens(), 2);
+        // One secret set: only it is opened again; its old value is no longer redacted.
+        put("db", "swordfish");
+        let r = secrets_redactor(&store, &key);
+        assert_eq!(key.opens(), 3);
+        assert_eq!(
+            r.redact("hunter2 swordfish tok-123"),
+            "hunter2 [redacted] [redacted]"
+        );
+        // One removed: nothing opened, its value no longer redacted.
+        store.delete_secret("api").unwrap();
+        key.redactors().invalidate();
+        let r = secrets_redactor(&store, &key);
+        assert_eq!(key.opens(), 3);
+        assert_eq!(r.redact("swordfish tok-123"), "[redacted] tok-123");
+        // Without an invalidation the cache is what is used (the store is not even read).
+        store
+            .put_secret("late", &key.seal("late", b"unseen").unwrap())
+            .unwrap();
+        assert_eq!(secrets_redactor(&store, &key).redact("unseen"), "unseen");
+        assert_eq!(key.opens(), 3);
     }
 
     #[test]

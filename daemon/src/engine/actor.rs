@@ -1753,5 +1753,6 @@ fn start_request(service: &str, revision: u64, plan: &RevisionPlan, image: &str)
         port: plan.port,
         limits: plan.limits,
         volumes: plan.volumes.clone(),
+        secret_files: plan.secret_files.clone(),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lull_proxy::config::ServiceConfig;
 
-use crate::host::{InstanceLimits, VolumeMount};
+use crate::host::{InstanceLimits, SecretFile, VolumeMount};
 use crate::store::RevisionRecord;
 
 /// One revision as the engine runs it.
@@ -25,6 +25,8 @@ pub struct RevisionPlan {
     pub port: u16,
     pub limits: InstanceLimits,
     pub volumes: Vec<VolumeMount>,
+    /// Secrets given as files (opened by the planner).
+    pub secret_files: Vec<SecretFile>,
     /// Instances a deploy starts at least (one when zero); the autoscaler never goes below
     /// it (zero: the service scales to zero when idle).
     pub min_instances: u32,
@@ -47,6 +49,7 @@ impl RevisionPlan {
             port: 8080,
             limits: InstanceLimits::default(),
             volumes: Vec::new(),
+            secret_files: Vec::new(),
             min_instances: 1,
             scaling: ScalingPlan::default(),
             hostnames: Vec::new(),

@@ -92,6 +92,17 @@ impl InstanceHost for BudgetedHost {
         self.inner.logs(id)
     }
 
+    fn retained_logs<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
+        self.inner.retained_logs(service)
+    }
+
+    fn forget_logs<'a>(&'a self, service: &'a str) -> HostFuture<'a, Result<(), HostError>> {
+        self.inner.forget_logs(service)
+    }
+
     fn log_tail<'a>(
         &'a self,
         id: &'a str,
@@ -131,6 +142,7 @@ mod tests {
                 ..InstanceLimits::default()
             },
             volumes: Vec::new(),
+            secret_files: Vec::new(),
         };
         host.ensure_image("example.test/app:1").await.unwrap();
         host.start(request("web-r1-a")).await.unwrap();

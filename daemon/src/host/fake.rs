@@ -38,7 +38,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::{
     ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
-    StartRequest, Started,
+    SecretFile, StartRequest, Started,
 };
 
 /// A CPU control that counts what the gate (or the engine) asked of it.
@@ -118,11 +118,15 @@ impl Shared {
 
 struct FakeInstance {
     service: String,
+    secret_files: Vec<SecretFile>,
     addr: SocketAddr,
     cpu: Arc<CountingCpu>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
+
+/// A removed instance's service, id and (time, line) lines.
+type RetainedLogs = (String, String, Vec<(String, String)>);
 
 #[derive(Default)]
 struct State {
@@ -133,6 +137,8 @@ struct State {
     kills: u64,
     image_error: Option<String>,
     images: Vec<String>,
+    /// Logs of removed instances, in removal order.
+    retained: Vec<RetainedLogs>,
 }
 
 /// The fake host; clones share one set of instances (keep one in the test as its handle).
@@ -152,6 +158,14 @@ impl FakeHost {
 
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// The secret files instance `id` was started with.
+    pub fn secret_files(&self, id: &str) -> Option<Vec<SecretFile>> {
+        self.state()
+            .instances
+            .get(id)
+            .map(|i| i.secret_files.clone())
     }
 
     /// Makes every later `ensure_image` fail with `reason` (`None`: succeed again).
@@ -328,6 +342,7 @@ impl FakeHost {
             id.clone(),
             FakeInstance {
                 service: request.service.clone(),
+                secret_files: request.secret_files.clone(),
                 addr,
                 cpu: cpu.clone(),
                 shared,
@@ -435,6 +450,10 @@ impl InstanceHost for FakeHost {
             }
             if let Some(instance) = state.instances.remove(id) {
                 instance.task.abort();
+                let lines = lock(&instance.shared.logs).clone();
+                state
+                    .retained
+                    .push((instance.service.clone(), id.to_owned(), lines));
             }
             state.removes += 1;
             Ok(())
@@ -465,16 +484,46 @@ impl InstanceHost for FakeHost {
 
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {
         Box::pin(async move {
-            let shared = self.shared(id)?;
-            let logs = lock(&shared.logs);
-            Ok(logs
-                .iter()
+            let lines = match self.shared(id) {
+                Ok(shared) => lock(&shared.logs).clone(),
+                Err(e) => self
+                    .state()
+                    .retained
+                    .iter()
+                    .find(|(_, retained, _)| retained == id)
+                    .map(|(_, _, lines)| lines.clone())
+                    .ok_or(e)?,
+            };
+            Ok(lines
+                .into_iter()
                 .map(|(time, text)| LogLine {
-                    time: time.clone(),
+                    time,
                     stream: "stdout",
-                    text: text.clone(),
+                    text,
                 })
                 .collect())
+        })
+    }
+
+    fn retained_logs<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
+        Box::pin(async move {
+            Ok(self
+                .state()
+                .retained
+                .iter()
+                .filter(|(s, _, _)| s == service)
+                .map(|(_, id, _)| id.clone())
+                .collect())
+        })
+    }
+
+    fn forget_logs<'a>(&'a self, service: &'a str) -> HostFuture<'a, Result<(), HostError>> {
+        Box::pin(async move {
+            self.state().retained.retain(|(s, _, _)| s != service);
+            Ok(())
         })
     }
 }
@@ -655,6 +704,7 @@ mod tests {
             port: 8080,
             limits: Default::default(),
             volumes: Vec::new(),
+            secret_files: Vec::new(),
         }
     }
 

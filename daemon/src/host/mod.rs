@@ -77,6 +77,16 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
+/// A secret given to an instance as a file: mode 0400, owned by the app's user, on a tmpfs
+/// (never written to disk in clear), read-only inside the instance, gone with the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    /// Absolute, inside the instance.
+    pub target: String,
+    /// The secret's plaintext (its `Debug` is redacted).
+    pub value: crate::secrets::SecretValue,
+}
+
 /// Everything the host needs to start one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartRequest {
@@ -96,6 +106,8 @@ pub struct StartRequest {
     pub port: u16,
     pub limits: InstanceLimits,
     pub volumes: Vec<VolumeMount>,
+    /// Secrets given as files.
+    pub secret_files: Vec<SecretFile>,
 }
 
 impl StartRequest {
@@ -216,8 +228,26 @@ pub trait InstanceHost: Send + Sync + 'static {
     /// The instances still running (after a daemon restart), with their service and revision.
     fn recover(&self) -> HostFuture<'_, Result<Vec<RecoveredInstance>, HostError>>;
 
-    /// Every line of the instance's stdout and stderr still kept, oldest first.
+    /// Every line of the instance's stdout and stderr still kept, oldest first: of a live
+    /// instance, or of a removed one whose logs are retained (see
+    /// [`InstanceHost::retained_logs`]).
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>>;
+
+    /// The removed instances of `service` whose logs the host still keeps, oldest first. A
+    /// host keeps them under a per-service byte cap; one that keeps none answers nothing.
+    fn retained_logs<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
+        let _ = service;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Drops every retained log of `service` (it was deleted).
+    fn forget_logs<'a>(&'a self, service: &'a str) -> HostFuture<'a, Result<(), HostError>> {
+        let _ = service;
+        Box::pin(async { Ok(()) })
+    }
 
     /// The last `lines` lines of the instance's stdout and stderr, oldest first, each as
     /// `TIME STREAM TEXT`.

@@ -60,6 +60,10 @@ pub struct RealHostConfig {
     pub volumes_dir: PathBuf,
     pub pull: PullOptions,
     pub log_limits: LogLimits,
+    /// `<service>/<instance id>/` log dirs of removed instances, in the runtime's log format.
+    pub retained_logs_dir: PathBuf,
+    /// Bytes of retained logs kept per service; the oldest go first beyond it.
+    pub retained_logs_max_bytes: u64,
 }
 
 impl RealHostConfig {
@@ -70,7 +74,15 @@ impl RealHostConfig {
             volumes_dir: data_dir.join("volumes"),
             pull: PullOptions::default(),
             log_limits: LogLimits::default(),
+            retained_logs_dir: data_dir.join("logs/instances"),
+            retained_logs_max_bytes: crate::config::DEFAULT_LOG_MAX_BYTES,
         }
+    }
+
+    /// The same, keeping at most `max_bytes` of retained logs per service.
+    pub fn with_retained_logs_max_bytes(mut self, max_bytes: u64) -> RealHostConfig {
+        self.retained_logs_max_bytes = max_bytes;
+        self
     }
 }
 
@@ -118,7 +130,11 @@ impl RealHost {
         network: Arc<dyn InstanceNetwork>,
         config: RealHostConfig,
     ) -> Result<RealHost, HostError> {
-        for dir in [&config.labels_dir, &config.volumes_dir] {
+        for dir in [
+            &config.labels_dir,
+            &config.volumes_dir,
+            &config.retained_logs_dir,
+        ] {
             std::fs::create_dir_all(dir).map_err(|e| HostError::Recover {
                 reason: format!("create {}: {e}", dir.display()),
             })?;
@@ -216,9 +232,6 @@ impl RealHost {
             id: id.clone(),
             reason: e.to_string(),
         })?;
-        if req.volumes.iter().any(|v| v.read_only) {
-            return Err(fail("read-only volumes are not supported yet".into()));
-        }
         let parsed: Reference = req
             .image
             .parse()
@@ -250,9 +263,23 @@ impl RealHost {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| fail(format!("volume dir {}: {e}", dir.display())))?;
             files.push(FileBind {
-                source: dir,
-                destination: PathBuf::from(&volume.target),
+                read_only: volume.read_only,
+                ..FileBind::new(dir, &volume.target)
             });
+        }
+        if !req.secret_files.is_empty() {
+            let dir = self.secrets_dir(&id);
+            let secrets = req.secret_files.clone();
+            let written = tokio::task::spawn_blocking(move || write_secret_files(&dir, &secrets))
+                .await
+                .map_err(|e| fail(format!("secret files task: {e}")))?;
+            match written {
+                Ok(binds) => files.extend(binds),
+                Err(e) => {
+                    self.remove_secret_files(&id).await;
+                    return Err(fail(e.to_string()));
+                }
+            }
         }
         let label = Label {
             service: req.service.clone(),
@@ -260,8 +287,13 @@ impl RealHost {
             port: req.port,
         };
         let label_json = serde_json::to_vec(&label).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(self.label_path(&id), label_json)
-            .map_err(|e| fail(format!("write {}: {e}", self.label_path(&id).display())))?;
+        if let Err(e) = std::fs::write(self.label_path(&id), label_json) {
+            self.remove_secret_files(&id).await;
+            return Err(fail(format!(
+                "write {}: {e}",
+                self.label_path(&id).display()
+            )));
+        }
 
         let network = self.network.clone();
         let attach = AttachRequest {
@@ -278,13 +310,15 @@ impl RealHost {
             Ok(a) => a,
             Err(e) => {
                 let _ = std::fs::remove_file(self.label_path(&id));
+                self.remove_secret_files(&id).await;
                 return Err(e);
             }
         };
-        files.extend(attachment.files().map(|(source, destination)| FileBind {
-            source: source.to_path_buf(),
-            destination: destination.into(),
-        }));
+        files.extend(
+            attachment
+                .files()
+                .map(|(source, destination)| FileBind::new(source, destination)),
+        );
         let request = InstanceRequest {
             id: id.clone(),
             layers,
@@ -333,9 +367,69 @@ impl RealHost {
         })
     }
 
-    /// Removes what an instance left besides its runtime files: network, label.
+    /// The tmpfs holding an instance's secret files.
+    fn secrets_dir(&self, id: &str) -> PathBuf {
+        self.runtime.config.run_dir.join("secrets").join(id)
+    }
+
+    async fn remove_secret_files(&self, id: &str) {
+        let dir = self.secrets_dir(id);
+        match tokio::task::spawn_blocking(move || remove_secrets_dir(&dir)).await {
+            Ok(Err(e)) => tracing::warn!(instance = id, "remove the secret files: {e}"),
+            Err(e) => tracing::warn!(instance = id, "secret files task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+
+    /// Moves a removed instance's log files to the retained logs of its service (then trimmed
+    /// to the service's cap), so that `lull logs` still shows them. Failures are logged: the
+    /// instance is removed anyway.
+    async fn retain_logs(&self, id: &str) {
+        let from = self.runtime.config.instances_dir().join(id).join("logs");
+        let service = std::fs::read(self.label_path(id))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Label>(&b).ok())
+            .map(|l| l.service)
+            .or_else(|| super::parse_instance_id(id).map(|(s, _)| s.to_owned()));
+        let Some(service) = service else {
+            return;
+        };
+        let service_dir = self.config.retained_logs_dir.join(&service);
+        let max_bytes = self.config.retained_logs_max_bytes;
+        let owned = id.to_owned();
+        let moved = tokio::task::spawn_blocking(move || {
+            move_logs(&from, &service_dir.join(&owned))?;
+            trim_retained(&service_dir, max_bytes)
+        })
+        .await;
+        match moved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(instance = id, %service, "retain the logs: {e}"),
+            Err(e) => tracing::warn!(instance = id, "retain logs task: {e}"),
+        }
+    }
+
+    /// The retained log dir of removed instance `id`, if its logs are kept.
+    fn retained_dir(&self, id: &str) -> Option<PathBuf> {
+        if lull_runtime::instance::validate_id(id).is_err() {
+            return None;
+        }
+        let by_name = super::parse_instance_id(id)
+            .map(|(service, _)| self.config.retained_logs_dir.join(service).join(id));
+        if let Some(dir) = by_name.filter(|d| d.is_dir()) {
+            return Some(dir);
+        }
+        std::fs::read_dir(&self.config.retained_logs_dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join(id))
+            .find(|d| d.is_dir())
+    }
+
+    /// Removes what an instance left besides its runtime files: network, label, secret files.
     async fn cleanup(&self, id: &str) {
         let _ = self.runtime.instances.remove_files(id);
+        self.remove_secret_files(id).await;
         let network = self.network.clone();
         let owned = id.to_owned();
         match tokio::task::spawn_blocking(move || network.detach(&owned)).await {
@@ -372,6 +466,7 @@ impl RealHost {
                     let id = instance.id.clone();
                     if self.label_path(&id).exists() {
                         tracing::info!(instance = %id, "ended while the daemon was down: {}", exit_info(&status));
+                        self.retain_logs(&id).await;
                         let _ = self.runtime.instances.delete(instance).await;
                         self.cleanup(&id).await;
                     }
@@ -509,6 +604,7 @@ impl InstanceHost for RealHost {
                 .map_err(|e| instance_err(id, "remove")(e.to_string()))?;
             match found {
                 Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => {
+                    self.retain_logs(id).await;
                     self.runtime
                         .instances
                         .delete(instance)
@@ -528,10 +624,13 @@ impl InstanceHost for RealHost {
 
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {
         Box::pin(async move {
-            let dir = self.runtime.config.instances_dir().join(id).join("logs");
-            if !dir.exists() {
-                return Err(HostError::NotFound { id: id.to_owned() });
-            }
+            let live = self.runtime.config.instances_dir().join(id).join("logs");
+            let dir = match live.exists() {
+                true => live,
+                false => self
+                    .retained_dir(id)
+                    .ok_or_else(|| HostError::NotFound { id: id.to_owned() })?,
+            };
             let records = tokio::task::spawn_blocking(move || logs::read_all(&dir))
                 .await
                 .map_err(|e| instance_err(id, "read logs")(e.to_string()))?
@@ -546,6 +645,210 @@ impl InstanceHost for RealHost {
                 .collect())
         })
     }
+
+    fn retained_logs<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> HostFuture<'a, Result<Vec<String>, HostError>> {
+        Box::pin(async move {
+            let dir = self.config.retained_logs_dir.join(service);
+            tokio::task::spawn_blocking(move || retained_oldest_first(&dir))
+                .await
+                .map_err(|e| HostError::Recover {
+                    reason: format!("retained logs task: {e}"),
+                })
+                .map(|dirs| {
+                    dirs.iter()
+                        .filter_map(|d| d.file_name()?.to_str().map(str::to_owned))
+                        .collect()
+                })
+        })
+    }
+
+    fn forget_logs<'a>(&'a self, service: &'a str) -> HostFuture<'a, Result<(), HostError>> {
+        Box::pin(async move {
+            if crate::names::check_label(service).is_err() {
+                return Ok(());
+            }
+            let dir = self.config.retained_logs_dir.join(service);
+            let removed =
+                tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(format!("remove {}: {e}", dir.display()))
+                    }
+                    _ => Ok(()),
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            removed.map_err(|reason| HostError::Instance {
+                id: service.to_owned(),
+                action: "remove the retained logs of",
+                reason,
+            })
+        })
+    }
+}
+
+/// What went wrong with secret files or retained logs on the host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostFilesError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mount a tmpfs at {path}: {source}")]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error("retained logs: {0}")]
+    Logs(#[from] logs::LogError),
+}
+
+fn files_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostFilesError {
+    let path = path.to_owned();
+    move |source| HostFilesError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Bytes of tmpfs for secret files besides their values (inodes, rounding).
+const SECRETS_TMPFS_SLACK: usize = 64 * 1024;
+
+/// Mounts a private tmpfs at `dir` and writes each secret there (mode 0400), returning the
+/// binds that put them at their targets, read-only and handed to the app's user. Nothing is
+/// written to a disk: the values live in the tmpfs's memory until it is unmounted.
+pub fn write_secret_files(
+    dir: &Path,
+    secrets: &[super::SecretFile],
+) -> Result<Vec<FileBind>, HostFilesError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(files_err("create", parent))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(files_err("create", dir))?;
+    let bytes: usize = secrets.iter().map(|s| s.value.as_bytes().len()).sum();
+    let size = (bytes + SECRETS_TMPFS_SLACK).div_ceil(4096) * 4096;
+    let options = format!("mode=0700,size={size},nr_inodes={}", secrets.len() + 16);
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some(options.as_str()),
+    )
+    .map_err(|source| HostFilesError::Mount {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut binds = Vec::with_capacity(secrets.len());
+    for (i, secret) in secrets.iter().enumerate() {
+        let path = dir.join(i.to_string());
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(files_err("create", &path))?;
+        file.write_all(secret.value.as_bytes())
+            .map_err(files_err("write", &path))?;
+        binds.push(FileBind {
+            read_only: true,
+            owned_by_app: true,
+            ..FileBind::new(path, &secret.target)
+        });
+    }
+    Ok(binds)
+}
+
+/// Unmounts and removes a secrets dir made by [`write_secret_files`]; nothing there is fine.
+pub fn remove_secrets_dir(dir: &Path) -> Result<(), HostFilesError> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(files_err("inspect", dir)(e)),
+        Ok(_) => {}
+    }
+    match nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+        // EINVAL: not a mount point (the mount failed, or it is gone already).
+        Ok(()) | Err(nix::Error::EINVAL) => {}
+        Err(source) => {
+            return Err(HostFilesError::Mount {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    }
+    std::fs::remove_dir_all(dir).map_err(files_err("remove", dir))
+}
+
+/// Moves an instance's log dir to `to` (a rename on one filesystem, else a copy).
+fn move_logs(from: &Path, to: &Path) -> Result<(), HostFilesError> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(files_err("create", parent))?;
+    }
+    if to.exists() {
+        std::fs::remove_dir_all(to).map_err(files_err("replace", to))?;
+    }
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(to).map_err(files_err("create", to))?;
+    for path in logs::log_files(from) {
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        std::fs::copy(&path, to.join(name)).map_err(files_err("copy", &path))?;
+    }
+    std::fs::remove_dir_all(from).map_err(files_err("remove", from))
+}
+
+/// The retained instance dirs of a service, oldest first (by their newest log file's time).
+fn retained_oldest_first(service_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(service_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .map(|dir| {
+            let newest = logs::log_files(&dir)
+                .iter()
+                .chain(std::iter::once(&dir))
+                .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .max()
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (newest, dir)
+        })
+        .collect();
+    dirs.sort();
+    dirs.into_iter().map(|(_, d)| d).collect()
+}
+
+/// Keeps a service's retained logs under `max_bytes`, the oldest removed first.
+fn trim_retained(service_dir: &Path, max_bytes: u64) -> Result<(), HostFilesError> {
+    let dirs = retained_oldest_first(service_dir);
+    let removed = logs::trim_to(&dirs, max_bytes)?;
+    if !removed.is_empty() {
+        tracing::debug!(
+            dir = %service_dir.display(),
+            files = removed.len(),
+            "retained logs trimmed to the service's cap"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -96,7 +96,8 @@ pub struct EnvVar {
     pub value: String,
 }
 
-/// A lull secret given to instances.
+/// A lull secret given to instances: as an environment variable, or as a file (mode 0400,
+/// owned by the app's user, on a tmpfs: never written to disk in clear).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretRef {
     pub target: SecretTarget,
@@ -129,6 +130,8 @@ pub struct Volume {
     /// Whether several instances may mount it at once; an unshared volume limits the service
     /// to one instance.
     pub shared: bool,
+    /// Mounted read-only: the app reads what the operator put there and cannot change it.
+    pub read_only: bool,
 }
 
 impl ServiceSpec {

@@ -134,6 +134,7 @@ fn each_bad_field_is_named_with_its_path() {
                     name: "data".into(),
                     path: "/data".into(),
                     shared: false,
+                    read_only: false,
                 }]
             }),
             "max_instances: must be 1: volume data is not shared (mark it shared to run more instances)",
@@ -144,6 +145,7 @@ fn each_bad_field_is_named_with_its_path() {
                     name: "Data".into(),
                     path: "/data".into(),
                     shared: true,
+                    read_only: false,
                 }]
             }),
             "volumes[0].name: \"Data\" is not a DNS label",
@@ -154,9 +156,73 @@ fn each_bad_field_is_named_with_its_path() {
                     name: "d".into(),
                     path: "/a/../b".into(),
                     shared: true,
+                    read_only: false,
                 }]
             }),
             "volumes[0].path: /a/../b must not contain '..'",
+        ),
+        (
+            Box::new(|s| {
+                s.secrets = vec![SecretRef {
+                    target: SecretTarget::File("/proc/self/environ".into()),
+                    secret: "db".into(),
+                }]
+            }),
+            "secrets[0].file: /proc/self/environ is inside /proc, which the runtime mounts itself",
+        ),
+        (
+            Box::new(|s| {
+                s.secrets = vec![SecretRef {
+                    target: SecretTarget::File("/dev/shm/key".into()),
+                    secret: "db".into(),
+                }]
+            }),
+            "secrets[0].file: /dev/shm/key is inside /dev",
+        ),
+        (
+            Box::new(|s| {
+                s.volumes = vec![Volume {
+                    name: "d".into(),
+                    path: "/sys/x".into(),
+                    shared: true,
+                    read_only: true,
+                }]
+            }),
+            "volumes[0].path: /sys/x is inside /sys",
+        ),
+        (
+            Box::new(|s| {
+                s.secrets = vec![SecretRef {
+                    target: SecretTarget::File("/etc/hosts".into()),
+                    secret: "db".into(),
+                }]
+            }),
+            "secrets[0].file: /etc/hosts is lull's own",
+        ),
+        (
+            Box::new(|s| {
+                let file = |path: &str| SecretRef {
+                    target: SecretTarget::File(path.into()),
+                    secret: "db".into(),
+                };
+                s.secrets = vec![file("/run/secrets/a"), file("/run/secrets/a/")];
+            }),
+            "secrets[1].file: /run/secrets/a/ is already the target of secrets[0].file",
+        ),
+        (
+            Box::new(|s| {
+                s.secrets = vec![SecretRef {
+                    target: SecretTarget::File("/data".into()),
+                    secret: "db".into(),
+                }];
+                s.volumes = vec![Volume {
+                    name: "d".into(),
+                    path: "/data".into(),
+                    shared: true,
+                    read_only: false,
+                }];
+            }),
+            "volumes[0].path: /data is already the target of secrets[0].file",
         ),
         (
             Box::new(|s| s.pids_limit = 1),
@@ -210,11 +276,20 @@ fn every_problem_is_reported_together() {
     // An unshared volume is fine with one instance.
     let mut s = spec();
     s.max_instances = 1;
-    s.volumes = vec![Volume {
-        name: "data".into(),
-        path: "/data".into(),
-        shared: false,
-    }];
+    s.volumes = vec![
+        Volume {
+            name: "data".into(),
+            path: "/data".into(),
+            shared: false,
+            read_only: false,
+        },
+        Volume {
+            name: "conf".into(),
+            path: "/etc/app".into(),
+            shared: false,
+            read_only: true,
+        },
+    ];
     s.validate().unwrap();
 }
 
@@ -427,11 +502,20 @@ fn export_reads_back_as_the_same_spec() {
         memory_bytes: 64 << 20,
     };
     s.max_instances = 1;
-    s.volumes = vec![Volume {
-        name: "data".into(),
-        path: "/data".into(),
-        shared: false,
-    }];
+    s.volumes = vec![
+        Volume {
+            name: "data".into(),
+            path: "/data".into(),
+            shared: false,
+            read_only: false,
+        },
+        Volume {
+            name: "conf".into(),
+            path: "/etc/app".into(),
+            shared: false,
+            read_only: true,
+        },
+    ];
     s.traffic.idle_delay = Duration::from_millis(500);
     s.traffic.cpu = lull_proxy::config::CpuMode::Always;
     s.validate().unwrap();
@@ -481,4 +565,48 @@ fn scaling_settings_read_and_min_zero_is_scale_to_zero() {
     assert_eq!(s.scaling.scale_to_zero_after, Duration::from_secs(120));
     let e = serde_json::from_str::<ServiceUpdate>(r#"{"scaling": {"target": 0.5}}"#).unwrap_err();
     assert!(e.to_string().contains("unknown field `target`"), "{e}");
+}
+
+#[test]
+fn file_secrets_and_read_only_volumes_read_from_json() {
+    let s = ServiceSpec::from_json(
+        r#"{"name": "foo", "source": {"type": "image", "reference": "a"},
+            "secrets": [{"secret": "db-pass", "file": "/run/secrets/db"}, {"secret": "db-pass", "env": "DB"}],
+            "volumes": [{"name": "conf", "path": "/etc/app", "read_only": true}, {"name": "data", "path": "/data"}],
+            "max_instances": 1}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        s.secrets[0],
+        SecretRef {
+            target: SecretTarget::File("/run/secrets/db".into()),
+            secret: "db-pass".into(),
+        }
+    );
+    assert!(s.volumes[0].read_only);
+    assert!(!s.volumes[1].read_only);
+    // The JSON form says read_only only when set, and reads back the same.
+    let json = s.to_json();
+    assert_eq!(json["volumes"][0]["read_only"], true);
+    assert!(json["volumes"][1].get("read_only").is_none(), "{json}");
+    assert_eq!(json["secrets"][0]["file"], "/run/secrets/db");
+    assert_eq!(ServiceSpec::from_json(&json.to_string()).unwrap(), s);
+    // A volume turned read-only, or a file secret moved, makes a revision that says so.
+    let mut t = s.clone();
+    t.volumes[1].read_only = true;
+    t.secrets[0].target = SecretTarget::File("/run/secrets/db2".into());
+    assert_eq!(
+        changes(&s, &t),
+        [
+            "secret /run/secrets/db2 added",
+            "secret /run/secrets/db removed",
+            "volumes changed"
+        ]
+    );
+    let e = ServiceSpec::from_json(
+        r#"{"name": "foo", "source": {"type": "image", "reference": "a"},
+            "volumes": [{"name": "conf", "path": "/etc/app", "read_only": "yes"}]}"#,
+    )
+    .unwrap_err();
+    assert!(e.0[0].path.starts_with("volumes[0].read_only"), "{e}");
 }

@@ -1,9 +1,9 @@
 //! Every rule a spec must keep, checked all at once; each problem names its field path in the
 //! JSON form (`env[2].name`, `health_check.timeout`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::Component;
+use std::path::{Component, Path};
 use std::time::Duration;
 
 use lull_proxy::config::{HealthProbe, TIMEOUT_RULE};
@@ -104,7 +104,8 @@ impl ServiceSpec {
                 p.add(format!("env[{i}].value"), "contains a NUL byte");
             }
         }
-        let mut secret_files = HashSet::new();
+        // Every path mounted into the instance (file secrets and volumes): one mount each.
+        let mut targets: HashMap<&Path, String> = HashMap::new();
         for (i, secret) in self.secrets.iter().enumerate() {
             match &secret.target {
                 SecretTarget::Env(name) => {
@@ -118,13 +119,16 @@ impl ServiceSpec {
                     }
                 }
                 SecretTarget::File(path) => {
+                    let field = format!("secrets[{i}].file");
                     if let Err(message) = check_mount_path(path) {
-                        p.add(format!("secrets[{i}].file"), message);
-                    } else if !secret_files.insert(path) {
+                        p.add(field, message);
+                    } else if let Some(first) = targets.get(path.as_path()) {
                         p.add(
-                            format!("secrets[{i}].file"),
-                            format!("{} is used twice", path.display()),
+                            field,
+                            format!("{} is already the target of {first}", path.display()),
                         );
+                    } else {
+                        targets.insert(path, field);
                     }
                 }
             }
@@ -177,7 +181,6 @@ impl ServiceSpec {
             );
         }
         let mut volume_names = HashSet::new();
-        let mut volume_paths = HashSet::new();
         for (i, volume) in self.volumes.iter().enumerate() {
             if let Err(e) = names::check_label(&volume.name) {
                 p.add(format!("volumes[{i}].name"), e.to_string());
@@ -187,13 +190,16 @@ impl ServiceSpec {
                     format!("{} is used twice", volume.name),
                 );
             }
+            let field = format!("volumes[{i}].path");
             if let Err(message) = check_mount_path(&volume.path) {
-                p.add(format!("volumes[{i}].path"), message);
-            } else if !volume_paths.insert(&volume.path) {
+                p.add(field, message);
+            } else if let Some(first) = targets.get(volume.path.as_path()) {
                 p.add(
-                    format!("volumes[{i}].path"),
-                    format!("{} is used twice", volume.path.display()),
+                    field,
+                    format!("{} is already the target of {first}", volume.path.display()),
                 );
+            } else {
+                targets.insert(&volume.path, field);
             }
         }
         if self.max_instances > 1
@@ -298,8 +304,15 @@ impl ServiceSpec {
     }
 }
 
-/// An absolute path inside an instance, not `/`, without `..`.
-fn check_mount_path(path: &std::path::Path) -> Result<(), String> {
+/// Kernel filesystems the runtime mounts in every instance: nothing may be mounted inside them.
+const KERNEL_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Files lull itself binds into every instance (the network's).
+const RESERVED_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
+
+/// An absolute path inside an instance, not `/`, without `..`, not in a kernel filesystem and
+/// not one of the files lull binds itself.
+fn check_mount_path(path: &Path) -> Result<(), String> {
     if !path.is_absolute() {
         return Err(format!("{} is not an absolute path", path.display()));
     }
@@ -308,6 +321,18 @@ fn check_mount_path(path: &std::path::Path) -> Result<(), String> {
     }
     if path.parent().is_none() {
         return Err("must not be / itself".to_string());
+    }
+    if let Some(dir) = KERNEL_DIRS.iter().find(|d| path.starts_with(d)) {
+        return Err(format!(
+            "{} is inside {dir}, which the runtime mounts itself",
+            path.display()
+        ));
+    }
+    if RESERVED_FILES.iter().any(|f| path == Path::new(f)) {
+        return Err(format!(
+            "{} is lull's own (the instance's network settings)",
+            path.display()
+        ));
     }
     Ok(())
 }

@@ -93,6 +93,9 @@ pub struct WireVolume {
     pub path: PathBuf,
     #[serde(default)]
     pub shared: bool,
+    /// Mounted read-only (absent: read-write).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -316,6 +319,7 @@ impl ServiceUpdate {
                     name: v.name.clone(),
                     path: v.path.clone(),
                     shared: v.shared,
+                    read_only: v.read_only,
                 })
                 .collect();
         }
@@ -423,6 +427,7 @@ impl ServiceUpdate {
                         name: v.name.clone(),
                         path: v.path.clone(),
                         shared: v.shared,
+                        read_only: v.read_only,
                     })
                     .collect(),
             ),

@@ -47,6 +47,25 @@ pub struct LaunchConfig {
 pub struct FileBind {
     pub source: PathBuf,
     pub destination: PathBuf,
+    /// Mounted read-only: writes inside the instance fail with EROFS.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Handed to the app's user (its uid and gid) once the shim has resolved it, before the
+    /// app starts: for files only the app may read (secret files, mode 0400).
+    #[serde(default)]
+    pub owned_by_app: bool,
+}
+
+impl FileBind {
+    /// A read-write bind of `source` at `destination`, left with its owner.
+    pub fn new(source: impl Into<PathBuf>, destination: impl Into<PathBuf>) -> FileBind {
+        FileBind {
+            source: source.into(),
+            destination: destination.into(),
+            read_only: false,
+            owned_by_app: false,
+        }
+    }
 }
 
 /// One value written to a cgroup control file.

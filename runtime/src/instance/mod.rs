@@ -705,10 +705,7 @@ pub(crate) mod test_support {
             },
             hostname: "web-1".into(),
             netns: Some("/run/lull/netns/test".into()),
-            files: vec![FileBind {
-                source: "/run/lull/net/web-1/hosts".into(),
-                destination: "/etc/hosts".into(),
-            }],
+            files: vec![FileBind::new("/run/lull/net/web-1/hosts", "/etc/hosts")],
             cgroups_path: "/lull/web-1".into(),
             resources: Default::default(),
             log_limits: LogLimits::default(),

@@ -120,6 +120,16 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
     let passwd = read_image_file(&rootfs, "etc/passwd");
     let group = read_image_file(&rootfs, "etc/group");
     let user = user::resolve_user(&cfg.process.user, &passwd, &group).map_err(|e| e.to_string())?;
+    for file in cfg.files.iter().filter(|f| f.owned_by_app) {
+        std::os::unix::fs::lchown(&file.source, Some(user.uid), Some(user.gid)).map_err(|e| {
+            format!(
+                "give {} to uid {} gid {}: {e}",
+                file.source.display(),
+                user.uid,
+                user.gid
+            )
+        })?;
+    }
     let spec = spec::build_spec(cfg, &user);
     let config_path = paths.dir.join("config.json");
     spec.save(&config_path)

@@ -141,16 +141,25 @@ pub fn build_spec(cfg: &LaunchConfig, user: &ResolvedUser) -> Spec {
             m.set_destination(file.destination.clone());
             m.set_typ(Some("bind".to_owned()));
             m.set_source(Some(file.source.clone()));
-            m.set_options(Some(
-                ["rbind", "rprivate", "nosuid", "noexec", "nodev"]
-                    .map(str::to_owned)
-                    .to_vec(),
-            ));
+            m.set_options(Some(bind_options(file.read_only)));
             mounts.push(m);
         }
         spec.set_mounts(Some(mounts));
     }
     spec
+}
+
+/// The options of a host file or directory bound into the instance: never a way to run a
+/// program or reach a device; `ro` makes the mount read-only (MS_RDONLY), so writes fail with
+/// EROFS whatever the file's mode.
+fn bind_options(read_only: bool) -> Vec<String> {
+    let mut options: Vec<String> = ["rbind", "rprivate", "nosuid", "noexec", "nodev"]
+        .map(str::to_owned)
+        .to_vec();
+    if read_only {
+        options.push("ro".to_owned());
+    }
+    options
 }
 
 /// libcontainer 0.7 mounts cgroup v1 hierarchies read-write whatever the spec says, which would
@@ -268,6 +277,49 @@ mod tests {
                 .iter()
                 .any(|p| p == "/proc/sys")
         );
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+    use crate::instance::FileBind;
+    use crate::instance::test_support::sample_launch_config;
+
+    #[test]
+    fn read_only_binds_carry_ro_and_others_do_not() {
+        let mut cfg = sample_launch_config();
+        cfg.files.push(FileBind {
+            read_only: true,
+            ..FileBind::new("/var/lib/lull/volumes/web/conf", "/etc/app")
+        });
+        cfg.files
+            .push(FileBind::new("/var/lib/lull/volumes/web/data", "/data"));
+        let user = ResolvedUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/root".into(),
+        };
+        let json = serde_json::to_value(build_spec(&cfg, &user)).unwrap();
+        let options = |dest: &str| -> Vec<String> {
+            let mount = json["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == dest)
+                .unwrap_or_else(|| panic!("no mount at {dest}"));
+            assert_eq!(mount["type"], "bind", "{dest}");
+            serde_json::from_value(mount["options"].clone()).unwrap()
+        };
+        let conf = options("/etc/app");
+        assert!(conf.contains(&"ro".to_owned()), "{conf:?}");
+        for must in ["rbind", "nosuid", "nodev", "noexec"] {
+            assert!(conf.contains(&must.to_owned()), "{must} missing: {conf:?}");
+        }
+        let data = options("/data");
+        assert!(!data.contains(&"ro".to_owned()), "{data:?}");
+        assert!(!options("/etc/hosts").contains(&"ro".to_owned()));
     }
 }
 
