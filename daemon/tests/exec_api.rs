@@ -85,7 +85,9 @@ async fn exec(client: &Client, service: &str, body: &ExecBody, input: &[u8]) -> 
         write_frame(&mut wr, FrameKind::Stdin, input).await.unwrap();
     }
     if !body.tty {
-        write_frame(&mut wr, FrameKind::StdinEof, b"").await.unwrap();
+        write_frame(&mut wr, FrameKind::StdinEof, b"")
+            .await
+            .unwrap();
     }
     collect(&mut rd).await
 }
@@ -102,8 +104,12 @@ async fn collect<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Output {
             return out;
         };
         match frame.kind {
-            FrameKind::Stdout => out.stdout.push_str(&String::from_utf8_lossy(&frame.payload)),
-            FrameKind::Stderr => out.stderr.push_str(&String::from_utf8_lossy(&frame.payload)),
+            FrameKind::Stdout => out
+                .stdout
+                .push_str(&String::from_utf8_lossy(&frame.payload)),
+            FrameKind::Stderr => out
+                .stderr
+                .push_str(&String::from_utf8_lossy(&frame.payload)),
             FrameKind::Exit => out.exit = Some(serde_json::from_slice(&frame.payload).unwrap()),
             FrameKind::Error => panic!("error frame: {:?}", frame.payload),
             other => panic!("unexpected {other:?} from the daemon"),
@@ -122,7 +128,10 @@ async fn api_error(client: &Client, service: &str, body: &ExecBody) -> lull_daem
         .await
     {
         Ok(_) => panic!("exec in {service} with {body:?} was accepted"),
-        Err(e) => e.api().cloned().unwrap_or_else(|| panic!("not an API error: {e}")),
+        Err(e) => e
+            .api()
+            .cloned()
+            .unwrap_or_else(|| panic!("not an API error: {e}")),
     }
 }
 
@@ -172,7 +181,10 @@ async fn exec_requests_are_checked_and_streams_round_trip() {
     let err = api_error(c, "web", &other).await;
     assert_eq!(err.code, ErrorCode::NotFound);
     assert!(err.message.contains("web-r9-000000"), "{err:?}");
-    assert!(err.message.contains("web-r1-"), "lists the instances: {err:?}");
+    assert!(
+        err.message.contains("web-r1-"),
+        "lists the instances: {err:?}"
+    );
 
     // A service whose only revision never became healthy has no instance to run in.
     let state = create(
@@ -194,7 +206,13 @@ async fn exec_requests_are_checked_and_streams_round_trip() {
     let mut cat = body(&["sh", "-c", "cat; echo \"in $FAKE_INSTANCE as $GREETING\""]);
     cat.env.insert("GREETING".into(), "hello".into());
     let out = exec(c, "web", &cat, b"line one\nline two\n").await;
-    assert_eq!(out.exit, Some(ExecExit { code: Some(0), signal: None }));
+    assert_eq!(
+        out.exit,
+        Some(ExecExit {
+            code: Some(0),
+            signal: None
+        })
+    );
     assert!(
         out.stdout.starts_with("line one\nline two\nin web-r1-"),
         "{out:?}"
@@ -225,7 +243,12 @@ async fn exec_requests_are_checked_and_streams_round_trip() {
     tty.rows = Some(33);
     tty.cols = Some(101);
     let io = c
-        .upgrade(Method::POST, "/v1/services/web/exec", &tty, UPGRADE_PROTOCOL)
+        .upgrade(
+            Method::POST,
+            "/v1/services/web/exec",
+            &tty,
+            UPGRADE_PROTOCOL,
+        )
         .await
         .unwrap();
     let (mut rd, mut wr) = tokio::io::split(io);
@@ -242,7 +265,9 @@ async fn exec_requests_are_checked_and_streams_round_trip() {
     write_frame(&mut wr, FrameKind::Resize, &resize_payload(40, 120))
         .await
         .unwrap();
-    write_frame(&mut wr, FrameKind::Stdin, b"go\r").await.unwrap();
+    write_frame(&mut wr, FrameKind::Stdin, b"go\r")
+        .await
+        .unwrap();
     let rest = collect(&mut rd).await;
     assert_eq!(rest.exit.unwrap().code, Some(0), "{rest:?}");
     assert!(rest.stdout.contains("40 120"), "{seen} {rest:?}");

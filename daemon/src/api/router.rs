@@ -45,10 +45,8 @@ impl ApiRequest {
     pub fn wants_upgrade(&self, protocol: &str) -> bool {
         let has = |name: http::header::HeaderName, token: &str| {
             self.headers.get_all(name).iter().any(|v| {
-                v.to_str().is_ok_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case(token))
-                })
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             })
         };
         has(http::header::CONNECTION, "upgrade") && has(http::header::UPGRADE, protocol)

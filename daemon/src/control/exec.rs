@@ -133,7 +133,10 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     if payload.len() > MAX_FRAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("a frame of {} bytes is larger than {MAX_FRAME}", payload.len()),
+            format!(
+                "a frame of {} bytes is larger than {MAX_FRAME}",
+                payload.len()
+            ),
         ));
     }
     let mut frame = Vec::with_capacity(5 + payload.len());
@@ -258,7 +261,11 @@ impl ExecBody {
 impl Control {
     /// The instance an exec runs in: `instance` if it is one of the service's, else the first
     /// healthy instance of the serving revision.
-    pub async fn exec_target(&self, name: &str, instance: Option<&str>) -> Result<String, ApiError> {
+    pub async fn exec_target(
+        &self,
+        name: &str,
+        instance: Option<&str>,
+    ) -> Result<String, ApiError> {
         // An unknown service is a 404 with the usual message.
         self.get(name).await?;
         let no_instance = || {
@@ -384,9 +391,17 @@ pub async fn pump(io: Upgraded, process: ExecProcess) {
         }
         let _ = to_client.shutdown().await;
     });
-    let mut outputs = vec![tokio::spawn(copy_out(stdout, FrameKind::Stdout, tx.clone()))];
+    let mut outputs = vec![tokio::spawn(copy_out(
+        stdout,
+        FrameKind::Stdout,
+        tx.clone(),
+    ))];
     if let Some(stderr) = stderr {
-        outputs.push(tokio::spawn(copy_out(stderr, FrameKind::Stderr, tx.clone())));
+        outputs.push(tokio::spawn(copy_out(
+            stderr,
+            FrameKind::Stderr,
+            tx.clone(),
+        )));
     }
     let tty = resize.is_some();
     let input = tokio::spawn(async move {
@@ -459,7 +474,9 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_bad_ones_are_refused() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        write_frame(&mut a, FrameKind::Stdin, b"hello").await.unwrap();
+        write_frame(&mut a, FrameKind::Stdin, b"hello")
+            .await
+            .unwrap();
         write_frame(&mut a, FrameKind::Resize, &resize_payload(50, 132))
             .await
             .unwrap();
@@ -486,7 +503,10 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&[1, 0, 0]).await.unwrap();
         drop(a);
-        assert!(read_frame(&mut b).await.is_err(), "a torn header is an error");
+        assert!(
+            read_frame(&mut b).await.is_err(),
+            "a torn header is an error"
+        );
         assert_eq!(parse_resize(&[1, 2, 3]), None);
     }
 

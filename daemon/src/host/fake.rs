@@ -396,22 +396,23 @@ impl FakeHost {
         if let Some(cwd) = &request.cwd {
             cmd.current_dir(cwd);
         }
-        let exit_of = |mut child: tokio::process::Child| -> HostFuture<'static, Result<ExitInfo, HostError>> {
-            let id = id.to_owned();
-            Box::pin(async move {
-                use std::os::unix::process::ExitStatusExt;
-                let status = child.wait().await.map_err(|e| HostError::Instance {
-                    id,
-                    action: "exec",
-                    reason: format!("wait: {e}"),
-                })?;
-                Ok(ExitInfo {
-                    code: status.code(),
-                    signal: status.signal(),
-                    oom_killed: false,
+        let exit_of =
+            |mut child: tokio::process::Child| -> HostFuture<'static, Result<ExitInfo, HostError>> {
+                let id = id.to_owned();
+                Box::pin(async move {
+                    use std::os::unix::process::ExitStatusExt;
+                    let status = child.wait().await.map_err(|e| HostError::Instance {
+                        id,
+                        action: "exec",
+                        reason: format!("wait: {e}"),
+                    })?;
+                    Ok(ExitInfo {
+                        code: status.code(),
+                        signal: status.signal(),
+                        oom_killed: false,
+                    })
                 })
-            })
-        };
+            };
         let Some((rows, cols)) = request.tty else {
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -435,7 +436,8 @@ impl FakeHost {
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        let pty = nix::pty::openpty(Some(&size), None).map_err(|e| fail(format!("openpty: {e}")))?;
+        let pty =
+            nix::pty::openpty(Some(&size), None).map_err(|e| fail(format!("openpty: {e}")))?;
         let slave = std::fs::File::from(pty.slave);
         let dup = |f: &std::fs::File| f.try_clone().map_err(|e| fail(format!("dup: {e}")));
         cmd.stdin(Stdio::from(dup(&slave)?))

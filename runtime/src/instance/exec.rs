@@ -197,12 +197,7 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> nix::Result<(usize, 
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_EXEC_FDS]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
-        let msg = match recvmsg::<()>(
-            sock,
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let msg = match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(e),
             Ok(msg) => msg,
@@ -311,6 +306,13 @@ pub(crate) fn run_waiter(cfg: &ExecConfig, report: OwnedFd) -> ! {
             libc::signal(sig, ignore as *const () as libc::sighandler_t);
         }
     }
+    // Diagnostics (ours and libcontainer's, also from the command's process before its exec) go
+    // to the zygote's stderr through a private copy: fd 2 becomes the command's stderr.
+    // SAFETY: F_DUPFD_CLOEXEC on fd 2 returns a new fd or -1; no memory is involved.
+    let private = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    if private >= 0 {
+        super::zygote::set_diagnostics_fd(private);
+    }
     match start(cfg) {
         Ok(started) => {
             let message = serde_json::to_vec(&Ok::<_, String>(ExecStarted { pid: started.pid }))
@@ -384,8 +386,7 @@ fn start(cfg: &ExecConfig) -> Result<Started, String> {
         paths: vec![process_path.clone()],
     };
     let json = serde_json::to_vec(&process).map_err(|e| format!("encode the process: {e}"))?;
-    fs::write(&process_path, json)
-        .map_err(|e| format!("write {}: {e}", process_path.display()))?;
+    fs::write(&process_path, json).map_err(|e| format!("write {}: {e}", process_path.display()))?;
 
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| format!("status pipe: {e}"))?;
@@ -402,16 +403,19 @@ fn start(cfg: &ExecConfig) -> Result<Started, String> {
         std::env::set_current_dir(&container_dir)
             .map_err(|e| format!("chdir {}: {e}", container_dir.display()))?;
         let name = format!("{tag}.sock");
-        let listener = UnixListener::bind(&name)
-            .map_err(|e| format!("console socket {}: {e}", container_dir.join(&name).display()))?;
+        let listener = UnixListener::bind(&name).map_err(|e| {
+            format!(
+                "console socket {}: {e}",
+                container_dir.join(&name).display()
+            )
+        })?;
         let path = container_dir.join(&name);
         scratch.paths.push(path.clone());
         builder = builder.with_console_socket(Some(&path));
         console = Some((listener, path));
     } else {
-        let pipe = || {
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
-        };
+        let pipe =
+            || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -440,7 +444,9 @@ fn start(cfg: &ExecConfig) -> Result<Started, String> {
             }
         }
     }
-    let pid = built.map_err(|e| format!("join the instance: {e}"))?.as_raw();
+    let pid = built
+        .map_err(|e| format!("join the instance: {e}"))?
+        .as_raw();
     if let Some((listener, _)) = console {
         let master = receive_console(&listener)?;
         daemon_fds.push(master);
@@ -691,7 +697,10 @@ impl ExecSession {
             move |source| ExecError::Io { id, what, source }
         };
         let mut fds = fds.into_iter();
-        let mut next = || fds.next().ok_or_else(|| ExecError::status(id, "missing fd"));
+        let mut next = || {
+            fds.next()
+                .ok_or_else(|| ExecError::status(id, "missing fd"))
+        };
         let status = ExecFd::new(next()?).map_err(io_err("status pipe"))?;
         if tty {
             let master = next()?;
@@ -907,7 +916,10 @@ mod tests {
         .unwrap();
         let status = session.wait().await.unwrap();
         assert_eq!(status.code, Some(3));
-        assert!(session.wait().await.is_err(), "a second wait has nothing to read");
+        assert!(
+            session.wait().await.is_err(),
+            "a second wait has nothing to read"
+        );
     }
 
     #[tokio::test]

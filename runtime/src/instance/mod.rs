@@ -23,8 +23,8 @@ use std::time::Duration;
 use libcontainer::container::Container;
 
 pub use config::{ExitStatus, FileBind, InstancePaths, LaunchConfig, ProcessConfig, ShimState};
-pub use exec::{ExecError, ExecFd, ExecRequest, ExecSession, TtyResizer, WindowSize};
 use config::{read_json, write_json_atomic};
+pub use exec::{ExecError, ExecFd, ExecRequest, ExecSession, TtyResizer, WindowSize};
 use pidfd::{PidFd, is_same_process_alive};
 pub use process::{ImageProcess, ProcessOverrides, resolve_process};
 pub use zygote::Zygote;
