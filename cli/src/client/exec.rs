@@ -293,8 +293,8 @@ mod tests {
             workdir: None,
             command: vec!["ls".into()],
         };
-        let body = body(&args(&["A=1", "B=x=y"]), None).unwrap();
-        assert_eq!(body.env.get("B").map(String::as_str), Some("x=y"));
+        let made = body(&args(&["A=1", "B=x=y"]), None).unwrap();
+        assert_eq!(made.env.get("B").map(String::as_str), Some("x=y"));
         assert!(matches!(
             body(&args(&["NOPE"]), None),
             Err(Failure::Usage(_))
