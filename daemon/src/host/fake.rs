@@ -456,7 +456,7 @@ impl FakeHost {
         let child = cmd.spawn().map_err(|e| fail(format!("spawn: {e}")))?;
         // The command holds the slave now: our copies (in `cmd`) must go, or no end is seen.
         drop(cmd);
-        let master = std::os::fd::OwnedFd::from(pty.master);
+        let master = pty.master;
         let fd_err = |e: std::io::Error| fail(format!("pty master: {e}"));
         let reader = master.try_clone().map_err(fd_err)?;
         let resize_fd = Arc::new(master.try_clone().map_err(fd_err)?);
