@@ -51,6 +51,8 @@ pub const UPGRADE_PROTOCOL: &str = "lull-exec";
 pub const MAX_FRAME: usize = 1 << 20;
 /// How long output is still forwarded after the command ended.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long the daemon waits for the client to close after the exit frame.
+const CLIENT_CLOSE: Duration = Duration::from_secs(5);
 
 /// What a frame carries (see the module's docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,8 +465,14 @@ pub async fn pump(io: Upgraded, process: ExecProcess) {
     };
     let _ = tx.send(last).await;
     drop(tx);
-    input.abort();
     let _ = writer.await;
+    // Closing a Unix socket with unread input resets it, and the client could lose the frames
+    // it has not read yet: let the client close first (it does after the exit frame), reading
+    // what it still sends meanwhile.
+    let abort = input.abort_handle();
+    if tokio::time::timeout(CLIENT_CLOSE, input).await.is_err() {
+        abort.abort();
+    }
 }
 
 #[cfg(test)]
