@@ -87,6 +87,9 @@ enum Command {
     /// A service's revisions, oldest first, with the current and serving ones marked.
     #[command(after_long_help = client::EXIT_CODES)]
     Revisions(client::revisions::RevisionsArgs),
+    /// Run a command inside a service's instance: `lull exec SVC [-t] [-i] -- CMD ARGS...`;
+    /// exits with the command's code.
+    Exec(client::exec::ExecArgs),
     /// A service's lifecycle events, oldest first (`-f` follows).
     #[command(after_long_help = client::EXIT_CODES)]
     Events(client::events::EventsArgs),
@@ -189,6 +192,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => Ok(client::deploy::rollback(&cli.client, args).await),
         Command::Revisions(args) => Ok(client::revisions::run(&cli.client, args).await),
         Command::Events(args) => Ok(client::events::run(&cli.client, args).await),
+        Command::Exec(args) => Ok(client::exec::run(&cli.client, args).await),
         Command::Status => Ok(client::status::run(&cli.client).await),
         Command::Secret(cmd) => Ok(secrets::run_secret(&cli.client, cmd).await),
         Command::Registry(cmd) => Ok(secrets::run_registry(&cli.client, cmd).await),

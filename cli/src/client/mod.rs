@@ -17,6 +17,7 @@
 
 pub mod deploy;
 pub mod events;
+pub mod exec;
 pub mod logs;
 pub mod revisions;
 pub mod service;

@@ -72,7 +72,7 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        let resp = self.send(method, path, body).await?;
+        let resp = self.send(method, path, body, None).await?;
         let bytes = resp
             .into_body()
             .collect()
@@ -91,7 +91,7 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<Lines, ClientError> {
-        let resp = self.send(method, path, body).await?;
+        let resp = self.send(method, path, body, None).await?;
         Ok(Lines {
             body: resp.into_body(),
             buf: BytesMut::new(),
@@ -99,11 +99,35 @@ impl Client {
         })
     }
 
+    /// Sends `body` as JSON asking for an HTTP/1.1 upgrade to `protocol`; on
+    /// `101 Switching Protocols` returns the connection, raw bytes both ways. An error answer
+    /// is decoded like any other.
+    pub async fn upgrade<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+        protocol: &str,
+    ) -> Result<super::Upgraded, ClientError> {
+        let resp = self.send(method, path, Some(body), Some(protocol)).await?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ClientError::Protocol(format!(
+                "expected 101 Switching Protocols to {protocol}, got {}",
+                resp.status()
+            )));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("upgrade to {protocol}: {e}")))?;
+        Ok(TokioIo::new(upgraded))
+    }
+
     async fn send<B: Serialize>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
+        upgrade: Option<&str>,
     ) -> Result<http::Response<Incoming>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
@@ -127,7 +151,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Protocol(format!("handshake: {e}")))?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!("admin socket connection: {e}");
             }
         });
@@ -145,6 +169,11 @@ impl Client {
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
+        if let Some(protocol) = upgrade {
+            req = req
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, protocol);
+        }
         let req = req
             .body(Full::new(payload))
             .map_err(|e| ClientError::Protocol(format!("build the request: {e}")))?;
@@ -152,7 +181,9 @@ impl Client {
             .send_request(req)
             .await
             .map_err(|e| ClientError::Protocol(format!("send the request: {e}")))?;
-        if resp.status().is_success() {
+        if resp.status().is_success()
+            || (upgrade.is_some() && resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+        {
             return Ok(resp);
         }
         let status = resp.status();

@@ -10,4 +10,4 @@ pub mod server;
 
 pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorCode, FieldError};
-pub use router::{ApiRequest, Reply, Router};
+pub use router::{ApiRequest, Reply, Router, UpgradeHandler, Upgraded};

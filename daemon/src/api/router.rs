@@ -40,6 +40,18 @@ impl ApiRequest {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether the request asks for an HTTP/1.1 upgrade to `protocol` (`Connection: upgrade`
+    /// and `Upgrade: <protocol>`, case-insensitive).
+    pub fn wants_upgrade(&self, protocol: &str) -> bool {
+        let has = |name: http::header::HeaderName, token: &str| {
+            self.headers.get_all(name).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            })
+        };
+        has(http::header::CONNECTION, "upgrade") && has(http::header::UPGRADE, protocol)
+    }
+
     /// A boolean query flag: present without a value, `true`/`1`, or `false`/`0`.
     pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
         match self.query(name) {
@@ -111,12 +123,24 @@ impl ApiRequest {
     }
 }
 
+/// The connection after an HTTP/1.1 upgrade: raw bytes both ways.
+pub type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// What runs on an upgraded connection (see [`Reply::Upgrade`]).
+pub type UpgradeHandler = Box<dyn FnOnce(Upgraded) -> BoxFuture<'static, ()> + Send>;
+
 /// What a handler answers.
 pub enum Reply {
     Json(StatusCode, serde_json::Value),
     Text(StatusCode, &'static str, String),
     /// JSON lines, one per value received, until the sender is dropped.
     Lines(mpsc::Receiver<serde_json::Value>),
+    /// `101 Switching Protocols` to `protocol` (the request must have asked for it, see
+    /// [`ApiRequest::wants_upgrade`]); the handler then owns the connection.
+    Upgrade {
+        protocol: &'static str,
+        handler: UpgradeHandler,
+    },
 }
 
 impl Reply {

@@ -179,7 +179,8 @@ pub async fn serve<S: Send + Sync + 'static>(
                 async move { Ok::<_, Infallible>(handle(router, state, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r {
@@ -197,8 +198,10 @@ pub async fn serve<S: Send + Sync + 'static>(
 async fn handle<S: Send + Sync + 'static>(
     router: Arc<Router<S>>,
     state: Arc<S>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ApiBody> {
+    // Taken before the request is consumed; only used when the handler answers an upgrade.
+    let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -236,6 +239,20 @@ async fn handle<S: Send + Sync + 'static>(
         )))
     });
     match dispatched {
+        Ok(Reply::Upgrade { protocol, handler }) => {
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(upgraded) => handler(TokioIo::new(upgraded)).await,
+                    Err(e) => tracing::debug!(%path, "admin API upgrade: {e}"),
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, protocol)
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+        }
         Ok(reply) => reply_response(reply),
         Err(err) => {
             if err.code == ErrorCode::Internal {
@@ -248,6 +265,8 @@ async fn handle<S: Send + Sync + 'static>(
 
 fn reply_response(reply: Reply) -> Response<ApiBody> {
     match reply {
+        // Handled where the connection's upgrade is at hand (see `handle`).
+        Reply::Upgrade { .. } => error_response(&ApiError::internal("an upgrade out of place")),
         Reply::Json(status, value) => json_response(status, &value),
         Reply::Text(status, content_type, text) => Response::builder()
             .status(status)

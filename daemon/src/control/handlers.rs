@@ -88,6 +88,7 @@ pub fn router() -> Router<Control> {
                 Reply::ok(c.rollback(r.param("name"), body.revision).await?)
             },
         )
+        .route(Method::POST, "/v1/services/{name}/exec", super::exec::exec)
         .route(
             Method::POST,
             "/v1/services/{name}/pause",

@@ -2,6 +2,7 @@
 //! rolled back, paused, resumed and deleted, through the store (what is wanted) and the
 //! engine (what runs). Every answer is an [`ApiError`] or a JSON-ready view.
 
+pub mod exec;
 pub mod handlers;
 pub mod planner;
 pub mod secrets;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
+    ExecProcess, ExecRequest, ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
     StartRequest, Started,
 };
 use crate::autoscale::HostBudget;
@@ -90,6 +90,14 @@ impl InstanceHost for BudgetedHost {
 
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {
         self.inner.logs(id)
+    }
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        request: ExecRequest,
+    ) -> HostFuture<'a, Result<ExecProcess, HostError>> {
+        self.inner.exec(id, request)
     }
 
     fn retained_logs<'a>(

@@ -37,8 +37,8 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::{
-    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
-    SecretFile, StartRequest, Started,
+    ExecProcess, ExecRequest, ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine,
+    RecoveredInstance, SecretFile, StartRequest, Started,
 };
 
 /// A CPU control that counts what the gate (or the engine) asked of it.
@@ -385,6 +385,120 @@ impl FakeHost {
     }
 }
 
+impl FakeHost {
+    /// `exec` for tests: the command runs as a plain process on the host, through
+    /// `sh -c 'exec "$@"'` (so a missing command ends with 127, as in an instance), with
+    /// `FAKE_INSTANCE=<id>` in its environment; on a new pseudo-terminal (its controlling
+    /// terminal) when a tty is asked for.
+    async fn exec_on_host(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, HostError> {
+        use std::process::Stdio;
+        let shared = self.shared(id)?;
+        let fail = |reason: String| HostError::Instance {
+            id: id.to_owned(),
+            action: "exec",
+            reason,
+        };
+        if shared.exited().is_some() {
+            return Err(fail("it is not running".into()));
+        }
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg("exec \"$@\"")
+            .arg("sh")
+            .args(&request.command)
+            .env("FAKE_INSTANCE", id)
+            .envs(request.env.iter().map(|(k, v)| (k, v)));
+        if let Some(cwd) = &request.cwd {
+            cmd.current_dir(cwd);
+        }
+        let exit_of =
+            |mut child: tokio::process::Child| -> HostFuture<'static, Result<ExitInfo, HostError>> {
+                let id = id.to_owned();
+                Box::pin(async move {
+                    use std::os::unix::process::ExitStatusExt;
+                    let status = child.wait().await.map_err(|e| HostError::Instance {
+                        id,
+                        action: "exec",
+                        reason: format!("wait: {e}"),
+                    })?;
+                    Ok(ExitInfo {
+                        code: status.code(),
+                        signal: status.signal(),
+                        oom_killed: false,
+                    })
+                })
+            };
+        let Some((rows, cols)) = request.tty else {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().map_err(|e| fail(format!("spawn: {e}")))?;
+            let missing = || fail("no pipe".into());
+            let stdin = child.stdin.take().ok_or_else(missing)?;
+            let stdout = child.stdout.take().ok_or_else(missing)?;
+            let stderr = child.stderr.take().ok_or_else(missing)?;
+            return Ok(ExecProcess {
+                stdin: Box::pin(stdin),
+                stdout: Box::pin(stdout),
+                stderr: Some(Box::pin(stderr)),
+                resize: None,
+                exit: exit_of(child),
+            });
+        };
+        let size = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty =
+            nix::pty::openpty(Some(&size), None).map_err(|e| fail(format!("openpty: {e}")))?;
+        let slave = std::fs::File::from(pty.slave);
+        let dup = |f: &std::fs::File| f.try_clone().map_err(|e| fail(format!("dup: {e}")));
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
+        // SAFETY: between fork and exec only async-signal-safe calls: setsid, then ioctl to make
+        // the pty slave (already fd 0) the new session's controlling terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| fail(format!("spawn: {e}")))?;
+        // The command holds the slave now: our copies (in `cmd`) must go, or no end is seen.
+        drop(cmd);
+        let master = pty.master;
+        let fd_err = |e: std::io::Error| fail(format!("pty master: {e}"));
+        let reader = master.try_clone().map_err(fd_err)?;
+        let resize_fd = Arc::new(master.try_clone().map_err(fd_err)?);
+        let resize: super::ExecResize = Arc::new(move |rows, cols| {
+            use std::os::fd::AsRawFd;
+            let ws = libc::winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer; the fd is our pty master.
+            if unsafe { libc::ioctl(resize_fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            Ok(())
+        });
+        Ok(ExecProcess {
+            stdin: Box::pin(lull_runtime::instance::ExecFd::new(master).map_err(fd_err)?),
+            stdout: Box::pin(lull_runtime::instance::ExecFd::new(reader).map_err(fd_err)?),
+            stderr: None,
+            resize: Some(resize),
+            exit: exit_of(child),
+        })
+    }
+}
+
 impl InstanceHost for FakeHost {
     fn ensure_image<'a>(
         &'a self,
@@ -480,6 +594,14 @@ impl InstanceHost for FakeHost {
             found.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
             Ok(found)
         })
+    }
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        request: ExecRequest,
+    ) -> HostFuture<'a, Result<ExecProcess, HostError>> {
+        Box::pin(self.exec_on_host(id, request))
     }
 
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {

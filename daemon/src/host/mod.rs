@@ -200,6 +200,48 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// A command to run inside a running instance (`lull exec`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// The command and its arguments; `command[0]` is looked up in the instance's `PATH`.
+    pub command: Vec<String>,
+    /// Added to (or replacing those of) the instance's environment.
+    pub env: Vec<(String, String)>,
+    /// The working directory (absolute); the instance's own when `None`.
+    pub cwd: Option<String>,
+    /// Run on a new terminal of `(rows, cols)`; on pipes when `None`.
+    pub tty: Option<(u16, u16)>,
+}
+
+/// The command's output, read as it comes.
+pub type ExecReader = Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+/// The command's input; dropping it closes the command's stdin (on pipes).
+pub type ExecWriter = Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+/// Sets the command's terminal size `(rows, cols)`.
+pub type ExecResize = Arc<dyn Fn(u16, u16) -> Result<(), String> + Send + Sync>;
+
+/// A command running inside an instance. A command that cannot be found or run still starts
+/// and ends with code 127 or 126, saying why on its stderr.
+pub struct ExecProcess {
+    pub stdin: ExecWriter,
+    /// Its stdout; on a terminal, everything it writes.
+    pub stdout: ExecReader,
+    /// Its stderr; `None` on a terminal.
+    pub stderr: Option<ExecReader>,
+    /// `Some` when it runs on a terminal.
+    pub resize: Option<ExecResize>,
+    /// Resolves when the command ends.
+    pub exit: HostFuture<'static, Result<ExitInfo, HostError>>,
+}
+
+impl fmt::Debug for ExecProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecProcess")
+            .field("tty", &self.resize.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The machine as the control plane sees it. Implementations are shared between tasks.
 pub trait InstanceHost: Send + Sync + 'static {
     /// Makes `reference` available locally (pulling it when missing).
@@ -247,6 +289,22 @@ pub trait InstanceHost: Send + Sync + 'static {
     fn forget_logs<'a>(&'a self, service: &'a str) -> HostFuture<'a, Result<(), HostError>> {
         let _ = service;
         Box::pin(async { Ok(()) })
+    }
+
+    /// Runs a command inside running instance `id`; returns once the command runs.
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        request: ExecRequest,
+    ) -> HostFuture<'a, Result<ExecProcess, HostError>> {
+        let _ = request;
+        Box::pin(async move {
+            Err(HostError::Instance {
+                id: id.to_owned(),
+                action: "exec",
+                reason: "this host cannot run commands in instances".into(),
+            })
+        })
     }
 
     /// The last `lines` lines of the instance's stdout and stderr, oldest first, each as

@@ -21,8 +21,8 @@ use lull_runtime::reference::Reference;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
-    StartRequest, Started,
+    ExecProcess, ExecRequest, ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine,
+    RecoveredInstance, StartRequest, Started,
 };
 
 /// The proxy's `CpuControl` over an instance's CPU gate and its cgroup's usage counter.
@@ -529,6 +529,72 @@ impl RealHost {
     }
 }
 
+impl RealHost {
+    /// `lull exec`: a command inside a live instance, through the runtime's tenant exec.
+    async fn exec_in_instance(
+        &self,
+        id: &str,
+        request: ExecRequest,
+    ) -> Result<ExecProcess, HostError> {
+        use lull_runtime::instance::{ExecRequest as RuntimeExec, InstanceError, WindowSize};
+        let instance = self.instance(id)?;
+        if instance.has_exited() {
+            return Err(instance_err(id, "exec")("it is not running".into()));
+        }
+        // An idle instance may be throttled: the command gets the CPU back for its start. The
+        // proxy's gate throttles it again once a request to it ends.
+        if let Ok(gate) = instance.open_gate()
+            && let Err(e) = gate.restore()
+        {
+            tracing::warn!(instance = id, "restore the CPU for an exec: {e}");
+        }
+        let runtime_request = RuntimeExec {
+            args: request.command,
+            env: request
+                .env
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            cwd: request.cwd,
+            tty: request.tty.map(|(rows, cols)| WindowSize { rows, cols }),
+        };
+        let mut session = self
+            .runtime
+            .instances
+            .exec(id, runtime_request)
+            .await
+            .map_err(|e| match e {
+                InstanceError::NotFound(_) => HostError::NotFound { id: id.to_owned() },
+                other => instance_err(id, "exec")(other.to_string()),
+            })?;
+        let missing = || instance_err(id, "exec")("the session lacks a stream".into());
+        let stdin = session.take_stdin().ok_or_else(missing)?;
+        let stdout = session.take_stdout().ok_or_else(missing)?;
+        let stderr = session.take_stderr();
+        let resize = session.resizer().map(|r| {
+            let resize: super::ExecResize = Arc::new(move |rows, cols| {
+                r.resize(WindowSize { rows, cols })
+                    .map_err(|e| e.to_string())
+            });
+            resize
+        });
+        let owned_id = id.to_owned();
+        Ok(ExecProcess {
+            stdin: Box::pin(stdin),
+            stdout: Box::pin(stdout),
+            stderr: stderr.map(|s| Box::pin(s) as super::ExecReader),
+            resize,
+            exit: Box::pin(async move {
+                session
+                    .wait()
+                    .await
+                    .map(|status| exit_info(&status))
+                    .map_err(|e| instance_err(&owned_id, "exec")(e.to_string()))
+            }),
+        })
+    }
+}
+
 fn exit_info(status: &ExitStatus) -> ExitInfo {
     ExitInfo {
         code: status.code,
@@ -620,6 +686,14 @@ impl InstanceHost for RealHost {
 
     fn recover(&self) -> HostFuture<'_, Result<Vec<RecoveredInstance>, HostError>> {
         Box::pin(self.recover_all())
+    }
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        request: ExecRequest,
+    ) -> HostFuture<'a, Result<ExecProcess, HostError>> {
+        Box::pin(self.exec_in_instance(id, request))
     }
 
     fn logs<'a>(&'a self, id: &'a str) -> HostFuture<'a, Result<Vec<LogLine>, HostError>> {

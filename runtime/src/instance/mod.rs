@@ -6,6 +6,7 @@
 //! again ([`InstanceManager::recover`]).
 
 pub mod config;
+pub mod exec;
 pub mod overlay;
 pub mod pidfd;
 pub mod process;
@@ -23,6 +24,7 @@ use libcontainer::container::Container;
 
 pub use config::{ExitStatus, FileBind, InstancePaths, LaunchConfig, ProcessConfig, ShimState};
 use config::{read_json, write_json_atomic};
+pub use exec::{ExecError, ExecFd, ExecRequest, ExecSession, TtyResizer, WindowSize};
 use pidfd::{PidFd, is_same_process_alive};
 pub use process::{ImageProcess, ProcessOverrides, resolve_process};
 pub use zygote::Zygote;
@@ -62,6 +64,8 @@ pub enum InstanceError {
     Cgroup { id: String, source: CgroupError },
     #[error("instance {id}: {source}")]
     Gate { id: String, source: GateError },
+    #[error(transparent)]
+    Exec(#[from] exec::ExecError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
@@ -545,6 +549,41 @@ impl InstanceManager {
             init,
             shim,
         })
+    }
+
+    /// Runs a command inside running instance `id` (libcontainer's tenant builder, through the
+    /// zygote; see [`exec`]). Returns once the command runs; a command that cannot be found or
+    /// run still starts, and ends with code 127 or 126.
+    pub async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecSession, InstanceError> {
+        validate_id(id)?;
+        let dir = self.dir(id);
+        let paths = InstancePaths::new(&dir);
+        if !paths.state().exists() || !self.cfg.state_root.join(id).is_dir() {
+            return Err(InstanceError::NotFound(id.to_owned()));
+        }
+        if paths.exit().exists() {
+            return Err(InstanceError::Exec(ExecError::Start {
+                id: id.to_owned(),
+                message: "the instance is not running".into(),
+            }));
+        }
+        let tty = request.tty.is_some();
+        let cfg = exec::ExecConfig::new(id, dir.clone(), self.cfg.state_root.clone(), request)?;
+        let zygote = self.zygote()?;
+        let (pid, fds) = tokio::task::spawn_blocking(move || zygote.exec(&cfg))
+            .await
+            .map_err(|e| InstanceError::Io {
+                path: dir,
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|e| match e {
+                zygote::ZygoteError::Exec { id, message } => {
+                    InstanceError::Exec(ExecError::Start { id, message })
+                }
+                other => InstanceError::Zygote(other),
+            })?;
+        tracing::debug!(instance = %id, pid, tty, "exec started");
+        Ok(ExecSession::from_fds(id, pid, tty, fds)?)
     }
 
     /// Classifies every instance dir left by a previous daemon.

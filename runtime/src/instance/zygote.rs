@@ -19,6 +19,7 @@ use nix::unistd::{ForkResult, fork};
 use serde::{Deserialize, Serialize};
 
 use super::config::{LaunchConfig, ShimState};
+use super::exec::{self, ExecConfig, ExecStarted};
 use super::shim;
 
 /// The fd number the zygote finds its socket at.
@@ -42,17 +43,23 @@ pub enum ZygoteError {
     Protocol(String),
     #[error("launch {id}: {message}")]
     Launch { id: String, message: String },
+    #[error("exec in instance {id}: {message}")]
+    Exec { id: String, message: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Request {
     Launch(Box<LaunchConfig>),
+    /// Run a command inside a running instance (see [`super::exec`]); answered with
+    /// [`Response::ExecStarted`] and the session's fds attached.
+    Exec(Box<ExecConfig>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Response {
     Launched(ShimState),
     Failed(String),
+    ExecStarted(ExecStarted),
 }
 
 /// The daemon's handle on its zygote.
@@ -150,11 +157,49 @@ impl Zygote {
                 id: cfg.id.clone(),
                 message,
             }),
+            Response::ExecStarted(_) => Err(ZygoteError::Protocol(
+                "an exec answer to a launch request".into(),
+            )),
         }
     }
 }
 
 impl Zygote {
+    /// Runs a command inside a running instance (blocking: call from a blocking thread).
+    /// Returns the command's pid and the session's fds (see [`super::exec`]).
+    pub fn exec(&self, cfg: &ExecConfig) -> Result<(i32, Vec<OwnedFd>), ZygoteError> {
+        let request = serde_json::to_vec(&Request::Exec(Box::new(cfg.clone())))
+            .map_err(|e| ZygoteError::Protocol(e.to_string()))?;
+        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let broken = |e: ZygoteError| {
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            e
+        };
+        send(sock.as_raw_fd(), &request, MsgFlags::MSG_NOSIGNAL).map_err(|e| match e {
+            nix::Error::EPIPE | nix::Error::ECONNRESET => broken(ZygoteError::Gone),
+            e => broken(ZygoteError::Socket(e)),
+        })?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let (n, fds) = match exec::recv_with_fds(sock.as_raw_fd(), &mut buf) {
+            Ok(r) => r,
+            Err(nix::Error::EAGAIN) => return Err(broken(ZygoteError::Timeout(LAUNCH_TIMEOUT))),
+            Err(e) => return Err(broken(ZygoteError::Socket(e))),
+        };
+        if n == 0 {
+            return Err(broken(ZygoteError::Gone));
+        }
+        match serde_json::from_slice(&buf[..n]).map_err(|e| ZygoteError::Protocol(e.to_string()))? {
+            Response::ExecStarted(started) => Ok((started.pid, fds)),
+            Response::Failed(message) => Err(ZygoteError::Exec {
+                id: cfg.id.clone(),
+                message,
+            }),
+            Response::Launched(_) => Err(ZygoteError::Protocol(
+                "a launch answer to an exec request".into(),
+            )),
+        }
+    }
+
     /// The zygote's process id.
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap_or_else(|p| p.into_inner()).id()
@@ -193,17 +238,72 @@ pub fn serve(fd: RawFd) -> i32 {
                 return 1;
             }
         };
-        let response = match serde_json::from_slice::<Request>(&buf[..n]) {
-            Ok(Request::Launch(cfg)) => launch(&cfg, sock.as_raw_fd()),
-            Err(e) => Response::Failed(format!("zygote: bad request: {e}")),
+        let (response, fds) = match serde_json::from_slice::<Request>(&buf[..n]) {
+            Ok(Request::Launch(cfg)) => (launch(&cfg, sock.as_raw_fd()), Vec::new()),
+            Ok(Request::Exec(cfg)) => exec_in_instance(&cfg, sock.as_raw_fd()),
+            Err(e) => (
+                Response::Failed(format!("zygote: bad request: {e}")),
+                Vec::new(),
+            ),
         };
         let bytes = match serde_json::to_vec(&response) {
             Ok(b) => b,
             Err(e) => format!("{{\"Failed\":\"zygote: encode response: {e}\"}}").into_bytes(),
         };
-        if let Err(e) = send(sock.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if let Err(e) = exec::send_with_fds(sock.as_raw_fd(), &bytes, &raw) {
             tracing::error!("zygote: send: {e}");
             return 1;
+        }
+        // The daemon has its own copies now.
+        drop(fds);
+    }
+}
+
+/// Forks the exec waiter (detached like a shim) and relays what it reports, fds included.
+fn exec_in_instance(cfg: &ExecConfig, zygote_sock: RawFd) -> (Response, Vec<OwnedFd>) {
+    let failed = |message: String| (Response::Failed(message), Vec::new());
+    let (ours, theirs) = match socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) {
+        Ok(p) => p,
+        Err(e) => return failed(format!("exec report socket: {e}")),
+    };
+    // SAFETY: the zygote is single-threaded, so the child may run arbitrary code after fork.
+    match unsafe { fork() } {
+        Err(e) => failed(format!("fork: {e}")),
+        Ok(ForkResult::Child) => {
+            drop(ours);
+            // SAFETY: closing our copy of the zygote socket in the child; it is not used here.
+            unsafe { libc::close(zygote_sock) };
+            let _ = nix::unistd::setsid();
+            // SAFETY: still single-threaded.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => exec::run_waiter(cfg, theirs),
+                // SAFETY: _exit ends the intermediate child without running atexit handlers.
+                Ok(ForkResult::Parent { .. }) => unsafe { libc::_exit(0) },
+                // SAFETY: as above.
+                Err(_) => unsafe { libc::_exit(1) },
+            }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(theirs);
+            let _ = nix::sys::wait::waitpid(child, None);
+            let mut buf = vec![0u8; 64 * 1024];
+            match exec::recv_with_fds(ours.as_raw_fd(), &mut buf) {
+                Ok((0, _)) => failed("the exec waiter died before reporting".into()),
+                Ok((n, fds)) => {
+                    match serde_json::from_slice::<Result<ExecStarted, String>>(&buf[..n]) {
+                        Ok(Ok(started)) => (Response::ExecStarted(started), fds),
+                        Ok(Err(message)) => failed(message),
+                        Err(e) => failed(format!("exec report: {e}")),
+                    }
+                }
+                Err(e) => failed(format!("exec report: {e}")),
+            }
         }
     }
 }
