@@ -392,7 +392,7 @@ impl Running {
             eprintln!("warning: {conflict}");
         }
         let network: Arc<dyn InstanceNetwork> = Arc::new(network);
-        let host = Arc::new(
+        let real_host = Arc::new(
             RealHost::new(
                 runtime,
                 network,
@@ -402,6 +402,20 @@ impl Running {
             .context("the instance host")?
             .with_registry_credentials(Arc::new(registry_credentials(store.clone(), key.clone()))),
         );
+        // Every start is counted against the host's memory and instance cap.
+        let memory_total = lull_daemon::autoscale::mem_total(Path::new("/proc/meminfo"))
+            .context("the host's memory")?;
+        let budget = Arc::new(lull_daemon::autoscale::HostBudget::new(
+            config.scaling.limits(memory_total),
+        ));
+        let host = Arc::new(lull_daemon::host::budget::BudgetedHost::new(
+            real_host,
+            budget.clone(),
+        ));
+        let scaling_metrics = Arc::new(lull_daemon::autoscale::ScalingMetrics::new(
+            budget,
+            Arc::new(lull_daemon::autoscale::ProcPressure::host()),
+        ));
 
         let routes = Arc::new(RouteTable::new());
         let proxy_metrics = Arc::new(ProxyMetrics::new());
@@ -462,7 +476,8 @@ impl Running {
             .with_access_logs(AccessLogs {
                 dir: config.data_dir.join("logs/access"),
                 max_bytes: Some(config.logs.max_bytes),
-            });
+            })
+            .with_scaling(scaling_metrics.clone());
         let recovered = engine.recover().await.context("adopt running instances")?;
         if !recovered.adopted.is_empty() || !recovered.stopped.is_empty() {
             eprintln!(
@@ -526,7 +541,8 @@ impl Running {
                         .try_clone_to_owned()
                         .context("duplicate the metrics socket")?,
                 );
-                let sources: Vec<Arc<dyn MetricsSource>> = vec![daemon_metrics, proxy_metrics];
+                let sources: Vec<Arc<dyn MetricsSource>> =
+                    vec![daemon_metrics, proxy_metrics, scaling_metrics];
                 let health_store = store.clone();
                 let health: telemetry::HealthFn = Arc::new(move || {
                     health_store

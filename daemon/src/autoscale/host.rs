@@ -44,6 +44,23 @@ impl HostLimits {
     }
 }
 
+/// The host's memory in bytes, from a `/proc/meminfo`-like file's `MemTotal` line.
+pub fn mem_total(meminfo: &std::path::Path) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(meminfo)?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: no `MemTotal: N kB` line", meminfo.display()),
+            )
+        })?;
+    Ok(kib * 1024)
+}
+
 /// Why an instance may not start.
 #[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
 #[serde(tag = "limit", rename_all = "snake_case")]
@@ -217,6 +234,22 @@ mod tests {
         // Admitting the same instance twice counts it once.
         b.admit("c", MIB).unwrap();
         assert_eq!(b.committed(), (2, 1025 * MIB));
+    }
+
+    #[test]
+    fn mem_total_reads_meminfo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meminfo");
+        std::fs::write(&path, "MemTotal:       24684084 kB\nMemFree: 1 kB\n").unwrap();
+        assert_eq!(mem_total(&path).unwrap(), 24684084 * 1024);
+        std::fs::write(&path, "MemFree: 1 kB\n").unwrap();
+        assert!(
+            mem_total(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("MemTotal")
+        );
+        assert!(mem_total(std::path::Path::new("/proc/meminfo")).unwrap() > 0);
     }
 
     #[test]

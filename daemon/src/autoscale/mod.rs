@@ -23,7 +23,7 @@ mod psi;
 #[cfg(test)]
 mod tests;
 
-pub use host::{Admission, HostBudget, HostLimits, Refusal};
+pub use host::{Admission, HostBudget, HostLimits, Refusal, mem_total};
 pub use metrics::ScalingMetrics;
 pub use psi::{Pressure, PressureError, PressureSource, ProcPressure, parse_pressure};
 

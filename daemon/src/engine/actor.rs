@@ -1413,6 +1413,12 @@ impl Actor {
                 if let Err(e) = instance.instance.cpu.restore() {
                     tracing::warn!(instance = %instance.instance.id, error = %e, "cannot restore CPU");
                 }
+                // The host counted it with no memory (it did not know the plan): now it does.
+                if let Some(scaling) = self.shared.scaling.get() {
+                    scaling
+                        .budget()
+                        .adopt(&instance.instance.id, plan.limits.memory_bytes.unwrap_or(0));
+                }
                 self.add_member(key, instance.instance);
             }
             self.event(

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    ExecProcess, ExecRequest, ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine, RecoveredInstance,
-    StartRequest, Started,
+    ExecProcess, ExecRequest, ExitInfo, HostError, HostFuture, ImageInfo, InstanceHost, LogLine,
+    RecoveredInstance, StartRequest, Started,
 };
 use crate::autoscale::HostBudget;
 
