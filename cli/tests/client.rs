@@ -590,6 +590,8 @@ async fn scaling_settings_from_flags_are_shown_in_words() {
             "0.5",
             "--scale-to-zero-after",
             "2m",
+            "--freeze-after",
+            "30s",
         ],
     )
     .await
@@ -600,6 +602,10 @@ async fn scaling_settings_from_flags_are_shown_in_words() {
         run.stdout.contains(
             "0 to 3 instances, 100 requests in flight each (sized for 50%); scale in after 1m of low demand; to zero after 2m without a request"
         ),
+        "{run:#?}"
+    );
+    assert!(
+        run.stdout.contains("frozen 30s after it is throttled"),
         "{run:#?}"
     );
     let run = lull(

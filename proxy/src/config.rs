@@ -130,6 +130,9 @@ pub struct ServiceConfig {
     /// How long an instance stays unthrottled after its last response (a request in between
     /// cancels the throttle).
     pub idle_delay: Duration,
+    /// Idle tier 2: how long a throttled instance stays throttled before it is frozen
+    /// (cgroup freezer: no task runs at all; waking takes milliseconds). `None`: never.
+    pub freeze_after: Option<Duration>,
     /// Whether open WebSockets and SSE streams keep the instance's CPU (they count as in
     /// flight).
     pub streams_keep_cpu: bool,
@@ -149,6 +152,7 @@ impl Default for ServiceConfig {
             health: HealthCheck::default(),
             cpu: CpuMode::default(),
             idle_delay: Duration::ZERO,
+            freeze_after: None,
             streams_keep_cpu: true,
             paused_retry_after: Duration::from_secs(30),
         }

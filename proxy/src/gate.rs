@@ -29,6 +29,15 @@ pub trait CpuControl: Send + Sync + 'static {
     fn throttle(&self) -> Result<(), String>;
     /// The instance's cumulative CPU usage in nanoseconds (cgroup usage counter), if known.
     fn usage_ns(&self) -> Option<u64>;
+    /// Idle tier 2: stops every task of the instance (cgroup freezer); called only while
+    /// throttled. A control that cannot freeze says so, and the instance stays throttled.
+    fn freeze(&self) -> Result<(), String> {
+        Err("this instance cannot be frozen".into())
+    }
+    /// Lets a frozen instance run again; called before [`CpuControl::restore`].
+    fn thaw(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A CPU control that controls nothing: for upstreams lull does not run (a plain host
@@ -101,9 +110,13 @@ pub struct GateMeter {
     pub restores: u64,
     /// Successful throttles (running → throttled).
     pub throttles: u64,
+    /// Successful freezes (throttled → frozen, idle tier 2).
+    pub freezes: u64,
     /// Failed calls to the CPU control.
     pub failures: u64,
     pub is_throttled: bool,
+    /// Frozen (idle tier 2); a frozen instance is throttled too.
+    pub is_frozen: bool,
     /// Requests holding the CPU.
     pub requests: u32,
     /// Health checks holding the CPU.
@@ -123,6 +136,12 @@ struct State {
     requests: u32,
     probes: u32,
     throttled: bool,
+    /// Frozen (only ever while throttled).
+    frozen: bool,
+    /// Bumped when a request arrives at an idle instance or the phase changes: a freeze timer
+    /// armed before then is stale. Health probes do not bump it, or an instance probed more
+    /// often than `freeze_after` would never freeze.
+    requests_generation: u64,
     phase: GatePhase,
     /// Bumped whenever the CPU becomes held again or the phase changes: a timer armed before
     /// then is stale.
@@ -132,6 +151,7 @@ struct State {
     throttled_time: Duration,
     restores: u64,
     throttles: u64,
+    freezes: u64,
     failures: u64,
     busy: Option<Busy>,
 }
@@ -158,6 +178,8 @@ pub struct InstanceGate {
     cpu: Arc<dyn CpuControl>,
     mode: CpuMode,
     idle_delay: Duration,
+    /// Idle tier 2: frozen this long after it was throttled (`None`: never frozen).
+    freeze_after: Option<Duration>,
     state: Mutex<State>,
 }
 
@@ -178,10 +200,13 @@ impl InstanceGate {
             cpu,
             mode,
             idle_delay,
+            freeze_after: None,
             state: Mutex::new(State {
                 requests: 0,
                 probes: 0,
                 throttled: false,
+                frozen: false,
+                requests_generation: 0,
                 phase: GatePhase::Starting,
                 generation: 0,
                 since: Instant::now(),
@@ -189,18 +214,29 @@ impl InstanceGate {
                 throttled_time: Duration::ZERO,
                 restores: 0,
                 throttles: 0,
+                freezes: 0,
                 failures: 0,
                 busy: None,
             }),
         }
     }
 
+    /// Idle tier 2: once throttled, the instance is frozen after `freeze_after` more without
+    /// activity (see [`InstanceGate::freeze_timer`]).
+    pub fn with_freeze_after(mut self, freeze_after: Option<Duration>) -> InstanceGate {
+        self.freeze_after = freeze_after;
+        self
+    }
+
     /// A request starts holding the CPU; the CPU is restored before this returns if it was
-    /// throttled. Returns whether it had to be (the request woke the instance).
+    /// throttled (a frozen instance is thawed first). Returns whether it had to be (the request woke the instance).
     pub fn enter(&self) -> bool {
         let mut s = lock(&self.state);
         if s.holders() == 0 {
             s.generation += 1;
+        }
+        if s.requests == 0 {
+            s.requests_generation += 1;
         }
         s.requests += 1;
         // The CPU first: the usage counter is read after it, off the wake path's critical
@@ -279,6 +315,7 @@ impl InstanceGate {
         }
         s.phase = GatePhase::Serving;
         s.generation += 1;
+        s.requests_generation += 1;
         self.idle_locked(&mut s)
     }
 
@@ -288,6 +325,7 @@ impl InstanceGate {
         let mut s = lock(&self.state);
         s.phase = GatePhase::Draining;
         s.generation += 1;
+        s.requests_generation += 1;
         self.restore_locked(&mut s)
     }
 
@@ -299,6 +337,59 @@ impl InstanceGate {
             return false;
         }
         self.throttle_locked(&mut s)
+    }
+
+    /// After the gate throttled the instance: when (and with which generation) to call
+    /// [`InstanceGate::on_freeze_timer`], if the instance is to be frozen at all.
+    pub fn freeze_timer(&self) -> Option<(Duration, u64)> {
+        let delay = self.freeze_after?;
+        let s = lock(&self.state);
+        (self.may_freeze(&s)).then_some((delay, s.requests_generation))
+    }
+
+    /// The freeze timer fired: freezes the instance if nothing happened since it was armed;
+    /// returns whether it did.
+    pub fn on_freeze_timer(&self, generation: u64) -> bool {
+        let mut s = lock(&self.state);
+        if s.requests_generation != generation || !self.may_freeze(&s) {
+            return false;
+        }
+        // A throttled task runs once per period at best, and a task freezes only when it runs:
+        // give it its CPU for the freeze (a millisecond), then take it back.
+        if let Err(e) = self.cpu.restore() {
+            s.failures += 1;
+            tracing::warn!(error = %e, "cpu gate: restoring the cpu to freeze failed");
+            return false;
+        }
+        let frozen = self.cpu.freeze();
+        if let Err(e) = self.cpu.throttle() {
+            // Frozen or not, the gate must say what the CPU is: running.
+            s.failures += 1;
+            s.account(Instant::now());
+            s.throttled = false;
+            tracing::warn!(error = %e, "cpu gate: throttling again after a freeze failed");
+            if frozen.is_ok() {
+                let _ = self.cpu.thaw();
+            }
+            return false;
+        }
+        match frozen {
+            Ok(()) => {
+                s.frozen = true;
+                s.freezes += 1;
+                true
+            }
+            Err(e) => {
+                s.failures += 1;
+                tracing::warn!(error = %e, "cpu gate: freezing failed; the instance stays throttled");
+                false
+            }
+        }
+    }
+
+    /// Whether the instance is frozen (health checks skip it: see the health module).
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.state).frozen
     }
 
     pub fn meter(&self) -> GateMeter {
@@ -315,8 +406,10 @@ impl InstanceGate {
             throttled,
             restores: s.restores,
             throttles: s.throttles,
+            freezes: s.freezes,
             failures: s.failures,
             is_throttled: s.throttled,
+            is_frozen: s.frozen,
             requests: s.requests,
             probes: s.probes,
             phase: s.phase,
@@ -332,6 +425,14 @@ impl InstanceGate {
             && s.phase == GatePhase::Serving
             && s.holders() == 0
             && !s.throttled
+    }
+
+    fn may_freeze(&self, s: &State) -> bool {
+        self.mode == CpuMode::Request
+            && s.phase == GatePhase::Serving
+            && s.holders() == 0
+            && s.throttled
+            && !s.frozen
     }
 
     /// After something stopped holding the CPU: throttle now, arm the timer, or nothing.
@@ -354,6 +455,15 @@ impl InstanceGate {
     fn restore_locked(&self, s: &mut State) -> bool {
         if !s.throttled {
             return false;
+        }
+        if s.frozen {
+            if let Err(e) = self.cpu.thaw() {
+                // Restoring the quota of a frozen instance would not run it: try again next time.
+                s.failures += 1;
+                tracing::warn!(error = %e, "cpu gate: thawing failed");
+                return false;
+            }
+            s.frozen = false;
         }
         match self.cpu.restore() {
             Ok(()) => {
@@ -399,6 +509,7 @@ mod tests {
         calls: StdMutex<Vec<&'static str>>,
         usage: StdMutex<u64>,
         fail: StdMutex<bool>,
+        fail_freeze: StdMutex<bool>,
     }
 
     impl CpuControl for Recorder {
@@ -419,6 +530,105 @@ mod tests {
         fn usage_ns(&self) -> Option<u64> {
             Some(*self.usage.lock().unwrap())
         }
+        fn freeze(&self) -> Result<(), String> {
+            if *self.fail_freeze.lock().unwrap() {
+                return Err("write failed".into());
+            }
+            self.calls.lock().unwrap().push("freeze");
+            Ok(())
+        }
+        fn thaw(&self) -> Result<(), String> {
+            self.calls.lock().unwrap().push("thaw");
+            Ok(())
+        }
+    }
+
+    fn freezing_gate() -> (Arc<Recorder>, InstanceGate) {
+        let cpu = Arc::new(Recorder::default());
+        let gate = InstanceGate::new(cpu.clone(), CpuMode::Request, Duration::ZERO)
+            .with_freeze_after(Some(Duration::from_secs(30)));
+        (cpu, gate)
+    }
+
+    #[test]
+    fn tier_two_freezes_a_throttled_instance_and_a_request_thaws_it_first() {
+        let (cpu, gate) = freezing_gate();
+        assert_eq!(gate.freeze_timer(), None, "not before it is throttled");
+        assert_eq!(gate.set_serving(), Idle::Throttled);
+        let (delay, generation) = gate.freeze_timer().unwrap();
+        assert_eq!(delay, Duration::from_secs(30));
+        assert!(gate.on_freeze_timer(generation));
+        assert!(gate.is_frozen() && gate.meter().is_frozen);
+        assert_eq!(gate.freeze_timer(), None, "frozen once");
+        assert!(!gate.on_freeze_timer(generation));
+        assert!(gate.enter(), "a request wakes it");
+        assert!(!gate.is_frozen());
+        assert_eq!(
+            calls(&cpu),
+            [
+                "throttle", "restore", "freeze", "throttle", "thaw", "restore"
+            ],
+            "the freeze runs with the CPU given back for it"
+        );
+        let m = gate.meter();
+        assert_eq!((m.freezes, m.restores, m.is_throttled), (1, 1, false));
+        gate.leave();
+        // Drain (a stop) thaws a frozen instance first: a frozen app cannot act on SIGTERM.
+        let (_, generation) = gate.freeze_timer().unwrap();
+        assert!(gate.on_freeze_timer(generation));
+        assert!(gate.drain());
+        assert_eq!(
+            calls(&cpu)[6..],
+            [
+                "throttle", "restore", "freeze", "throttle", "thaw", "restore"
+            ]
+        );
+    }
+
+    #[test]
+    fn tier_two_timers_armed_before_activity_are_stale() {
+        let (cpu, gate) = freezing_gate();
+        gate.set_serving();
+        let (_, stale) = gate.freeze_timer().unwrap();
+        gate.enter();
+        gate.leave();
+        assert!(!gate.on_freeze_timer(stale), "a request came in between");
+        // A probe holds the CPU for its length but does not restart the wait: an instance
+        // probed more often than freeze_after still freezes.
+        let (_, current) = gate.freeze_timer().unwrap();
+        gate.enter_probe();
+        assert!(!gate.on_freeze_timer(current), "not while a probe holds it");
+        assert_eq!(gate.leave_probe(), Idle::Throttled);
+        assert!(!calls(&cpu).contains(&"freeze"));
+        assert_eq!(gate.freeze_timer().unwrap().1, current);
+        assert!(gate.on_freeze_timer(current));
+        // Without freeze_after, never.
+        let (_, plain) = gate_fn(CpuMode::Request, 0);
+        plain.set_serving();
+        assert_eq!(plain.freeze_timer(), None);
+    }
+
+    #[test]
+    fn a_failed_freeze_leaves_the_instance_throttled() {
+        let (cpu, gate) = freezing_gate();
+        gate.set_serving();
+        let (_, generation) = gate.freeze_timer().unwrap();
+        *cpu.fail_freeze.lock().unwrap() = true;
+        assert!(!gate.on_freeze_timer(generation));
+        *cpu.fail_freeze.lock().unwrap() = false;
+        let m = gate.meter();
+        assert!(m.is_throttled && !m.is_frozen);
+        assert_eq!(m.failures, 1);
+        assert!(gate.enter());
+        assert_eq!(
+            calls(&cpu),
+            ["throttle", "restore", "throttle", "restore"],
+            "throttled again after the failed freeze; no thaw of what is not frozen"
+        );
+    }
+
+    fn gate_fn(mode: CpuMode, delay_ms: u64) -> (Arc<Recorder>, InstanceGate) {
+        gate(mode, delay_ms)
     }
 
     fn gate(mode: CpuMode, delay_ms: u64) -> (Arc<Recorder>, InstanceGate) {

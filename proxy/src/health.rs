@@ -23,7 +23,7 @@ use crate::config::{HealthProbe, ServiceConfig, UpstreamProtocol};
 use crate::pool::{Pool, Slot};
 
 /// How often an instance that has never been healthy is probed.
-pub const STARTUP_INTERVAL: Duration = Duration::from_millis(50);
+pub const STARTUP_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Why a probe failed; its `Display` is the reason the daemon is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -231,6 +231,12 @@ async fn run_prober(pool: Arc<Pool>, slot: Arc<Slot>) {
             }
         }
         first = false;
+        // Idle tier 2: a frozen instance cannot answer, and thawing it for every check would
+        // keep it from ever staying frozen. It is checked again once a request wakes it (the
+        // request itself would mark it suspect if it no longer answered).
+        if slot.gate.is_frozen() {
+            continue;
+        }
         let result = {
             let _hold = ProbeHold::new(&pool, &slot);
             probe(slot.addr, &config).await

@@ -363,7 +363,8 @@ impl Pool {
     pub fn add_instance(&self, spec: InstanceSpec) {
         self.remove_instance(&spec.id);
         let slot = Arc::new(Slot {
-            gate: InstanceGate::new(spec.cpu, self.config.cpu, self.config.idle_delay),
+            gate: InstanceGate::new(spec.cpu, self.config.cpu, self.config.idle_delay)
+                .with_freeze_after(self.config.freeze_after),
             id: spec.id,
             authority: http::uri::Authority::try_from(spec.addr.to_string().as_str())
                 .expect("a socket address is a valid URI authority"),
@@ -665,8 +666,10 @@ impl Pool {
 
     /// Acts on what the gate said once something stopped holding an instance's CPU.
     pub(crate) fn on_idle(&self, slot: &Arc<Slot>, idle: Idle) {
-        let Idle::Timer { delay, generation } = idle else {
-            return;
+        let (delay, generation) = match idle {
+            Idle::Nothing => return,
+            Idle::Throttled => return Self::arm_freeze(slot),
+            Idle::Timer { delay, generation } => (delay, generation),
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(service = %self.service, instance = %slot.id, "no tokio runtime for the idle timer: the instance stays unthrottled");
@@ -675,8 +678,28 @@ impl Pool {
         let slot = Arc::downgrade(slot);
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
+            if let Some(slot) = slot.upgrade()
+                && slot.gate.on_idle_timer(generation)
+            {
+                Self::arm_freeze(&slot);
+            }
+        });
+    }
+
+    /// Idle tier 2: once throttled, a service with `freeze_after` freezes the instance after
+    /// that much more idle time (any activity in between makes the timer a no-op).
+    fn arm_freeze(slot: &Arc<Slot>) {
+        let Some((delay, generation)) = slot.gate.freeze_timer() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let slot = Arc::downgrade(slot);
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
             if let Some(slot) = slot.upgrade() {
-                slot.gate.on_idle_timer(generation);
+                slot.gate.on_freeze_timer(generation);
             }
         });
     }

@@ -31,6 +31,8 @@ use lull_tests::host_net::Host;
 const PORT: u16 = 8080;
 /// The bound on an idle instance's CPU share.
 const IDLE_SHARE_MAX: f64 = 0.003;
+/// Idle tier 2's delay in this test: longer than the steps before the freeze check.
+const FREEZE_AFTER: Duration = Duration::from_millis(2500);
 
 /// CPU share (of one CPU) the instance's group used over `window`, starting now.
 async fn share_over(cpu: &InstanceCpuProbe, window: Duration) -> f64 {
@@ -131,6 +133,8 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
     let probe = InstanceCpuProbe(instance.cgroup.clone());
 
     let mut config = ServiceConfig::default();
+    // Idle tier 2, checked last: frozen once throttled this long.
+    config.freeze_after = Some(FREEZE_AFTER);
     config.health.probe = HealthProbe::Http {
         path: "/healthz".into(),
         min_status: 200,
@@ -164,6 +168,9 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The throttle's first period still holds its refill (1 ms, overrun by up to a tick, which
+    // the kernel charges to later periods): measure from the second period on.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = share_over(&probe, Duration::from_secs(1)).await;
     println!("idle (throttled) share of a CPU: {:.3} %", idle * 100.0);
     assert!(idle <= IDLE_SHARE_MAX, "idle share {idle}");
@@ -218,6 +225,38 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
         assert!(text.contains(&line), "{line} not in:\n{text}");
     }
     assert!(meter.throttles >= 2 && meter.restores >= 2, "{meter:?}");
+
+    // Idle tier 2: left alone, the throttled instance is frozen; it then uses no CPU at all,
+    // and the next request thaws it, restores its CPU and is served.
+    let deadline = Instant::now() + FREEZE_AFTER + Duration::from_secs(5);
+    while !pool.snapshot().instances[0].gate.is_frozen {
+        assert!(Instant::now() < deadline, "never frozen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let freezer_state = instance
+        .cgroup
+        .controller_dir(lull_runtime::cgroup::Controller::Freezer)
+        .map(|dir| match instance.cgroup.is_v2() {
+            true => std::fs::read_to_string(dir.join("cgroup.events")).unwrap(),
+            false => std::fs::read_to_string(dir.join("freezer.state")).unwrap(),
+        })
+        .unwrap();
+    assert!(
+        freezer_state.contains("FROZEN") || freezer_state.contains("frozen 1"),
+        "{freezer_state}"
+    );
+    let frozen = share_over(&probe, Duration::from_millis(500)).await;
+    println!("frozen share of a CPU: {:.4} %", frozen * 100.0);
+    assert_eq!(frozen, 0.0, "a frozen instance runs not at all");
+    let started = Instant::now();
+    let (status, body) = get(addr, "/").await;
+    println!(
+        "a request to the frozen instance took {:?}",
+        started.elapsed()
+    );
+    assert_eq!((status, body.as_str()), (200, HELLO));
+    let meter = pool.snapshot().instances[0].gate;
+    assert!(meter.freezes >= 1 && !meter.is_frozen, "{meter:?}");
 
     proxy.shutdown(Duration::from_secs(2)).await;
     drop(checker);

@@ -134,6 +134,10 @@ pub struct SpecFlags {
     /// `500ms`, `2s`.
     #[arg(long, value_name = "DURATION")]
     pub idle_delay: Option<String>,
+    /// Idle tier 2: freeze an instance this long after it was throttled (`30s`; `0`: never).
+    /// Waking a frozen instance takes milliseconds instead of microseconds.
+    #[arg(long, value_name = "DURATION")]
+    pub freeze_after: Option<String>,
     /// When instances get CPU.
     #[arg(long, value_enum, value_name = "MODE")]
     pub cpu_mode: Option<CpuModeArg>,
@@ -391,6 +395,9 @@ fn apply_flags(body: &mut Map<String, Value>, flags: &SpecFlags, env_replaces: b
     }
     if let Some(delay) = &flags.idle_delay {
         body.insert("idle_delay".into(), json!(delay));
+    }
+    if let Some(freeze) = &flags.freeze_after {
+        body.insert("freeze_after".into(), json!(freeze));
     }
     if let Some(mode) = flags.cpu_mode {
         let mode = match mode {
@@ -689,6 +696,11 @@ async fn show(ctx: &Ctx, name: &str) -> Outcome {
             _ => "always".into(),
         },
     );
+    if let Some(freeze) = spec["freeze_after"].as_str()
+        && !matches!(freeze, "0" | "0s")
+    {
+        row("idle", format!("frozen {freeze} after it is throttled"));
+    }
     for volume in spec["volumes"].as_array().into_iter().flatten() {
         let shared = match (volume["shared"] == true, volume["read_only"] == true) {
             (true, true) => " (shared, read-only)",

@@ -29,11 +29,27 @@ use super::{
 pub struct InstanceCpu {
     gate: CpuGate,
     cgroup: InstanceCgroup,
+    /// Idle tier 2; `None` where the host has no freezer for the instance.
+    freezer: Option<lull_runtime::cgroup::Freezer>,
 }
 
 impl InstanceCpu {
+    /// The gate and usage counter of an instance, and its freezer when the host has one.
     pub fn new(gate: CpuGate, cgroup: InstanceCgroup) -> InstanceCpu {
-        InstanceCpu { gate, cgroup }
+        let fs: Arc<dyn lull_runtime::cgroup::CgroupFs> =
+            Arc::new(lull_runtime::cgroup::HostCgroupFs);
+        let freezer = match lull_runtime::cgroup::Freezer::open(fs, &cgroup) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(cgroup = %cgroup.cgroups_path().display(), "no freezer: {e}");
+                None
+            }
+        };
+        InstanceCpu {
+            gate,
+            cgroup,
+            freezer,
+        }
     }
 }
 
@@ -48,6 +64,20 @@ impl CpuControl for InstanceCpu {
 
     fn usage_ns(&self) -> Option<u64> {
         self.cgroup.cpu_usage_ns().ok()
+    }
+
+    fn freeze(&self) -> Result<(), String> {
+        match &self.freezer {
+            Some(f) => f.freeze().map_err(|e| e.to_string()),
+            None => Err("no cgroup freezer for this instance".into()),
+        }
+    }
+
+    fn thaw(&self) -> Result<(), String> {
+        match &self.freezer {
+            Some(f) => f.thaw().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 }
 

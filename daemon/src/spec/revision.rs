@@ -118,6 +118,7 @@ const FIELD_ORDER: &[&str] = &[
     "health_check",
     "cpu_mode",
     "idle_delay",
+    "freeze_after",
 ];
 
 /// Changes of a list of entries named by `id`.

@@ -110,6 +110,17 @@ fn each_bad_field_is_named_with_its_path() {
             "size.memory: 1M is too small (expected at least 4M)",
         ),
         (
+            Box::new(|s| s.traffic.freeze_after = Some(Duration::from_millis(5))),
+            "freeze_after: must be at least 100ms (or 0 to never freeze)",
+        ),
+        (
+            Box::new(|s| {
+                s.traffic.freeze_after = Some(Duration::from_secs(30));
+                s.traffic.cpu = lull_proxy::config::CpuMode::Always;
+            }),
+            "freeze_after: needs cpu_mode request (an instance with CPU always is never idle)",
+        ),
+        (
             Box::new(|s| s.scaling.target_utilisation = 1.5),
             "scaling.target_utilisation: 1.5 is not in (0, 1] (expected e.g. 0.7)",
         ),
@@ -563,6 +574,12 @@ fn scaling_settings_read_and_min_zero_is_scale_to_zero() {
     assert_eq!(s.scaling.target_utilisation, 0.5);
     assert_eq!(s.scaling.scale_in_window, Duration::from_secs(30));
     assert_eq!(s.scaling.scale_to_zero_after, Duration::from_secs(120));
+    let update: ServiceUpdate = serde_json::from_str(r#"{"freeze_after": "30s"}"#).unwrap();
+    update.apply(&mut s).unwrap();
+    assert_eq!(s.traffic.freeze_after, Some(Duration::from_secs(30)));
+    let update: ServiceUpdate = serde_json::from_str(r#"{"freeze_after": "0"}"#).unwrap();
+    update.apply(&mut s).unwrap();
+    assert_eq!(s.traffic.freeze_after, None, "0 switches tier 2 off");
     let e = serde_json::from_str::<ServiceUpdate>(r#"{"scaling": {"target": 0.5}}"#).unwrap_err();
     assert!(e.to_string().contains("unknown field `target`"), "{e}");
 }

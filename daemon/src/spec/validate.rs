@@ -230,6 +230,19 @@ impl ServiceSpec {
         if t.max_concurrency == 0 {
             p.add("max_concurrency", "must be at least 1");
         }
+        if let Some(freeze) = t.freeze_after {
+            if freeze < Duration::from_millis(100) {
+                p.add(
+                    "freeze_after",
+                    "must be at least 100ms (or 0 to never freeze)",
+                );
+            } else if t.cpu != lull_proxy::config::CpuMode::Request {
+                p.add(
+                    "freeze_after",
+                    "needs cpu_mode request (an instance with CPU always is never idle)",
+                );
+            }
+        }
         if t.queue_size > 0 && t.queue_timeout.is_zero() {
             p.add(
                 "queue.timeout",

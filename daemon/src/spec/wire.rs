@@ -60,6 +60,9 @@ pub struct ServiceUpdate {
     pub cpu_mode: Option<WireCpuMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_delay: Option<WireDuration>,
+    /// Idle tier 2: frozen this long after being throttled; `"0"` switches it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_after: Option<WireDuration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +351,9 @@ impl ServiceUpdate {
             };
         }
         set(&mut t.idle_delay, self.idle_delay.map(|d| d.0));
+        if let Some(d) = self.freeze_after {
+            t.freeze_after = (!d.0.is_zero()).then_some(d.0);
+        }
         Ok(())
     }
 
@@ -458,6 +464,7 @@ impl ServiceUpdate {
                 CpuMode::Always => WireCpuMode::Always,
             }),
             idle_delay: d(t.idle_delay),
+            freeze_after: d(t.freeze_after.unwrap_or_default()),
         }
     }
 }
