@@ -132,9 +132,11 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
     let gate = instance.open_gate().unwrap();
     let probe = InstanceCpuProbe(instance.cgroup.clone());
 
-    let mut config = ServiceConfig::default();
     // Idle tier 2, checked last: frozen once throttled this long.
-    config.freeze_after = Some(FREEZE_AFTER);
+    let mut config = ServiceConfig {
+        freeze_after: Some(FREEZE_AFTER),
+        ..ServiceConfig::default()
+    };
     config.health.probe = HealthProbe::Http {
         path: "/healthz".into(),
         min_status: 200,
