@@ -501,7 +501,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Some(b) => b.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }
@@ -857,7 +857,7 @@ async fn forward(
         let mut up = Request::new(RequestBody {
             shared: shared.clone(),
             body: None,
-            hint: hint.clone(),
+            hint,
             limit: config.limits.max_body_bytes,
         });
         *up.method_mut() = parts.method.clone();

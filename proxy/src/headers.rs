@@ -365,7 +365,7 @@ mod tests {
         let origin = Origin {
             client: "[::ffff:192.0.2.1]:5000".parse().unwrap(),
             proto: "http",
-            host: "App.example:8080".into(),
+            host: "App.example:8080",
         };
         add_forwarding(&mut h, &origin);
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 192.0.2.1");
@@ -378,7 +378,7 @@ mod tests {
         let v6 = Origin {
             client: "[2001:db8::1]:1".parse().unwrap(),
             proto: "https",
-            host: "a".into(),
+            host: "a",
         };
         let mut h = HeaderMap::new();
         add_forwarding(&mut h, &v6);

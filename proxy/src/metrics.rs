@@ -590,6 +590,56 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
+    #[test]
+    fn requests_from_several_threads_are_summed_into_their_buckets() {
+        let m = Arc::new(ProxyMetrics::new());
+        let web = m.service("web");
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let web = web.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        web.observe_request(200, Duration::from_micros(700));
+                    }
+                    web.observe_request(404, Duration::from_secs(100));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // The same series whichever handle recorded it.
+        m.observe_request("web", 500, Duration::from_micros(100));
+        let text = m.encode();
+        for expected in [
+            r#"lull_proxy_requests_total{service="web",class="2xx"} 300"#,
+            r#"lull_proxy_requests_total{service="web",class="4xx"} 3"#,
+            r#"lull_proxy_requests_total{service="web",class="5xx"} 1"#,
+            r#"lull_proxy_requests_total{service="web",class="1xx"} 0"#,
+            r#"lull_proxy_request_duration_seconds_count{service="web"} 304"#,
+            // 0.1 ms falls in the first bucket (0.5 ms), 0.7 ms in the second (1 ms), 100 s
+            // only in +Inf.
+            r#"lull_proxy_request_duration_seconds_bucket{le="0.0005",service="web"} 1"#,
+            r#"lull_proxy_request_duration_seconds_bucket{le="0.001",service="web"} 301"#,
+            r#"lull_proxy_request_duration_seconds_bucket{le="+Inf",service="web"} 304"#,
+        ] {
+            assert!(text.contains(expected), "{expected} missing:\n{text}");
+        }
+        let sum: f64 = line(
+            &text,
+            r#"lull_proxy_request_duration_seconds_sum{service="web"}"#,
+        )
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+        assert!(
+            (sum - (300.0 * 0.0007 + 300.0 + 0.0001)).abs() < 1e-6,
+            "{sum}"
+        );
+    }
+
     #[tokio::test]
     async fn pools_are_reported_at_each_scrape() {
         let metrics = Arc::new(ProxyMetrics::new());
