@@ -12,11 +12,18 @@
 //! suspect and is retried once on another instance when the instance cannot have acted on the
 //! request: it was never reached, or the method is idempotent (GET, HEAD, OPTIONS, PUT,
 //! DELETE) and its body, if any, was not sent yet. With no other healthy instance it is a 502.
+//!
+//! The per-request path is kept lean (it is most of what the proxy adds to a request's cost):
+//! nothing is formatted or allocated for the access log unless the route has one, an empty
+//! request body needs no shared state, one timer serves the first-byte, request and body
+//! deadlines, and HTTP/1 upstream connections are pooled here, per thread, with hyper's
+//! connection-level client (no pool key hashing, URI rewriting or task per request).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -26,6 +33,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,7 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tracing::Instrument;
 
-use crate::access_log::{AccessEntry, AccessLog};
+use crate::access_log::AccessEntry;
 use crate::config::{ServiceConfig, UpstreamProtocol};
 use crate::headers::{self, Origin};
 use crate::pool::{Lease, Rejected};
@@ -58,7 +66,8 @@ pub(crate) struct Upstream {
 }
 
 pub(crate) struct Clients {
-    pub(crate) http1: Client<HttpConnector, RequestBody>,
+    /// HTTP/1 connections (all of them unless the service speaks h2c; upgrades always).
+    pub(crate) http1: Http1Pool,
     pub(crate) h2c: Option<Client<HttpConnector, RequestBody>>,
 }
 
@@ -75,12 +84,16 @@ impl Upstream {
     /// This thread's clients.
     pub(crate) fn clients(&self) -> &Clients {
         self.clients.get_or(|| Clients {
-            http1: self.build(false),
-            h2c: self.h2c.then(|| self.build(true)),
+            http1: Http1Pool {
+                idle: Arc::new(Mutex::new(IdleConns::default())),
+                connect_timeout: self.connect_timeout,
+                idle_timeout: self.idle_timeout,
+            },
+            h2c: self.h2c.then(|| self.build_h2c()),
         })
     }
 
-    fn build(&self, h2: bool) -> Client<HttpConnector, RequestBody> {
+    fn build_h2c(&self) -> Client<HttpConnector, RequestBody> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(self.connect_timeout));
         connector.set_nodelay(true);
@@ -90,8 +103,171 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false)
-            .http2_only(h2);
+            .http2_only(true);
         builder.build(connector)
+    }
+}
+
+/// One thread's idle HTTP/1 connections to a service's instances, by address. Only the
+/// owning thread takes the lock on the request path (uncontended); the reaper that closes
+/// idle connections runs on the same thread.
+#[derive(Default)]
+pub(crate) struct IdleConns {
+    by_addr: HashMap<SocketAddr, Vec<IdleConn>>,
+    /// A reaper task is running for this map.
+    reaping: bool,
+}
+
+struct IdleConn {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+pub(crate) struct Http1Pool {
+    idle: Arc<Mutex<IdleConns>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// Why an HTTP/1 exchange with an instance failed.
+enum UpstreamError {
+    ConnectTimeout,
+    /// Connecting (or the HTTP/1 handshake) failed: nothing was sent.
+    Connect(String),
+    Send(hyper::Error),
+    H2c(hyper_util::client::legacy::Error),
+}
+
+/// A pooled connection lent to one exchange; back in the pool once its response ended.
+struct Checkout {
+    sender: http1::SendRequest<RequestBody>,
+    addr: SocketAddr,
+    pool: Weak<Mutex<IdleConns>>,
+    idle_timeout: Duration,
+}
+
+impl Checkout {
+    fn give_back(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let start_reaper = {
+            let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
+            idle.by_addr.entry(self.addr).or_default().push(IdleConn {
+                sender: self.sender,
+                since: Instant::now(),
+            });
+            !std::mem::replace(&mut idle.reaping, true)
+        };
+        if start_reaper {
+            spawn_reaper(Arc::downgrade(&pool), self.idle_timeout);
+        }
+    }
+}
+
+/// Closes connections idle for longer than `idle_timeout` (dropping a sender ends its
+/// connection), checking every half of it; ends when the pool has nothing idle or is gone.
+fn spawn_reaper(pool: Weak<Mutex<IdleConns>>, idle_timeout: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if let Some(pool) = pool.upgrade() {
+            pool.lock().unwrap_or_else(|e| e.into_inner()).reaping = false;
+        }
+        return;
+    };
+    let tick = (idle_timeout / 2).max(Duration::from_millis(10));
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(tick).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
+            idle.by_addr.retain(|_, conns| {
+                conns.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+                !conns.is_empty()
+            });
+            if idle.by_addr.is_empty() {
+                idle.reaping = false;
+                return;
+            }
+        }
+    });
+}
+
+impl Http1Pool {
+    /// The most recently used live idle connection to `addr`, if any.
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.by_addr.get_mut(&addr)?;
+        while let Some(c) = conns.pop() {
+            if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Err(_) => return Err(UpstreamError::ConnectTimeout),
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Connect(format!(
+                        "connecting to instance {addr}: {e}"
+                    )));
+                }
+                Ok(Ok(s)) => s,
+            };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("connection to instance {addr}: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, "connection to instance ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` to `addr` on an idle connection, or a new one. A request that a reused
+    /// connection could not take (it closed meanwhile; nothing was sent) goes on another.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Checkout), UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.take_idle(addr) {
+                Some(s) => (s, true),
+                None => (self.connect(addr).await?, false),
+            };
+            if reused && sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let checkout = Checkout {
+                        sender,
+                        addr,
+                        pool: Arc::downgrade(&self.idle),
+                        idle_timeout: self.idle_timeout,
+                    };
+                    return Ok((resp, checkout));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(UpstreamError::Send(e.into_error())),
+                },
+            }
+        }
     }
 }
 
@@ -122,39 +298,57 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Everything the access log needs; written when dropped (the response's end).
-struct Finish {
-    log: Option<Arc<AccessLog>>,
-    metrics: Option<Arc<crate::metrics::ServiceMetrics>>,
+/// What only the access log needs, gathered only when the route has one.
+struct LogFields {
     entry: AccessEntry,
-    start: Instant,
-    /// Wall-clock start, formatted into the log line only when there is a log.
+    /// Wall-clock start.
     started_at: chrono::DateTime<chrono::Utc>,
-    bytes_in: Arc<AtomicU64>,
+}
+
+/// A request's bookkeeping until its response ends: metrics, the access log, the pool slot.
+/// Recorded when dropped.
+struct Finish {
+    route: Arc<Route>,
+    start: Instant,
+    /// 0 until there is a response.
+    status: u16,
+    bytes_out: u64,
+    /// Request body bytes not counted by the body itself (an upgraded connection's).
+    bytes_in_extra: u64,
+    body: Option<Arc<RequestShared>>,
     lease: Option<Lease>,
+    log: Option<Box<LogFields>>,
     _active: ActiveGuard,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         self.lease.take();
-        if self.entry.status == 0 {
+        if self.status == 0 {
             // The client went away before any response (while queued, say): nginx's 499.
-            self.entry.status = 499;
+            self.status = 499;
         }
+        let elapsed = self.start.elapsed();
         // An upgraded connection's lifetime is not a request's latency.
-        if let Some(metrics) = &self.metrics
-            && self.entry.status != 101
+        if let Some(metrics) = self.route.pool.service_metrics()
+            && self.status != 101
         {
-            metrics.observe_request(self.entry.status, self.start.elapsed());
+            metrics.observe_request(self.status, elapsed);
         }
-        if let Some(log) = &self.log {
-            self.entry.time = self
+        if let (Some(log), Some(fields)) = (&self.route.access_log, self.log.as_mut()) {
+            let entry = &mut fields.entry;
+            entry.time = fields
                 .started_at
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            self.entry.duration_ms = ms(self.start.elapsed());
-            self.entry.bytes_in = self.bytes_in.load(Ordering::Relaxed);
-            log.record(&self.entry);
+            entry.duration_ms = ms(elapsed);
+            entry.status = self.status;
+            entry.bytes_out = self.bytes_out;
+            entry.bytes_in = self.bytes_in_extra
+                + self
+                    .body
+                    .as_ref()
+                    .map_or(0, |b| b.bytes.load(Ordering::Relaxed));
+            log.record(entry);
         }
     }
 }
@@ -164,11 +358,22 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The response body handed to the client: counts bytes, enforces the whole-request deadline,
-/// and holds the pool slot until the last frame.
+/// holds the pool slot until the last frame, then gives the upstream connection back.
 struct ResponseBody<B> {
     inner: B,
     finish: Option<Finish>,
     deadline: Option<Pin<Box<Sleep>>>,
+    checkout: Option<Checkout>,
+}
+
+impl<B> ResponseBody<B> {
+    /// The response ended whole: the connection may serve another request.
+    fn ended(&mut self) {
+        self.finish.take();
+        if let Some(c) = self.checkout.take() {
+            c.give_back();
+        }
+    }
 }
 
 impl<B> Body for ResponseBody<B>
@@ -187,22 +392,27 @@ where
             && d.as_mut().poll(cx).is_ready()
         {
             self.finish.take();
+            self.checkout.take();
             return Poll::Ready(Some(Err("the request's timeout passed".into())));
         }
         let polled = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match polled {
             Some(Ok(frame)) => {
                 if let (Some(data), Some(f)) = (frame.data_ref(), self.finish.as_mut()) {
-                    f.entry.bytes_out += data.len() as u64;
+                    f.bytes_out += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.ended();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
                 self.finish.take();
+                self.checkout.take();
                 Poll::Ready(Some(Err(e.into())))
             }
             None => {
-                self.finish.take();
+                self.ended();
                 Poll::Ready(None)
             }
         }
@@ -217,19 +427,23 @@ where
     }
 }
 
-/// The request body sent to an instance. The client's body waits in `slot` until the
-/// instance's connection first asks for it, so a request whose body was never touched can be
-/// retried on another instance.
+/// What a request body shares with the forwarding code (absent for an empty body).
+pub(crate) struct RequestShared {
+    /// The client's body, until the instance's connection first asks for it: a request
+    /// whose body was never touched can be retried on another instance.
+    slot: Mutex<Option<Incoming>>,
+    bytes: AtomicU64,
+    over_limit: AtomicBool,
+    /// Told when the body has been sent whole: the first-byte timeout starts then.
+    sent: tokio::sync::Notify,
+}
+
+/// The request body sent to an instance.
 pub(crate) struct RequestBody {
-    slot: Arc<Mutex<Option<Incoming>>>,
+    shared: Option<Arc<RequestShared>>,
     body: Option<Incoming>,
     hint: SizeHint,
-    end: bool,
-    bytes: Arc<AtomicU64>,
     limit: Option<u64>,
-    over_limit: Arc<AtomicBool>,
-    /// Told when the body has been sent whole: the first-byte timeout starts then.
-    sent: Arc<tokio::sync::Notify>,
 }
 
 impl Body for RequestBody {
@@ -240,23 +454,27 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(shared) = self.shared.clone() else {
+            return Poll::Ready(None);
+        };
         if self.body.is_none() {
-            let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let taken = shared.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             match taken {
                 Some(b) => self.body = Some(b),
                 None => return Poll::Ready(None),
             }
         }
+        let limit = self.limit;
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
         match ready!(Pin::new(body).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    let total = self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed)
+                    let total = shared.bytes.fetch_add(data.len() as u64, Ordering::Relaxed)
                         + data.len() as u64;
-                    if self.limit.is_some_and(|l| total > l) {
-                        self.over_limit.store(true, Ordering::Relaxed);
+                    if limit.is_some_and(|l| total > l) {
+                        shared.over_limit.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(
                             "the request body is larger than allowed".into()
                         )));
@@ -267,16 +485,16 @@ impl Body for RequestBody {
             Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
             None => {
                 // A stored permit: the waiter may not be waiting yet.
-                self.sent.notify_one();
+                shared.sent.notify_one();
                 Poll::Ready(None)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.body {
-            Some(b) => b.is_end_stream(),
-            None => self.end,
+        match (&self.body, &self.shared) {
+            (Some(b), _) => b.is_end_stream(),
+            (None, shared) => shared.is_none(),
         }
     }
 
@@ -310,15 +528,13 @@ fn unavailable(retry_after: Duration, text: &str) -> Response<ProxyBody> {
     resp
 }
 
-/// The host a request is for: `:authority` (HTTP/2) or `Host`.
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
+/// The host a request is for: `:authority` (HTTP/2) or `Host`, as a header value (a cheap
+/// clone of the client's `Host`).
+fn request_host_value<B>(req: &Request<B>) -> Option<HeaderValue> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+        return HeaderValue::from_str(a.as_str()).ok();
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
+    req.headers().get(header::HOST).cloned()
 }
 
 /// What went wrong talking to an instance.
@@ -336,8 +552,9 @@ enum Failure {
     Other(String),
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+/// Whether an error's chain says the connection was reset or cut short, or timed out.
+fn reset_or_timeout(e: &(dyn std::error::Error + 'static)) -> (bool, bool) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut timed_out = false;
     let mut reset = false;
     while let Some(s) = source {
@@ -356,23 +573,52 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
         }
         source = s.source();
     }
-    let text = error_chain(e);
-    if e.is_connect() {
-        if timed_out {
-            Failure::ConnectTimeout
-        } else {
-            Failure::Connection {
-                reason: text,
-                sent_nothing: true,
+    (reset, timed_out)
+}
+
+fn classify(e: &UpstreamError) -> Failure {
+    match e {
+        UpstreamError::ConnectTimeout => Failure::ConnectTimeout,
+        UpstreamError::Connect(reason) => Failure::Connection {
+            reason: reason.clone(),
+            sent_nothing: true,
+        },
+        UpstreamError::Send(e) => {
+            let (reset, _) = reset_or_timeout(e);
+            let text = error_chain(e);
+            if reset {
+                Failure::Connection {
+                    reason: text,
+                    sent_nothing: false,
+                }
+            } else {
+                Failure::Other(text)
             }
         }
-    } else if reset {
-        Failure::Connection {
-            reason: text,
-            sent_nothing: false,
+        UpstreamError::H2c(e) => {
+            let (reset, timed_out) = match std::error::Error::source(e) {
+                Some(s) => reset_or_timeout(s),
+                None => (false, false),
+            };
+            let text = error_chain(e);
+            if e.is_connect() {
+                if timed_out {
+                    Failure::ConnectTimeout
+                } else {
+                    Failure::Connection {
+                        reason: text,
+                        sent_nothing: true,
+                    }
+                }
+            } else if reset {
+                Failure::Connection {
+                    reason: text,
+                    sent_nothing: false,
+                }
+            } else {
+                Failure::Other(text)
+            }
         }
-    } else {
-        Failure::Other(text)
     }
 }
 
@@ -396,81 +642,91 @@ pub(crate) async fn handle(
     let start = Instant::now();
     conn.active.fetch_add(1, Ordering::AcqRel);
     let active = ActiveGuard(conn.active.clone());
-    let host = request_host(&req).unwrap_or_default();
-    let request_id = headers::ensure_request_id(req.headers_mut());
-    let Some(route) = routes.lookup(&host) else {
-        let shown = crate::routes::normalize_host(&host);
+    let host_value = request_host_value(&req);
+    let host = host_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let Some(route) = routes.lookup(host) else {
+        let shown = crate::routes::normalize_host(host);
         tracing::debug!(host = %shown, "no route");
         return plain(
             StatusCode::NOT_FOUND,
             &format!("404 not found: no service answers for host {shown:?}"),
         );
     };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let finish = Finish {
-        log: route.access_log.clone(),
-        metrics: route.pool.service_metrics().cloned(),
-        entry: AccessEntry {
-            time: String::new(),
-            request_id: request_id.clone(),
-            service: route.pool.service().to_string(),
-            revision: route.revision.clone(),
-            instance: String::new(),
-            method: req.method().to_string(),
-            host: host.clone(),
-            path: path.clone(),
-            status: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0.0,
-            queued_ms: 0.0,
-            woke: false,
-            client: conn.client.to_string(),
-        },
-        start,
-        started_at: chrono::Utc::now(),
-        bytes_in: Arc::new(AtomicU64::new(0)),
-        lease: None,
-        _active: active,
-    };
+    let request_id = headers::ensure_request_id_value(req.headers_mut());
+    let log = route.access_log.is_some().then(|| {
+        Box::new(LogFields {
+            entry: AccessEntry {
+                time: String::new(),
+                request_id: request_id.to_str().unwrap_or_default().to_owned(),
+                service: route.pool.service().to_owned(),
+                revision: route.revision.clone(),
+                instance: String::new(),
+                method: req.method().to_string(),
+                host: host.to_owned(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                status: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                duration_ms: 0.0,
+                queued_ms: 0.0,
+                woke: false,
+                client: conn.client.to_string(),
+            },
+            started_at: chrono::Utc::now(),
+        })
+    });
     let span = tracing::debug_span!(
         "request",
         service = %route.pool.service(),
         revision = %route.revision,
-        id = %request_id
+        id = %request_id.to_str().unwrap_or_default()
     );
-    forward(&route, conn, req, host, path, finish)
+    let finish = Finish {
+        route,
+        start,
+        status: 0,
+        bytes_out: 0,
+        bytes_in_extra: 0,
+        body: None,
+        lease: None,
+        log,
+        _active: active,
+    };
+    forward(conn, req, host_value, finish)
         .instrument(span)
         .await
 }
 
 fn answer(mut finish: Finish, resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    finish.entry.status = resp.status().as_u16();
+    finish.status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
     let body = ResponseBody {
         inner: body,
         finish: Some(finish),
         deadline: None,
+        checkout: None,
     }
     .boxed_unsync();
     Response::from_parts(parts, body)
 }
 
 async fn forward(
-    route: &Arc<Route>,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
-    host: String,
-    path: String,
+    host_value: Option<HeaderValue>,
     mut finish: Finish,
 ) -> Response<ProxyBody> {
-    let config = route.pool.config().clone();
+    let route = finish.route.clone();
+    let config = route.pool.config();
     let limits = &config.limits;
-    let (count, bytes) = headers::head_size(req.method().as_str(), &path, req.headers());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let (count, bytes) = headers::head_size(req.method().as_str(), path, req.headers());
     if count > limits.max_headers || bytes > limits.max_header_bytes {
         return answer(
             finish,
@@ -498,31 +754,59 @@ async fn forward(
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrading);
+    let host = host_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     headers::add_forwarding(
         &mut parts.headers,
         &Origin {
             client: conn.client,
             proto: conn.proto,
-            host: host.clone(),
+            host,
         },
     );
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        parts.headers.insert(header::HOST, v);
+    if let Some(v) = host_value.as_ref()
+        && parts.headers.get(header::HOST) != Some(v)
+    {
+        parts.headers.insert(header::HOST, v.clone());
     }
     let body_empty = body.is_end_stream();
     let hint = body.size_hint();
-    let slot = Arc::new(Mutex::new(Some(body)));
-    let over_limit = Arc::new(AtomicBool::new(false));
+    let shared = (!body_empty).then(|| {
+        Arc::new(RequestShared {
+            slot: Mutex::new(Some(body)),
+            bytes: AtomicU64::new(0),
+            over_limit: AtomicBool::new(false),
+            sent: tokio::sync::Notify::new(),
+        })
+    });
+    finish.body = shared.clone();
     let retry_safe_method = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
     let clients = route.upstream.clients();
-    let (client, version) = match (&clients.h2c, upgrading) {
-        (Some(h2), false) => (h2, Version::HTTP_2),
-        _ => (&clients.http1, Version::HTTP_11),
+    let h2c = match (&clients.h2c, upgrading) {
+        (Some(h2), false) => Some(h2),
+        _ => None,
     };
-    let deadline = tokio::time::Instant::now() + config.timeouts.request;
+    // HTTP/1 upstreams get the origin form (`/path?query`) the client sent, as it is.
+    let origin_form = match (parts.uri.scheme(), parts.uri.authority()) {
+        (None, None) => parts.uri.clone(),
+        _ => {
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            Uri::from_parts(uri_parts).unwrap_or_else(|_| Uri::from_static("/"))
+        }
+    };
+    let deadline = tokio::time::Instant::from_std(finish.start) + config.timeouts.request;
     let mut avoid: Option<String> = None;
     let mut attempt = 0;
     loop {
@@ -547,69 +831,114 @@ async fn forward(
                 return answer(finish, resp);
             }
         };
-        finish.entry.instance = lease.instance().to_string();
-        finish.entry.queued_ms = ms(lease.queued());
-        finish.entry.woke = lease.woke();
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(lease.authority().clone())
-            .path_and_query(path.as_str())
-            .build()
-        {
-            Ok(u) => u,
-            Err(e) => {
-                return answer(
-                    finish,
-                    plain(StatusCode::BAD_REQUEST, &format!("400 bad request: {e}")),
-                );
+        if let Some(fields) = finish.log.as_mut() {
+            fields.entry.instance = lease.instance().to_owned();
+            fields.entry.queued_ms = ms(lease.queued());
+            fields.entry.woke = lease.woke();
+        }
+        let uri = if h2c.is_some() {
+            match Uri::builder()
+                .scheme("http")
+                .authority(lease.authority().clone())
+                .path_and_query(origin_form.path_and_query().map_or("/", |p| p.as_str()))
+                .build()
+            {
+                Ok(u) => u,
+                Err(e) => {
+                    return answer(
+                        finish,
+                        plain(StatusCode::BAD_REQUEST, &format!("400 bad request: {e}")),
+                    );
+                }
             }
+        } else {
+            origin_form.clone()
         };
-        let body_sent = Arc::new(tokio::sync::Notify::new());
         let mut up = Request::new(RequestBody {
-            slot: slot.clone(),
+            shared: shared.clone(),
             body: None,
             hint,
-            end: body_empty,
-            bytes: finish.bytes_in.clone(),
             limit: config.limits.max_body_bytes,
-            over_limit: over_limit.clone(),
-            sent: body_sent.clone(),
         });
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
-        *up.version_mut() = version;
+        *up.version_mut() = if h2c.is_some() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         *up.headers_mut() = parts.headers.clone();
         // While the body uploads only the whole request's deadline applies; the first-byte
         // timeout counts from the body's end (an app may read all of a long upload first).
+        // One timer for both: it starts at the deadline and is moved up once the body is sent.
+        let first_byte_from_now =
+            || (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
+        let mut uploaded = body_empty;
+        let mut timer_at = if uploaded {
+            first_byte_from_now()
+        } else {
+            deadline
+        };
+        let mut timer = Box::pin(tokio::time::sleep_until(timer_at));
+        let addr = lease.addr();
         let sent = {
-            let request = client.request(up);
-            tokio::pin!(request);
-            let uploaded = async {
-                if !body_empty {
-                    body_sent.notified().await;
+            let request = async {
+                match h2c {
+                    Some(client) => client
+                        .request(up)
+                        .await
+                        .map(|r| (r, None))
+                        .map_err(UpstreamError::H2c),
+                    None => clients
+                        .http1
+                        .send(addr, up)
+                        .await
+                        .map(|(r, c)| (r, Some(c))),
                 }
             };
-            tokio::select! {
-                r = &mut request => Ok(r),
-                () = tokio::time::sleep_until(deadline) => Err(Failure::RequestTimeout),
-                () = uploaded => {
-                    let first_byte =
-                        (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
-                    match tokio::time::timeout_at(first_byte, &mut request).await {
-                        Ok(r) => Ok(r),
-                        Err(_) if first_byte >= deadline => Err(Failure::RequestTimeout),
-                        Err(_) => Err(Failure::FirstByteTimeout),
+            tokio::pin!(request);
+            let body_sent = async {
+                match &shared {
+                    Some(s) => s.sent.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(body_sent);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut request => break Ok(r),
+                    () = timer.as_mut() => {
+                        break Err(if uploaded && timer_at < deadline {
+                            Failure::FirstByteTimeout
+                        } else {
+                            Failure::RequestTimeout
+                        });
+                    }
+                    () = &mut body_sent, if !uploaded => {
+                        uploaded = true;
+                        timer_at = first_byte_from_now();
+                        timer.as_mut().reset(timer_at);
                     }
                 }
             }
         };
         let failure = match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, checkout))) => {
                 finish.lease = Some(lease);
-                return respond(route, conn, &config, finish, resp, client_upgrade, deadline);
+                if timer_at != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                return respond(conn, config, finish, resp, client_upgrade, timer, checkout);
             }
             Err(failure) => failure,
-            Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => Failure::BodyTooLarge,
+            Ok(Err(_))
+                if shared
+                    .as_ref()
+                    .is_some_and(|s| s.over_limit.load(Ordering::Relaxed)) =>
+            {
+                Failure::BodyTooLarge
+            }
             Ok(Err(e)) => classify(&e),
         };
         // A connect timeout is a connection failure too (a blackholed instance): suspect it
@@ -631,8 +960,9 @@ async fn forward(
             } => {
                 // Retry when the instance cannot have acted on the request: it was never
                 // reached, or the request is idempotent and its body (if any) was not sent yet.
-                let body_unsent =
-                    body_empty || slot.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                let body_unsent = shared
+                    .as_ref()
+                    .is_none_or(|s| s.slot.lock().unwrap_or_else(|e| e.into_inner()).is_some());
                 let retriable = attempt == 1
                     && !upgrading
                     && body_unsent
@@ -691,18 +1021,20 @@ async fn forward(
 }
 
 fn respond(
-    route: &Arc<Route>,
     conn: &ConnInfo,
     config: &ServiceConfig,
     mut finish: Finish,
     mut resp: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    deadline: tokio::time::Instant,
+    deadline: Pin<Box<Sleep>>,
+    checkout: Option<Checkout>,
 ) -> Response<ProxyBody> {
-    finish.entry.status = resp.status().as_u16();
+    finish.status = resp.status().as_u16();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
+        // The upstream connection leaves the pool with the upgrade.
+        drop(checkout);
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
@@ -711,7 +1043,7 @@ fn respond(
         let mut closing = conn.closing.clone();
         let streams = conn.streams.clone();
         streams.open.fetch_add(1, Ordering::AcqRel);
-        let service = route.pool.service().to_string();
+        let service = finish.route.pool.service().to_string();
         tokio::spawn(async move {
             let mut finish = finish;
             if !keep_cpu && let Some(l) = finish.lease.as_mut() {
@@ -731,8 +1063,8 @@ fn respond(
                         tokio::select! {
                             done = &mut copy => {
                                 if let Ok((up, down)) = done {
-                                    finish.entry.bytes_out += down;
-                                    finish.bytes_in.fetch_add(up, Ordering::Relaxed);
+                                    finish.bytes_out += down;
+                                    finish.bytes_in_extra += up;
                                 }
                                 break;
                             }
@@ -771,13 +1103,19 @@ fn respond(
     {
         l.release_cpu();
     }
-    let body = ResponseBody {
+    let mut body = ResponseBody {
         inner: body,
         finish: Some(finish),
-        deadline: (!sse).then(|| Box::pin(tokio::time::sleep_until(deadline))),
+        deadline: (!sse).then_some(deadline),
+        checkout,
+    };
+    if body.inner.is_end_stream()
+        && let Some(c) = body.checkout.take()
+    {
+        // No body to stream (a 204, a HEAD, an empty 200): the connection is free now.
+        c.give_back();
     }
-    .boxed_unsync();
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, body.boxed_unsync())
 }
 
 /// The last time bytes moved on a connection.

@@ -30,19 +30,41 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`] removes by name.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name.as_str().starts_with("proxy-")
+}
+
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
 /// `Proxy-*`, `TE` (except the `trailers` token), `Transfer-Encoding` and `Upgrade`. With
 /// `upgrading`, `Upgrade` stays and `Connection` is set back to `upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    // Most messages carry none of them: one pass over the names, nothing allocated.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Names the `Connection` header lists, besides those removed below anyway.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("close")
+                && !t.eq_ignore_ascii_case("keep-alive")
+                && !t.eq_ignore_ascii_case("upgrade")
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
-        if name == header::TRAILER || (upgrading && name == header::UPGRADE) {
+        if name == header::TRAILER {
             continue;
         }
         headers.remove(&name);
@@ -63,13 +85,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     headers.remove(&KEEP_ALIVE);
     headers.remove(header::TE);
     headers.remove(header::TRANSFER_ENCODING);
-    let proxy_named: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxy_named {
-        headers.remove(name);
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy_named: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy_named {
+            headers.remove(name);
+        }
     }
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -83,48 +107,80 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 
 /// What the proxy knows about where a request came from.
 #[derive(Debug, Clone)]
-pub struct Origin {
+pub struct Origin<'a> {
     pub client: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The Host the client asked for, as it sent it.
-    pub host: String,
+    pub host: &'a str,
 }
 
 /// Appends the client to `X-Forwarded-For`, sets `X-Forwarded-Proto`, `X-Forwarded-Host` and
 /// `Forwarded` (RFC 7239, this hop only).
-pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin) {
+pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
+    use std::fmt::Write as _;
     let ip = origin.client.ip().to_canonical();
-    let mut xff: Vec<String> = headers
+    let mut xff = String::with_capacity(48);
+    for v in headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_string())
+        .map(str::trim)
         .filter(|v| !v.is_empty())
-        .collect();
-    xff.push(ip.to_string());
-    set(headers, &X_FORWARDED_FOR, &xff.join(", "));
-    set(headers, &X_FORWARDED_PROTO, origin.proto);
-    set(headers, &X_FORWARDED_HOST, &origin.host);
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    {
+        xff.push_str(v);
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{ip}");
+    set_owned(headers, &X_FORWARDED_FOR, xff);
+    let proto = match origin.proto {
+        "https" => HeaderValue::from_static("https"),
+        "http" => HeaderValue::from_static("http"),
+        other => match HeaderValue::from_str(other) {
+            Ok(v) => v,
+            Err(_) => HeaderValue::from_static("http"),
+        },
     };
-    let host = if origin.host.is_empty()
-        || origin
-            .host
+    headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    set(headers, &X_FORWARDED_HOST, origin.host);
+    let mut forwarded = String::with_capacity(64);
+    match ip {
+        IpAddr::V4(v4) => {
+            let _ = write!(forwarded, "for={v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(forwarded, "for=\"[{v6}]\"");
+        }
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(origin.proto);
+    let host = origin.host;
+    if !host.is_empty() {
+        forwarded.push_str(";host=");
+        if host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
-    {
-        origin.host.clone()
-    } else {
-        format!("\"{}\"", origin.host.replace(['"', '\\'], ""))
-    };
-    let mut forwarded = format!("for={node};proto={}", origin.proto);
-    if !host.is_empty() {
-        forwarded.push_str(&format!(";host={host}"));
+        {
+            forwarded.push_str(host);
+        } else {
+            forwarded.push('"');
+            forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+            forwarded.push('"');
+        }
     }
-    set(headers, &header::FORWARDED, &forwarded);
+    set_owned(headers, &header::FORWARDED, forwarded);
+}
+
+/// Like [`set`], moving the string into the header value (no copy).
+fn set_owned(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
 }
 
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
@@ -141,20 +197,32 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
 /// The request's id: the client's `X-Request-Id` if it sent a usable one, else a new random
 /// 128-bit hex id, which is also added to the headers.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok())
+    let value = ensure_request_id_value(headers);
+    value.to_str().unwrap_or_default().to_owned()
+}
+
+/// [`ensure_request_id`] without making a string: the header's value (a cheap clone).
+pub fn ensure_request_id_value(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&REQUEST_ID)
         && !id.is_empty()
+        && id.to_str().is_ok()
     {
-        return id.to_string();
+        return id.clone();
     }
-    let id = new_request_id();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID.clone(), v);
-    }
-    id
+    let id = new_request_id_bytes();
+    // 32 lowercase hex digits are always a valid header value.
+    let value = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&id))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"));
+    headers.insert(REQUEST_ID.clone(), value.clone());
+    value
 }
 
 /// A random 128-bit id in 32 lowercase hex digits.
 pub fn new_request_id() -> String {
+    String::from_utf8_lossy(&new_request_id_bytes()).into_owned()
+}
+
+fn new_request_id_bytes() -> [u8; 32] {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     // 128 bits: a random per-process key (one getrandom call) and a counter mixed with it
@@ -180,18 +248,27 @@ pub fn new_request_id() -> String {
             u64::from_be_bytes(b.try_into().unwrap_or_default()),
         ]
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Each thread takes a block of 1024 counter values at a time: the shared counter is
+    // touched once per 1024 ids instead of bouncing between cores on every request.
+    thread_local! {
+        static NEXT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    let n = NEXT.with(|next| {
+        let (mut n, mut end) = next.get();
+        if n == end {
+            n = COUNTER.fetch_add(1024, Ordering::Relaxed);
+            end = n + 1024;
+        }
+        next.set((n + 1, end));
+        n
+    });
     let high = mix(n ^ key[0]);
     let low = mix(n.wrapping_add(key[1]));
-    let mut id = String::with_capacity(32);
-    for word in [high, low] {
-        for shift in (0..16).rev() {
-            let digit = ((word >> (shift * 4)) & 0xf) as u8;
-            id.push(char::from(if digit < 10 {
-                b'0' + digit
-            } else {
-                b'a' + digit - 10
-            }));
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (w, word) in [high, low].into_iter().enumerate() {
+        for i in 0..16 {
+            id[w * 16 + i] = HEX[((word >> ((15 - i) * 4)) & 0xf) as usize];
         }
     }
     id
@@ -288,7 +365,7 @@ mod tests {
         let origin = Origin {
             client: "[::ffff:192.0.2.1]:5000".parse().unwrap(),
             proto: "http",
-            host: "App.example:8080".into(),
+            host: "App.example:8080",
         };
         add_forwarding(&mut h, &origin);
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 192.0.2.1");
@@ -301,7 +378,7 @@ mod tests {
         let v6 = Origin {
             client: "[2001:db8::1]:1".parse().unwrap(),
             proto: "https",
-            host: "a".into(),
+            host: "a",
         };
         let mut h = HeaderMap::new();
         add_forwarding(&mut h, &v6);

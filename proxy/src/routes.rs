@@ -91,12 +91,15 @@ impl RouteTable {
     }
 
     pub fn lookup(&self, host: &str) -> Option<Arc<Route>> {
-        let snapshot = self
-            .routes
+        let key = normalized(host);
+        // The map is only read under the lock (no snapshot taken): one shared counter
+        // touched instead of two, and no key allocated when the host is already in
+        // normal form (the usual case).
+        self.routes
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        snapshot.get(&normalize_host(host)).cloned()
+            .get(key.as_ref())
+            .cloned()
     }
 
     pub fn hosts(&self) -> Vec<String> {
@@ -111,6 +114,11 @@ impl RouteTable {
 
 /// Lowercase, without port, without a trailing dot; IPv6 literals keep their brackets.
 pub fn normalize_host(host: &str) -> String {
+    normalized(host).into_owned()
+}
+
+/// [`normalize_host`], borrowing `host` when nothing needs to change but cutting.
+fn normalized(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.trim();
     let bare = if host.starts_with('[') {
         match host.find(']') {
@@ -123,7 +131,12 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    bare.trim_end_matches('.').to_ascii_lowercase()
+    let bare = bare.trim_end_matches('.');
+    if bare.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(bare.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(bare)
+    }
 }
 
 #[cfg(test)]

@@ -42,7 +42,8 @@ use lull_tests::scratch::{ScratchDir, unique_name};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: lull-bench-proxy [--smoke] [--app PATH] [--markdown PATH]";
+const USAGE: &str =
+    "usage: lull-bench-proxy [--smoke] [--app PATH] [--markdown PATH] [--serve SECONDS]";
 
 /// The host clients send; lull routes it to the pool of the four instances.
 const HOST: &str = "bench.local";
@@ -65,6 +66,9 @@ struct Args {
     smoke: bool,
     app: PathBuf,
     markdown: Option<PathBuf>,
+    /// Only start the four apps, lull, nginx and haproxy, print their addresses and keep them
+    /// up this long (for profiling a contender under a load of one's own).
+    serve: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -73,6 +77,7 @@ fn parse_args() -> Result<Args> {
         smoke: false,
         app: exe.with_file_name("lull-fixture-app"),
         markdown: None,
+        serve: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -84,6 +89,12 @@ fn parse_args() -> Result<Args> {
             "--smoke" => parsed.smoke = true,
             "--app" => parsed.app = value("--app")?.into(),
             "--markdown" => parsed.markdown = Some(value("--markdown")?.into()),
+            "--serve" => {
+                let seconds: u64 = value("--serve")?
+                    .parse()
+                    .with_context(|| format!("--serve takes whole seconds\n{USAGE}"))?;
+                parsed.serve = Some(Duration::from_secs(seconds));
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -201,25 +212,48 @@ fn run(args: Args) -> Result<()> {
             name: "direct",
             h1: upstreams[0],
             h2: None,
+            cpu: CpuOf::Nothing,
         },
         Target {
             name: "lull",
             h1: lull.addr,
             h2: Some(lull.addr),
+            cpu: CpuOf::Threads(std::process::id(), PROXY_THREAD_NAME),
         },
         Target {
             name: "nginx",
             h1: nginx.0,
             h2: Some(nginx.1),
+            cpu: CpuOf::Tree(peers.pid("nginx")),
         },
         Target {
             name: "haproxy",
             h1: haproxy.0,
             h2: Some(haproxy.1),
+            cpu: CpuOf::Tree(peers.pid("haproxy")),
         },
     ];
     for target in &targets {
         wait_until_answering(target.h1, HOST).with_context(|| format!("{} (h1)", target.name))?;
+    }
+    if let Some(serve) = args.serve {
+        for target in &targets {
+            println!(
+                "{:<8} http://{} (h2c: {}) cpu of {:?}",
+                target.name,
+                target.h1,
+                target
+                    .h2
+                    .map_or_else(|| "-".to_owned(), |a| format!("http://{a}")),
+                target.cpu
+            );
+        }
+        println!("send Host: {HOST}; serving for {} s", serve.as_secs());
+        std::thread::sleep(serve);
+        drop(peers);
+        runtime.block_on(lull.proxy.shutdown(Duration::from_secs(1)));
+        drop(runtime);
+        return apps.stop();
     }
 
     let (direct_best, lull_best) = closed_loop(&plan, &targets, scratch.path(), &mut report)?;
@@ -261,6 +295,70 @@ struct Target {
     h1: SocketAddr,
     /// Where it speaks h2c with prior knowledge (the fixture app does not).
     h2: Option<SocketAddr>,
+    /// Whose CPU time is the contender's.
+    cpu: CpuOf,
+}
+
+/// Where a contender's CPU time is read: the scheduler's run time of its threads
+/// (`/proc/<pid>/task/<tid>/schedstat`, in ns), summed.
+#[derive(Debug, Clone, Copy)]
+enum CpuOf {
+    Nothing,
+    /// The threads of process `.0` whose name starts with `.1` (lull's proxy threads in this
+    /// process).
+    Threads(u32, &'static str),
+    /// A process and its children, all their threads (nginx's master and workers; haproxy).
+    Tree(u32),
+}
+
+impl CpuOf {
+    /// CPU time used so far; `None` when there is nothing to read.
+    fn used(&self) -> Option<Duration> {
+        let tasks_ns = |pid: u32, prefix: Option<&str>| -> u64 {
+            let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+                return 0;
+            };
+            tasks
+                .flatten()
+                .filter(|t| {
+                    prefix.is_none_or(|p| {
+                        fs::read_to_string(t.path().join("comm"))
+                            .is_ok_and(|c| c.trim_end().starts_with(p))
+                    })
+                })
+                .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        };
+        let ns = match *self {
+            CpuOf::Nothing | CpuOf::Tree(0) => return None,
+            CpuOf::Threads(pid, prefix) => tasks_ns(pid, Some(prefix)),
+            CpuOf::Tree(root) => {
+                let mut pids = vec![root];
+                if let Ok(entries) = fs::read_dir("/proc") {
+                    for entry in entries.flatten() {
+                        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok())
+                        else {
+                            continue;
+                        };
+                        if parent_pid(pid) == Some(root) {
+                            pids.push(pid);
+                        }
+                    }
+                }
+                pids.into_iter().map(|pid| tasks_ns(pid, None)).sum()
+            }
+        };
+        Some(Duration::from_nanos(ns))
+    }
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat` (the field after the state, which follows the
+/// command name in parentheses).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,6 +557,8 @@ fn free_port() -> Result<u16> {
 
 /// Threads (each a current-thread runtime) serving lull's proxy: one per CPU of this machine.
 const PROXY_THREADS: usize = 2;
+/// Their names' prefix (`spawn_runtimes` appends `-<n>`).
+const PROXY_THREAD_NAME: &str = "lull-proxy";
 
 struct LullProxy {
     proxy: Proxy,
@@ -496,7 +596,7 @@ impl LullProxy {
         let addr = proxy
             .listen_on(
                 SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                &lull_proxy::server::spawn_runtimes(PROXY_THREADS, "lull-proxy")
+                &lull_proxy::server::spawn_runtimes(PROXY_THREADS, PROXY_THREAD_NAME)
                     .context("start the proxy's threads")?,
             )
             .context("start lull's proxy")?;
@@ -675,6 +775,14 @@ impl Peers {
             )
         })?;
         Ok((h1, h2))
+    }
+
+    /// The pid of the peer started as `name` (0, which no process has, if none was).
+    fn pid(&self, name: &str) -> u32 {
+        self.children
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, child)| child.id())
     }
 
     /// An error if a peer died during the run (its numbers would be wrong).
@@ -932,6 +1040,19 @@ struct Load {
     p99_us: f64,
     /// Failed requests, non-2xx answers and socket errors.
     errors: u64,
+    /// Requests completed.
+    requests: u64,
+    /// The contender's CPU time over the run divided by `requests` (lull: its proxy threads;
+    /// nginx: master and workers; haproxy: all its threads).
+    cpu_per_request: Option<Duration>,
+}
+
+/// CPU per request in µs, or `-`.
+fn cpu_text(cpu: Option<Duration>) -> String {
+    cpu.map_or_else(
+        || "-".to_owned(),
+        |d| format!("{:.1} µs", d.as_secs_f64() * 1e6),
+    )
 }
 
 /// The run with the median req/s of `runs`.
@@ -969,11 +1090,14 @@ fn parse_wrk(text: &str) -> Result<Load> {
         p50_us: f64::NAN,
         p99_us: f64::NAN,
         errors: 0,
+        requests: 0,
+        cpu_per_request: None,
     };
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
             ["Requests/sec:", rps] => load.rps = rps.parse()?,
+            [n, "requests", "in", ..] => load.requests = n.parse()?,
             ["50%", value] => load.p50_us = wrk_duration_us(value)?,
             ["99%", value] => load.p99_us = wrk_duration_us(value)?,
             ["Non-2xx", "or", "3xx", "responses:", n] => load.errors += n.parse::<u64>()?,
@@ -1037,6 +1161,7 @@ fn h2load(addr: SocketAddr, conns: usize, seconds: u64, log: &Path) -> Result<Lo
 fn parse_h2load(text: &str, log: &str) -> Result<Load> {
     let mut rps = f64::NAN;
     let mut errors = 0u64;
+    let mut requests = 0u64;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("finished in ") {
             // finished in 5.00s, 12345.67 req/s, 1.23MB/s
@@ -1050,6 +1175,9 @@ fn parse_h2load(text: &str, log: &str) -> Result<Load> {
         if let Some(rest) = line.strip_prefix("requests: ") {
             // requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
             for field in rest.split(", ") {
+                if let Some(n) = field.strip_suffix(" done") {
+                    requests = n.trim().parse()?;
+                }
                 if let Some(n) = field
                     .strip_suffix(" failed")
                     .or_else(|| field.strip_suffix(" errored"))
@@ -1080,6 +1208,8 @@ fn parse_h2load(text: &str, log: &str) -> Result<Load> {
         p50_us: percentile(&latencies, 50.0),
         p99_us: percentile(&latencies, 99.0),
         errors,
+        requests,
+        cpu_per_request: None,
     })
 }
 
@@ -1099,21 +1229,29 @@ fn closed_loop(
             for run in 0..plan.runs {
                 // Interleaved: run r of every target, then run r+1.
                 for (i, target) in targets.iter().enumerate() {
-                    let load = match (tool, target.h2) {
+                    let cpu_before = target.cpu.used();
+                    let mut load = match (tool, target.h2) {
                         ("wrk", _) => wrk(target.h1, conns, plan.seconds)?,
                         (_, Some(h2)) => {
                             h2load(h2, conns, plan.seconds, &scratch.join("h2load.log"))?
                         }
                         (_, None) => continue,
                     };
+                    if let (Some(before), Some(after)) = (cpu_before, target.cpu.used())
+                        && load.requests > 0
+                    {
+                        let requests = u32::try_from(load.requests).unwrap_or(u32::MAX);
+                        load.cpu_per_request = Some(after.saturating_sub(before) / requests);
+                    }
                     eprintln!(
-                        "{tool} c={conns} run {}/{}: {:<8} {:>9.0} req/s p50 {:>8.1} µs p99 {:>8.1} µs{}",
+                        "{tool} c={conns} run {}/{}: {:<8} {:>9.0} req/s p50 {:>8.1} µs p99 {:>8.1} µs cpu/req {}{}",
                         run + 1,
                         plan.runs,
                         target.name,
                         load.rps,
                         load.p50_us,
                         load.p99_us,
+                        cpu_text(load.cpu_per_request),
                         if load.errors > 0 {
                             format!(" ({} errors)", load.errors)
                         } else {
@@ -1139,9 +1277,19 @@ fn closed_loop(
                 .filter(|(_, r)| !r.is_empty())
                 .map(|(t, r)| {
                     let list: Vec<String> = r.iter().map(|l| format!("{:.0}", l.rps)).collect();
+                    let cpu: Vec<String> = r
+                        .iter()
+                        .filter_map(|l| l.cpu_per_request)
+                        .map(|d| format!("{:.1}", d.as_secs_f64() * 1e6))
+                        .collect();
+                    let cpu = if cpu.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (CPU µs/request {})", cpu.join("/"))
+                    };
                     let errors: u64 = r.iter().map(|l| l.errors).sum();
                     format!(
-                        "{} {}{}",
+                        "{} {}{cpu}{}",
                         t.name,
                         list.join("/"),
                         if errors > 0 {
@@ -1204,6 +1352,25 @@ fn add_load_rows(
         ratio: format!("{:.2}x", lull.rps / best_peer),
         pass: Some(lull.rps >= best_peer),
     });
+    let least_peer_cpu = [nginx, haproxy]
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.cpu_per_request)
+        .min();
+    if let (Some(cpu), Some(peer)) = (lull.cpu_per_request, least_peer_cpu)
+        && !peer.is_zero()
+    {
+        report.rows.push(Row {
+            name: format!(
+                "{protocol} c={conns}: lull CPU per request vs the lesser of nginx, haproxy"
+            ),
+            target: "(none)".into(),
+            measured: cpu_text(Some(cpu)),
+            baseline: cpu_text(Some(peer)),
+            ratio: format!("{:.2}x", cpu.as_secs_f64() / peer.as_secs_f64()),
+            pass: None,
+        });
+    }
     let direct_note = if direct.is_some() {
         String::new()
     } else {
@@ -1629,8 +1796,9 @@ impl Report {
             .collect()
     }
 
-    /// The closed-loop medians as rows of (load, contender, req/s, ratio, p50, p99).
-    fn load_cells(&self) -> Vec<[String; 6]> {
+    /// The closed-loop medians as rows of (load, contender, req/s, ratio, p50, p99, CPU per
+    /// request).
+    fn load_cells(&self) -> Vec<[String; 7]> {
         let names = ["direct", "lull", "nginx", "haproxy"];
         let mut cells = Vec::new();
         for (protocol, conns, loads) in &self.tables {
@@ -1644,6 +1812,7 @@ impl Report {
                     direct.map_or_else(|| "-".into(), |d| format!("{:.2}x", l.rps / d.rps)),
                     format!("{:.0} µs", l.p50_us),
                     format!("{:.0} µs", l.p99_us),
+                    cpu_text(l.cpu_per_request),
                 ]);
             }
         }
@@ -1663,7 +1832,15 @@ impl Report {
             &self.cells(),
         );
         print_table(
-            &["load", "contender", "req/s", "vs direct", "p50", "p99"],
+            &[
+                "load",
+                "contender",
+                "req/s",
+                "vs direct",
+                "p50",
+                "p99",
+                "CPU/request",
+            ],
             &self.load_cells(),
         );
         for d in &self.details {
@@ -1694,9 +1871,9 @@ impl Report {
                 missed.join("; ")
             );
         }
-        out.push_str("\nClosed-loop medians (req/s as a ratio to direct HTTP/1.1 at the same connections):\n\n");
-        out.push_str("| load | contender | req/s | vs direct | p50 | p99 |\n");
-        out.push_str("|---|---|---|---|---|---|\n");
+        out.push_str("\nClosed-loop medians (req/s as a ratio to direct HTTP/1.1 at the same connections; CPU/request: the contender's CPU time over the run divided by the requests served):\n\n");
+        out.push_str("| load | contender | req/s | vs direct | p50 | p99 | CPU/request |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
         for row in self.load_cells() {
             let _ = writeln!(out, "| {} |", row.join(" | "));
         }
@@ -1708,7 +1885,7 @@ impl Report {
     }
 }
 
-fn print_table(headers: &[&str], cells: &[[String; 6]]) {
+fn print_table<const N: usize>(headers: &[&str], cells: &[[String; N]]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in cells {
         for (w, c) in widths.iter_mut().zip(row) {
@@ -1748,6 +1925,7 @@ mod tests {
         assert_eq!(load.p50_us, 950.0);
         assert_eq!(load.p99_us, 2500.0);
         assert_eq!(load.errors, 7);
+        assert_eq!(load.requests, 45000);
         assert!(parse_wrk("Requests/sec: 1\n").is_err());
     }
 
@@ -1761,6 +1939,7 @@ mod tests {
         assert_eq!(load.p50_us, 200.0);
         assert_eq!(load.p99_us, 300.0);
         assert_eq!(load.errors, 4);
+        assert_eq!(load.requests, 20000);
         assert!(parse_h2load(text, "").is_err());
     }
 
@@ -1771,6 +1950,8 @@ mod tests {
             p50_us: rps,
             p99_us: 0.0,
             errors: 0,
+            requests: 0,
+            cpu_per_request: None,
         };
         assert_eq!(median_run(&[load(3.0), load(1.0), load(2.0)]).p50_us, 2.0);
     }
