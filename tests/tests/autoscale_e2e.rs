@@ -60,10 +60,19 @@ fn lull_binary() -> PathBuf {
     binary
 }
 
+/// The instances of the serving revision (a previous revision's instances stand by for a
+/// rollback, outside the autoscaler's count).
 fn instances(d: &TestDaemon) -> Vec<Value> {
-    d.api_json("GET", &format!("/v1/services/{SERVICE}"), None)["status"]["instances"]
+    let shown = d.api_json("GET", &format!("/v1/services/{SERVICE}"), None);
+    let serving = shown["status"]["serving"].clone();
+    shown["status"]["instances"]
         .as_array()
-        .cloned()
+        .map(|all| {
+            all.iter()
+                .filter(|i| i["revision"] == serving)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default()
 }
 
