@@ -298,8 +298,8 @@ fn reaction(
          target utilisation 70 %: one instance takes 7) with its instance idle; \
          {REACT_CONNECTIONS} connections released at once, each `GET /sleep?ms={REACT_HOLD_MS}`; \
          from the release to the admin API listing {REACT_MAX} instances healthy; per run {}; \
-         median by the daemon's event times: first `scale.out` decision at +{} ms, last new \
-         instance healthy at +{} ms; instances added by scale-out events: {} in {} event(s) \
+         median by the daemon's event times: first `scale.out` decision at {:+} ms, last new \
+         instance healthy at {:+} ms; instances added by scale-out events: {} in {} event(s) \
          (last run); requests: {} answered 200, {failed} failed{}",
         join_ms(&serving),
         median(|r| r.decided_ms),
@@ -571,7 +571,7 @@ fn wake(
     Ok(())
 }
 
-/// The CFS quota and period (v1) of `service`'s one instance's cgroup, or `None` when neither
+/// The CFS quota and period (v1) of `service`'s one instance's gated cgroup, or `None` when neither
 /// is found (cgroup v2 hosts write `cpu.max`, read as quota and period too).
 fn instance_quota(d: &BenchDaemon, service: &str) -> Result<Option<(i64, i64)>> {
     let instances = d.instances(service)?;
@@ -582,6 +582,12 @@ fn instance_quota(d: &BenchDaemon, service: &str) -> Result<Option<(i64, i64)>> 
         let root = mount.join(d.cgroups.parent.trim_start_matches('/'));
         let Some(dir) = find_dir(&root, id) else {
             continue;
+        };
+        // The gate acts on `<parent>/<id>/app`; `<parent>/<id>` holds the configured limit.
+        let dir = if dir.join("app").is_dir() {
+            dir.join("app")
+        } else {
+            dir
         };
         let read = |f: &str| fs::read_to_string(dir.join(f)).ok();
         if let (Some(q), Some(p)) = (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
