@@ -8,7 +8,9 @@
 //! ([`crate::bench_netns`]), in a section of its own with its own markers, and
 //! `cargo xtask bench proxy [--smoke]` for the proxy against nginx and haproxy
 //! ([`crate::bench_proxy`]), and `cargo xtask bench lifecycle [--smoke]` for the daemon's
-//! deploy, failed deploy, pause, resume and restart times ([`crate::bench_lifecycle`]).
+//! deploy, failed deploy, pause, resume and restart times ([`crate::bench_lifecycle`]), and
+//! `cargo xtask bench autoscale [--smoke]` for scale-out reaction, cold start, wake from the
+//! idle tiers and density ([`crate::bench_autoscale`]).
 
 use std::fs;
 use std::path::Path;
@@ -45,6 +47,9 @@ pub enum Suite {
     Proxy,
     /// `lull daemon` end to end: deploy, failed deploy, pause, resume and restart times
     Lifecycle,
+    /// The autoscaler end to end: scale-out reaction, cold start, wake from each idle tier,
+    /// density of idle instances
+    Autoscale,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +68,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Netns => crate::bench_netns::run(args.smoke),
         Suite::Proxy => crate::bench_proxy::run(args.smoke),
         Suite::Lifecycle => crate::bench_lifecycle::run(args.smoke),
+        Suite::Autoscale => crate::bench_autoscale::run(args.smoke),
     }
 }
 

@@ -2,6 +2,7 @@
 //! cargo does.
 
 mod bench;
+mod bench_autoscale;
 mod bench_lifecycle;
 mod bench_netns;
 mod bench_proxy;

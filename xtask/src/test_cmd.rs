@@ -105,6 +105,7 @@ fn stages() -> Vec<Stage> {
                 cargo(&["xtask", "bench", "netns", "--smoke"]),
                 cargo(&["xtask", "bench", "proxy", "--smoke"]),
                 cargo(&["xtask", "bench", "lifecycle", "--smoke"]),
+                cargo(&["xtask", "bench", "autoscale", "--smoke"]),
             ],
         },
     ]
