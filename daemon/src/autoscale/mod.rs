@@ -186,6 +186,8 @@ impl Autoscaler {
         let capacity = have as f64 * self.policy.per_instance();
         if desired > have {
             self.last_out = Some(now);
+            // Scale-in steps are spaced from each other, not from a scale-in before this.
+            self.last_in = None;
             let add = desired - have;
             return Decision {
                 inputs,

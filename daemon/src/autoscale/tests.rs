@@ -278,3 +278,21 @@ fn watermarks_follow_the_target() {
     let tiny = Autoscaler::new(policy(1, 1, 4), Instant::now());
     assert_eq!(tiny.watermark(2), 2, "one request per instance at least");
 }
+
+#[test]
+fn back_to_zero_after_a_cold_start_waits_for_the_idle_period_not_a_scale_in_step() {
+    let mut p = policy(10, 0, 5);
+    p.idle_to_zero = Duration::from_secs(1);
+    p.scale_in_window = Duration::from_secs(1);
+    p.scale_in_step = Duration::from_secs(30);
+    let mut w = World::new(p, 1);
+    w.run(0, Duration::from_secs(3));
+    assert_eq!(w.instances(), 0);
+    // A cold start, one request, then quiet: zero again once idle for the idle period (seen
+    // by a one-second sample, so up to a second later), not after the 30 s scale-in step
+    // counted from the previous zeroing.
+    w.run(1, Duration::from_millis(400));
+    assert_eq!(w.instances(), 1);
+    w.run(0, Duration::from_millis(3500));
+    assert_eq!(w.instances(), 0, "{:?}", w.log);
+}
