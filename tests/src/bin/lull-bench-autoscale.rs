@@ -14,8 +14,9 @@
 //! - cold start: a service with min 0 that scaled to zero (`scale_to_zero_after` 1s); one
 //!   `GET /` through the proxy, from the connect to the whole answer.
 //! - wake, tier 1: a service whose instance is idle and throttled by the CPU gate (idle delay
-//!   0); `GET /` 300 ms after the previous answer. Tier 2 (frozen) is not built: its row says
-//!   so. Tier 3 (stopped) is the cold start. A service whose CPU is never throttled
+//!   0); `GET /` 300 ms after the previous answer. Tier 2: the same with `freeze_after` 200ms,
+//!   `GET /` 500 ms after the previous answer, the instance checked frozen first. Tier 3
+//!   (stopped) is the cold start. A service whose CPU is never throttled
 //!   (`cpu_mode: always`) gives the floor.
 //! - density: services of 50 instances each (min = max = 50) added until the run holds 100,
 //!   250, 500, 750 then 1000 idle instances; at each step a probe sends sequential `GET /`
@@ -60,6 +61,8 @@ const DENSITY_PER_SERVICE: usize = 50;
 const DENSITY_P99: Duration = Duration::from_millis(10);
 /// Between the last answer and the wake request (the idle delay is 0: throttled long before).
 const WAKE_AFTER: Duration = Duration::from_millis(300);
+/// Tier 2's `freeze_after` in the wake measurement.
+const FREEZE_AFTER: Duration = Duration::from_millis(200);
 /// One request's connect and read timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -481,18 +484,27 @@ fn wake(
     cold: &[Duration],
 ) -> Result<()> {
     let mut measured = Vec::new();
-    for (name, extra) in [
-        ("warm", json!({})),
-        ("hot", json!({ "cpu_mode": "always" })),
+    let mut frozen_seen = 0;
+    for (name, extra, idle) in [
+        ("warm", json!({}), WAKE_AFTER),
+        (
+            "frozen",
+            json!({ "freeze_after": format!("{}ms", FREEZE_AFTER.as_millis()) }),
+            FREEZE_AFTER + WAKE_AFTER,
+        ),
+        ("hot", json!({ "cpu_mode": "always" }), WAKE_AFTER),
     ] {
         create(d, services, &service_doc(name, 1, 1, extra))?;
         timed_hello(d, name)?;
         let mut samples = Vec::new();
         let mut quota = None;
         for i in 0..plan.wake_runs {
-            std::thread::sleep(WAKE_AFTER);
+            std::thread::sleep(idle);
             if i == 0 {
                 quota = instance_quota(d, name)?;
+            }
+            if name == "frozen" && instance_frozen(d, name)? {
+                frozen_seen += 1;
             }
             samples.push(timed_hello(d, name).with_context(|| format!("wake {name} run {i}"))?);
         }
@@ -501,7 +513,14 @@ fn wake(
         measured.push((samples, quota));
     }
     let (tier1, tier1_quota) = &measured[0];
-    let (hot, hot_quota) = &measured[1];
+    let (tier2, _) = &measured[1];
+    let (hot, hot_quota) = &measured[2];
+    if frozen_seen < tier2.len() {
+        bail!(
+            "tier 2: the instance was frozen before {frozen_seen} of {} wakes only",
+            tier2.len()
+        );
+    }
     let p99 = percentile(tier1, 99.0);
     let met = p99 < DENSITY_P99;
     report.row(
@@ -520,9 +539,9 @@ fn wake(
         vec![
             "wake, tier 2 (frozen)".into(),
             "-".into(),
-            "not built".into(),
-            "not built".into(),
-            "0".into(),
+            ms(percentile(tier2, 50.0)),
+            ms(percentile(tier2, 99.0)),
+            tier2.len().to_string(),
             "2–5 min (resume)".into(),
             "-".into(),
         ],
@@ -560,15 +579,46 @@ fn wake(
         "wake, tier 1: a service with one instance, idle delay 0 (the gate throttles it as its \
          last request ends); `GET /` through the proxy {} after the previous answer; per run \
          {}; the idle instance's CPU before the first wake: {}. The same with \
-         `cpu_mode: always`: per run {}, {}. Tier 2 (frozen) is being built elsewhere: its row \
-         stays \"not built\" until the driver measures it",
+         `cpu_mode: always`: per run {}, {}. Tier 2: `freeze_after` {} (frozen by the cgroup \
+         freezer that long after the throttle; checked frozen before every wake), `GET /` {} \
+         after the previous answer; per run {}",
         ms(WAKE_AFTER),
         join_ms(tier1),
         quota(tier1_quota),
         join_ms(hot),
         quota(hot_quota),
+        ms(FREEZE_AFTER),
+        ms(FREEZE_AFTER + WAKE_AFTER),
+        join_ms(tier2),
     ));
     Ok(())
+}
+
+/// Whether `service`'s one instance's gated cgroup is frozen (v1 `freezer.state`, v2
+/// `cgroup.events`).
+fn instance_frozen(d: &BenchDaemon, service: &str) -> Result<bool> {
+    let instances = d.instances(service)?;
+    let Some(id) = instances.first().and_then(|i| i["id"].as_str()) else {
+        return Ok(false);
+    };
+    for mount in lull_tests::scratch::cgroup_mounts() {
+        let root = mount.join(d.cgroups.parent.trim_start_matches('/'));
+        let Some(dir) = find_dir(&root, id) else {
+            continue;
+        };
+        let dir = if dir.join("app").is_dir() {
+            dir.join("app")
+        } else {
+            dir
+        };
+        if let Ok(state) = fs::read_to_string(dir.join("freezer.state")) {
+            return Ok(state.trim() == "FROZEN");
+        }
+        if let Ok(events) = fs::read_to_string(dir.join("cgroup.events")) {
+            return Ok(events.lines().any(|l| l.trim() == "frozen 1"));
+        }
+    }
+    Ok(false)
 }
 
 /// The CFS quota and period (v1) of `service`'s one instance's gated cgroup, or `None` when neither
