@@ -138,6 +138,10 @@ struct State {
     throttled: bool,
     /// Frozen (only ever while throttled).
     frozen: bool,
+    /// A freeze is under way (the lock is not held while the kernel freezes the tasks).
+    freezing: bool,
+    /// The `requests_generation` a freeze timer is armed for: one timer per idle stretch.
+    freeze_armed: Option<u64>,
     /// Bumped when a request arrives at an idle instance or the phase changes: a freeze timer
     /// armed before then is stale. Health probes do not bump it, or an instance probed more
     /// often than `freeze_after` would never freeze.
@@ -206,6 +210,8 @@ impl InstanceGate {
                 probes: 0,
                 throttled: false,
                 frozen: false,
+                freezing: false,
+                freeze_armed: None,
                 requests_generation: 0,
                 phase: GatePhase::Starting,
                 generation: 0,
@@ -343,25 +349,59 @@ impl InstanceGate {
     /// [`InstanceGate::on_freeze_timer`], if the instance is to be frozen at all.
     pub fn freeze_timer(&self) -> Option<(Duration, u64)> {
         let delay = self.freeze_after?;
-        let s = lock(&self.state);
-        (self.may_freeze(&s)).then_some((delay, s.requests_generation))
+        let mut s = lock(&self.state);
+        if !self.may_freeze(&s) || s.freeze_armed == Some(s.requests_generation) {
+            return None;
+        }
+        s.freeze_armed = Some(s.requests_generation);
+        Some((delay, s.requests_generation))
     }
 
     /// The freeze timer fired: freezes the instance if nothing happened since it was armed;
-    /// returns whether it did.
+    /// returns whether it did. Blocking (the kernel takes a moment to freeze every task): call
+    /// it off the async threads. The gate's lock is not held meanwhile: a request arriving
+    /// during the freeze thaws the instance and is served.
     pub fn on_freeze_timer(&self, generation: u64) -> bool {
-        let mut s = lock(&self.state);
-        if s.requests_generation != generation || !self.may_freeze(&s) {
-            return false;
-        }
-        // A throttled task runs once per period at best, and a task freezes only when it runs:
-        // give it its CPU for the freeze (a millisecond), then take it back.
-        if let Err(e) = self.cpu.restore() {
-            s.failures += 1;
-            tracing::warn!(error = %e, "cpu gate: restoring the cpu to freeze failed");
-            return false;
+        {
+            let mut s = lock(&self.state);
+            if s.requests_generation == generation {
+                // This stretch's timer has fired: a later idle moment may arm another (a probe
+                // holding the CPU right now must not cancel the freeze for good).
+                s.freeze_armed = None;
+            }
+            if s.requests_generation != generation || !self.may_freeze(&s) || s.freezing {
+                return false;
+            }
+            // A throttled task runs once per period at best, and a task freezes only when it
+            // runs: give it its CPU for the freeze (a millisecond), then take it back.
+            if let Err(e) = self.cpu.restore() {
+                s.failures += 1;
+                tracing::warn!(error = %e, "cpu gate: restoring the cpu to freeze failed");
+                return false;
+            }
+            s.freezing = true;
         }
         let frozen = self.cpu.freeze();
+        let mut s = lock(&self.state);
+        s.freezing = false;
+        let unchanged =
+            s.requests_generation == generation && s.throttled && s.holders() == 0 && !s.frozen;
+        if !unchanged {
+            // Something came in meanwhile and restored the instance: it must run.
+            if frozen.is_ok() {
+                let _ = self.cpu.thaw();
+            }
+            if s.throttled {
+                // Only a probe came: the gate still says throttled, so make it so again.
+                if let Err(e) = self.cpu.throttle() {
+                    s.failures += 1;
+                    s.account(Instant::now());
+                    s.throttled = false;
+                    tracing::warn!(error = %e, "cpu gate: throttling again after a freeze failed");
+                }
+            }
+            return false;
+        }
         if let Err(e) = self.cpu.throttle() {
             // Frozen or not, the gate must say what the CPU is: running.
             s.failures += 1;
@@ -455,6 +495,11 @@ impl InstanceGate {
     fn restore_locked(&self, s: &mut State) -> bool {
         if !s.throttled {
             return false;
+        }
+        if s.freezing {
+            // The freezer may be about to stop the tasks: undo that now (the freeze then fails
+            // or is thawed by whoever runs it, seeing the request).
+            let _ = self.cpu.thaw();
         }
         if s.frozen {
             if let Err(e) = self.cpu.thaw() {
@@ -596,10 +641,12 @@ mod tests {
         // A probe holds the CPU for its length but does not restart the wait: an instance
         // probed more often than freeze_after still freezes.
         let (_, current) = gate.freeze_timer().unwrap();
+        assert_eq!(gate.freeze_timer(), None, "one timer per idle stretch");
         gate.enter_probe();
         assert!(!gate.on_freeze_timer(current), "not while a probe holds it");
         assert_eq!(gate.leave_probe(), Idle::Throttled);
         assert!(!calls(&cpu).contains(&"freeze"));
+        // The probe's end arms the timer again, for the same stretch.
         assert_eq!(gate.freeze_timer().unwrap().1, current);
         assert!(gate.on_freeze_timer(current));
         // Without freeze_after, never.

@@ -699,7 +699,9 @@ impl Pool {
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
             if let Some(slot) = slot.upgrade() {
-                slot.gate.on_freeze_timer(generation);
+                // The kernel takes a moment to freeze every task: not on a proxy thread.
+                let _ = tokio::task::spawn_blocking(move || slot.gate.on_freeze_timer(generation))
+                    .await;
             }
         });
     }

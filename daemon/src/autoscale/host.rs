@@ -90,6 +90,9 @@ pub enum Refusal {
 pub struct Admission {
     pub id: String,
     pub memory: u64,
+    /// Counted by this call (false: it was counted already, and must not be released by a
+    /// start that fails for it).
+    pub new: bool,
 }
 
 /// Every instance's share of the host, across services.
@@ -120,6 +123,7 @@ impl HostBudget {
             return Ok(Admission {
                 id: id.to_owned(),
                 memory,
+                new: false,
             });
         }
         if committed.len() >= limits.max_instances {
@@ -140,6 +144,7 @@ impl HostBudget {
         Ok(Admission {
             id: id.to_owned(),
             memory,
+            new: true,
         })
     }
 
@@ -170,12 +175,31 @@ impl HostBudget {
         Ok(())
     }
 
+    /// Counts a running instance found after a restart, with no memory until the engine,
+    /// which knows its plan, calls [`HostBudget::adopt`]; one counted already keeps its share.
+    pub fn adopt_if_missing(&self, id: &str) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_insert(0);
+    }
+
     /// Counts an instance that already runs (adopted after a restart) without refusing it.
     pub fn adopt(&self, id: &str, memory: u64) {
         self.committed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_owned(), memory);
+    }
+
+    /// Keeps only the instances in `ids` (those found running after a restart or a failed
+    /// handover): instances stopped meanwhile stop counting.
+    pub fn retain(&self, ids: &[&str]) {
+        self.committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| ids.contains(&id.as_str()));
     }
 
     pub fn release(&self, id: &str) {
@@ -250,6 +274,22 @@ mod tests {
                 .contains("MemTotal")
         );
         assert!(mem_total(std::path::Path::new("/proc/meminfo")).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_duplicate_admission_is_not_new_and_retain_drops_what_is_gone() {
+        let b = budget();
+        assert!(b.admit("a", MIB).unwrap().new);
+        assert!(
+            !b.admit("a", MIB).unwrap().new,
+            "a failed start for it must not release it"
+        );
+        b.admit("b", 2 * MIB).unwrap();
+        b.adopt_if_missing("c");
+        b.adopt_if_missing("a");
+        assert_eq!(b.committed(), (3, 3 * MIB), "adopting keeps a known share");
+        b.retain(&["a", "c"]);
+        assert_eq!(b.committed(), (2, MIB));
     }
 
     #[test]

@@ -905,6 +905,9 @@ impl Actor {
                     set.pool.set_paused(false);
                 }
                 self.paused = false;
+                // A fresh autoscaler: the demand seen before the pause says nothing now, and
+                // the watermark set while paused must go.
+                self.scale_for(key);
                 self.set_state("active");
                 let revision = self.set(key).map(|s| s.revision).unwrap_or(0);
                 self.event(

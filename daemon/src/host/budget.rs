@@ -40,14 +40,15 @@ impl InstanceHost for BudgetedHost {
         Box::pin(async move {
             let memory = request.limits.memory_bytes.unwrap_or(0);
             let id = request.id.clone();
-            self.budget
-                .admit(&id, memory)
-                .map_err(|refusal| HostError::Refused {
-                    id: id.clone(),
-                    reason: refusal.to_string(),
-                })?;
+            let admission =
+                self.budget
+                    .admit(&id, memory)
+                    .map_err(|refusal| HostError::Refused {
+                        id: id.clone(),
+                        reason: refusal.to_string(),
+                    })?;
             let started = self.inner.start(request).await;
-            if started.is_err() {
+            if started.is_err() && admission.new {
                 self.budget.release(&id);
             }
             started
@@ -81,8 +82,10 @@ impl InstanceHost for BudgetedHost {
     fn recover(&self) -> HostFuture<'_, Result<Vec<RecoveredInstance>, HostError>> {
         Box::pin(async move {
             let found = self.inner.recover().await?;
+            let ids: Vec<&str> = found.iter().map(|r| r.instance.id.as_str()).collect();
+            self.budget.retain(&ids);
             for r in &found {
-                self.budget.adopt(&r.instance.id, 0);
+                self.budget.adopt_if_missing(&r.instance.id);
             }
             Ok(found)
         })

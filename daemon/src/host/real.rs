@@ -54,7 +54,10 @@ impl InstanceCpu {
 }
 
 impl CpuControl for InstanceCpu {
+    /// Thaws first: a frozen instance (idle tier 2) would not run on a restored quota, and
+    /// callers other than the gate (adoption, rollback, exec, stop) do not know it was frozen.
     fn restore(&self) -> Result<(), String> {
+        self.thaw()?;
         self.gate.restore().map(|_| ()).map_err(|e| e.to_string())
     }
 

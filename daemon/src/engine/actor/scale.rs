@@ -13,9 +13,11 @@ use super::{Actor, Internal, Member, Role, retire, start_request};
 use crate::autoscale::{Action, Autoscaler, Decision, Inputs, SAMPLE_INTERVAL};
 use crate::host::{HostError, Started};
 
-/// After a scale-out start failed, demand events are ignored this long (the sample retries):
-/// an image that cannot start must not spin the actor.
+/// After a scale-out start failed or was refused, no scale-out for this long, doubling up to
+/// [`OUT_BACKOFF_MAX`] while it keeps failing: an image that cannot start, or a full host, must
+/// not spin the actor or flood the events.
 const OUT_BACKOFF: Duration = Duration::from_secs(1);
+const OUT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The autoscaler of the serving revision set.
 pub(super) struct ScaleState {
@@ -27,8 +29,9 @@ pub(super) struct ScaleState {
     next_sample: Instant,
     /// When a request found the service with no instance: a cold start is under way.
     cold_since: Option<Instant>,
-    /// No scale-out from demand events before this (after a failed start).
+    /// No scale-out before this (after a failed or refused start), and the next wait.
     out_blocked_until: Option<Instant>,
+    out_backoff: Duration,
 }
 
 impl ScaleState {
@@ -53,6 +56,7 @@ impl Actor {
             next_sample: now + SAMPLE_INTERVAL,
             cold_since: None,
             out_blocked_until: None,
+            out_backoff: OUT_BACKOFF,
         });
         self.update_watermark();
     }
@@ -148,6 +152,10 @@ impl Actor {
             scale.cold_since = Some(now);
         }
         let decision = scale.scaler.on_sample(now.into_std(), inputs);
+        let blocked = scale.out_blocked_until.is_some_and(|until| now < until);
+        if blocked && matches!(decision.action, Action::Out { .. }) {
+            return;
+        }
         self.act(decision);
     }
 
@@ -191,8 +199,13 @@ impl Actor {
         let Some(set) = self.sets.iter().find(|s| s.key == key) else {
             return;
         };
-        // The host's pressure brakes scale-out (not deploys or restarts).
-        if let Some(metrics) = self.shared.scaling.get() {
+        // The host's pressure brakes scale-out (not deploys or restarts), never the instances
+        // a service must have: its min, and one for a request waiting at zero.
+        let floor = (set.plan.min_instances as usize).max(1);
+        let needed = decision.inputs.instances() < floor;
+        if let Some(metrics) = self.shared.scaling.get()
+            && !needed
+        {
             let braked = metrics
                 .pressure()
                 .read()
@@ -219,9 +232,17 @@ impl Actor {
             let request = start_request(&self.service, revision, &plan, &image);
             let host = self.shared.host.clone();
             let tx = self.internal_tx.clone();
+            let shared = self.shared.clone();
             tokio::spawn(async move {
                 let result = host.start(request).await;
-                let _ = tx.send(Internal::ScaledOut { set: key, result });
+                if let Err(tokio::sync::mpsc::error::SendError(Internal::ScaledOut {
+                    result: Ok(started),
+                    ..
+                })) = tx.send(Internal::ScaledOut { set: key, result })
+                {
+                    // The service's actor is gone (deleted meanwhile): nobody would supervise it.
+                    retire(shared, started.id).await;
+                }
             });
         }
         if let Some(scale) = self.scale.as_mut() {
@@ -235,7 +256,8 @@ impl Actor {
 
     fn block_out(&mut self) {
         if let Some(scale) = self.scale.as_mut() {
-            scale.out_blocked_until = Some(Instant::now() + OUT_BACKOFF);
+            scale.out_blocked_until = Some(Instant::now() + scale.out_backoff);
+            scale.out_backoff = (scale.out_backoff * 2).min(OUT_BACKOFF_MAX);
         }
     }
 
@@ -251,6 +273,9 @@ impl Actor {
             .any(|s| s.key == key && s.role == Role::Serving);
         match result {
             Ok(started) if serving && current && !self.paused => {
+                if let Some(scale) = self.scale.as_mut() {
+                    scale.out_backoff = OUT_BACKOFF;
+                }
                 self.add_member(key, started);
             }
             Ok(started) => {
@@ -275,6 +300,18 @@ impl Actor {
                         set.desired = set.members.len();
                     }
                     self.block_out();
+                    // A cold start that could not start is over; the next one is timed anew.
+                    let none = self
+                        .sets
+                        .iter()
+                        .find(|s| s.key == key)
+                        .is_some_and(|s| s.members.is_empty());
+                    if let Some(scale) = self.scale.as_mut()
+                        && none
+                        && scale.starting == 0
+                    {
+                        scale.cold_since = None;
+                    }
                 }
             }
         }
@@ -315,6 +352,12 @@ impl Actor {
         set.members
             .retain(|m: &Member| !going.contains(&m.started.id));
         set.desired = set.members.len();
+        if set.members.is_empty()
+            && let Some(scale) = self.scale.as_mut()
+        {
+            // At zero: the next request starts a cold start of its own.
+            scale.cold_since = None;
+        }
         for id in &going {
             pool.retire_instance(id);
             let (pool, shared, id) = (pool.clone(), shared.clone(), id.clone());
