@@ -238,20 +238,40 @@ impl Http1Pool {
     }
 
     /// Sends `req` to `addr` on an idle connection, or a new one. A request that a reused
-    /// connection could not take (it closed meanwhile; nothing was sent) goes on another.
+    /// connection could not take (it closed meanwhile; nothing was sent) goes on another. So
+    /// does a bodiless idempotent request that a reused connection dropped without a response:
+    /// the app closed that idle connection as the request arrived (its keep-alive timer ran
+    /// out, e.g. the moment a frozen instance was thawed), and never acted on it.
     async fn send(
         &self,
         addr: SocketAddr,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkout), UpstreamError> {
+        let mut fresh = false;
         loop {
-            let (mut sender, reused) = match self.take_idle(addr) {
+            let idle = if fresh { None } else { self.take_idle(addr) };
+            let (mut sender, reused) = match idle {
                 Some(s) => (s, true),
                 None => (self.connect(addr).await?, false),
             };
             if reused && sender.ready().await.is_err() {
                 continue;
             }
+            let replay = (reused
+                && req.body().shared.is_none()
+                && matches!(
+                    *req.method(),
+                    Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+                ))
+            .then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.version(),
+                    req.headers().clone(),
+                    req.body().hint.clone(),
+                )
+            });
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let checkout = Checkout {
@@ -264,7 +284,29 @@ impl Http1Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(UpstreamError::Send(e.into_error())),
+                    _ => {
+                        let error = e.into_error();
+                        let dropped = error.is_incomplete_message()
+                            || error.is_canceled()
+                            || reset_or_timeout(&error).0;
+                        let Some((method, uri, version, headers, hint)) =
+                            replay.filter(|_| dropped)
+                        else {
+                            return Err(UpstreamError::Send(error));
+                        };
+                        let mut again = Request::new(RequestBody {
+                            shared: None,
+                            body: None,
+                            hint,
+                            limit: None,
+                        });
+                        *again.method_mut() = method;
+                        *again.uri_mut() = uri;
+                        *again.version_mut() = version;
+                        *again.headers_mut() = headers;
+                        req = again;
+                        fresh = true;
+                    }
                 },
             }
         }

@@ -1311,3 +1311,52 @@ async fn one_address_served_by_several_runtimes() {
         let _ = stop.send(());
     }
 }
+
+/// An app that answers one request per connection with keep-alive, then closes the
+/// connection as the next request arrives, unanswered: what an app whose keep-alive timer ran
+/// out while it was frozen does the moment it is thawed.
+async fn one_answer_per_connection() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                read_head(&mut sock).await;
+                let body = "answered";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
+                    body.len()
+                );
+                sock.write_all(head.as_bytes()).await.unwrap();
+                // The next request arrives; the app closes without a word.
+                let mut byte = [0u8; 1];
+                let _ = sock.read(&mut byte).await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_dropped_under_a_get_is_replayed_on_a_fresh_one() {
+    let (addr, connections) = one_answer_per_connection().await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let c = client();
+    for n in 0..3 {
+        let resp = c.request(get(&s.url(&format!("/{n}")))).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {n}");
+        assert_eq!(text(resp).await, "answered");
+    }
+    assert!(
+        connections.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "each request after the first went on a fresh connection"
+    );
+    let snap = s.pool.snapshot();
+    assert!(
+        !snap.instances[0].suspect,
+        "not the instance's fault: {snap:?}"
+    );
+}

@@ -31,8 +31,12 @@ use lull_tests::host_net::Host;
 const PORT: u16 = 8080;
 /// The bound on an idle instance's CPU share.
 const IDLE_SHARE_MAX: f64 = 0.003;
+/// How long an idle share is measured: a throttled period refills 1 ms, which the kernel may
+/// overrun by a tick (4 ms) and charges to later periods, so one second can show 0.5 %; three
+/// average it out under the bound.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
 /// Idle tier 2's delay in this test: longer than the steps before the freeze check.
-const FREEZE_AFTER: Duration = Duration::from_millis(2500);
+const FREEZE_AFTER: Duration = Duration::from_secs(4);
 
 /// CPU share (of one CPU) the instance's group used over `window`, starting now.
 async fn share_over(cpu: &InstanceCpuProbe, window: Duration) -> f64 {
@@ -173,7 +177,7 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
     // The throttle's first period still holds its refill (1 ms, overrun by up to a tick, which
     // the kernel charges to later periods): measure from the second period on.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let idle = share_over(&probe, Duration::from_secs(1)).await;
+    let idle = share_over(&probe, IDLE_WINDOW).await;
     println!("idle (throttled) share of a CPU: {:.3} %", idle * 100.0);
     assert!(idle <= IDLE_SHARE_MAX, "idle share {idle}");
 
@@ -196,7 +200,7 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
         pool.snapshot().instances[0].gate.is_throttled,
         "not throttled 10 ms after the last response"
     );
-    let after = share_over(&probe, Duration::from_secs(1)).await;
+    let after = share_over(&probe, IDLE_WINDOW).await;
     println!(
         "share of a CPU from 10 ms after the response: {:.3} %",
         after * 100.0
