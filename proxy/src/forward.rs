@@ -269,7 +269,7 @@ impl Http1Pool {
                     req.uri().clone(),
                     req.version(),
                     req.headers().clone(),
-                    req.body().hint.clone(),
+                    req.body().hint,
                 )
             });
             match sender.try_send_request(req).await {
