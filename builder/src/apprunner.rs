@@ -5,11 +5,30 @@
 //!
 //! Only the first YAML document is apprunner.yaml; documents after it (`---`) are left to their
 //! own readers (lull's export puts its own settings there).
+//!
+//! Files in the wild deviate from the format. What the reader does with each deviation (a
+//! warning is a [`Problem`] in [`Parsed::warnings`]: line, column, key, and the canonical form):
+//!
+//! | written                                         | read as                  | reported |
+//! |-------------------------------------------------|--------------------------|----------|
+//! | `build: commands: [a, b]` (a bare list)         | `build.commands.build`   | warning showing `build: commands: build: [...]` |
+//! | `build: [a, b]` (the section is a list)         | `build.commands.build`   | warning, same |
+//! | `build: npm ci` / `pre-run: ./x` (one string)   | a list of one command    | warning showing `- CMD` |
+//! | `version: 1`                                    | 1.0                      | warning: write `1.0` |
+//! | `version: 2.0`, `1.1`                           | -                        | problem |
+//! | `runtime: python3.11`, `nodejs-18`, `node18`    | -                        | problem naming the canonical spelling (`python311`, `nodejs18`) |
+//! | `runtime: cobol` (no App Runner runtime)        | -                        | problem listing the runtimes |
+//! | `runtime: go1` (App Runner's, not built by lull)| `go1`                    | nothing here: the builder refuses it, with advice |
+//! | `port: "8080"` (quoted)                         | 8080                     | warning: write it unquoted |
+//! | `value: 8080`, `value: true`, `value: yes`      | the text as written      | nothing: App Runner's env values are text, and YAML 1.1's booleans and octals are not resolved |
+//! | `command: [python, app.py]` (a list)            | -                        | problem: one command line is expected |
 
 use std::fmt;
 
 use saphyr::{MarkedYaml, ScalarStyle, YamlData, YamlLoader};
 use saphyr_parser::Parser;
+
+use crate::runtimes;
 
 /// The file name App Runner looks for.
 pub const FILE_NAME: &str = "apprunner.yaml";
@@ -77,7 +96,15 @@ pub struct SecretEntry {
     pub value_from: String,
 }
 
-/// One thing wrong in the file.
+/// A file read with the deviations it was forgiven.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    pub config: AppRunnerConfig,
+    /// In file order; each reads like a problem (`LINE:COL: key: message`).
+    pub warnings: Vec<Problem>,
+}
+
+/// One thing wrong in the file (or, in [`Parsed::warnings`], forgiven).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// 1-based.
@@ -127,8 +154,15 @@ fn render(problems: &[Problem]) -> String {
 }
 
 impl AppRunnerConfig {
-    /// Reads the first YAML document of `text` as an apprunner.yaml.
+    /// Reads the first YAML document of `text` as an apprunner.yaml; deviations the reader
+    /// forgives are dropped (see [`AppRunnerConfig::parse_with_warnings`]).
     pub fn parse(text: &str) -> Result<AppRunnerConfig, AppRunnerError> {
+        Self::parse_with_warnings(text).map(|parsed| parsed.config)
+    }
+
+    /// Reads the first YAML document of `text` as an apprunner.yaml, with a warning for each
+    /// deviation forgiven (see the module's docs).
+    pub fn parse_with_warnings(text: &str) -> Result<Parsed, AppRunnerError> {
         let docs = load(text)?;
         let mut walk = Walk::default();
         let config = match docs.first() {
@@ -139,7 +173,11 @@ impl AppRunnerConfig {
             }
         };
         if walk.problems.is_empty() {
-            Ok(config)
+            walk.warnings.sort_by_key(|p| (p.line, p.column));
+            Ok(Parsed {
+                config,
+                warnings: walk.warnings,
+            })
         } else {
             walk.problems.sort_by_key(|p| (p.line, p.column));
             Err(AppRunnerError::Invalid {
@@ -231,9 +269,12 @@ const SECRET_KEYS: &[&str] = &["name", "value-from"];
 
 type Node<'i> = MarkedYaml<'i>;
 
+const CANONICAL_BUILD: &str = "build: commands: build: [CMD, ...]";
+
 #[derive(Default)]
 struct Walk {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Walk {
@@ -253,6 +294,15 @@ impl Walk {
             key,
             message,
         );
+    }
+
+    fn warn(&mut self, node: &Node, key: &str, message: String) {
+        self.warnings.push(Problem {
+            line: node.span.start.line(),
+            column: node.span.start.col() + 1,
+            key: key.to_string(),
+            message,
+        });
     }
 
     fn wrong(&mut self, node: &Node, key: &str, expected: &str) {
@@ -347,6 +397,14 @@ impl Walk {
         if let Some(s) = scalar(node)
             && !s.is_null()
         {
+            self.warn(
+                node,
+                key,
+                format!(
+                    "one command without a list, read as a list of one (write it as `- {}`)",
+                    s.text
+                ),
+            );
             return vec![s.text.to_string()];
         }
         for (key, item) in self.list(node, key, "a list of commands") {
@@ -374,7 +432,14 @@ impl Walk {
                 "version" => {
                     has_version = true;
                     if let Some(v) = self.text(value, &key, "1.0") {
-                        if v == VERSION || v == "1" {
+                        if v == VERSION {
+                            config.version = VERSION.to_string();
+                        } else if v == "1" {
+                            self.warn(
+                                value,
+                                &key,
+                                "read as 1.0 (write `version: 1.0`)".to_string(),
+                            );
                             config.version = VERSION.to_string();
                         } else {
                             self.at(
@@ -387,7 +452,29 @@ impl Walk {
                 }
                 "runtime" => {
                     config.runtime =
-                        self.text(value, &key, "a runtime name such as python3 or nodejs18")
+                        self.text(value, &key, "a runtime name such as python3 or nodejs18");
+                    if let Some(name) = &config.runtime
+                        && !runtimes::is_known(name)
+                    {
+                        let message = match runtimes::canonical_spelling(name) {
+                            Some(canonical) => {
+                                format!(
+                                    "unknown runtime {name:?} (App Runner spells it {canonical})"
+                                )
+                            }
+                            None => format!(
+                                "unknown runtime {name:?} (expected one of {})",
+                                runtimes::known_names().join(", ")
+                            ),
+                        };
+                        self.at(value, &key, message);
+                    }
+                }
+                "build" if matches!(value.data, YamlData::Sequence(_)) => {
+                    self.warn(value, &key, format!("found a list, read as build.commands.build (App Runner expects {CANONICAL_BUILD})"));
+                    let mut build = BuildSection::default();
+                    build.commands.build = self.commands(value, "build.commands.build");
+                    config.build = Some(build);
                 }
                 "build" => config.build = Some(self.build(value, &key)),
                 "run" => {
@@ -423,11 +510,12 @@ impl Walk {
         for (key, value) in entries {
             if key.ends_with(".commands") {
                 if matches!(value.data, YamlData::Sequence(_)) {
-                    self.at(
+                    self.warn(
                         value,
                         &key,
-                        "found a list (expected a map with pre-build, build and post-build; a list of commands goes under build.commands.build)".to_string(),
+                        format!("found a list, read as build.commands.build (App Runner expects {CANONICAL_BUILD})"),
                     );
+                    build.commands.build = self.commands(value, &format!("{key}.build"));
                     continue;
                 }
                 let Some(phases) = self.map(
@@ -539,6 +627,13 @@ impl Walk {
                 let Some(text) = self.text(value, &key, "a port number from 1 to 65535") else {
                     continue;
                 };
+                if scalar(value).is_some_and(|s| s.quoted) && text.parse::<u16>().is_ok() {
+                    self.warn(
+                        value,
+                        &key,
+                        format!("a quoted port, read as {text} (write it without quotes: `port: {text}`)"),
+                    );
+                }
                 match text.parse::<u16>() {
                     Ok(port) if port > 0 => network.port = Some(port),
                     _ => self.at(
@@ -725,7 +820,6 @@ run:
             [
                 "apprunner.yaml:1:10: version: unsupported version \"2.0\" (expected 1.0)",
                 "apprunner.yaml:3:1: biuld: unknown key (expected one of version, runtime, build, run)",
-                "apprunner.yaml:7:5: build.commands: found a list (expected a map with pre-build, build and post-build; a list of commands goes under build.commands.build)",
                 "apprunner.yaml:9:12: run.command: found a list (expected a command line such as `python app.py`)",
                 "apprunner.yaml:11:11: run.network.port: \"80800\" is not a port (expected a number from 1 to 65535)",
                 "apprunner.yaml:12:5: run.network.protocol: unknown key (expected one of port, env)",
@@ -768,5 +862,139 @@ run:
         );
         let got = problems("version: 1.0\nversion: 1.0\nrun: {}\n");
         assert!(got[0].starts_with("apprunner.yaml:2:"), "{got:?}");
+    }
+
+    #[test]
+    fn deviations_forgiven_with_a_warning() {
+        const HEAD: &str = "version: 1.0\nruntime: python3\n";
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "build.commands as a bare list",
+                "build:\n  commands:\n    - pip install -r requirements.txt\n    - python build.py\nrun:\n  command: python app.py\n",
+                &[
+                    "5:5: build.commands: found a list, read as build.commands.build (App Runner expects build: commands: build: [CMD, ...])",
+                ],
+            ),
+            (
+                "build as a list",
+                "build:\n  - pip install -r requirements.txt\n  - python build.py\nrun:\n  command: python app.py\n",
+                &[
+                    "4:3: build: found a list, read as build.commands.build (App Runner expects build: commands: build: [CMD, ...])",
+                ],
+            ),
+            (
+                "one command as a string",
+                "build:\n  commands:\n    build: pip install -r requirements.txt\n    post-build: python build.py\nrun:\n  command: python app.py\n",
+                &[
+                    "5:12: build.commands.build: one command without a list, read as a list of one (write it as `- pip install -r requirements.txt`)",
+                    "6:17: build.commands.post-build: one command without a list, read as a list of one (write it as `- python build.py`)",
+                ],
+            ),
+            (
+                "a quoted port",
+                "run:\n  command: python app.py\n  network:\n    port: \"8080\"\n",
+                &[
+                    "6:11: run.network.port: a quoted port, read as 8080 (write it without quotes: `port: 8080`)",
+                ],
+            ),
+            (
+                "env values that look like numbers and booleans: as written, no warning",
+                "run:\n  command: python app.py\n  env:\n    - name: N\n      value: 8080\n    - name: B\n      value: true\n",
+                &[],
+            ),
+        ];
+        for (name, body, want) in cases {
+            let parsed = AppRunnerConfig::parse_with_warnings(&format!("{HEAD}{body}"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+            assert_eq!(&got, want, "{name}");
+            let build = parsed.config.build.unwrap_or_default();
+            if name.starts_with("build") {
+                assert_eq!(
+                    build.commands.build,
+                    ["pip install -r requirements.txt", "python build.py"],
+                    "{name}"
+                );
+            }
+            if name.starts_with("one command") {
+                assert_eq!(build.commands.build, ["pip install -r requirements.txt"]);
+                assert_eq!(build.commands.post_build, ["python build.py"]);
+            }
+        }
+        let parsed =
+            AppRunnerConfig::parse_with_warnings("version: 1\nrun:\n  command: ./app\n").unwrap();
+        assert_eq!(parsed.config.version, "1.0");
+        assert_eq!(
+            parsed.warnings[0].to_string(),
+            "1:10: version: read as 1.0 (write `version: 1.0`)"
+        );
+        let c = AppRunnerConfig::parse(
+            "version: 1.0\nrun:\n  command: ./app\n  network:\n    port: \"8080\"\n  env:\n    - name: B\n      value: true\n",
+        )
+        .unwrap();
+        assert_eq!(c.run.network.port, Some(8080));
+        assert_eq!(c.run.env[0].value, "true");
+    }
+
+    #[test]
+    fn runtime_names_are_app_runners() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("python3", None),
+            ("python311", None),
+            ("nodejs22", None),
+            // Known to App Runner, refused later by the builder with advice.
+            ("go1", None),
+            ("corretto11", None),
+            (
+                "python3.11",
+                Some(
+                    "apprunner.yaml:2:10: runtime: unknown runtime \"python3.11\" (App Runner spells it python311)",
+                ),
+            ),
+            (
+                "nodejs-18",
+                Some(
+                    "apprunner.yaml:2:10: runtime: unknown runtime \"nodejs-18\" (App Runner spells it nodejs18)",
+                ),
+            ),
+            (
+                "node18",
+                Some(
+                    "apprunner.yaml:2:10: runtime: unknown runtime \"node18\" (App Runner spells it nodejs18)",
+                ),
+            ),
+            (
+                "cobol",
+                Some(
+                    "apprunner.yaml:2:10: runtime: unknown runtime \"cobol\" (expected one of corretto8, corretto11, dotnet6, go1, nodejs12, nodejs14, nodejs16, nodejs18, nodejs20, nodejs22, php81, python3, python311, ruby31)",
+                ),
+            ),
+        ];
+        for (runtime, want) in cases {
+            let text = format!("version: 1.0\nruntime: {runtime}\nrun:\n  command: ./app\n");
+            match want {
+                None => {
+                    let c = AppRunnerConfig::parse(&text).unwrap();
+                    assert_eq!(c.runtime.as_deref(), Some(*runtime));
+                }
+                Some(want) => assert_eq!(problems(&text), [*want], "{runtime}"),
+            }
+        }
+        // A wrong version stays a problem, and `version: 1.0` quoted is fine.
+        assert_eq!(
+            problems("version: 1.1\nrun:\n  command: ./app\n"),
+            ["apprunner.yaml:1:10: version: unsupported version \"1.1\" (expected 1.0)"]
+        );
+        let parsed =
+            AppRunnerConfig::parse_with_warnings("version: \"1.0\"\nrun:\n  command: ./app\n")
+                .unwrap();
+        assert!(parsed.warnings.is_empty());
+        // A list where one command line is expected stays a problem.
+        assert_eq!(
+            problems("version: 1.0\nrun:\n  command: [python, app.py]\n"),
+            [
+                "apprunner.yaml:3:12: run.command: found a list (expected a command line such as `python app.py`)"
+            ]
+        );
     }
 }
