@@ -1,5 +1,7 @@
-//! Source folder + apprunner.yaml → OCI image, without Docker (filled by the builder issue).
+//! Source folder + apprunner.yaml → OCI image, without Docker.
 
 pub mod apprunner;
+pub mod capture;
 pub mod plan;
 pub mod runtimes;
+pub mod source;
