@@ -7,12 +7,14 @@
 
 pub mod cgroup;
 pub mod digest;
+pub mod export;
 pub mod host;
 pub mod import;
 pub mod instance;
 pub mod layers;
 pub mod logs;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod size;
 pub mod store;

@@ -163,7 +163,24 @@ impl PullOptions {
         })
     }
 
-    fn registry_auth(&self, reference: &Reference) -> Result<RegistryAuth, AuthError> {
+    /// The `oci-client` configuration for talking to `reference`'s registry.
+    pub(crate) fn client_config(&self, reference: &Reference) -> ClientConfig {
+        let protocol = if self.is_insecure(reference) {
+            ClientProtocol::HttpsExcept(vec![reference.api_host().to_owned()])
+        } else {
+            ClientProtocol::Https
+        };
+        ClientConfig {
+            protocol,
+            platform_resolver: None,
+            connect_timeout: Some(self.connect_timeout),
+            read_timeout: Some(self.read_timeout),
+            ..ClientConfig::default()
+        }
+    }
+
+    /// Explicit credentials, else those the docker config holds for the registry, else none.
+    pub(crate) fn registry_auth(&self, reference: &Reference) -> Result<RegistryAuth, AuthError> {
         let credentials = match &self.credentials {
             Some(c) => Some(c.clone()),
             None => auth::lookup_credentials(
@@ -179,7 +196,7 @@ impl PullOptions {
     }
 }
 
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Fails only when another provider is already installed, which is fine.
@@ -318,21 +335,11 @@ impl ImageStore {
     ) -> Result<ImageRecord, PullError> {
         install_crypto_provider();
         let auth = options.registry_auth(reference)?;
-        let protocol = if options.is_insecure(reference) {
-            ClientProtocol::HttpsExcept(vec![reference.api_host().to_owned()])
-        } else {
-            ClientProtocol::Https
-        };
-        let config = ClientConfig {
-            protocol,
-            platform_resolver: None,
-            connect_timeout: Some(options.connect_timeout),
-            read_timeout: Some(options.read_timeout),
-            ..ClientConfig::default()
-        };
-        let client = Client::try_from(config).map_err(|source| PullError::Client {
-            reference: reference.clone(),
-            source: Box::new(source),
+        let client = Client::try_from(options.client_config(reference)).map_err(|source| {
+            PullError::Client {
+                reference: reference.clone(),
+                source: Box::new(source),
+            }
         })?;
         let session = Session {
             client,

@@ -15,6 +15,7 @@
 //! collection never deletes the blobs of an image being fetched.
 
 pub mod blob;
+pub mod built;
 pub mod image;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +30,7 @@ use crate::digest::Digest;
 use crate::reference::{Reference, ReferenceError};
 
 pub use blob::{BlobError, BlobStore, PendingBlob};
+pub use built::{BuiltLayer, HistoryEntry, ImageConfigEdit};
 pub use image::{
     Compression, Descriptor, ImageConfig, ImageError, ImageIndex, ImageManifest, ImageRecord,
     LayerRecord, Manifest, Platform, media_types,
@@ -71,6 +73,57 @@ pub enum StoreError {
     UnknownDigest { digest: Digest },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("base image config is not valid json")]
+    BaseConfig { source: serde_json::Error },
+    #[error("cannot edit image config: {reason}")]
+    ConfigEdit { reason: String },
+    #[error("invalid built image: {what}")]
+    BuiltImage { what: String, source: ImageError },
+    #[error("built image config {config} lists {diff_ids} diff_ids for {layers} layers")]
+    DiffIdCount {
+        config: Digest,
+        diff_ids: usize,
+        layers: usize,
+    },
+    #[error(
+        "built image config {config} has diff_id {config_diff_id} at position {position}, the layer there has {layer_diff_id}"
+    )]
+    DiffIdMismatch {
+        config: Digest,
+        position: usize,
+        config_diff_id: Digest,
+        layer_diff_id: Digest,
+    },
+    #[error("layer blob {digest} is not in the store (expected at {path})")]
+    LayerMissing { digest: Digest, path: PathBuf },
+    #[error("layer blob {path} is {actual} bytes, the built layer {digest} says {expected}")]
+    LayerSize {
+        digest: Digest,
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("a built image needs at least one reference to tag it with")]
+    NoReference,
+    #[error("the ingest guard passed to the store at {data_dir} belongs to another store")]
+    ForeignGuard { data_dir: PathBuf },
+}
+
+/// Proof that the holder keeps [`ImageStore::gc`] out (a shared hold on the store's ingest
+/// lock): take it before ingesting blobs that no record lists yet, keep it until the record
+/// is committed. Never await another [`ImageStore`] operation that takes the lock (pull,
+/// import, export, push) while holding it: a waiting gc would make that wait forever.
+pub struct IngestGuard<'a> {
+    _lock: tokio::sync::RwLockReadGuard<'a, ()>,
+    inner: &'a Inner,
+}
+
+impl std::fmt::Debug for IngestGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestGuard")
+            .field("data_dir", &self.inner.data_dir)
+            .finish()
+    }
 }
 
 /// What [`ImageStore::remove`] did.
@@ -189,6 +242,14 @@ impl ImageStore {
             .meta
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps gc out until the guard is dropped; see [`IngestGuard`].
+    pub async fn hold_ingest(&self) -> IngestGuard<'_> {
+        IngestGuard {
+            _lock: self.inner.gc_lock.read().await,
+            inner: &self.inner,
+        }
     }
 
     /// Held by pulls and imports while they fetch blobs and write the record.
