@@ -6,6 +6,7 @@
 //! held in memory. The manifest goes up byte for byte as stored (`push_manifest_raw`), so its
 //! digest in the registry is the image's manifest digest, which the push then checks.
 //!
+//! Only the image's own manifest goes up: an index it was pulled through is not pushed.
 //! Credentials and plain-HTTP registries are resolved as for pulls ([`PullOptions`]).
 
 // Errors name the reference and digest they concern; they are cold and rare.
@@ -42,6 +43,11 @@ pub enum PushError {
     Unauthorized {
         reference: Reference,
         detail: String,
+    },
+    #[error("registry request for {reference} failed")]
+    Registry {
+        reference: Reference,
+        source: Box<OciDistributionError>,
     },
     #[error("{reference} names digest {target}, but the image's manifest is {manifest}")]
     TargetDigest {
@@ -266,9 +272,8 @@ impl ImageStore {
             .map_err(|e| {
                 session
                     .auth_error(e)
-                    .unwrap_or_else(|source| PushError::Upload {
+                    .unwrap_or_else(|source| PushError::Registry {
                         reference: target.clone(),
-                        digest: image.manifest_digest.clone(),
                         source: Box::new(source),
                     })
             })?;
