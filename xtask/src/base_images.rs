@@ -10,7 +10,13 @@
 //! Reproducible: with `SOURCE_DATE_EPOCH` fixed, mmdebstrap writes the same tar for the same
 //! package set; the layer is that tar re-emitted entry by entry (device nodes under /dev
 //! dropped, mtimes clamped to the epoch, modes, owners, xattrs and hard links kept) through a
-//! fixed gzip, so the same package set gives the same layer and manifest digests.
+//! fixed gzip, so the same package set gives the same layer and manifest digests (checked:
+//! mmdebstrap's tar was byte-identical over two runs, and `--rebuild` reproduced all three
+//! manifest digests). The package set itself moves with Debian's updates: a new package version
+//! gives a new digest, which the recipe hash does not see; `--rebuild` picks it up.
+//!
+//! The images trust Debian's CA bundle only. Where HTTPS goes through an intercepting proxy,
+//! adding its CA is the build sandbox's job, not the base image's.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
@@ -361,59 +367,50 @@ pub fn run(args: &BaseImagesArgs) -> Result<()> {
         mirrors.archive, mirrors.security
     );
 
-    let mut outcomes = Vec::new();
-    for recipe in RECIPES
+    // The images build in parallel: each run is mostly downloads and dpkg, waiting on the
+    // network and the disk. Measured here (two cores, cold): 4 min 10 s for the three at once,
+    // 8 min 30 s one after another.
+    let context = Shared {
+        mmdebstrap: &mmdebstrap,
+        skopeo: &skopeo,
+        mirrors: &mirrors,
+        out: &out,
+        stamps: &stamps,
+        registry: reachable.is_ok().then_some(registry.as_str()),
+        rebuild: args.rebuild,
+    };
+    let selected: Vec<&'static Recipe> = RECIPES
         .iter()
         .filter(|r| args.only.is_empty() || args.only.iter().any(|o| o == r.name))
-    {
-        let started = Instant::now();
-        let hash = recipe.hash();
-        let dir = out.join(recipe.name);
-        let stamp = stamps.join(recipe.name);
-        let cached = !args.rebuild
-            && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == hash)
-            && manifest_of(&dir).is_ok();
-        if !cached {
-            eprintln!(
-                "building {} ({} from {})",
-                recipe.reference, recipe.suite, mirrors.archive
-            );
-            build(&mmdebstrap, recipe, &hash, &mirrors, &out)
-                .with_context(|| format!("build {}", recipe.reference))?;
-            fs::write(&stamp, &hash).with_context(|| format!("write {}", stamp.display()))?;
-        }
-        let manifest = manifest_of(&dir)?;
-        let pushed = match &reachable {
-            Ok(()) => {
-                let push = Push {
-                    dir: &dir,
-                    manifest: &manifest,
-                    reference: recipe.reference.to_string(),
-                    compression: "gzip",
-                    preserve_digests: true,
-                };
-                Some(push.run(&skopeo, &registry, &stamps)?.pushed)
-            }
-            Err(_) => None,
-        };
-        outcomes.push(Outcome {
-            recipe,
-            hash,
-            manifest,
-            layer_bytes: dir_size(&dir.join("blobs/sha256"))?,
-            built: !cached,
-            pushed,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
+        .collect();
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = selected
+            .iter()
+            .map(|recipe| {
+                let context = &context;
+                scope.spawn(move || {
+                    produce(context, recipe).with_context(|| recipe.reference.to_string())
+                })
+            })
+            .collect();
+        // Join every thread before reporting the first error: none is left running.
+        let results: Vec<Result<Outcome>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("build thread panicked")))
+            })
+            .collect();
+        results.into_iter().collect::<Result<Vec<_>>>()
+    })?;
 
     println!(
-        "{:<32} {:<12} {:<71} {:>8}  {:<6}  {:<7}  {:>6}  runtimes",
+        "{:<38} {:<12} {:<71} {:>8}  {:<6}  {:<7}  {:>6}  runtimes",
         "image", "recipe", "digest", "size", "layout", "push", "secs"
     );
     for o in &outcomes {
         println!(
-            "{:<32} {:<12} {:<71} {:>5.1} MB  {:<6}  {:<7}  {:>6.1}  {}",
+            "{:<38} {:<12} {:<71} {:>5.1} MB  {:<6}  {:<7}  {:>6.1}  {}",
             format!("{registry}/{}", o.recipe.reference),
             &o.hash[..12],
             o.manifest,
@@ -429,6 +426,74 @@ pub fn run(args: &BaseImagesArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What every image's build and push share.
+struct Shared<'a> {
+    mmdebstrap: &'a Path,
+    skopeo: &'a Path,
+    mirrors: &'a Mirrors,
+    out: &'a Path,
+    stamps: &'a Path,
+    /// The registry to push to; `None` when it does not answer.
+    registry: Option<&'a str>,
+    rebuild: bool,
+}
+
+/// Builds `recipe`'s layout unless one for its hash exists, then pushes it unless the registry
+/// holds it already.
+fn produce(context: &Shared, recipe: &'static Recipe) -> Result<Outcome> {
+    let started = Instant::now();
+    let hash = recipe.hash();
+    let dir = context.out.join(recipe.name);
+    let stamp = context.stamps.join(recipe.name);
+    let cached = !context.rebuild
+        && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == hash)
+        && manifest_of(&dir).is_ok();
+    if !cached {
+        eprintln!(
+            "building {} ({} from {}; log {})",
+            recipe.reference,
+            recipe.suite,
+            context.mirrors.archive,
+            log_path(context.out, recipe).display()
+        );
+        build(
+            context.mmdebstrap,
+            recipe,
+            &hash,
+            context.mirrors,
+            context.out,
+        )?;
+        fs::write(&stamp, &hash).with_context(|| format!("write {}", stamp.display()))?;
+    }
+    let manifest = manifest_of(&dir)?;
+    let pushed = match context.registry {
+        Some(registry) => {
+            let push = Push {
+                dir: &dir,
+                manifest: &manifest,
+                reference: recipe.reference.to_string(),
+                compression: "gzip",
+                preserve_digests: true,
+            };
+            Some(push.run(context.skopeo, registry, context.stamps)?.pushed)
+        }
+        None => None,
+    };
+    Ok(Outcome {
+        recipe,
+        hash,
+        manifest,
+        layer_bytes: dir_size(&dir.join("blobs/sha256"))?,
+        built: !cached,
+        pushed,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn log_path(out: &Path, recipe: &Recipe) -> PathBuf {
+    out.join(format!("{}.mmdebstrap.log", recipe.name))
 }
 
 /// Checks every external tool before doing any work; returns the mmdebstrap and skopeo paths.
@@ -458,7 +523,7 @@ fn build(
     out: &Path,
 ) -> Result<()> {
     let tarball = out.join(format!(".{}.rootfs.tar", recipe.name));
-    let log_path = out.join(format!("{}.mmdebstrap.log", recipe.name));
+    let log_path = log_path(out, recipe);
     let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
     let mut command = Command::new(mmdebstrap);
     command
@@ -576,8 +641,7 @@ fn rootfs_entry<R: Read>(mut entry: tar::Entry<'_, R>, clamp: u64) -> Result<Opt
         let target = entry
             .link_name_bytes()
             .with_context(|| format!("{path}: link without a target"))?;
-        String::from_utf8(target.to_vec())
-            .with_context(|| format!("{path}: non-UTF-8 link target"))
+        String::from_utf8(target.to_vec()).with_context(|| format!("{path}: non-UTF-8 link target"))
     };
     let content = match kind {
         tar::EntryType::Directory => Content::Dir,

@@ -82,7 +82,8 @@ fn stages() -> Vec<Stage> {
         Stage {
             name: "base-images",
             what: "python and node base images built from Debian packages and pushed to the local registry",
-            // mmdebstrap's root mode (chroot, mounts); cold, about three minutes.
+            // mmdebstrap's root mode (chroot, mounts). Cold (a fresh clone, as in CI) about four
+            // minutes, the three images built in parallel; cached, well under a second.
             needs_root: true,
             commands: vec![cargo(&["xtask", "base-images"])],
         },
