@@ -6,6 +6,7 @@
 //! held in memory. The manifest goes up byte for byte as stored (`push_manifest_raw`), so its
 //! digest in the registry is the image's manifest digest, which the push then checks.
 //!
+//! Only the image's own manifest goes up: an index it was pulled through is not pushed.
 //! Credentials and plain-HTTP registries are resolved as for pulls ([`PullOptions`]).
 
 // Errors name the reference and digest they concern; they are cold and rare.
@@ -42,6 +43,11 @@ pub enum PushError {
     Unauthorized {
         reference: Reference,
         detail: String,
+    },
+    #[error("registry request for {reference} failed")]
+    Registry {
+        reference: Reference,
+        source: Box<OciDistributionError>,
     },
     #[error("{reference} names digest {target}, but the image's manifest is {manifest}")]
     TargetDigest {
@@ -131,6 +137,22 @@ impl PushSession<'_> {
                 reference: self.target.clone(),
                 detail: format!("401 unauthorized from {url}"),
             }),
+            OciDistributionError::RequestError(e)
+                if e.status().is_some_and(|s| matches!(s.as_u16(), 401 | 403)) =>
+            {
+                Ok(PushError::Unauthorized {
+                    reference: self.target.clone(),
+                    detail: e.to_string(),
+                })
+            }
+            OciDistributionError::ServerError { url, code, message }
+                if matches!(code, 401 | 403) =>
+            {
+                Ok(PushError::Unauthorized {
+                    reference: self.target.clone(),
+                    detail: format!("{code} from {url}: {}", message.trim()),
+                })
+            }
             other => Err(other),
         }
     }
@@ -266,9 +288,8 @@ impl ImageStore {
             .map_err(|e| {
                 session
                     .auth_error(e)
-                    .unwrap_or_else(|source| PushError::Upload {
+                    .unwrap_or_else(|source| PushError::Registry {
                         reference: target.clone(),
-                        digest: image.manifest_digest.clone(),
                         source: Box::new(source),
                     })
             })?;
@@ -342,7 +363,245 @@ impl ImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{BuiltLayer, ImageConfigEdit, media_types};
+    use base64::Engine as _;
     use futures_util::TryStreamExt as _;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::{Method, Request, Response, StatusCode};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// A registry speaking just enough of the distribution API for a push, behind HTTP basic
+    /// auth; it records every request and whether it carried the right credentials.
+    #[derive(Default)]
+    struct FakeRegistry {
+        addr: String,
+        authorization: String,
+        blobs: HashMap<String, Bytes>,
+        manifests: HashMap<String, (Bytes, String)>,
+        /// (method, path, authorized)
+        requests: Vec<(Method, String, bool)>,
+        uploads: u32,
+    }
+
+    fn respond(
+        status: StatusCode,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Response<Full<Bytes>> {
+        let mut response = Response::builder().status(status);
+        for (name, value) in headers {
+            response = response.header(*name, value);
+        }
+        response.body(Full::new(body)).unwrap()
+    }
+
+    async fn handle(
+        state: Arc<Mutex<FakeRegistry>>,
+        request: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+        let (parts, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut state = state.lock().unwrap();
+        let authorized = parts
+            .headers
+            .get("authorization")
+            .is_some_and(|v| v.as_bytes() == state.authorization.as_bytes());
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        state
+            .requests
+            .push((parts.method.clone(), path.clone(), authorized));
+        let empty = Bytes::new();
+        if !authorized {
+            return Ok(respond(
+                StatusCode::UNAUTHORIZED,
+                &[("WWW-Authenticate", "Basic realm=\"fake\"".into())],
+                empty,
+            ));
+        }
+        let base = format!("http://{}", state.addr);
+        let parts_of: Vec<&str> = path.trim_start_matches("/v2/").split('/').collect();
+        let response = match (&parts.method, parts_of.as_slice()) {
+            (&Method::GET, [""]) => respond(StatusCode::OK, &[], empty),
+            (&Method::HEAD, [.., "blobs", digest]) => {
+                let status = if state.blobs.contains_key(*digest) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                respond(status, &[], empty)
+            }
+            (&Method::POST, [.., "blobs", "uploads", ""]) => {
+                // Mounts are refused: the client must fall back to an upload.
+                state.uploads += 1;
+                let location = format!("{base}{path}{}", state.uploads);
+                respond(StatusCode::ACCEPTED, &[("Location", location)], empty)
+            }
+            (&Method::PUT, [name @ .., "blobs", "uploads", _]) => {
+                let digest = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("digest="))
+                    .unwrap_or("")
+                    .replace("%3A", ":");
+                if Digest::of_bytes(&body).to_string() != digest {
+                    respond(StatusCode::BAD_REQUEST, &[], Bytes::from("digest invalid"))
+                } else {
+                    let location = format!("{base}/v2/{}/blobs/{digest}", name.join("/"));
+                    state.blobs.insert(digest, body);
+                    respond(StatusCode::CREATED, &[("Location", location)], empty)
+                }
+            }
+            (&Method::PUT, [.., "manifests", tag]) => {
+                let content_type = parts
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let digest = Digest::of_bytes(&body).to_string();
+                state
+                    .manifests
+                    .insert((*tag).to_owned(), (body, content_type));
+                respond(
+                    StatusCode::CREATED,
+                    &[
+                        ("Location", format!("{base}{path}")),
+                        ("Docker-Content-Digest", digest),
+                    ],
+                    empty,
+                )
+            }
+            (&Method::HEAD, [.., "manifests", tag]) => match state.manifests.get(*tag) {
+                Some((bytes, content_type)) => respond(
+                    StatusCode::OK,
+                    &[
+                        ("Docker-Content-Digest", Digest::of_bytes(bytes).to_string()),
+                        ("Content-Type", content_type.clone()),
+                    ],
+                    empty,
+                ),
+                None => respond(StatusCode::NOT_FOUND, &[], empty),
+            },
+            _ => respond(StatusCode::NOT_FOUND, &[], empty),
+        };
+        Ok(response)
+    }
+
+    async fn start_fake_registry(user: &str, password: &str) -> Arc<Mutex<FakeRegistry>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let state = Arc::new(Mutex::new(FakeRegistry {
+            addr: listener.local_addr().unwrap().to_string(),
+            authorization: format!("Basic {encoded}"),
+            ..FakeRegistry::default()
+        }));
+        let serving = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = serving.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |r| handle(state.clone(), r));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        state
+    }
+
+    async fn small_built_image(store: &ImageStore) -> ImageRecord {
+        let (digest, size) = store.blobs().ingest_bytes(b"a layer tar", None).unwrap();
+        let layer = BuiltLayer {
+            diff_id: digest.clone(),
+            digest,
+            size,
+            media_type: media_types::OCI_LAYER.into(),
+        };
+        let config = ImageConfigEdit {
+            added_diff_ids: vec![layer.diff_id.clone()],
+            ..ImageConfigEdit::default()
+        }
+        .apply(br#"{"architecture":"amd64","os":"linux","rootfs":{"diff_ids":[]}}"#)
+        .unwrap();
+        let guard = store.hold_ingest().await;
+        store
+            .commit_built(&guard, &config, &[layer], &["app:v1".parse().unwrap()])
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn push_uses_docker_config_credentials_and_sends_our_manifest_bytes() {
+        let registry = start_fake_registry("alice", "s3cret").await;
+        let addr = registry.lock().unwrap().addr.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path().join("store")).unwrap();
+        let image = small_built_image(&store).await;
+        let docker_config = dir.path().join("config.json");
+        let encoded = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(
+            &docker_config,
+            format!(r#"{{"auths":{{"{addr}":{{"auth":"{encoded}"}}}}}}"#),
+        )
+        .unwrap();
+        let options = PullOptions {
+            docker_config: Some(docker_config),
+            ..PullOptions::default()
+        };
+        let target: Reference = format!("{addr}/team/app:v1").parse().unwrap();
+
+        let report = store.push(&image, &target, &options).await.unwrap();
+        assert_eq!(report.manifest_digest, image.manifest_digest);
+        assert_eq!(
+            report.uploaded,
+            vec![image.layers[0].digest.clone(), image.config_digest.clone()]
+        );
+        assert_eq!(
+            report.bytes_uploaded,
+            image.layers[0].size + {
+                std::fs::metadata(store.blob_path(&image.config_digest))
+                    .unwrap()
+                    .len()
+            }
+        );
+        {
+            let state = registry.lock().unwrap();
+            let (bytes, content_type) = &state.manifests["v1"];
+            assert_eq!(
+                bytes.as_ref(),
+                std::fs::read(store.blob_path(&image.manifest_digest)).unwrap()
+            );
+            assert_eq!(content_type, media_types::OCI_MANIFEST);
+            // Past the version check, every request carried the credentials.
+            let unauthorized: Vec<_> = state
+                .requests
+                .iter()
+                .filter(|(_, path, ok)| !ok && path != "/v2/")
+                .collect();
+            assert!(unauthorized.is_empty(), "{unauthorized:?}");
+        }
+
+        // Pushed again: every blob is found by HEAD, nothing is uploaded.
+        let again = store.push(&image, &target, &options).await.unwrap();
+        assert!(again.uploaded.is_empty(), "{again:?}");
+        assert_eq!(again.existing.len(), 2);
+
+        // Wrong credentials are reported as such, naming the target.
+        let wrong = PullOptions {
+            credentials: Some(crate::pull::Credentials::new("alice", "wrong")),
+            ..PullOptions::default()
+        };
+        let other: Reference = format!("{addr}/team/other:v1").parse().unwrap();
+        let err = store.push(&image, &other, &wrong).await.unwrap_err();
+        assert!(matches!(err, PushError::Unauthorized { .. }), "{err:?}");
+        assert!(err.to_string().contains("team/other"), "{err}");
+    }
 
     #[tokio::test]
     async fn file_stream_yields_the_file_in_bounded_chunks() {

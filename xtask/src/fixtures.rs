@@ -4,23 +4,24 @@
 //! test registry when one answers.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use flate2::Compression;
 use sha2::{Digest, Sha256};
 
-use crate::oci::{Content, Descriptor, Entry, Layer, LayoutWriter, RunConfig};
+use crate::oci::{
+    Content, Descriptor, Entry, Layer, LayoutWriter, RunConfig, dir_size, manifest_of,
+};
+use crate::registry::{
+    Push, find_in_path, oci_ref, registry_address, registry_reachable, run_skopeo,
+};
 
 /// Bump when the image contents or layout code change in a way the input hash cannot see.
 const FORMAT_VERSION: &str = "fixtures-v1";
 const TARGET_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 const BUSYBOX: &str = "/bin/busybox";
-const DEFAULT_REGISTRY: &str = "127.0.0.1:5000";
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Busybox applets linked into the busybox image's /bin (those the binary lacks are left out).
@@ -85,14 +86,14 @@ pub fn run(args: &FixturesArgs) -> Result<()> {
     let archive = out.join("fixture-app.docker.tar");
     let archive_rebuilt = write_docker_archive(&skopeo, &images[0], &archive, &stamps)?;
 
-    let registry = std::env::var("LULL_REGISTRY").unwrap_or_else(|_| DEFAULT_REGISTRY.into());
+    let registry = registry_address();
     let mut pushes = vec![
-        Push::new(&images[0], "lull/fixture-app:latest", "gzip"),
-        Push::new(&zstd, "lull/fixture-app:zstd", "zstd"),
-        Push::new(&images[1], "lull/busybox:latest", "gzip"),
+        push_of(&images[0], "lull/fixture-app:latest", "gzip"),
+        push_of(&zstd, "lull/fixture-app:zstd", "zstd"),
+        push_of(&images[1], "lull/busybox:latest", "gzip"),
     ];
     if let Some(bulk) = images.get(2) {
-        pushes.push(Push::new(bulk, "lull/bulk:latest", "gzip"));
+        pushes.push(push_of(bulk, "lull/bulk:latest", "gzip"));
     }
     let pushed = match registry_reachable(&registry) {
         Ok(()) => {
@@ -133,15 +134,32 @@ pub fn run(args: &FixturesArgs) -> Result<()> {
         }
     );
     if let Some(results) = pushed {
-        for (push, (digest, done)) in pushes.iter().zip(results) {
+        for (push, result) in pushes.iter().zip(results) {
             println!(
-                "registry {registry}/{}  {digest}  {}",
+                "registry {registry}/{}  {}  {}",
                 push.reference,
-                if done { "pushed" } else { "up to date" }
+                result.digest,
+                if result.pushed {
+                    "pushed"
+                } else {
+                    "up to date"
+                }
             );
         }
     }
     Ok(())
+}
+
+/// Pushing a fixture layout: skopeo enforces the layer compression (the registry's manifest
+/// digest may then differ from the layout's).
+fn push_of<'a>(image: &'a BuiltImage, reference: &str, compression: &'static str) -> Push<'a> {
+    Push {
+        dir: &image.dir,
+        manifest: &image.manifest,
+        reference: reference.to_string(),
+        compression,
+        preserve_digests: false,
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -154,13 +172,6 @@ fn rel(root: &Path, path: &Path) -> String {
         .unwrap_or(path)
         .display()
         .to_string()
-}
-
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
 }
 
 /// Checks every external tool before doing any work; returns the skopeo path.
@@ -446,46 +457,6 @@ fn build_image(
     })
 }
 
-/// The digest of the manifest tagged `latest` in a layout's index.json.
-fn manifest_of(dir: &Path) -> Result<String> {
-    let path = dir.join("index.json");
-    let index: serde_json::Value = serde_json::from_slice(
-        &fs::read(&path).with_context(|| format!("read {}", path.display()))?,
-    )
-    .with_context(|| format!("parse {}", path.display()))?;
-    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-    for m in manifests {
-        if m["annotations"][crate::oci::ANNOTATION_REF_NAME] == "latest"
-            && let Some(digest) = m["digest"].as_str()
-        {
-            let blob = dir
-                .join("blobs/sha256")
-                .join(digest.trim_start_matches("sha256:"));
-            if blob.is_file() {
-                return Ok(digest.to_string());
-            }
-        }
-    }
-    bail!("{} has no manifest tagged latest", path.display())
-}
-
-fn dir_size(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("read {}", dir.display()))?;
-        total += entry.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    Ok(total)
-}
-
-fn oci_ref(image: &BuiltImage) -> Result<String> {
-    let dir = image.dir.display().to_string();
-    if dir.contains(':') {
-        bail!("layout path {dir} contains ':', which skopeo cannot parse");
-    }
-    Ok(format!("oci:{dir}:latest"))
-}
-
 /// Recompresses the fixture app layout's layers with zstd into `out/fixture-app-zstd` (skopeo,
 /// layout to layout). Recompressing while pushing does not work: skopeo reuses the gzip blob the
 /// registry already holds.
@@ -516,7 +487,7 @@ fn zstd_layout(skopeo: &Path, source: &BuiltImage, out: &Path) -> Result<BuiltIm
             "--quiet",
             "--dest-compress-format",
             "zstd",
-            &oci_ref(source)?,
+            &oci_ref(&source.dir)?,
             &dest,
         ],
         "recompress fixture-app with zstd",
@@ -554,143 +525,12 @@ fn write_docker_archive(
     let dest = format!("docker-archive:{}:lull/fixture-app:latest", temp.display());
     run_skopeo(
         skopeo,
-        &["copy", "--quiet", &oci_ref(image)?, &dest],
+        &["copy", "--quiet", &oci_ref(&image.dir)?, &dest],
         "write docker archive",
     )?;
     fs::rename(&temp, archive).with_context(|| format!("rename to {}", archive.display()))?;
     fs::write(&stamp, &image.manifest).with_context(|| format!("write {}", stamp.display()))?;
     Ok(true)
-}
-
-fn run_skopeo(skopeo: &Path, args: &[&str], what: &str) -> Result<()> {
-    let output = Command::new(skopeo)
-        .arg("--insecure-policy")
-        .args(args)
-        .output()
-        .with_context(|| format!("{what}: run skopeo"))?;
-    if !output.status.success() {
-        bail!(
-            "{what}: skopeo {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// A request to copy one layout to `<registry>/<reference>`, keeping its layer compression.
-struct Push<'a> {
-    image: &'a BuiltImage,
-    reference: String,
-    /// `gzip` or `zstd`: what the layers are and must stay.
-    compression: &'static str,
-}
-
-impl<'a> Push<'a> {
-    fn new(image: &'a BuiltImage, reference: &str, compression: &'static str) -> Self {
-        Push {
-            image,
-            reference: reference.to_string(),
-            compression,
-        }
-    }
-
-    /// Pushes unless the registry still holds what the last push of the same layout left
-    /// there. Returns the registry's manifest digest and whether a push happened.
-    fn run(&self, skopeo: &Path, registry: &str, stamps: &Path) -> Result<(String, bool)> {
-        let stamp = stamps.join(format!("push-{}", self.reference.replace(['/', ':'], "_")));
-        let (repo, tag) = self
-            .reference
-            .split_once(':')
-            .with_context(|| format!("reference {} has no tag", self.reference))?;
-        let current = registry_manifest(registry, repo, tag).ok();
-        if let (Ok(recorded), Some((current, _))) = (fs::read_to_string(&stamp), &current)
-            && recorded.trim() == format!("{} {current}", self.image.manifest)
-        {
-            return Ok((current.clone(), false));
-        }
-        let dest = format!("docker://{registry}/{}", self.reference);
-        let source = oci_ref(self.image)?;
-        let args = [
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--dest-compress-format",
-            self.compression,
-            &source,
-            &dest,
-        ];
-        run_skopeo(skopeo, &args, &format!("push {dest}"))?;
-        let (pushed, manifest) =
-            registry_manifest(registry, repo, tag).with_context(|| format!("read back {dest}"))?;
-        let manifest: serde_json::Value =
-            serde_json::from_str(&manifest).with_context(|| format!("parse manifest of {dest}"))?;
-        let suffix = format!("+{}", self.compression);
-        let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-        if layers.is_empty()
-            || !layers.iter().all(|l| {
-                l["mediaType"]
-                    .as_str()
-                    .is_some_and(|t| t.ends_with(&suffix))
-            })
-        {
-            bail!("{dest}: pushed layers are not all {}", self.compression);
-        }
-        fs::write(&stamp, format!("{} {pushed}", self.image.manifest))
-            .with_context(|| format!("write {}", stamp.display()))?;
-        Ok((pushed, true))
-    }
-}
-
-/// Sends one plain HTTP/1.0 request to the registry; returns the status, head and body.
-fn registry_request(registry: &str, method: &str, path: &str) -> Result<(u16, String, String)> {
-    let addr = registry
-        .to_socket_addrs()
-        .with_context(|| format!("resolve {registry}"))?
-        .next()
-        .with_context(|| format!("resolve {registry}: no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connect to {registry}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {registry}\r\n\
-         Accept: application/vnd.oci.image.manifest.v1+json, \
-         application/vnd.docker.distribution.manifest.v2+json\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream
-        .take(1024 * 1024)
-        .read_to_end(&mut response)
-        .with_context(|| format!("read response from {registry}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{registry} sent no HTTP status"))?;
-    Ok((status, head.to_string(), body.to_string()))
-}
-
-fn registry_reachable(registry: &str) -> Result<()> {
-    let (status, _, _) = registry_request(registry, "GET", "/v2/")?;
-    if status != 200 && status != 401 {
-        bail!("GET /v2/ answered {status}");
-    }
-    Ok(())
-}
-
-/// The digest and body of the manifest `repo:tag` in the registry. The digest is computed from
-/// the body, which is what the registry stores.
-fn registry_manifest(registry: &str, repo: &str, tag: &str) -> Result<(String, String)> {
-    let (status, _, body) =
-        registry_request(registry, "GET", &format!("/v2/{repo}/manifests/{tag}"))?;
-    if status != 200 {
-        bail!("manifest {repo}:{tag}: status {status}");
-    }
-    Ok((crate::oci::sha256_digest(body.as_bytes()), body))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `cargo xtask`: lull's build, test and VM automation, written in Rust so it runs wherever
 //! cargo does.
 
+mod base_images;
 mod bench;
 mod bench_autoscale;
 mod bench_lifecycle;
@@ -9,6 +10,7 @@ mod bench_proxy;
 mod demo;
 mod fixtures;
 mod oci;
+mod registry;
 mod test_cmd;
 mod vm_check;
 
@@ -33,6 +35,10 @@ enum Command {
     /// Build the static fixture app, write its OCI images under target/fixtures and push them
     /// to the test registry ($LULL_REGISTRY, default 127.0.0.1:5000) when it answers
     Fixtures(fixtures::FixturesArgs),
+    /// Build the managed-runtime base images (python 3.11, node 18, node 20) from Debian
+    /// packages with mmdebstrap into OCI layouts under target/base-images and push them to the
+    /// test registry as lull/base/python:3.11, lull/base/node:18 and lull/base/node:20
+    BaseImages(base_images::BaseImagesArgs),
     /// Run the whole test suite in stages (lint, unit, fixtures, privileged, e2e, vm, bench),
     /// timing each, within CI's time budget
     Test(test_cmd::TestArgs),
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fixtures(args) => fixtures::run(&args),
+        Command::BaseImages(args) => base_images::run(&args),
         Command::Test(args) => test_cmd::run(&args),
         Command::Demo => demo::run(),
         Command::VmCheck(opts) => vm_check::run(opts),

@@ -35,6 +35,8 @@ pub enum Content {
         len: u64,
     },
     Symlink(String),
+    /// A hard link to the entry at this path, which must come earlier in the layer.
+    Hardlink(String),
 }
 
 /// One tar entry. `path` is relative to the image root, without a leading `/` or `./`.
@@ -44,6 +46,10 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u64,
     pub gid: u64,
+    /// Seconds since the epoch; [`FIXED_MTIME`] unless the entry came from elsewhere.
+    pub mtime: u64,
+    /// Extended attributes (e.g. `security.capability`), written as PAX `SCHILY.xattr.*` records.
+    pub xattrs: Vec<(String, Vec<u8>)>,
     pub content: Content,
 }
 
@@ -66,6 +72,8 @@ impl Entry {
             mode,
             uid: 0,
             gid: 0,
+            mtime: FIXED_MTIME,
+            xattrs: Vec::new(),
             content,
         }
     }
@@ -108,6 +116,8 @@ pub struct RunConfig {
     pub exposed_ports: Vec<String>,
     pub user: String,
     pub working_dir: String,
+    /// Image labels, in the order given.
+    pub labels: Vec<(String, String)>,
 }
 
 impl RunConfig {
@@ -135,6 +145,14 @@ impl RunConfig {
         }
         if !self.working_dir.is_empty() {
             config.insert("WorkingDir".into(), json!(self.working_dir));
+        }
+        if !self.labels.is_empty() {
+            let labels: serde_json::Map<String, Value> = self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            config.insert("Labels".into(), Value::Object(labels));
         }
         Value::Object(config)
     }
@@ -298,15 +316,35 @@ impl LayoutWriter {
                 bail!("duplicate layer entry {}", pair[0].path);
             }
         }
+        self.add_layer_in_order(entries.into_iter().map(Ok), level, created_by)
+    }
+
+    /// Writes a gzip-compressed layer from `entries` in the order they come, without holding
+    /// them all: the caller keeps parents before children and hard link targets before their
+    /// links (a link to a path not yet written is refused). An `Err` item aborts the layer.
+    pub fn add_layer_in_order(
+        &self,
+        entries: impl Iterator<Item = Result<Entry>>,
+        level: Compression,
+        created_by: &str,
+    ) -> Result<Layer> {
         let temp = self.temp_blob_path();
         let file = File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
         let compressed = HashingWriter::new(BufWriter::with_capacity(256 * 1024, file));
         let gz = flate2::GzBuilder::new().mtime(0).write(compressed, level);
         let mut tar = tar::Builder::new(HashingWriter::new(gz));
         tar.mode(tar::HeaderMode::Complete);
-        for entry in &entries {
-            append_entry(&mut tar, entry)
+        let mut written = std::collections::HashSet::new();
+        for entry in entries {
+            let entry = entry?;
+            if let Content::Hardlink(target) = &entry.content
+                && !written.contains(target)
+            {
+                bail!("hard link {} comes before its target {target}", entry.path);
+            }
+            append_entry(&mut tar, &entry)
                 .with_context(|| format!("add {} to layer", entry.path))?;
+            written.insert(entry.path);
         }
         let uncompressed = tar.into_inner().context("finish layer tar")?;
         let (gz, diff_id, _) = uncompressed.finish();
@@ -374,6 +412,39 @@ impl LayoutWriter {
     }
 }
 
+/// The digest of the manifest tagged `latest` in a layout's index.json.
+pub fn manifest_of(dir: &Path) -> Result<String> {
+    let path = dir.join("index.json");
+    let index: serde_json::Value = serde_json::from_slice(
+        &fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )
+    .with_context(|| format!("parse {}", path.display()))?;
+    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    for m in manifests {
+        if m["annotations"][ANNOTATION_REF_NAME] == "latest"
+            && let Some(digest) = m["digest"].as_str()
+        {
+            let blob = dir
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:"));
+            if blob.is_file() {
+                return Ok(digest.to_string());
+            }
+        }
+    }
+    bail!("{} has no manifest tagged latest", path.display())
+}
+
+/// The total size of the files in `dir` (not recursive): a layout's blob store.
+pub fn dir_size(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("read {}", dir.display()))?;
+        total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    Ok(total)
+}
+
 fn append_entry<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> Result<()> {
     if entry.path.is_empty() || entry.path.starts_with('/') || entry.path.starts_with("./") {
         bail!("entry path must be relative without ./");
@@ -382,10 +453,18 @@ fn append_entry<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> Result<()
     header.set_mode(entry.mode);
     header.set_uid(entry.uid);
     header.set_gid(entry.gid);
-    header.set_mtime(FIXED_MTIME);
+    header.set_mtime(entry.mtime);
     let owner = |id: u64| if id == 0 { "root" } else { "" };
     header.set_username(owner(entry.uid))?;
     header.set_groupname(owner(entry.gid))?;
+    if !entry.xattrs.is_empty() {
+        let records: Vec<(String, &[u8])> = entry
+            .xattrs
+            .iter()
+            .map(|(name, value)| (format!("SCHILY.xattr.{name}"), value.as_slice()))
+            .collect();
+        tar.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))?;
+    }
     match &entry.content {
         Content::Dir => {
             header.set_entry_type(tar::EntryType::Directory);
@@ -415,6 +494,11 @@ fn append_entry<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> Result<()
         }
         Content::Symlink(target) => {
             header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            tar.append_link(&mut header, &entry.path, target)?;
+        }
+        Content::Hardlink(target) => {
+            header.set_entry_type(tar::EntryType::Link);
             header.set_size(0);
             tar.append_link(&mut header, &entry.path, target)?;
         }
@@ -465,6 +549,8 @@ mod tests {
                 mode: 0o700,
                 uid: 1000,
                 gid: 1000,
+                mtime: FIXED_MTIME,
+                xattrs: Vec::new(),
                 content: Content::Dir,
             },
             Entry::dir("home", 0o755),
@@ -573,6 +659,22 @@ mod tests {
         sorted.sort();
         assert_eq!(seen, sorted);
         assert_eq!(seen.len(), 9);
+    }
+
+    #[test]
+    fn a_hard_link_before_its_target_is_refused() {
+        let tmp = TempDir::new("link");
+        let layout = LayoutWriter::create(&tmp.0.join("l")).unwrap();
+        let link = Entry::file("bin/a", 0o755, Content::Hardlink("bin/b".into()));
+        let target = Entry::file("bin/b", 0o755, Content::Bytes(b"x".to_vec()));
+        let err = layout
+            .add_layer_in_order(
+                [Ok(Entry::dir("bin", 0o755)), Ok(link), Ok(target)].into_iter(),
+                Compression::fast(),
+                "t",
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("bin/a"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! and a record no reference points at is deleted (its blobs go at the next [`ImageStore::gc`]).
 //! The store never unpacks layers: the layer unpacker reads `blob_path(layer.digest)`.
 //!
+//! Records come from pulls (`crate::pull`), imports (`crate::import`) and builds
+//! ([`ImageStore::commit_built`], whose layers a builder ingests first while holding an
+//! [`IngestGuard`]); `crate::export` and `crate::push` read them back out.
+//!
 //! Pulls and imports hold a shared lock for their whole duration and `gc` an exclusive one, so a
 //! collection never deletes the blobs of an image being fetched.
 
