@@ -392,6 +392,7 @@ impl Running {
             eprintln!("warning: {conflict}");
         }
         let network: Arc<dyn InstanceNetwork> = Arc::new(network);
+        let builds = source_builds(config, &runtime, &network, &store, &key).await?;
         let real_host = Arc::new(
             RealHost::new(
                 runtime,
@@ -492,6 +493,7 @@ impl Running {
             base_domain: config.base_domain.clone(),
             http_port,
             key: Some(key),
+            builds,
         });
         start_services(&control).await;
 
@@ -1035,6 +1037,55 @@ fn process_runs(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// The builder over the daemon's runtime and network (`[builder]` settings); sandboxes a
+/// previous daemon left are removed first.
+async fn source_builds(
+    config: &DaemonConfig,
+    runtime: &Arc<Runtime>,
+    network: &Arc<dyn InstanceNetwork>,
+    store: &Arc<dyn Store>,
+    key: &Arc<SecretKey>,
+) -> anyhow::Result<Option<Arc<lull_daemon::control::build::Builds>>> {
+    use lull_builder::build::{Builder, BuilderSettings};
+    use lull_builder::sandbox::SandboxLimits;
+    let sandbox = Arc::new(lull_daemon::host::sandbox::RealSandbox::new(
+        runtime.clone(),
+        network.clone(),
+        lull_runtime::logs::LogLimits::default(),
+    ));
+    sandbox.remove_leftovers().await;
+    let b = &config.builder;
+    let builder = Builder {
+        store: runtime.store.clone(),
+        layers: runtime.layers.clone(),
+        runner: sandbox,
+        settings: BuilderSettings {
+            work_dir: config.data_dir.join("builds/work"),
+            cache_dir: config.data_dir.join("build-cache"),
+            extra_ca_certs: b.extra_ca_certs.clone(),
+            limits: SandboxLimits {
+                cpu: b.cpu,
+                memory_bytes: b.memory_bytes,
+                timeout: b.timeout,
+                ..SandboxLimits::default()
+            },
+        },
+    };
+    // Scratch space of builds that a stopped daemon left half done.
+    let _ = std::fs::remove_dir_all(&builder.settings.work_dir);
+    std::fs::create_dir_all(&builder.settings.work_dir)
+        .with_context(|| format!("create {}", builder.settings.work_dir.display()))?;
+    let mut builds = lull_daemon::control::build::Builds::new(
+        builder,
+        b.base_images.clone(),
+        lull_runtime::pull::PullOptions::default(),
+        &config.data_dir,
+    )
+    .with_registry_credentials(Arc::new(registry_credentials(store.clone(), key.clone())));
+    builds.max_upload = b.max_upload;
+    Ok(Some(Arc::new(builds)))
 }
 
 #[cfg(test)]

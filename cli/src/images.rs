@@ -22,6 +22,10 @@ pub enum ImageCommand {
     Rm { reference: String },
     /// Delete blobs and unpacked layers that no image and no instance uses.
     Gc,
+    /// Write a service revision's image as an OCI image layout (through the daemon).
+    Export(crate::client::image::ExportArgs),
+    /// Push a service revision's image to a registry (through the daemon).
+    Push(crate::client::image::PushArgs),
 }
 
 #[derive(Debug, Args)]
@@ -144,7 +148,9 @@ pub async fn run(data_dir: &Path, cmd: &ImageCommand) -> Result<ExitCode> {
                 );
             }
         }
-        ImageCommand::Gc => unreachable!("dispatched with the runtime"),
+        ImageCommand::Gc | ImageCommand::Export(_) | ImageCommand::Push(_) => {
+            unreachable!("dispatched with the runtime or the daemon")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -161,6 +161,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Up(args) => up::run(args, &cli.cgroup_parent).await,
         Command::Daemon(args) => daemon::run(args, &cli.cgroup_parent).await,
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
+        Command::Image(images::ImageCommand::Export(args)) => {
+            Ok(client::image::export(&cli.client, args).await)
+        }
+        Command::Image(images::ImageCommand::Push(args)) => {
+            Ok(client::image::push(&cli.client, args).await)
+        }
         Command::Image(cmd) => images::run(&cli.data_dir, cmd).await,
         Command::Run(args) => run::run(open_runtime(&cli)?, args, &cli.network).await,
         Command::Ps => instances::ps(&open_runtime(&cli)?, &cli.network),

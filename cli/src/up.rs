@@ -20,7 +20,8 @@ use crate::daemon::Running;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// The image to run (e.g. 127.0.0.1:5000/lull/fixture-app:latest).
+    /// The image to run (e.g. 127.0.0.1:5000/lull/fixture-app:latest), or a source folder
+    /// with an apprunner.yaml to build and run.
     pub image: String,
     /// The service's name (default: the image repository's last part).
     #[arg(long)]
@@ -129,6 +130,10 @@ pub async fn run(args: &UpArgs, cgroup_parent: &str) -> Result<ExitCode> {
 
 /// Deploys and checks or follows; returns the service's name and the exit code.
 async fn up(args: &UpArgs, client: &Client) -> Result<(String, ExitCode)> {
+    let source = std::path::Path::new(&args.image);
+    if source.is_dir() {
+        return up_source(args, client, source).await;
+    }
     let name = args
         .name
         .clone()
@@ -182,6 +187,11 @@ async fn up(args: &UpArgs, client: &Client) -> Result<(String, ExitCode)> {
     {
         return Ok((name, ExitCode::FAILURE));
     }
+    after_deploy(args, client, name).await
+}
+
+/// Prints where the service answers, then checks it (`--check`) or follows its logs.
+async fn after_deploy(args: &UpArgs, client: &Client, name: String) -> Result<(String, ExitCode)> {
     let view: Value = client
         .get(&format!("/v1/services/{name}"))
         .await
@@ -205,6 +215,45 @@ async fn up(args: &UpArgs, client: &Client) -> Result<(String, ExitCode)> {
             Ok((name, ExitCode::SUCCESS))
         }
     }
+}
+
+/// `lull up DIR`: builds the folder (its apprunner.yaml says how) and deploys it.
+async fn up_source(
+    args: &UpArgs,
+    client: &Client,
+    dir: &std::path::Path,
+) -> Result<(String, ExitCode)> {
+    if args.port.is_some() || !args.env.is_empty() {
+        bail!(
+            "--port and --env are for images; a source folder sets them in its apprunner.yaml (run.network.port, run.env)"
+        );
+    }
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+    let folder = absolute
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app".into());
+    let name = args.name.clone().unwrap_or_else(|| default_name(&folder));
+    let ctx = crate::client::Ctx {
+        client: client.clone(),
+        json: false,
+    };
+    let started = crate::client::deploy::start_build(
+        &ctx,
+        &name,
+        &crate::client::deploy::BuildFrom::Path(absolute),
+        None,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let op = started["operation"]
+        .as_str()
+        .context("the daemon started no build operation")?
+        .to_owned();
+    if !follow_operation(client, &op).await? {
+        return Ok((name, ExitCode::FAILURE));
+    }
+    after_deploy(args, client, name).await
 }
 
 fn api_error(e: ClientError) -> anyhow::Error {
@@ -238,8 +287,13 @@ async fn follow_operation(client: &Client, op: &str) -> Result<bool> {
             if end["state"] == "succeeded" {
                 return Ok(true);
             }
+            let what = if end["state"] == "build_failed" {
+                "build"
+            } else {
+                "deploy"
+            };
             eprintln!(
-                "deploy failed: {}",
+                "{what} failed: {}",
                 end["message"].as_str().unwrap_or("no reason given")
             );
             return Ok(false);

@@ -84,6 +84,7 @@ impl InProcess {
             base_domain: None,
             http_port: Some(proxy_addr.port()),
             key: Some(key.clone()),
+            builds: None,
         });
         let socket = dir.join("lull.sock");
         let listener = server::bind(&SocketOptions::new(&socket)).expect("the admin socket");

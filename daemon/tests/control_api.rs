@@ -317,6 +317,7 @@ async fn after_a_restart_paused_stays_503_and_active_is_started() {
             base_domain: None,
             key: None,
             http_port: Some(addr.port()),
+            builds: None,
         };
         (control, proxy, addr)
     };

@@ -189,9 +189,11 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
     let ended = Instant::now();
     assert_eq!(status, 200, "{body}");
     println!("share of a CPU during a request: {:.1} %", busy * 100.0);
+    // Restored, not throttled: the throttle caps the spinner at 0.1 % of a CPU; 5 % is fifty
+    // times that and still reached when other work on a loaded machine takes most of the CPUs.
     assert!(
-        busy > 0.5,
-        "the spinner should get (most of) a CPU during a request: {busy}"
+        busy > 0.05,
+        "the spinner should get its CPU back during a request: {busy}"
     );
 
     // Within 10 ms of the response the instance is throttled again.

@@ -18,6 +18,7 @@
 pub mod deploy;
 pub mod events;
 pub mod exec;
+pub mod image;
 pub mod logs;
 pub mod revisions;
 pub mod service;
@@ -222,11 +223,14 @@ impl Ctx {
         if self.json {
             print_json_line(started);
         } else {
-            match started["revision"].as_u64() {
-                Some(revision) => {
+            match (started["revision"].as_u64(), started["build"].as_str()) {
+                (Some(revision), _) => {
                     println!("{service}: deploying revision {revision} (operation {operation})")
                 }
-                None => println!("{service}: deploying (operation {operation})"),
+                (None, Some(_)) => {
+                    println!("{service}: building, then deploying (operation {operation})")
+                }
+                (None, None) => println!("{service}: deploying (operation {operation})"),
             }
         }
         if !wait {
@@ -315,6 +319,12 @@ impl Ctx {
                      or go back with `lull rollback {service}` (`lull events {service}` has the history)"
                 ));
                 Err(Failure::Operation(text))
+            }
+            "build_failed" => {
+                let message = end["message"].as_str().unwrap_or("no reason given");
+                Err(Failure::Operation(format!(
+                    "{message}\nwhat served before keeps serving (`lull events {service}` has the history)"
+                )))
             }
             _ => {
                 let message = end["message"].as_str().unwrap_or(state);

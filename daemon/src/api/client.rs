@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -122,13 +122,67 @@ impl Client {
         Ok(TokioIo::new(upgraded))
     }
 
-    async fn send<B: Serialize>(
+    /// Streams `file` as the body of a `POST` (`content_type`: a tar or gzip tar), without
+    /// holding it in memory, and decodes the JSON answer.
+    pub async fn upload<T: DeserializeOwned>(
         &self,
-        method: Method,
         path: &str,
-        body: Option<&B>,
-        upgrade: Option<&str>,
-    ) -> Result<http::Response<Incoming>, ClientError> {
+        content_type: &str,
+        mut file: tokio::fs::File,
+    ) -> Result<T, ClientError> {
+        use tokio::io::AsyncReadExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = BytesMut::with_capacity(256 << 10);
+                match file.read_buf(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(_) => {
+                        if tx.send(Ok(Frame::data(buf.freeze()))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let body = StreamBody::new(tokio_stream_of(rx)).boxed();
+        let mut sender = self.connect().await?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(header::HOST, "lull")
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body)
+            .map_err(|e| ClientError::Protocol(format!("build the request: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("send the upload: {e}")))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("read the answer: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(decode_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("decode the answer: {e}")))
+    }
+
+    /// A connection to the daemon's socket, ready for requests of body type `B`.
+    async fn connect<B>(&self) -> Result<hyper::client::conn::http1::SendRequest<B>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -147,7 +201,7 @@ impl Client {
                         source,
                     },
                 })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(format!("handshake: {e}")))?;
         tokio::spawn(async move {
@@ -155,6 +209,17 @@ impl Client {
                 tracing::debug!("admin socket connection: {e}");
             }
         });
+        Ok(sender)
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        upgrade: Option<&str>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let mut sender = self.connect().await?;
         let payload = match body {
             Some(b) => Bytes::from(
                 serde_json::to_vec(b)
@@ -195,6 +260,13 @@ impl Client {
             .to_bytes();
         Err(decode_error(status, &bytes))
     }
+}
+
+/// The receiving end of a channel as a stream of frames.
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
 
 fn decode_error(status: StatusCode, bytes: &[u8]) -> ClientError {

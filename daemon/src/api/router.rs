@@ -23,6 +23,31 @@ pub struct ApiRequest {
     pub query: Vec<(String, String)>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body, not read, for a request whose content type is a byte stream (see
+    /// [`is_streamed`]); `body` is then empty.
+    pub stream: Option<hyper::body::Incoming>,
+}
+
+/// Content types whose bodies reach the handler unread (uploads), instead of being collected
+/// up to the JSON limit.
+pub fn is_streamed(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let essence = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    [
+        "application/octet-stream",
+        "application/x-tar",
+        "application/gzip",
+    ]
+    .iter()
+    .any(|t| essence.eq_ignore_ascii_case(t))
 }
 
 impl ApiRequest {
@@ -339,6 +364,7 @@ mod tests {
             query: parse_query(query),
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_owned()),
+            stream: None,
         }
     }
 

@@ -203,21 +203,25 @@ async fn handle<S: Send + Sync + 'static>(
     // Taken before the request is consumed; only used when the handler answers an upgrade.
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            let err = if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("the body is larger than {MAX_BODY} bytes"),
-                )
-            } else {
-                ApiError::new(ErrorCode::InvalidRequest, format!("read the body: {e}"))
-            };
-            return error_response(&err);
+    let (body, stream) = if super::router::is_streamed(&parts.headers) {
+        (Bytes::new(), Some(body))
+    } else {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => (collected.to_bytes(), None),
+            Err(e) => {
+                let err = if e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("the body is larger than {MAX_BODY} bytes"),
+                    )
+                } else {
+                    ApiError::new(ErrorCode::InvalidRequest, format!("read the body: {e}"))
+                };
+                return error_response(&err);
+            }
         }
     };
     let api_req = ApiRequest {
@@ -227,6 +231,7 @@ async fn handle<S: Send + Sync + 'static>(
         query: parse_query(parts.uri.query().unwrap_or("")),
         headers: parts.headers,
         body,
+        stream,
     };
     let method = api_req.method.clone();
     let path = api_req.path.clone();

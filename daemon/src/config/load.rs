@@ -28,6 +28,7 @@ const ROOT_KEYS: &[&str] = &[
     "network",
     "logs",
     "scaling",
+    "builder",
 ];
 const SOCKET_KEYS: &[&str] = &["path", "group"];
 const LISTENER_KEYS: &[&str] = &["http", "https", "unprivileged"];
@@ -44,6 +45,14 @@ const NETWORK_KEYS: &[&str] = &[
     "allow_metadata",
 ];
 const LOG_KEYS: &[&str] = &["retention", "max_size"];
+const BUILDER_KEYS: &[&str] = &[
+    "base_images",
+    "extra_ca_certs",
+    "cpu",
+    "memory",
+    "timeout",
+    "max_upload",
+];
 const SCALING_KEYS: &[&str] = &[
     "memory_overcommit",
     "max_instances",
@@ -288,6 +297,7 @@ impl Walk<'_> {
                 "network" => self.network(key, value, &mut config),
                 "logs" => self.logs(key, value, &mut config),
                 "scaling" => self.scaling(key, value, &mut config),
+                "builder" => self.builder(key, value, &mut config),
                 _ => {}
             }
         }
@@ -476,6 +486,65 @@ impl Walk<'_> {
 }
 
 impl Walk<'_> {
+    fn builder(&mut self, key: &str, value: &Value, config: &mut DaemonConfig) {
+        let Some(table) = self.table(key, value) else {
+            return;
+        };
+        let builder = &mut config.builder;
+        for (key, value) in self.entries(key, table, BUILDER_KEYS) {
+            let name = key.rsplit('.').next().unwrap_or_default();
+            match name {
+                "base_images" => {
+                    let Some(images) = self.table(&key, value) else {
+                        continue;
+                    };
+                    for (runtime, image) in images.iter() {
+                        let runtime_key = join(&key, runtime.get_ref());
+                        if let Some(reference) =
+                            self.parsed(&runtime_key, image, "an image reference", |t| {
+                                t.parse::<lull_runtime::reference::Reference>()
+                                    .map(|_| t.to_owned())
+                                    .map_err(|e| e.to_string())
+                            })
+                        {
+                            builder
+                                .base_images
+                                .insert(runtime.get_ref().to_string(), reference);
+                        }
+                    }
+                }
+                "extra_ca_certs" => {
+                    for (item_key, item) in self.strings(&key, value, "absolute paths") {
+                        if let Some(path) = self.path(&item_key, item) {
+                            builder.extra_ca_certs.push(path);
+                        }
+                    }
+                }
+                "cpu" => {
+                    if let Some(n) = self.number(&key, value, 0.1..=1024.0, "vCPUs from 0.1") {
+                        builder.cpu = n;
+                    }
+                }
+                "memory" | "max_upload" => {
+                    if let Some(bytes) = self.parsed(&key, value, "a size such as \"2G\"", |t| {
+                        lull_runtime::size::parse(t).map_err(|e| e.to_string())
+                    }) {
+                        if name == "memory" {
+                            builder.memory_bytes = bytes;
+                        } else {
+                            builder.max_upload = bytes;
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(d) = self.duration(&key, value) {
+                        builder.timeout = d;
+                    }
+                }
+            }
+        }
+    }
+
     fn scaling(&mut self, key: &str, value: &Value, config: &mut DaemonConfig) {
         let Some(table) = self.table(key, value) else {
             return;

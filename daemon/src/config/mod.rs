@@ -46,6 +46,7 @@ pub struct DaemonConfig {
     pub stop_grace: Duration,
     pub logs: LogConfig,
     pub scaling: ScalingConfig,
+    pub builder: BuilderConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +120,46 @@ impl fmt::Display for ListenAddr {
         match self.ip {
             None => write!(f, ":{}", self.port),
             Some(ip) => write!(f, "{}", SocketAddr::new(ip, self.port)),
+        }
+    }
+}
+
+/// Source builds (`[builder]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuilderConfig {
+    /// Base-image key (`python311`, `nodejs18`, `nodejs20`, `nodejs22`) → image reference.
+    pub base_images: std::collections::BTreeMap<String, String>,
+    /// PEM files of CAs trusted inside builds (added to the base image's bundle, never to the
+    /// image built): for networks whose egress intercepts TLS.
+    pub extra_ca_certs: Vec<PathBuf>,
+    /// A build step's vCPUs, memory and time.
+    pub cpu: f64,
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    /// The largest source upload accepted.
+    pub max_upload: u64,
+}
+
+/// Where `cargo xtask base-images` pushes lull's base images.
+pub const DEFAULT_BASE_IMAGES: [(&str, &str); 4] = [
+    ("python311", "127.0.0.1:5000/lull/base/python:3.11"),
+    ("nodejs18", "127.0.0.1:5000/lull/base/node:18"),
+    ("nodejs20", "127.0.0.1:5000/lull/base/node:20"),
+    ("nodejs22", "127.0.0.1:5000/lull/base/node:22"),
+];
+
+impl Default for BuilderConfig {
+    fn default() -> Self {
+        BuilderConfig {
+            base_images: DEFAULT_BASE_IMAGES
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            extra_ca_certs: Vec::new(),
+            cpu: 2.0,
+            memory_bytes: 2 << 30,
+            timeout: Duration::from_secs(30 * 60),
+            max_upload: 2 << 30,
         }
     }
 }
@@ -199,6 +240,7 @@ impl DaemonConfig {
                 max_bytes: DEFAULT_LOG_MAX_BYTES,
             },
             scaling: ScalingConfig::default(),
+            builder: BuilderConfig::default(),
         }
     }
 

@@ -77,6 +77,23 @@ pub fn router() -> Router<Control> {
         )
         .route(
             Method::POST,
+            "/v1/services/{name}/builds",
+            |c: Arc<Control>, r| async move {
+                let body: Value = r.json()?;
+                Reply::status(StatusCode::ACCEPTED, c.build(r.param("name"), body).await?)
+            },
+        )
+        .route(Method::POST, "/v1/uploads", upload)
+        .route(Method::POST, "/v1/images/export", |c: Arc<Control>, r| async move {
+            let body: Value = r.json()?;
+            Reply::ok(c.export_image(body).await?)
+        })
+        .route(Method::POST, "/v1/images/push", |c: Arc<Control>, r| async move {
+            let body: Value = r.json()?;
+            Reply::ok(c.push_image(body).await?)
+        })
+        .route(
+            Method::POST,
             "/v1/services/{name}/rollback",
             |c: Arc<Control>, r| async move {
                 #[derive(Deserialize)]
@@ -153,6 +170,17 @@ pub fn router() -> Router<Control> {
             "/v1/registries/{host}",
             |c: Arc<Control>, r| async move { Reply::ok(c.registry_logout(r.param("host")).await?) },
         )
+}
+
+/// `POST /v1/uploads` with a source tar (or gzip tar) as the body, streamed to disk.
+async fn upload(c: Arc<Control>, mut r: ApiRequest) -> Result<Reply, ApiError> {
+    let Some(body) = r.stream.take() else {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "an upload's body must be application/x-tar, application/gzip or application/octet-stream",
+        ));
+    };
+    Reply::status(StatusCode::CREATED, c.store_upload(body).await?)
 }
 
 /// `PUT /v1/secrets/{name}` with `{"value": "..."}`: the value is sealed, never answered.

@@ -2,7 +2,9 @@
 //! rolled back, paused, resumed and deleted, through the store (what is wanted) and the
 //! engine (what runs). Every answer is an [`ApiError`] or a JSON-ready view.
 
+pub mod build;
 pub mod exec;
+pub mod git;
 pub mod handlers;
 pub mod planner;
 pub mod secrets;
@@ -34,6 +36,8 @@ pub struct Control {
     pub http_port: Option<u16>,
     /// Seals and opens secrets; without it secrets cannot be set.
     pub key: Option<Arc<crate::secrets::SecretKey>>,
+    /// Source builds; `None` where the daemon cannot build (no runtime).
+    pub builds: Option<Arc<build::Builds>>,
 }
 
 /// A service as `GET /v1/services/{name}` shows it.
@@ -169,6 +173,9 @@ pub fn end_json(end: &OperationEnd) -> Value {
             "message": failure.to_string(),
         }),
         OperationEnd::Aborted { reason } => json!({ "state": "aborted", "message": reason }),
+        OperationEnd::BuildFailed { reason } => {
+            json!({ "state": "build_failed", "message": reason })
+        }
     }
 }
 

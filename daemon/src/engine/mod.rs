@@ -182,6 +182,10 @@ pub enum OperationEnd {
     Aborted {
         reason: String,
     },
+    /// A source build failed before any revision was made.
+    BuildFailed {
+        reason: String,
+    },
 }
 
 /// A long operation's progress as it happens.
@@ -524,6 +528,24 @@ impl Engine {
     /// A deploy's handle, while this engine runs (finished operations stay in the store).
     pub fn operation(&self, id: &str) -> Option<Operation> {
         lock(&self.shared.operations).get(id).cloned()
+    }
+
+    /// Registers an operation that runs outside the service's supervisor (a source build,
+    /// which then starts a deploy): followers find it by id like the engine's own.
+    pub fn external_operation(
+        &self,
+        id: &str,
+        service: &str,
+    ) -> (watch::Sender<OperationProgress>, Operation) {
+        let (tx, rx) = watch::channel(OperationProgress::default());
+        let operation = Operation {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            progress: rx,
+            seen: 0,
+        };
+        self.shared.remember_operation(&operation);
+        (tx, operation)
     }
 
     /// Switches back to `revision` (default: the one that served before).

@@ -8,6 +8,7 @@
 pub mod budget;
 pub mod fake;
 pub mod real;
+pub mod sandbox;
 
 use std::fmt;
 use std::future::Future;

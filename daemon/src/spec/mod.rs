@@ -7,7 +7,7 @@ mod apprunner;
 mod revision;
 mod validate;
 mod wire;
-mod words;
+use lull_builder::words;
 
 use std::path::PathBuf;
 use std::time::Duration;
