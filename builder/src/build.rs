@@ -200,6 +200,7 @@ impl Builder {
         // Held until the image is committed: gc must not take the layers ingested meanwhile,
         // which no image references yet.
         let guard = self.store.hold_ingest().await;
+        crate::rebase::keep_base(&self.store, &req.base).map_err(BuildError::Store)?;
         for layer in &req.base.layers {
             self.ensure_unpacked(&BuiltLayer::from(layer)).await?;
         }

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod image;
 pub mod plan;
 pub mod prepare;
+pub mod rebase;
 pub mod runtimes;
 pub mod sandbox;
 pub mod source;

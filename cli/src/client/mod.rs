@@ -223,6 +223,9 @@ impl Ctx {
         if self.json {
             print_json_line(started);
         } else {
+            if let Some(note) = started["note"].as_str() {
+                println!("{service}: {note}");
+            }
             match (started["revision"].as_u64(), started["build"].as_str()) {
                 (Some(revision), _) => {
                     println!("{service}: deploying revision {revision} (operation {operation})")

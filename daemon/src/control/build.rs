@@ -431,9 +431,13 @@ impl Control {
             "==> base image {base_ref} ({})",
             lull_builder::build::short(&base.manifest_digest)
         ));
-        let (recipe, not_hoisted) =
+        let (mut recipe, not_hoisted) =
             lull_builder::prepare::recipe(&config, &root, &base.manifest_digest.to_string())
                 .map_err(|e| e.to_string())?;
+        recipe.labels.push((
+            lull_builder::rebase::BASE_NAME_LABEL.into(),
+            base_ref.clone(),
+        ));
         if let Some(note) = not_hoisted {
             progress.line(&format!("note: {note}"));
         }
@@ -809,4 +813,105 @@ fn field_error(field: &str, message: &str) -> ApiError {
         field: field.to_owned(),
         message: message.to_owned(),
     }])
+}
+
+impl Control {
+    /// On a redeploy of a built revision: its base image's reference is pulled again, and when
+    /// it names a newer image that the app's layers allow (see `lull_builder::rebase`), a new
+    /// revision runs the app's layers on it, without a build. Answers that revision, or none
+    /// with the reason when the base changed but the image cannot follow.
+    pub(super) async fn rebase_current(
+        &self,
+        name: &str,
+        revision: u64,
+    ) -> Result<(Option<u64>, Option<String>), ApiError> {
+        let Some(builds) = self.builds.clone() else {
+            return Ok((None, None));
+        };
+        let owned = name.to_owned();
+        let record = self
+            .blocking(move |s| s.get_revision(&owned, revision))
+            .await?;
+        let spec: ServiceSpec = serde_json::from_value(record.doc.clone()).map_err(|e| {
+            ApiError::internal(format!(
+                "revision {revision}: its definition does not read back: {e}"
+            ))
+        })?;
+        let spec::Source::Image { reference } = &spec.source;
+        if reference.registry() != "lull.local" {
+            return Ok((None, None));
+        }
+        let store = &builds.builder.store;
+        let Some(image) = store
+            .get(reference)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        else {
+            return Ok((None, None));
+        };
+        let Some((base_ref, old_digest)) = lull_builder::rebase::recorded_base(&image) else {
+            return Ok((None, None));
+        };
+        let options = builds.registry_options(&base_ref).await;
+        let new_base = match store.pull(&base_ref, &options).await {
+            Ok(base) => base,
+            Err(e) => {
+                return Ok((
+                    None,
+                    Some(format!(
+                        "base image {base_ref} not checked for updates: {e}"
+                    )),
+                ));
+            }
+        };
+        if new_base.manifest_digest == old_digest {
+            return Ok((None, None));
+        }
+        let short = lull_builder::build::short(&new_base.manifest_digest);
+        let refused = |why: String| {
+            Ok((
+                None,
+                Some(format!(
+                    "base image {base_ref} has a new version ({short}), not used: {why}"
+                )),
+            ))
+        };
+        let old_base = match store.get_by_digest(&old_digest) {
+            Ok(Some(base)) => base,
+            _ => {
+                return refused(
+                    lull_builder::rebase::RebaseRefusal::OldBaseMissing(old_digest.to_string())
+                        .to_string(),
+                );
+            }
+        };
+        let tag: Reference = format!(
+            "lull.local/{name}:rebase-{}",
+            &new_base.manifest_digest.hex()[..12]
+        )
+        .parse()
+        .map_err(|e| ApiError::internal(format!("{e}")))?;
+        let rebased = {
+            let guard = store.hold_ingest().await;
+            lull_builder::rebase::rebase(store, &guard, &image, &old_base, &new_base, &tag)
+        };
+        let rebased = match rebased {
+            Ok(image) => image,
+            Err(why) => return refused(why.to_string()),
+        };
+        let reference = lull_builder::build::local_reference(name, &rebased.manifest_digest)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let owned = name.to_owned();
+        let service = self.blocking(move |s| s.get_service(&owned)).await?;
+        let current = Self::current_spec(&service)?;
+        let update = ServiceUpdate {
+            source: Some(WireSource::Image { reference }),
+            ..ServiceUpdate::default()
+        };
+        let spec = current.updated(&update).map_err(spec_errors)?;
+        let cause = format!("rebased onto base image {base_ref} ({short}) without a build");
+        let committed = self
+            .commit(&service, spec.to_json(), cause, "service.rebased")
+            .await?;
+        Ok((Some(committed.number), None))
+    }
 }

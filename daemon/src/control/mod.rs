@@ -421,7 +421,12 @@ impl Control {
                 format!("service {name} is paused: resume it to deploy"),
             ));
         }
-        self.deploy_revision(name, revision).await
+        let (rebased, note) = self.rebase_current(name, revision).await?;
+        let mut started = self
+            .deploy_revision(name, rebased.unwrap_or(revision))
+            .await?;
+        started.note = note;
+        Ok(started)
     }
 
     pub async fn rollback(&self, name: &str, revision: Option<u64>) -> Result<Value, ApiError> {
