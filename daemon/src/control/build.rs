@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
 use lull_builder::apprunner::AppRunnerConfig;
 use lull_builder::build::{BuildRequest, Builder};
 use lull_runtime::pull::PullOptions;
@@ -140,15 +139,20 @@ impl Control {
     }
 
     /// `POST /v1/uploads`: stores a request body (streamed by the server) and names it.
+    /// Uploads no build took within [`UPLOAD_TTL`] are removed.
     pub async fn store_upload(&self, body: hyper::body::Incoming) -> Result<Value, ApiError> {
         use http_body_util::BodyExt;
+        use tokio::io::AsyncWriteExt;
         let builds = self.builds()?;
-        std::fs::create_dir_all(&builds.uploads_dir)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", builds.uploads_dir.display())))?;
+        let dir = builds.uploads_dir.clone();
+        tokio::task::spawn_blocking(move || remove_stale_uploads(&dir))
+            .await
+            .map_err(|e| ApiError::internal(format!("uploads task: {e}")))?
+            .map_err(ApiError::internal)?;
         let id = new_id("up-");
         let path = builds.upload_path(&id);
-        let mut file = std::fs::File::create(&path)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        let io_err = |e: std::io::Error| ApiError::internal(format!("{}: {e}", path.display()));
+        let mut file = tokio::fs::File::create(&path).await.map_err(io_err)?;
         let mut body = body;
         let mut bytes = 0u64;
         let mut hasher = lull_runtime::digest::Hasher::new();
@@ -164,17 +168,20 @@ impl Control {
                 if bytes > builds.max_upload {
                     return Err(ApiError::new(
                         ErrorCode::PayloadTooLarge,
-                        format!("the upload is larger than {} bytes", builds.max_upload),
+                        format!(
+                            "the upload is larger than {} bytes ([builder] max_upload)",
+                            builds.max_upload
+                        ),
                     ));
                 }
                 hasher.update(&data);
-                write_chunk(&mut file, &data, &path)?;
+                file.write_all(&data).await.map_err(io_err)?;
             }
-            Ok(())
+            file.flush().await.map_err(io_err)
         }
         .await;
         if let Err(e) = result {
-            let _ = std::fs::remove_file(&path);
+            let _ = tokio::fs::remove_file(&path).await;
             return Err(e);
         }
         Ok(json!({
@@ -206,41 +213,36 @@ impl Control {
             }
             _ => {}
         }
-        if let BuildSource::Upload(id) = &body.source
-            && (!id.starts_with("up-") || !builds.upload_path(id).is_file())
-        {
-            return Err(ApiError::invalid(vec![FieldError {
-                field: "source.upload".into(),
-                message: format!("no upload {id} (uploads are used once)"),
-            }]));
+        match &body.source {
+            BuildSource::Upload(id) => {
+                let known = id.starts_with("up-")
+                    && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+                    && builds.upload_path(id).is_file();
+                if !known {
+                    return Err(field_error(
+                        "source.upload",
+                        &format!("no upload {id} (uploads are used once)"),
+                    ));
+                }
+            }
+            BuildSource::Git(git) => {
+                super::git::check(git).map_err(|e| {
+                    let (field, message) = e.split_once(": ").unwrap_or(("source.git", &e));
+                    field_error(field, message)
+                })?;
+            }
         }
-        if !builds
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned())
-        {
+        let Some(claim) = BuildClaim::take(&builds, name) else {
             return Err(ApiError::new(
                 ErrorCode::Busy,
                 format!("service {name} is already building; deploy again when it has finished"),
             ));
-        }
+        };
         let service = name.to_owned();
         let record = {
             let service = service.clone();
             self.blocking(move |s| s.create_operation("build", &service))
-                .await
-        };
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                builds
-                    .running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(name);
-                return Err(e);
-            }
+                .await?
         };
         let (tx, operation) = self.engine.external_operation(&record.id, &service);
         let build_id = new_id("");
@@ -258,11 +260,7 @@ impl Control {
                     reason: format!("build {build_id} failed: {reason}"),
                 },
             };
-            builds
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&service);
+            drop(claim);
             this.record_build(&service, &build_id, &end, &progress.log_path)
                 .await;
             progress.finish(end).await;
@@ -275,9 +273,52 @@ impl Control {
     }
 }
 
-fn write_chunk(file: &mut std::fs::File, data: &Bytes, path: &Path) -> Result<(), ApiError> {
-    file.write_all(data)
-        .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))
+/// A service's place in [`Builds`]'s running set, given back when dropped (also when the
+/// build's task ends by a panic).
+struct BuildClaim {
+    builds: Arc<Builds>,
+    service: String,
+}
+
+impl BuildClaim {
+    fn take(builds: &Arc<Builds>, service: &str) -> Option<BuildClaim> {
+        let mut running = builds.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(service.to_owned()).then(|| BuildClaim {
+            builds: builds.clone(),
+            service: service.to_owned(),
+        })
+    }
+}
+
+impl Drop for BuildClaim {
+    fn drop(&mut self) {
+        self.builds
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.service);
+    }
+}
+
+/// How long an upload waits for the build that takes it.
+pub const UPLOAD_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Creates the uploads dir and removes uploads older than [`UPLOAD_TTL`].
+fn remove_stale_uploads(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > UPLOAD_TTL);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 /// A build's lines: to the operation's followers, to the build's log file, and the step
