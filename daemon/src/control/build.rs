@@ -142,14 +142,20 @@ impl Control {
     /// `POST /v1/uploads`: stores a request body (streamed by the server) and names it.
     pub async fn store_upload(&self, body: hyper::body::Incoming) -> Result<Value, ApiError> {
         use http_body_util::BodyExt;
-        let builds = self.builds()?;
+        let mut body = body;
+        let builds = match self.builds() {
+            Ok(builds) => builds,
+            Err(e) => {
+                drain(&mut body).await;
+                return Err(e);
+            }
+        };
         std::fs::create_dir_all(&builds.uploads_dir)
             .map_err(|e| ApiError::internal(format!("{}: {e}", builds.uploads_dir.display())))?;
         let id = new_id("up-");
         let path = builds.upload_path(&id);
         let mut file = std::fs::File::create(&path)
             .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
-        let mut body = body;
         let mut bytes = 0u64;
         let mut hasher = lull_runtime::digest::Hasher::new();
         let result: Result<(), ApiError> = async {
@@ -175,6 +181,7 @@ impl Control {
         .await;
         if let Err(e) = result {
             let _ = std::fs::remove_file(&path);
+            drain(&mut body).await;
             return Err(e);
         }
         Ok(json!({
@@ -189,6 +196,10 @@ impl Control {
     pub async fn build(self: &Arc<Self>, name: &str, body: Value) -> Result<Value, ApiError> {
         let builds = self.builds()?;
         let body: BuildBody = decode(body)?;
+        // Refused here, not once the build has started: the request names the field.
+        if let BuildSource::Git(git) = &body.source {
+            super::git::check(git).map_err(|e| field_error(e.field, &e.message))?;
+        }
         crate::names::check_label(name).map_err(|e| field_error("name", &e.to_string()))?;
         let owned = name.to_owned();
         let existing = self.blocking(move |s| s.get_service(&owned)).await.ok();
@@ -273,6 +284,13 @@ impl Control {
             "build": answer_build,
         }))
     }
+}
+
+/// Reads the rest of a refused upload and drops it, so that the client, still sending, gets
+/// the answer rather than a connection closed under its write.
+async fn drain(body: &mut hyper::body::Incoming) {
+    use http_body_util::BodyExt;
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 fn write_chunk(file: &mut std::fs::File, data: &Bytes, path: &Path) -> Result<(), ApiError> {
@@ -796,10 +814,24 @@ impl Control {
     }
 }
 
+/// Decodes a request body; an error names the field at fault (the missing or unknown one
+/// itself, not the object holding it).
 fn decode<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
-        let field = e.path().to_string();
+        let path = e.path().to_string();
         let message = e.inner().to_string();
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|prefix| message.strip_prefix(prefix))
+            .and_then(|rest| rest.split('`').next());
+        let field = match (path.as_str(), named) {
+            (".", Some(name)) => name.to_owned(),
+            (".", None) => String::new(),
+            (path, Some(name)) if !path.ends_with(&format!(".{name}")) && path != name => {
+                format!("{path}.{name}")
+            }
+            (path, _) => path.to_owned(),
+        };
         ApiError::invalid(vec![FieldError { field, message }])
     })
 }
