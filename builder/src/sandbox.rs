@@ -9,6 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod fake;
+
 /// Where the step's commands run.
 pub const WORKDIR: &str = "/app";
 

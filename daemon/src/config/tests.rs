@@ -157,7 +157,7 @@ max_size = "lots"
     let want = [
         "lull.toml:1:12: data_dir: \"var/lib/lull\" is not absolute (expected an absolute path)",
         "lull.toml:2:19: rollback_window: duration \"10 minutes\" has a number without a unit (use ms, s, m, h or d)",
-        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling)",
+        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling, builder)",
         "lull.toml:6:8: listeners.http: \"80\" is not a listen address (expected \":PORT\", \"HOST:PORT\" or \"off\")",
     ];
     for (i, line) in want.iter().enumerate() {
@@ -285,5 +285,126 @@ fn the_scaling_section() {
     assert!(
         e.contains("lull.toml:5:1: scaling.speed: unknown key"),
         "{e}"
+    );
+}
+
+#[test]
+fn the_builder_section() {
+    let c = DaemonConfig::parse(
+        r#"
+[builder]
+cpu = 4
+memory = "4G"
+timeout = "45m"
+max_upload = "512M"
+extra_ca_certs = ["/etc/lull/corp-ca.pem", "/etc/lull/proxy-ca.pem"]
+
+[builder.base_images]
+python311 = "registry.example.com/lull/python:3.11"
+nodejs22 = "127.0.0.1:5000/lull/base/node:22"
+"#,
+        "lull.toml",
+    )
+    .unwrap();
+    let b = &c.builder;
+    assert_eq!(b.cpu, 4.0);
+    assert_eq!(b.memory_bytes, 4 << 30);
+    assert_eq!(b.timeout, Duration::from_secs(45 * 60));
+    assert_eq!(b.max_upload, 512 << 20);
+    assert_eq!(
+        b.extra_ca_certs,
+        [
+            PathBuf::from("/etc/lull/corp-ca.pem"),
+            PathBuf::from("/etc/lull/proxy-ca.pem")
+        ]
+    );
+    assert_eq!(
+        b.base_images["python311"],
+        "registry.example.com/lull/python:3.11"
+    );
+    assert_eq!(
+        b.base_images["nodejs22"],
+        "127.0.0.1:5000/lull/base/node:22"
+    );
+    // The base images not named keep their defaults.
+    assert_eq!(
+        b.base_images["nodejs18"],
+        "127.0.0.1:5000/lull/base/node:18"
+    );
+    assert_eq!(b.base_images.len(), 4);
+
+    let defaults = DaemonConfig::parse("", "lull.toml").unwrap().builder;
+    assert_eq!(defaults, BuilderConfig::default());
+    assert_eq!(defaults.cpu, 2.0);
+    assert_eq!(defaults.memory_bytes, 2 << 30);
+    assert_eq!(defaults.timeout, Duration::from_secs(30 * 60));
+    assert_eq!(defaults.max_upload, 2 << 30);
+    assert!(defaults.extra_ca_certs.is_empty());
+}
+
+#[test]
+fn builder_problems_name_their_key_and_line() {
+    let got = problems(
+        r#"[builder]
+cpu = 0
+memory = "lots"
+timeout = "forever"
+max_upload = 5
+extra_ca_certs = ["ca.pem"]
+speed = "fast"
+
+[builder.base_images]
+python311 = "Not A Reference!"
+nodejs18 = 18
+"#,
+    );
+    let keys: Vec<String> = got
+        .iter()
+        .map(|p| {
+            // `lull.toml:LINE:COLUMN: KEY: MESSAGE` → `lull.toml:LINE KEY`.
+            let mut parts = p.split(": ");
+            let (position, key) = (parts.next().unwrap(), parts.next().unwrap());
+            format!("{} {key}", position.rsplit_once(':').unwrap().0)
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "lull.toml:2 builder.cpu",
+            "lull.toml:3 builder.memory",
+            "lull.toml:4 builder.timeout",
+            "lull.toml:5 builder.max_upload",
+            "lull.toml:6 builder.extra_ca_certs[0]",
+            "lull.toml:7 builder.speed",
+            "lull.toml:10 builder.base_images.python311",
+            "lull.toml:11 builder.base_images.nodejs18",
+        ],
+        "{got:#?}"
+    );
+    assert!(
+        got[0].ends_with("out of range (expected vCPUs from 0.1)"),
+        "{}",
+        got[0]
+    );
+    assert!(got[1].contains("\"lots\""), "{}", got[1]);
+    assert!(
+        got[3].ends_with("found an integer (expected a size such as \"2G\")"),
+        "{}",
+        got[3]
+    );
+    assert!(
+        got[4].ends_with("\"ca.pem\" is not absolute (expected an absolute path)"),
+        "{}",
+        got[4]
+    );
+    assert!(
+        got[5].ends_with("unknown key (expected one of base_images, extra_ca_certs, cpu, memory, timeout, max_upload)"),
+        "{}",
+        got[5]
+    );
+    assert!(
+        got[7].contains("(expected an image reference)"),
+        "{}",
+        got[7]
     );
 }

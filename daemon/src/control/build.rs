@@ -143,7 +143,14 @@ impl Control {
     pub async fn store_upload(&self, body: hyper::body::Incoming) -> Result<Value, ApiError> {
         use http_body_util::BodyExt;
         use tokio::io::AsyncWriteExt;
-        let builds = self.builds()?;
+        let mut body = body;
+        let builds = match self.builds() {
+            Ok(builds) => builds,
+            Err(e) => {
+                drain(&mut body).await;
+                return Err(e);
+            }
+        };
         let dir = builds.uploads_dir.clone();
         tokio::task::spawn_blocking(move || remove_stale_uploads(&dir))
             .await
@@ -153,7 +160,6 @@ impl Control {
         let path = builds.upload_path(&id);
         let io_err = |e: std::io::Error| ApiError::internal(format!("{}: {e}", path.display()));
         let mut file = tokio::fs::File::create(&path).await.map_err(io_err)?;
-        let mut body = body;
         let mut bytes = 0u64;
         let mut hasher = lull_runtime::digest::Hasher::new();
         let result: Result<(), ApiError> = async {
@@ -182,6 +188,7 @@ impl Control {
         .await;
         if let Err(e) = result {
             let _ = tokio::fs::remove_file(&path).await;
+            drain(&mut body).await;
             return Err(e);
         }
         Ok(json!({
@@ -196,6 +203,10 @@ impl Control {
     pub async fn build(self: &Arc<Self>, name: &str, body: Value) -> Result<Value, ApiError> {
         let builds = self.builds()?;
         let body: BuildBody = decode(body)?;
+        // Refused here, not once the build has started: the request names the field.
+        if let BuildSource::Git(git) = &body.source {
+            super::git::check(git).map_err(|e| field_error(e.field, &e.message))?;
+        }
         crate::names::check_label(name).map_err(|e| field_error("name", &e.to_string()))?;
         let owned = name.to_owned();
         let existing = self.blocking(move |s| s.get_service(&owned)).await.ok();
@@ -213,23 +224,15 @@ impl Control {
             }
             _ => {}
         }
-        match &body.source {
-            BuildSource::Upload(id) => {
-                let known = id.starts_with("up-")
-                    && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
-                    && builds.upload_path(id).is_file();
-                if !known {
-                    return Err(field_error(
-                        "source.upload",
-                        &format!("no upload {id} (uploads are used once)"),
-                    ));
-                }
-            }
-            BuildSource::Git(git) => {
-                super::git::check(git).map_err(|e| {
-                    let (field, message) = e.split_once(": ").unwrap_or(("source.git", &e));
-                    field_error(field, message)
-                })?;
+        if let BuildSource::Upload(id) = &body.source {
+            let known = id.starts_with("up-")
+                && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+                && builds.upload_path(id).is_file();
+            if !known {
+                return Err(field_error(
+                    "source.upload",
+                    &format!("no upload {id} (uploads are used once)"),
+                ));
             }
         }
         let Some(claim) = BuildClaim::take(&builds, name) else {
@@ -319,6 +322,13 @@ fn remove_stale_uploads(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Reads the rest of a refused upload and drops it, so that the client, still sending, gets
+/// the answer rather than a connection closed under its write.
+async fn drain(body: &mut hyper::body::Incoming) {
+    use http_body_util::BodyExt;
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// A build's lines: to the operation's followers, to the build's log file, and the step
@@ -841,10 +851,24 @@ impl Control {
     }
 }
 
+/// Decodes a request body; an error names the field at fault (the missing or unknown one
+/// itself, not the object holding it).
 fn decode<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
-        let field = e.path().to_string();
+        let path = e.path().to_string();
         let message = e.inner().to_string();
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|prefix| message.strip_prefix(prefix))
+            .and_then(|rest| rest.split('`').next());
+        let field = match (path.as_str(), named) {
+            (".", Some(name)) => name.to_owned(),
+            (".", None) => String::new(),
+            (path, Some(name)) if !path.ends_with(&format!(".{name}")) && path != name => {
+                format!("{path}.{name}")
+            }
+            (path, _) => path.to_owned(),
+        };
         ApiError::invalid(vec![FieldError { field, message }])
     })
 }

@@ -11,26 +11,40 @@ use tokio::process::Command;
 
 use super::build::GitSource;
 
+/// A git source a request may not ask for, with the body field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct GitRefused {
+    /// `source.git.url` or `source.git.ref`.
+    pub field: &'static str,
+    pub message: String,
+}
+
 /// Checks what a request may ask of git: no credentials in the URL, no option injection.
-pub fn check(git: &GitSource) -> Result<(), String> {
+pub fn check(git: &GitSource) -> Result<(), GitRefused> {
     if git.url.is_empty() || git.url.starts_with('-') {
-        return Err(format!("source.git.url: {:?} is not a git URL", git.url));
+        return Err(GitRefused {
+            field: "source.git.url",
+            message: format!("{:?} is not a git URL", git.url),
+        });
     }
     if let Some((scheme, rest)) = git.url.split_once("://") {
         let authority = rest.split('/').next().unwrap_or("");
         if matches!(scheme, "http" | "https") && authority.contains('@') {
-            return Err(
-                "source.git.url: put credentials in a lull secret (credentials_secret), not in the URL"
+            return Err(GitRefused {
+                field: "source.git.url",
+                message: "put credentials in a lull secret (credentials_secret), not in the URL"
                     .into(),
-            );
+            });
         }
     }
     if let Some(r) = &git.reference
         && (r.is_empty() || r.starts_with('-') || r.contains(char::is_whitespace))
     {
-        return Err(format!(
-            "source.git.ref: {r:?} is not a branch, tag or commit"
-        ));
+        return Err(GitRefused {
+            field: "source.git.ref",
+            message: format!("{r:?} is not a branch, tag or commit"),
+        });
     }
     Ok(())
 }
@@ -42,7 +56,7 @@ pub async fn fetch(
     dest: &Path,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<(), String> {
-    check(git)?;
+    check(git).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     let reference = git.reference.as_deref().unwrap_or("HEAD");
     log(&format!("==> git: fetching {reference} of {}", git.url));
@@ -145,9 +159,33 @@ mod tests {
 
     #[test]
     fn urls_with_credentials_and_option_like_values_are_refused() {
-        assert!(check(&source("https://u:p@example.com/r.git", None)).is_err());
-        assert!(check(&source("--upload-pack=x", None)).is_err());
-        assert!(check(&source("https://example.com/r.git", Some("-x"))).is_err());
+        let field = |url: &str, reference: Option<&str>| {
+            check(&source(url, reference)).map_err(|e| e.field)
+        };
+        assert_eq!(
+            field("https://u:p@example.com/r.git", None),
+            Err("source.git.url")
+        );
+        assert_eq!(
+            field("https://token@example.com/r.git", None),
+            Err("source.git.url")
+        );
+        assert_eq!(field("--upload-pack=x", None), Err("source.git.url"));
+        assert_eq!(field("", None), Err("source.git.url"));
+        assert_eq!(
+            field("https://example.com/r.git", Some("-x")),
+            Err("source.git.ref")
+        );
+        assert_eq!(
+            field("https://example.com/r.git", Some("a b")),
+            Err("source.git.ref")
+        );
+        assert_eq!(
+            field("https://example.com/r.git", Some("")),
+            Err("source.git.ref")
+        );
+        // An @ in the path is not a credential.
+        assert!(check(&source("https://example.com/@scope/r.git", None)).is_ok());
         assert!(check(&source("https://example.com/r.git", Some("v1.0"))).is_ok());
         assert!(check(&source("git@example.com:r.git", None)).is_ok());
     }
