@@ -115,7 +115,7 @@ pub struct StepReport {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(
-        "{step} failed: {}{}",
+        "{step} step: {}{}",
         if *timed_out { "timed out".to_owned() } else { format!("exit code {exit_code}") },
         if last_lines.is_empty() { String::new() } else { format!("; last lines:\n{}", last_lines.join("\n")) }
     )]

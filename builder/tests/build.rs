@@ -498,7 +498,7 @@ async fn a_failing_command_fails_the_build_with_its_exit_code_and_last_lines() {
     );
     let message = err.to_string();
     assert!(
-        message.starts_with("build failed: exit code 2; last lines:\n"),
+        message.starts_with("build step: exit code 2; last lines:\n"),
         "{message}"
     );
     assert!(message.contains("SyntaxError"), "{message}");
