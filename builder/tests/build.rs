@@ -532,7 +532,7 @@ async fn a_failing_command_fails_the_build_with_its_exit_code_and_last_lines() {
         "{err}"
     );
     assert!(
-        err.to_string().starts_with("build failed: timed out"),
+        err.to_string().starts_with("build step: timed out"),
         "{err}"
     );
 
