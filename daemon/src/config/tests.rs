@@ -287,3 +287,57 @@ fn the_scaling_section() {
         "{e}"
     );
 }
+
+#[test]
+fn tls_certificates() {
+    let config = DaemonConfig::parse(
+        r#"
+[tls]
+certificates = [
+  { cert = "/etc/lull/a/fullchain.pem", key = "/etc/lull/a/key.pem" },
+  { cert = "/etc/lull/b.pem", key = "/etc/lull/b.key", ocsp = "/etc/lull/b.ocsp", names = ["B.example.com", "*.b.example.com"] },
+]
+"#,
+        "lull.toml",
+    )
+    .unwrap();
+    let c = &config.tls.certificates;
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0].files.cert, Path::new("/etc/lull/a/fullchain.pem"));
+    assert_eq!(c[0].files.key, Path::new("/etc/lull/a/key.pem"));
+    assert_eq!(c[0].files.ocsp, None);
+    assert_eq!(c[0].names, None);
+    assert_eq!(
+        c[1].files.ocsp.as_deref(),
+        Some(Path::new("/etc/lull/b.ocsp"))
+    );
+    assert_eq!(
+        c[1].names.as_deref(),
+        Some(&["b.example.com".to_string(), "*.b.example.com".to_string()][..])
+    );
+    assert!(DaemonConfig::default().tls.certificates.is_empty());
+}
+
+#[test]
+fn tls_problems_have_lines() {
+    let text = r#"[tls]
+certificates = [
+  { cert = "relative.pem", key = "/k.pem" },
+  { key = "/k.pem", colour = "blue" },
+  { cert = "/c.pem", key = "/k.pem", names = ["bad name"] },
+  "/c.pem",
+]
+other = 1
+"#;
+    assert_eq!(
+        problems(text),
+        [
+            "lull.toml:3:12: tls.certificates[0].cert: \"relative.pem\" is not absolute (expected an absolute path)",
+            "lull.toml:4:3: tls.certificates[1].cert: missing (expected an absolute path)",
+            "lull.toml:4:21: tls.certificates[1].colour: unknown key (expected one of cert, key, ocsp, names)",
+            "lull.toml:5:46: tls.certificates[2].names[0]: \"bad name\" is not a valid DNS name (expected a DNS name)",
+            "lull.toml:6:3: tls.certificates[3]: found a string (expected a table)",
+            "lull.toml:8:1: tls.other: unknown key (expected one of certificates)",
+        ]
+    );
+}
