@@ -587,17 +587,20 @@ impl Walk<'_> {
                 }
                 _ => {
                     let mut list = Vec::new();
-                    for (name_key, item) in self.strings(&field_key, field, "DNS names") {
+                    let items = self.strings(&field_key, field, "DNS names");
+                    let given = items.len();
+                    for (name_key, item) in items {
                         let name = self.parsed(&name_key, item, "a DNS name", |text| {
-                            let bare = text.strip_prefix("*.").unwrap_or(text);
+                            let lower = text.to_ascii_lowercase();
+                            let bare = lower.strip_prefix("*.").unwrap_or(&lower);
                             names::check_dns_name(bare)
-                                .map(|()| text.to_ascii_lowercase())
+                                .map(|()| lower.clone())
                                 .map_err(|e| e.to_string())
                         });
                         ok &= name.is_some();
                         list.extend(name);
                     }
-                    if list.is_empty() {
+                    if given == 0 && matches!(field.get_ref(), DeValue::Array(_)) {
                         self.problem(
                             field.span(),
                             &field_key,

@@ -157,7 +157,7 @@ max_size = "lots"
     let want = [
         "lull.toml:1:12: data_dir: \"var/lib/lull\" is not absolute (expected an absolute path)",
         "lull.toml:2:19: rollback_window: duration \"10 minutes\" has a number without a unit (use ms, s, m, h or d)",
-        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling)",
+        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling, builder, tls)",
         "lull.toml:6:8: listeners.http: \"80\" is not a listen address (expected \":PORT\", \"HOST:PORT\" or \"off\")",
     ];
     for (i, line) in want.iter().enumerate() {
@@ -335,7 +335,7 @@ other = 1
             "lull.toml:3:12: tls.certificates[0].cert: \"relative.pem\" is not absolute (expected an absolute path)",
             "lull.toml:4:3: tls.certificates[1].cert: missing (expected an absolute path)",
             "lull.toml:4:21: tls.certificates[1].colour: unknown key (expected one of cert, key, ocsp, names)",
-            "lull.toml:5:46: tls.certificates[2].names[0]: \"bad name\" is not a valid DNS name (expected a DNS name)",
+            "lull.toml:5:47: tls.certificates[2].names[0]: \"bad name\" is not a DNS name (expected dot-separated labels of lowercase letters, digits and hyphens, at most 253 characters)",
             "lull.toml:6:3: tls.certificates[3]: found a string (expected a table)",
             "lull.toml:8:1: tls.other: unknown key (expected one of certificates)",
         ]
