@@ -102,9 +102,7 @@ fn handshake(
         while !slice.is_empty() {
             server.read_tls(&mut slice).unwrap();
         }
-        if let Err(e) = server.process_new_packets() {
-            return Err(e);
-        }
+        server.process_new_packets()?;
         let mut buf = Vec::new();
         while server.wants_write() {
             server.write_tls(&mut buf).unwrap();
