@@ -7,8 +7,9 @@
 //! # Listeners
 //! Every listening socket is taken, by name, from the file descriptors passed at exec
 //! (`LISTEN_FDS`, `LISTEN_FDNAMES`, see [`lull_systemd::listen`]) when one matches the
-//! settings, else bound anew: `http-<ip>-<port>#<i>` for the proxy's sockets (one per proxy
-//! thread, `SO_REUSEPORT`; the IP's `:` written `_`, since systemd forbids `:` in names),
+//! settings, else bound anew: `http-<ip>-<port>#<i>` and `https-<ip>-<port>#<i>` for the
+//! proxy's sockets (one per proxy thread, `SO_REUSEPORT`; the IP's `:` written `_`, since
+//! systemd forbids `:` in names),
 //! `admin` for the admin socket and `metrics` for the metrics endpoint. A passed socket that
 //! matches nothing is closed.
 //!
@@ -117,17 +118,56 @@ fn addresses(listen: &ListenAddr) -> Vec<SocketAddr> {
     }
 }
 
-/// The name of the proxy's `index`th socket on `addr` (no `:`, which systemd forbids).
+/// The name of the proxy's `index`th plain HTTP socket on `addr` (no `:`, which systemd
+/// forbids).
+#[cfg(test)]
 fn http_fd_name(addr: SocketAddr, index: usize) -> String {
     format!("{}{index}", http_fd_prefix(addr))
 }
 
+#[cfg(test)]
 fn http_fd_prefix(addr: SocketAddr) -> String {
+    proxy_fd_prefix("http", addr)
+}
+
+fn proxy_fd_prefix(scheme: &str, addr: SocketAddr) -> String {
     format!(
-        "http-{}-{}#",
+        "{scheme}-{}-{}#",
         addr.ip().to_string().replace(':', "_"),
         addr.port()
     )
+}
+
+/// The proxy's sockets for a listener setting: passed at exec (named `{scheme}-...`) or bound
+/// anew, one per CPU, per address; a missing IPv6 stack only skips `[::]`. Also whether any
+/// were passed.
+fn proxy_sockets(
+    inherited: &mut Inherited,
+    scheme: &str,
+    listen: &ListenAddr,
+    cpus: usize,
+) -> Result<(Vec<Vec<std::net::TcpListener>>, bool)> {
+    let mut all = Vec::new();
+    let mut handed = false;
+    for addr in addresses(listen) {
+        let passed = inherited.take_sockets(&proxy_fd_prefix(scheme, addr), addr);
+        let sockets = if passed.is_empty() {
+            match lull_proxy::server::bind_reuse_port(addr, cpus) {
+                Ok(sockets) => sockets,
+                Err(e) if addr.is_ipv6() && listen.ip.is_none() => {
+                    tracing::warn!("no IPv6 {scheme} listener: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("the {scheme} listener")),
+            }
+        } else {
+            tracing::info!(%addr, sockets = passed.len(), "{scheme} sockets passed at exec");
+            handed = true;
+            passed
+        };
+        all.push(sockets);
+    }
+    Ok((all, handed))
 }
 
 pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
@@ -154,6 +194,12 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    // Certificates are settings too: a bad one stops the start (and fails --check) with
+    // every reason, before anything is bound.
+    if let Err(e) = lull_daemon::certs::load_all(&config.tls, chrono::Utc::now()) {
+        eprintln!("lull daemon: {}: {e}", args.config.display());
+        return Ok(ExitCode::from(2));
+    }
     if args.check {
         println!("{config:#?}");
         return Ok(ExitCode::SUCCESS);
@@ -304,15 +350,15 @@ impl Inherited {
         Some(self.fds.remove(pos).fd)
     }
 
-    /// The proxy's sockets for `addr`, in index order, each checked to be bound there.
-    fn take_http(&mut self, addr: SocketAddr) -> Vec<std::net::TcpListener> {
-        let prefix = http_fd_prefix(addr);
+    /// The proxy's sockets named `prefix<i>`, in index order, each checked to be bound at
+    /// `addr`.
+    fn take_sockets(&mut self, prefix: &str, addr: SocketAddr) -> Vec<std::net::TcpListener> {
         let mut mine: Vec<(usize, std::net::TcpListener)> = Vec::new();
         let mut rest = Vec::new();
         for fd in self.fds.drain(..) {
             let index = fd
                 .name
-                .strip_prefix(&prefix)
+                .strip_prefix(prefix)
                 .and_then(|i| i.parse::<usize>().ok());
             match index {
                 Some(index) => {
@@ -424,38 +470,28 @@ impl Running {
         let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
         // The proxy's sockets now (a taken port fails the start early), its accept loops
         // once the engine has routes: a connection accepted before would find none.
-        let mut http_port = None;
-        let mut http_sockets = Vec::new();
-        let mut handed_http = false;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if let Some(listen) = &config.listeners.http {
-            for addr in addresses(listen) {
-                let passed = inherited.take_http(addr);
-                let sockets = if passed.is_empty() {
-                    match lull_proxy::server::bind_reuse_port(addr, cpus) {
-                        Ok(sockets) => sockets,
-                        Err(e) if addr.is_ipv6() && listen.ip.is_none() => {
-                            tracing::warn!("no IPv6 listener: {e}");
-                            continue;
-                        }
-                        Err(e) => return Err(e).context("the HTTP listener"),
-                    }
-                } else {
-                    tracing::info!(%addr, sockets = passed.len(), "HTTP sockets passed at exec");
-                    handed_http = true;
-                    passed
-                };
-                if let Some(port) = sockets.first().and_then(|s| s.local_addr().ok()) {
-                    http_port = Some(port.port());
-                }
-                http_sockets.push(sockets);
-            }
-        }
-        if config.listeners.https.is_some() {
-            tracing::info!(
-                "HTTPS listener: certificates are not configured yet; serving HTTP only"
-            );
-        }
+        let port_of = |sockets: &[Vec<std::net::TcpListener>]| {
+            sockets
+                .iter()
+                .find_map(|s| s.first().and_then(|s| s.local_addr().ok()))
+                .map(|a| a.port())
+        };
+        let (http_sockets, handed_http) = match &config.listeners.http {
+            Some(listen) => proxy_sockets(&mut inherited, "http", listen, cpus)?,
+            None => (Vec::new(), false),
+        };
+        let http_port = port_of(&http_sockets);
+        // HTTPS comes up even with no certificate configured: unknown names get the default
+        // certificate (self-signed for lull.invalid), and ACME's TLS-ALPN-01 will answer here.
+        let certs = lull_daemon::certs::Certificates::start(&config.tls)
+            .context("the HTTPS certificates")?;
+        let (https_sockets, handed_https) = match &config.listeners.https {
+            Some(listen) => proxy_sockets(&mut inherited, "https", listen, cpus)?,
+            None => (Vec::new(), false),
+        };
+        let https_port = port_of(&https_sockets);
+        let handed_http = handed_http || handed_https;
 
         let planner = Arc::new(SpecPlanner {
             store: store.clone(),
@@ -503,7 +539,7 @@ impl Running {
             // the adopted instances answer here, not into pools with none in rotation.
             wait_for_rotation(&routes, ROTATION_WAIT).await;
         }
-        if !http_sockets.is_empty() {
+        if !http_sockets.is_empty() || !https_sockets.is_empty() {
             let runtimes = lull_proxy::server::spawn_runtimes(cpus, "lull-proxy")
                 .context("start the proxy's threads")?;
             for sockets in http_sockets {
@@ -511,6 +547,14 @@ impl Running {
                     .listen_on_sockets(sockets, &runtimes)
                     .context("the HTTP listener")?;
                 tracing::info!(%bound, "serving HTTP");
+            }
+            let acceptor = lull_proxy::tls::acceptor_for(certs.store().clone())
+                .context("the HTTPS listener's TLS configuration")?;
+            for sockets in https_sockets {
+                let bound = proxy
+                    .listen_tls_on_sockets(sockets, &runtimes, acceptor.clone())
+                    .context("the HTTPS listener")?;
+                tracing::info!(%bound, "serving HTTPS");
             }
         }
 
@@ -563,9 +607,10 @@ impl Running {
         };
         inherited.close_rest();
         eprintln!(
-            "lull daemon ready: admin socket {}, HTTP on port {}",
+            "lull daemon ready: admin socket {}, HTTP on port {}, HTTPS on port {}",
             config.socket.path.display(),
-            http_port.map_or("off".to_owned(), |p| p.to_string())
+            http_port.map_or("off".to_owned(), |p| p.to_string()),
+            https_port.map_or("off".to_owned(), |p| p.to_string())
         );
         let mut tasks = vec![api];
         tasks.extend(metrics_task);
@@ -582,26 +627,28 @@ impl Running {
     /// Every listening socket with its name, duplicated.
     fn listener_fds(&self) -> Result<Vec<(String, OwnedFd)>> {
         let mut fds = Vec::new();
-        let mut counts: Vec<(SocketAddr, usize)> = Vec::new();
+        let mut counts: Vec<((bool, SocketAddr), usize)> = Vec::new();
         for socket in self
             .proxy
             .listener_fds()
             .context("duplicate the proxy's sockets")?
         {
-            if socket.tls {
-                continue;
-            }
-            let index = match counts.iter_mut().find(|(a, _)| *a == socket.addr) {
+            let key = (socket.tls, socket.addr);
+            let index = match counts.iter_mut().find(|(a, _)| *a == key) {
                 Some((_, n)) => {
                     *n += 1;
                     *n
                 }
                 None => {
-                    counts.push((socket.addr, 0));
+                    counts.push((key, 0));
                     0
                 }
             };
-            fds.push((http_fd_name(socket.addr, index), socket.fd));
+            let scheme = if socket.tls { "https" } else { "http" };
+            fds.push((
+                format!("{}{index}", proxy_fd_prefix(scheme, socket.addr)),
+                socket.fd,
+            ));
         }
         let admin = self
             .admin_fd
@@ -1098,6 +1145,7 @@ mod tests {
         let v6: SocketAddr = "[::]:8080".parse().unwrap();
         assert_eq!(http_fd_name(v4, 0), "http-0.0.0.0-80#0");
         assert_eq!(http_fd_name(v6, 3), "http-__-8080#3");
+        assert_eq!(proxy_fd_prefix("https", v6), "https-__-8080#");
         for name in [http_fd_name(v4, 0), http_fd_name(v6, 3)] {
             assert!(lull_systemd::listen::valid_name(&name), "{name}");
         }
@@ -1126,8 +1174,12 @@ mod tests {
                 },
             ],
         };
-        assert!(inherited.take_http(other).is_empty());
-        let mine = inherited.take_http(addr);
+        assert!(
+            inherited
+                .take_sockets(&http_fd_prefix(other), other)
+                .is_empty()
+        );
+        let mine = inherited.take_sockets(&http_fd_prefix(addr), addr);
         assert_eq!(mine.len(), 2);
         assert!(mine.iter().all(|s| s.local_addr().unwrap() == addr));
         assert!(inherited.take(METRICS_FD).is_none());

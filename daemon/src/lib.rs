@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod certs;
 pub mod config;
 pub mod control;
 pub mod duration;

@@ -507,7 +507,8 @@ impl Collector for PoolCollector {
             let mut m =
                 encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Counter)?;
             for s in &snapshots {
-                let total = retired(s) + s.instances.iter().map(|i| pick(&i.gate)).sum();
+                let total =
+                    retired(s) + s.instances.iter().map(|i| pick(&i.gate)).sum::<Duration>();
                 ConstCounter::new(millis(total))
                     .encode(m.encode_family(&service_labels(&s.service))?)?;
             }

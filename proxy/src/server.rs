@@ -6,7 +6,8 @@
 //! routes.insert("app.example.com", Route::new(pool, "rev-1"));
 //! let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
 //! proxy.listen("[::]:80".parse()?).await?;
-//! proxy.listen_tls("[::]:443".parse()?, tls::acceptor(&cert, &key)?).await?;
+//! let certs = Arc::new(tls::CertStore::with_generated_default()?);
+//! proxy.listen_tls("[::]:443".parse()?, tls::acceptor_for(certs.clone())?).await?;
 //! ...
 //! proxy.shutdown(Duration::from_secs(30)).await;
 //! ```
@@ -198,6 +199,27 @@ impl Proxy {
         sockets: Vec<std::net::TcpListener>,
         runtimes: &[tokio::runtime::Handle],
     ) -> Result<SocketAddr, ServerError> {
+        self.adopt_sockets(sockets, runtimes, None)
+    }
+
+    /// [`Proxy::listen_on_sockets`] for HTTPS: each connection's TLS handshake goes through
+    /// `acceptor` (see [`crate::tls::acceptor_for`], whose certificates can change while the
+    /// sockets serve).
+    pub fn listen_tls_on_sockets(
+        &self,
+        sockets: Vec<std::net::TcpListener>,
+        runtimes: &[tokio::runtime::Handle],
+        acceptor: TlsAcceptor,
+    ) -> Result<SocketAddr, ServerError> {
+        self.adopt_sockets(sockets, runtimes, Some(acceptor))
+    }
+
+    fn adopt_sockets(
+        &self,
+        sockets: Vec<std::net::TcpListener>,
+        runtimes: &[tokio::runtime::Handle],
+        tls: Option<TlsAcceptor>,
+    ) -> Result<SocketAddr, ServerError> {
         let Some(first) = sockets.first() else {
             return Err(ServerError::NoSockets);
         };
@@ -234,14 +256,14 @@ impl Proxy {
         }
         let count = adopted.len();
         for (runtime, listener) in adopted {
-            self.register(false, &listener);
-            let task = runtime.spawn(accept_loop(self.shared.clone(), listener, None));
+            self.register(tls.is_some(), &listener);
+            let task = runtime.spawn(accept_loop(self.shared.clone(), listener, tls.clone()));
             self.listeners
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(task);
         }
-        tracing::info!(addr = %bound, sockets = count, "proxy listening");
+        tracing::info!(addr = %bound, sockets = count, tls = tls.is_some(), "proxy listening");
         Ok(bound)
     }
 
@@ -461,6 +483,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>, tls: Optio
                     )
                     .await;
                     match handshake {
+                        // A TLS-ALPN-01 validation: the handshake was the answer.
+                        Ok(Ok(tls_stream))
+                            if tls_stream.get_ref().1.alpn_protocol()
+                                == Some(crate::tls::ACME_TLS_ALPN) =>
+                        {
+                            tracing::debug!(%client, "acme-tls/1 handshake done: closed");
+                        }
                         Ok(Ok(tls_stream)) => serve(shared, tls_stream, client, "https").await,
                         Ok(Err(e)) => tracing::debug!(%client, "tls handshake failed: {e}"),
                         Err(_) => tracing::debug!(%client, "tls handshake timed out"),

@@ -11,7 +11,9 @@ use lull_netns::ipam::Subnet;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::{DaemonConfig, ListenAddr, Listeners, Problem};
+use lull_proxy::tls::CertificateFiles;
+
+use super::{CertificateConfig, DaemonConfig, ListenAddr, Listeners, Problem};
 use crate::{duration, names};
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -29,7 +31,10 @@ const ROOT_KEYS: &[&str] = &[
     "logs",
     "scaling",
     "builder",
+    "tls",
 ];
+const TLS_KEYS: &[&str] = &["certificates"];
+const CERTIFICATE_KEYS: &[&str] = &["cert", "key", "ocsp", "names"];
 const SOCKET_KEYS: &[&str] = &["path", "group"];
 const LISTENER_KEYS: &[&str] = &["http", "https", "unprivileged"];
 const METRICS_KEYS: &[&str] = &["address"];
@@ -298,6 +303,7 @@ impl Walk<'_> {
                 "logs" => self.logs(key, value, &mut config),
                 "scaling" => self.scaling(key, value, &mut config),
                 "builder" => self.builder(key, value, &mut config),
+                "tls" => self.tls(key, value, &mut config),
                 _ => {}
             }
         }
@@ -543,6 +549,83 @@ impl Walk<'_> {
                 }
             }
         }
+    }
+
+    fn tls(&mut self, key: &str, value: &Value, config: &mut DaemonConfig) {
+        let Some(table) = self.table(key, value) else {
+            return;
+        };
+        for (key, value) in self.entries(key, table, TLS_KEYS) {
+            let DeValue::Array(items) = value.get_ref() else {
+                self.wrong_type(
+                    &key,
+                    value,
+                    "an array of { cert = PATH, key = PATH } tables",
+                );
+                continue;
+            };
+            for (i, item) in items.iter().enumerate() {
+                let item_key = format!("{key}[{i}]");
+                if let Some(certificate) = self.certificate(&item_key, item) {
+                    config.tls.certificates.push(certificate);
+                }
+            }
+        }
+    }
+
+    fn certificate(&mut self, key: &str, value: &Value) -> Option<CertificateConfig> {
+        let table = self.table(key, value)?;
+        let (mut cert, mut cert_key, mut ocsp, mut names) = (None, None, None, None);
+        let mut ok = true;
+        for (field_key, field) in self.entries(key, table, CERTIFICATE_KEYS) {
+            match field_key.rsplit('.').next().unwrap_or_default() {
+                "cert" => cert = self.path(&field_key, field),
+                "key" => cert_key = self.path(&field_key, field),
+                "ocsp" => {
+                    ocsp = self.path(&field_key, field);
+                    ok &= ocsp.is_some();
+                }
+                _ => {
+                    let mut list = Vec::new();
+                    let items = self.strings(&field_key, field, "DNS names");
+                    let given = items.len();
+                    for (name_key, item) in items {
+                        let name = self.parsed(&name_key, item, "a DNS name", |text| {
+                            let lower = text.to_ascii_lowercase();
+                            let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+                            names::check_dns_name(bare)
+                                .map(|()| lower.clone())
+                                .map_err(|e| e.to_string())
+                        });
+                        ok &= name.is_some();
+                        list.extend(name);
+                    }
+                    if given == 0 && matches!(field.get_ref(), DeValue::Array(_)) {
+                        self.problem(
+                            field.span(),
+                            &field_key,
+                            "is empty (expected DNS names, or no key for the certificate's own)"
+                                .into(),
+                        );
+                        ok = false;
+                    }
+                    names = Some(list);
+                }
+            }
+        }
+        for (field, found) in [("cert", cert.is_some()), ("key", cert_key.is_some())] {
+            let present = table.iter().any(|(k, _)| k.get_ref() == field);
+            if !found && !present {
+                self.problem(
+                    value.span(),
+                    &format!("{key}.{field}"),
+                    "missing (expected an absolute path)".into(),
+                );
+            }
+        }
+        let mut files = CertificateFiles::new(cert?, cert_key?);
+        files.ocsp = ocsp;
+        ok.then_some(CertificateConfig { files, names })
     }
 
     fn scaling(&mut self, key: &str, value: &Value, config: &mut DaemonConfig) {

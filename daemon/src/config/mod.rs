@@ -47,6 +47,24 @@ pub struct DaemonConfig {
     pub logs: LogConfig,
     pub scaling: ScalingConfig,
     pub builder: BuilderConfig,
+    pub tls: TlsConfig,
+}
+
+/// Certificates for the HTTPS listener (`[tls]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Operator-supplied certificates, each served for the DNS names in its SANs (or the
+    /// `names` given). The files are read and checked at start (see [`crate::certs`]).
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// `{ cert = "/path/fullchain.pem", key = "/path/key.pem" }`, optionally with `ocsp` (a DER
+/// OCSP response; default `<cert>.ocsp` when it exists) and `names` (serve it for these only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateConfig {
+    pub files: lull_proxy::tls::CertificateFiles,
+    /// `None`: the certificate's own DNS names.
+    pub names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +259,7 @@ impl DaemonConfig {
             },
             scaling: ScalingConfig::default(),
             builder: BuilderConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 

@@ -157,7 +157,7 @@ max_size = "lots"
     let want = [
         "lull.toml:1:12: data_dir: \"var/lib/lull\" is not absolute (expected an absolute path)",
         "lull.toml:2:19: rollback_window: duration \"10 minutes\" has a number without a unit (use ms, s, m, h or d)",
-        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling, builder)",
+        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling, builder, tls)",
         "lull.toml:6:8: listeners.http: \"80\" is not a listen address (expected \":PORT\", \"HOST:PORT\" or \"off\")",
     ];
     for (i, line) in want.iter().enumerate() {
@@ -285,6 +285,60 @@ fn the_scaling_section() {
     assert!(
         e.contains("lull.toml:5:1: scaling.speed: unknown key"),
         "{e}"
+    );
+}
+
+#[test]
+fn tls_certificates() {
+    let config = DaemonConfig::parse(
+        r#"
+[tls]
+certificates = [
+  { cert = "/etc/lull/a/fullchain.pem", key = "/etc/lull/a/key.pem" },
+  { cert = "/etc/lull/b.pem", key = "/etc/lull/b.key", ocsp = "/etc/lull/b.ocsp", names = ["B.example.com", "*.b.example.com"] },
+]
+"#,
+        "lull.toml",
+    )
+    .unwrap();
+    let c = &config.tls.certificates;
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0].files.cert, Path::new("/etc/lull/a/fullchain.pem"));
+    assert_eq!(c[0].files.key, Path::new("/etc/lull/a/key.pem"));
+    assert_eq!(c[0].files.ocsp, None);
+    assert_eq!(c[0].names, None);
+    assert_eq!(
+        c[1].files.ocsp.as_deref(),
+        Some(Path::new("/etc/lull/b.ocsp"))
+    );
+    assert_eq!(
+        c[1].names.as_deref(),
+        Some(&["b.example.com".to_string(), "*.b.example.com".to_string()][..])
+    );
+    assert!(DaemonConfig::default().tls.certificates.is_empty());
+}
+
+#[test]
+fn tls_problems_have_lines() {
+    let text = r#"[tls]
+certificates = [
+  { cert = "relative.pem", key = "/k.pem" },
+  { key = "/k.pem", colour = "blue" },
+  { cert = "/c.pem", key = "/k.pem", names = ["bad name"] },
+  "/c.pem",
+]
+other = 1
+"#;
+    assert_eq!(
+        problems(text),
+        [
+            "lull.toml:3:12: tls.certificates[0].cert: \"relative.pem\" is not absolute (expected an absolute path)",
+            "lull.toml:4:3: tls.certificates[1].cert: missing (expected an absolute path)",
+            "lull.toml:4:21: tls.certificates[1].colour: unknown key (expected one of cert, key, ocsp, names)",
+            "lull.toml:5:47: tls.certificates[2].names[0]: \"bad name\" is not a DNS name (expected dot-separated labels of lowercase letters, digits and hyphens, at most 253 characters)",
+            "lull.toml:6:3: tls.certificates[3]: found a string (expected a table)",
+            "lull.toml:8:1: tls.other: unknown key (expected one of certificates)",
+        ]
     );
 }
 
