@@ -10,7 +10,9 @@
 //! ([`crate::bench_proxy`]), and `cargo xtask bench lifecycle [--smoke]` for the daemon's
 //! deploy, failed deploy, pause, resume and restart times ([`crate::bench_lifecycle`]), and
 //! `cargo xtask bench autoscale [--smoke]` for scale-out reaction, cold start, wake from the
-//! idle tiers and density ([`crate::bench_autoscale`]).
+//! idle tiers and density ([`crate::bench_autoscale`]), and `cargo xtask bench build [--smoke]`
+//! for source builds against buildah and the cold start with scale to zero
+//! ([`crate::bench_build`]).
 
 use std::fs;
 use std::path::Path;
@@ -50,6 +52,9 @@ pub enum Suite {
     /// The autoscaler end to end: scale-out reaction, cold start, wake from each idle tier,
     /// density of idle instances
     Autoscale,
+    /// Source builds end to end: cold, warm and no-op builds of a Flask and an Express app
+    /// against buildah, and a cold start with scale to zero
+    Build,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +74,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Proxy => crate::bench_proxy::run(args.smoke),
         Suite::Lifecycle => crate::bench_lifecycle::run(args.smoke),
         Suite::Autoscale => crate::bench_autoscale::run(args.smoke),
+        Suite::Build => crate::bench_build::run(args.smoke),
     }
 }
 

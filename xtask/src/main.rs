@@ -4,6 +4,7 @@
 mod base_images;
 mod bench;
 mod bench_autoscale;
+mod bench_build;
 mod bench_lifecycle;
 mod bench_netns;
 mod bench_proxy;
