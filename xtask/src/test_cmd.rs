@@ -115,6 +115,7 @@ fn stages() -> Vec<Stage> {
                 cargo(&["xtask", "bench", "proxy", "--smoke"]),
                 cargo(&["xtask", "bench", "lifecycle", "--smoke"]),
                 cargo(&["xtask", "bench", "autoscale", "--smoke"]),
+                cargo(&["xtask", "bench", "build", "--smoke"]),
             ],
         },
     ]
