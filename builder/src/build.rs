@@ -727,9 +727,14 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), BuildError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let bytes = serde_json::to_vec(value).map_err(|e| BuildError::Store(e.to_string()))?;
-    let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    // A temporary file of its own: two builds with the same inputs may write the same record.
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(io_err(dir))?;
+    tmp.persist(path).map_err(|e| BuildError::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
 }
 
 /// Removes a dir tree when dropped (errors ignored: it is scratch space).

@@ -694,6 +694,16 @@ impl Running {
     /// returns its pid once it serves. Before that, this daemon lets go of its instances; if
     /// the new daemon fails, it is killed and [`Running::take_back`] must follow.
     async fn hand_over(&self, launch: &Launch) -> Result<u32> {
+        // A new daemon clears build scratch space and removes build sandboxes at start: a build
+        // running here would be destroyed under this daemon's feet.
+        if let Some(builds) = &self.control.builds
+            && builds.running() > 0
+        {
+            bail!(
+                "{} source build(s) running: upgrade when they have finished",
+                builds.running()
+            );
+        }
         let exe = launch.executable()?;
         let fds = self.listener_fds()?;
         let detached = self.control.engine.detach().await;
@@ -1132,6 +1142,7 @@ async fn source_builds(
     )
     .with_registry_credentials(Arc::new(registry_credentials(store.clone(), key.clone())));
     builds.max_upload = b.max_upload;
+    builds.git_allow_local = b.git_allow_local;
     Ok(Some(Arc::new(builds)))
 }
 

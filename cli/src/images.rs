@@ -22,7 +22,8 @@ pub enum ImageCommand {
     Rm { reference: String },
     /// Delete blobs and unpacked layers that no image and no instance uses.
     Gc,
-    /// Write a service revision's image as an OCI image layout (through the daemon).
+    /// Write a service revision's image as an OCI image layout (the daemon names the image;
+    /// it is read from the image store here, with your permissions).
     Export(crate::client::image::ExportArgs),
     /// Push a service revision's image to a registry (through the daemon).
     Push(crate::client::image::PushArgs),

@@ -162,7 +162,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Daemon(args) => daemon::run(args, &cli.cgroup_parent).await,
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(images::ImageCommand::Export(args)) => {
-            Ok(client::image::export(&cli.client, args).await)
+            Ok(client::image::export(&cli.client, &cli.data_dir, args).await)
         }
         Command::Image(images::ImageCommand::Push(args)) => {
             Ok(client::image::push(&cli.client, args).await)

@@ -74,7 +74,7 @@ fn start_daemon(prefix: &str) -> TestDaemon {
     let mut d = TestDaemon::new(Path::new(env!("CARGO_BIN_EXE_lull")), prefix);
     let mut config = std::fs::read_to_string(d.config_path()).expect("read lull.toml");
     config.push_str(&format!(
-        "\n[builder]\nextra_ca_certs = [{HOST_CA_BUNDLE:?}]\n\
+        "\n[builder]\nextra_ca_certs = [{HOST_CA_BUNDLE:?}]\ngit_allow_local = true\n\
          \n[builder.base_images]\npython311 = \"{REGISTRY}/lull/base/python:3.11\"\n\
          nodejs18 = \"{REGISTRY}/lull/base/node:18\"\n"
     ));
@@ -400,9 +400,13 @@ fn flask_builds_from_a_folder_fails_cleanly_exports_runs_under_runc_pushes_and_b
     // network namespace on a free loopback port.
     let layout = work.path().join("oci");
     let layout_arg = layout.display().to_string();
+    // The export reads the daemon's image store itself.
+    let data_dir = d.data_dir().display().to_string();
     let exported = lull_json(
         &d,
         &[
+            "--data-dir",
+            &data_dir,
             "image",
             "export",
             "flask",

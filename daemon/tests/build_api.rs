@@ -272,7 +272,7 @@ async fn without_builds_the_build_routes_say_so() {
             "{err:?}"
         );
     }
-    for route in ["/v1/images/export", "/v1/images/push"] {
+    for route in ["/v1/images/push"] {
         let err = plane
             .client
             .call::<_, Value>(

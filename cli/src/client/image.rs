@@ -1,15 +1,20 @@
 //! `lull image export SERVICE[@REVISION] --oci DIR` and `lull image push SERVICE[@REVISION]
-//! REGISTRY/REPO:TAG`: a service revision's image (built from source or pulled), written as an
-//! OCI image layout or pushed to a registry by the daemon.
+//! REGISTRY/REPO:TAG`: a service revision's image (built from source or pulled). The daemon
+//! names the revision's image; an export is written here, from the image store, with the
+//! caller's own permissions (the daemon writes no path a request names); a push is the
+//! daemon's (it holds the registry credentials).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
 use http::Method;
 use serde_json::{Value, json};
 
-use super::{ClientArgs, Ctx, Exit, Failure, Outcome, finish, print_json};
+use lull_runtime::reference::Reference;
+use lull_runtime::store::ImageStore;
+
+use super::{ClientArgs, Ctx, Exit, Failure, Outcome, finish, print_json, service_path};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -46,19 +51,64 @@ fn service_revision(text: &str) -> Result<(String, Option<u64>), Failure> {
     }
 }
 
-pub async fn export(args: &ClientArgs, command: &ExportArgs) -> ExitCode {
+pub async fn export(args: &ClientArgs, data_dir: &Path, command: &ExportArgs) -> ExitCode {
     let ctx = Ctx::new(args);
-    finish(run_export(&ctx, command).await)
+    finish(run_export(&ctx, data_dir, command).await)
 }
 
-async fn run_export(ctx: &Ctx, args: &ExportArgs) -> Outcome {
+async fn run_export(ctx: &Ctx, data_dir: &Path, args: &ExportArgs) -> Outcome {
     let (service, revision) = service_revision(&args.revision)?;
     let dir = std::path::absolute(&args.oci)
         .map_err(|e| Failure::Usage(format!("--oci {}: {e}", args.oci.display())))?;
-    let body = json!({ "service": service, "revision": revision, "dir": dir, "tag": args.tag });
-    let answer = ctx
-        .send(Method::POST, "/v1/images/export", Some(&body))
+    let revisions = ctx
+        .send(
+            Method::GET,
+            &format!("{}/revisions", service_path(&service)),
+            None,
+        )
         .await?;
+    let revisions = revisions.as_array().cloned().unwrap_or_default();
+    let chosen = match revision {
+        Some(n) => revisions.iter().find(|r| r["number"].as_u64() == Some(n)),
+        None => revisions
+            .iter()
+            .find(|r| r["current"] == true)
+            .or_else(|| revisions.last()),
+    }
+    .ok_or_else(|| match revision {
+        Some(n) => Failure::Usage(format!("service {service} has no revision {n}")),
+        None => Failure::Usage(format!("service {service} has no revision")),
+    })?;
+    let number = chosen["number"].as_u64().unwrap_or(0);
+    let reference: Reference = chosen["image"]
+        .as_str()
+        .ok_or_else(|| Failure::Other(format!("revision {number} names no image")))?
+        .parse()
+        .map_err(|e| Failure::Other(format!("revision {number}'s image: {e}")))?;
+    let store = ImageStore::open(data_dir).map_err(|e| {
+        Failure::Other(format!(
+            "open the image store in {} (an export reads it directly: run as root, or give --data-dir): {e}",
+            data_dir.display()
+        ))
+    })?;
+    let tag = args
+        .tag
+        .clone()
+        .unwrap_or_else(|| format!("{service}-{number}"));
+    let exported = store
+        .export_oci_layout(reference.clone(), &dir, Some(&tag))
+        .await
+        .map_err(|e| Failure::Other(format!("export {reference}: {e}")))?;
+    let answer = json!({
+        "service": service,
+        "revision": number,
+        "image": reference.to_string(),
+        "dir": dir,
+        "tag": tag,
+        "manifest": exported.manifest_digest.to_string(),
+        "blobs_linked": exported.linked,
+        "blobs_copied": exported.copied,
+    });
     report(ctx, &answer, |a| {
         format!(
             "{}@{}: {} written to {} as {}",

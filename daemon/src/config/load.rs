@@ -57,6 +57,7 @@ const BUILDER_KEYS: &[&str] = &[
     "memory",
     "timeout",
     "max_upload",
+    "git_allow_local",
 ];
 const SCALING_KEYS: &[&str] = &[
     "memory_overcommit",
@@ -524,6 +525,11 @@ impl Walk<'_> {
                         if let Some(path) = self.path(&item_key, item) {
                             builder.extra_ca_certs.push(path);
                         }
+                    }
+                }
+                "git_allow_local" => {
+                    if let Some(b) = self.boolean(&key, value) {
+                        builder.git_allow_local = b;
                     }
                 }
                 "cpu" => {

@@ -156,6 +156,9 @@ pub struct BuilderConfig {
     pub timeout: Duration,
     /// The largest source upload accepted.
     pub max_upload: u64,
+    /// Whether git sources may name paths on the daemon's host (`/srv/repo`, `file://...`).
+    /// Off by default: the daemon reads as root what its callers may not.
+    pub git_allow_local: bool,
 }
 
 /// Where `cargo xtask base-images` pushes lull's base images. Node 22 has no Debian package
@@ -178,6 +181,7 @@ impl Default for BuilderConfig {
             memory_bytes: 2 << 30,
             timeout: Duration::from_secs(30 * 60),
             max_upload: 2 << 30,
+            git_allow_local: false,
         }
     }
 }

@@ -41,8 +41,17 @@ pub struct Builds {
     /// `<data>/builds/logs`: each build's whole log, kept.
     pub logs_dir: PathBuf,
     pub max_upload: u64,
+    /// Whether git sources may be paths or `file://` URLs on the daemon's host.
+    pub git_allow_local: bool,
     /// Services with a build running.
     running: Mutex<HashSet<String>>,
+}
+
+impl Builds {
+    /// How many builds run now (a handover to a new daemon waits for none).
+    pub fn running(&self) -> usize {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 impl Builds {
@@ -60,6 +69,7 @@ impl Builds {
             uploads_dir: data_dir.join("uploads"),
             logs_dir: data_dir.join("builds/logs"),
             max_upload: DEFAULT_MAX_UPLOAD,
+            git_allow_local: false,
             running: Mutex::new(HashSet::new()),
         }
     }
@@ -202,10 +212,11 @@ impl Control {
     /// with the operation to follow.
     pub async fn build(self: &Arc<Self>, name: &str, body: Value) -> Result<Value, ApiError> {
         let builds = self.builds()?;
-        let body: BuildBody = decode(body)?;
+        let mut body: BuildBody = decode(body)?;
         // Refused here, not once the build has started: the request names the field.
         if let BuildSource::Git(git) = &body.source {
-            super::git::check(git).map_err(|e| field_error(e.field, &e.message))?;
+            super::git::check(git, builds.git_allow_local)
+                .map_err(|e| field_error(e.field, &e.message))?;
         }
         crate::names::check_label(name).map_err(|e| field_error("name", &e.to_string()))?;
         let owned = name.to_owned();
@@ -224,6 +235,8 @@ impl Control {
             }
             _ => {}
         }
+        // Decided now: a service deleted while its build runs is not created again.
+        body.create = body.create && existing.is_none();
         if let BuildSource::Upload(id) = &body.source {
             let known = id.starts_with("up-")
                 && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
@@ -254,13 +267,19 @@ impl Control {
         let answer_build = build_id.clone();
         tokio::spawn(async move {
             let progress = Progress::new(tx, this.store.clone(), op_id, &builds, &build_id);
-            let end = match this
-                .run_build(&builds, &service, &build_id, body, &progress)
-                .await
-            {
-                Ok(end) => end,
-                Err(reason) => OperationEnd::BuildFailed {
+            // A panic in the build still ends the operation, so followers are not left waiting.
+            let run = std::panic::AssertUnwindSafe(
+                this.run_build(&builds, &service, &build_id, body, &progress),
+            );
+            let end = match futures_util::FutureExt::catch_unwind(run).await {
+                Ok(Ok(end)) => end,
+                Ok(Err(reason)) => OperationEnd::BuildFailed {
                     reason: format!("build {build_id} failed: {reason}"),
+                },
+                Err(_) => OperationEnd::BuildFailed {
+                    reason: format!(
+                        "build {build_id} failed: the build task panicked (see the daemon's log)"
+                    ),
                 },
             };
             drop(claim);
@@ -451,12 +470,39 @@ impl Control {
                     Some(name) => Some(self.open_secret_text(name).await?),
                     None => None,
                 };
-                super::git::fetch(git, credentials.as_deref(), &source, &|l| progress.line(l))
-                    .await?;
+                let timeout = builds.builder.settings.limits.timeout;
+                let fetched = tokio::time::timeout(
+                    timeout,
+                    super::git::fetch(
+                        git,
+                        builds.git_allow_local,
+                        credentials.as_deref(),
+                        &source,
+                        &|l| progress.line(l),
+                    ),
+                )
+                .await;
+                match fetched {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        return Err(format!(
+                            "git: the fetch took longer than {} s ([builder] timeout)",
+                            timeout.as_secs()
+                        ));
+                    }
+                }
             }
         }
-        let root = single_top_dir(&source);
-        let (config, origin, warnings) = read_config(&root, body.apprunner.as_deref())?;
+        let (root, (config, origin, warnings)) = {
+            let source = source.clone();
+            let given = body.apprunner.clone();
+            tokio::task::spawn_blocking(move || {
+                let root = single_top_dir(&source);
+                read_config(&root, given.as_deref()).map(|c| (root, c))
+            })
+            .await
+            .map_err(|e| format!("configuration task: {e}"))??
+        };
         progress.line(&format!("==> configuration: {origin}"));
         for warning in &warnings {
             progress.line(&format!("warning: {warning}"));
@@ -482,9 +528,16 @@ impl Control {
             "==> base image {base_ref} ({})",
             lull_builder::build::short(&base.manifest_digest)
         ));
-        let (mut recipe, not_hoisted) =
-            lull_builder::prepare::recipe(&config, &root, &base.manifest_digest.to_string())
-                .map_err(|e| e.to_string())?;
+        let (mut recipe, not_hoisted) = {
+            let (config, root) = (config.clone(), root.clone());
+            let base_digest = base.manifest_digest.to_string();
+            tokio::task::spawn_blocking(move || {
+                lull_builder::prepare::recipe(&config, &root, &base_digest)
+            })
+            .await
+            .map_err(|e| format!("plan task: {e}"))?
+            .map_err(|e| e.to_string())?
+        };
         recipe.labels.push((
             lull_builder::rebase::BASE_NAME_LABEL.into(),
             base_ref.clone(),
@@ -557,14 +610,21 @@ impl Control {
         let parsed: Reference = reference
             .parse()
             .map_err(|e| format!("base image {reference}: {e}"))?;
+        // Pulled again on every build, so a base pushed anew under its tag is built on (the
+        // pull fetches only what is new); the copy here serves when the registry cannot.
         let store = &builds.builder.store;
-        match store.get(&parsed) {
-            Ok(Some(record)) => Ok(record),
-            Ok(None) => store
-                .pull(&parsed, &builds.registry_options(&parsed).await)
-                .await
-                .map_err(|e| format!("pull the base image {reference}: {e}")),
-            Err(e) => Err(format!("base image {reference}: {e}")),
+        match store
+            .pull(&parsed, &builds.registry_options(&parsed).await)
+            .await
+        {
+            Ok(record) => Ok(record),
+            Err(pull) => match store.get(&parsed) {
+                Ok(Some(record)) => {
+                    tracing::warn!(%reference, "base image not refreshed, building on the copy here: {pull}");
+                    Ok(record)
+                }
+                _ => Err(format!("pull the base image {reference}: {pull}")),
+            },
         }
     }
 
@@ -608,6 +668,12 @@ impl Control {
                 (Some(record), Some(current))
             }
             Err(e) if e.code == ErrorCode::NotFound && create => (None, None),
+            Err(e) if e.code == ErrorCode::NotFound => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("service {name} was deleted during its build: nothing deployed"),
+                ));
+            }
             Err(e) => return Err(e),
         };
         let mut spec = match &current {
@@ -694,16 +760,54 @@ fn read_config(
     }
     for name in lull_builder::prepare::CONFIG_FILES {
         let path = root.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
+        match read_source_file(&path, MAX_CONFIG_BYTES) {
+            Ok(Some(text)) => {
                 let (config, warnings) = read(&text, name)?;
                 return Ok((config, format!("{name} from the source"), warnings));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Ok(None) => continue,
             Err(e) => return Err(format!("{name}: {e}")),
         }
     }
     Err("the source has no apprunner.yaml at its root: add one, or give one (`lull deploy --config FILE`)".into())
+}
+
+/// apprunner.yaml larger than this is refused.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A file of an untrusted source tree, read by the daemon itself: a regular file (a symlink is
+/// not followed: it could point anywhere on the host), at most `max` bytes, UTF-8. `None` when
+/// it does not exist.
+fn read_source_file(path: &Path, max: u64) -> Result<Option<String>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err("is a symbolic link: the configuration must be a regular file".into());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    if meta.len() > max {
+        return Err(format!(
+            "is {} bytes, more than the {max} allowed",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    file.take(max)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("not UTF-8 text ({e})"))?;
+    Ok(Some(text))
 }
 
 struct RemoveDir(PathBuf);
@@ -714,7 +818,8 @@ impl Drop for RemoveDir {
     }
 }
 
-/// `POST /v1/images/export` and `POST /v1/images/push`: a service revision's image.
+/// `POST /v1/images/push`: a service revision's image to a registry. (Exports are written by
+/// the CLI itself, with its caller's permissions: the daemon writes no path a request names.)
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageBody {
@@ -722,14 +827,7 @@ pub struct ImageBody {
     /// Default: the revision serving (or last made).
     #[serde(default)]
     pub revision: Option<u64>,
-    /// Export: an absolute directory on the daemon's host (an OCI image layout is written
-    /// there, or added to when it already is one).
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    /// Export: the name of the image in the layout (`org.opencontainers.image.ref.name`).
-    #[serde(default)]
-    pub tag: Option<String>,
-    /// Push: `registry/repository:tag`.
+    /// `registry/repository:tag`.
     #[serde(default)]
     pub target: Option<String>,
 }
@@ -781,41 +879,6 @@ impl Control {
                 ))
             })?;
         Ok((number, image))
-    }
-
-    pub async fn export_image(&self, body: Value) -> Result<Value, ApiError> {
-        let builds = self.builds()?;
-        let body: ImageBody = decode(body)?;
-        let dir = body
-            .dir
-            .clone()
-            .ok_or_else(|| field_error("dir", "required"))?;
-        if !dir.is_absolute() {
-            return Err(field_error(
-                "dir",
-                "must be an absolute path on the daemon's host",
-            ));
-        }
-        let (revision, image) = self.revision_image(&builds, &body).await?;
-        let tag = body
-            .tag
-            .clone()
-            .unwrap_or_else(|| format!("{}-{revision}", body.service));
-        let report = builds
-            .builder
-            .store
-            .export_oci_layout(image.manifest_digest.clone(), &dir, Some(&tag))
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()))?;
-        Ok(json!({
-            "service": body.service,
-            "revision": revision,
-            "dir": dir,
-            "tag": tag,
-            "manifest": report.manifest_digest.to_string(),
-            "blobs_linked": report.linked,
-            "blobs_copied": report.copied,
-        }))
     }
 
     pub async fn push_image(&self, body: Value) -> Result<Value, ApiError> {

@@ -1,7 +1,12 @@
-//! A git source: the `git` program fetches one commit (a branch, a tag or a commit id) of any
-//! remote git understands into a fresh dir, then its `.git` goes: the build sees the files
-//! only. Credentials come from a lull secret as an `Authorization` header given through git's
-//! environment (`GIT_CONFIG_*`), never in a URL, an argument or a log line.
+//! A git source: the `git` program fetches one commit (a branch, a tag or a commit id) of a
+//! remote into a fresh dir, then its `.git` goes: the build sees the files only. Credentials
+//! come from a lull secret as an `Authorization` header given through git's environment
+//! (`GIT_CONFIG_*`), never in a URL, an argument or a log line, and only over HTTPS.
+//!
+//! The daemon runs as root for callers who are not: git must not reach what root can but they
+//! cannot. Remotes are `https`, `http`, `ssh` (and scp-like `user@host:path`) or `git` only;
+//! local paths and `file://` only when `[builder] git_allow_local` says so; no user or
+//! system git config, no `HOME`, and ssh without root's keys or config.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -20,23 +25,60 @@ pub struct GitRefused {
     pub message: String,
 }
 
-/// Checks what a request may ask of git: no credentials in the URL, no option injection.
-pub fn check(git: &GitSource) -> Result<(), GitRefused> {
-    if git.url.is_empty() || git.url.starts_with('-') {
-        return Err(GitRefused {
-            field: "source.git.url",
-            message: format!("{:?} is not a git URL", git.url),
-        });
+/// Checks what a request may ask of git: a remote of an allowed kind, no credentials in the
+/// URL, no option injection.
+pub fn check(git: &GitSource, allow_local: bool) -> Result<(), GitRefused> {
+    let url_err = |message: String| GitRefused {
+        field: "source.git.url",
+        message,
+    };
+    if git.url.is_empty() || git.url.starts_with('-') || git.url.contains(char::is_whitespace) {
+        return Err(url_err(format!("{:?} is not a git URL", git.url)));
     }
-    if let Some((scheme, rest)) = git.url.split_once("://") {
-        let authority = rest.split('/').next().unwrap_or("");
-        if matches!(scheme, "http" | "https") && authority.contains('@') {
-            return Err(GitRefused {
-                field: "source.git.url",
-                message: "put credentials in a lull secret (credentials_secret), not in the URL"
-                    .into(),
-            });
+    let local = || {
+        if allow_local {
+            Ok(())
+        } else {
+            Err(url_err(format!(
+                "{:?} is a path on the daemon's host: only remote repositories (https, ssh, git) are built, unless [builder] git_allow_local is set",
+                git.url
+            )))
         }
+    };
+    match git.url.split_once("://") {
+        Some((scheme, rest)) => {
+            let scheme = scheme.to_ascii_lowercase();
+            let authority = rest.split('/').next().unwrap_or("");
+            match scheme.as_str() {
+                "https" | "http" | "ssh" | "git" => {}
+                "file" => local()?,
+                other => {
+                    return Err(url_err(format!(
+                        "scheme {other:?} is not one lull fetches (https, http, ssh, git)"
+                    )));
+                }
+            }
+            if matches!(scheme.as_str(), "http" | "https") && authority.contains('@') {
+                return Err(url_err(
+                    "put credentials in a lull secret (credentials_secret), not in the URL".into(),
+                ));
+            }
+            if scheme == "http" && git.credentials_secret.is_some() {
+                return Err(url_err(
+                    "credentials go over https only: plain http would send them in clear".into(),
+                ));
+            }
+        }
+        None if git.url.starts_with('/') || git.url.starts_with('.') => local()?,
+        // scp-like ssh (`git@host:path`); `transport::address` forms are refused.
+        None if git.url.contains("::") => {
+            return Err(url_err(format!(
+                "{:?}: transport helpers are not fetched",
+                git.url
+            )));
+        }
+        None if git.url.contains(':') => {}
+        None => local()?,
     }
     if let Some(r) = &git.reference
         && (r.is_empty() || r.starts_with('-') || r.contains(char::is_whitespace))
@@ -52,19 +94,21 @@ pub fn check(git: &GitSource) -> Result<(), GitRefused> {
 /// Fetches `git`'s commit into `dest` (created), without `.git`.
 pub async fn fetch(
     git: &GitSource,
+    allow_local: bool,
     credentials: Option<&str>,
     dest: &Path,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<(), String> {
-    check(git).map_err(|e| e.to_string())?;
+    check(git, allow_local).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     let reference = git.reference.as_deref().unwrap_or("HEAD");
     log(&format!("==> git: fetching {reference} of {}", git.url));
-    run(dest, &["init", "-q"], None).await?;
+    run(dest, &["init", "-q"], None, allow_local).await?;
     let shallow = run(
         dest,
         &["fetch", "-q", "--depth", "1", "--", &git.url, reference],
         credentials,
+        allow_local,
     )
     .await;
     if let Err(shallow) = shallow {
@@ -81,32 +125,61 @@ pub async fn fetch(
                 "+refs/tags/*:refs/tags/*",
             ],
             credentials,
+            allow_local,
         )
         .await?;
         let commit = format!("{reference}^{{commit}}");
         let remote = format!("origin/{reference}^{{commit}}");
-        let resolved = match run(dest, &["rev-parse", "--verify", "-q", &commit], None).await {
+        let resolved = match run(
+            dest,
+            &["rev-parse", "--verify", "-q", &commit],
+            None,
+            allow_local,
+        )
+        .await
+        {
             Ok(r) => r,
-            Err(_) => run(dest, &["rev-parse", "--verify", "-q", &remote], None)
-                .await
-                .map_err(|_| {
-                    format!(
-                        "source.git.ref: {reference} is not a branch, tag or commit of {}",
-                        git.url
-                    )
-                })?,
+            Err(_) => run(
+                dest,
+                &["rev-parse", "--verify", "-q", &remote],
+                None,
+                allow_local,
+            )
+            .await
+            .map_err(|_| {
+                format!(
+                    "source.git.ref: {reference} is not a branch, tag or commit of {}",
+                    git.url
+                )
+            })?,
         };
-        run(dest, &["checkout", "-q", resolved.trim()], None).await?;
+        run(
+            dest,
+            &["checkout", "-q", resolved.trim()],
+            None,
+            allow_local,
+        )
+        .await?;
     } else {
-        run(dest, &["checkout", "-q", "FETCH_HEAD"], None).await?;
+        run(dest, &["checkout", "-q", "FETCH_HEAD"], None, allow_local).await?;
     }
-    let commit = run(dest, &["rev-parse", "HEAD"], None).await?;
+    let commit = run(dest, &["rev-parse", "HEAD"], None, allow_local).await?;
     log(&format!("==> git: commit {}", commit.trim()));
     std::fs::remove_dir_all(dest.join(".git")).map_err(|e| format!("remove .git: {e}"))?;
     Ok(())
 }
 
-async fn run(dir: &Path, args: &[&str], credentials: Option<&str>) -> Result<String, String> {
+async fn run(
+    dir: &Path,
+    args: &[&str],
+    credentials: Option<&str>,
+    allow_local: bool,
+) -> Result<String, String> {
+    let allowed_protocols = if allow_local {
+        "https:http:ssh:git:file"
+    } else {
+        "https:http:ssh:git"
+    };
     let mut command = Command::new("git");
     command
         .arg("-C")
@@ -114,7 +187,16 @@ async fn run(dir: &Path, args: &[&str], credentials: Option<&str>) -> Result<Str
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("HOME", "/nonexistent")
+        .env("GIT_ALLOW_PROTOCOL", allowed_protocols)
+        .env("GIT_PROTOCOL_FROM_USER", "0")
+        .env(
+            "GIT_SSH_COMMAND",
+            "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=none -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=accept-new",
+        )
         .env_remove("GIT_DIR")
+        .env_remove("SSH_AUTH_SOCK")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -160,7 +242,7 @@ mod tests {
     #[test]
     fn urls_with_credentials_and_option_like_values_are_refused() {
         let field = |url: &str, reference: Option<&str>| {
-            check(&source(url, reference)).map_err(|e| e.field)
+            check(&source(url, reference), false).map_err(|e| e.field)
         };
         assert_eq!(
             field("https://u:p@example.com/r.git", None),
@@ -185,8 +267,32 @@ mod tests {
             Err("source.git.ref")
         );
         // An @ in the path is not a credential.
-        assert!(check(&source("https://example.com/@scope/r.git", None)).is_ok());
-        assert!(check(&source("https://example.com/r.git", Some("v1.0"))).is_ok());
-        assert!(check(&source("git@example.com:r.git", None)).is_ok());
+        assert!(check(&source("https://example.com/@scope/r.git", None), false).is_ok());
+        assert!(check(&source("https://example.com/r.git", Some("v1.0")), false).is_ok());
+        assert!(check(&source("git@example.com:r.git", None), false).is_ok());
+    }
+
+    #[test]
+    fn local_repositories_and_other_transports_need_leave() {
+        for url in [
+            "/root/private",
+            "./repo",
+            "file:///etc",
+            "FILE:///etc",
+            "repo",
+        ] {
+            assert_eq!(
+                check(&source(url, None), false).map_err(|e| e.field),
+                Err("source.git.url"),
+                "{url}"
+            );
+            assert!(check(&source(url, None), true).is_ok(), "{url}");
+        }
+        for url in ["ext::sh -c id", "fd::3", "ftp://example.com/r.git"] {
+            assert!(check(&source(url, None), true).is_err(), "{url}");
+        }
+        let mut over_http = source("http://example.com/r.git", None);
+        over_http.credentials_secret = Some("token".into());
+        assert!(check(&over_http, false).is_err());
     }
 }

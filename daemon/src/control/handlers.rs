@@ -84,10 +84,6 @@ pub fn router() -> Router<Control> {
             },
         )
         .route(Method::POST, "/v1/uploads", upload)
-        .route(Method::POST, "/v1/images/export", |c: Arc<Control>, r| async move {
-            let body: Value = r.json()?;
-            Reply::ok(c.export_image(body).await?)
-        })
         .route(Method::POST, "/v1/images/push", |c: Arc<Control>, r| async move {
             let body: Value = r.json()?;
             Reply::ok(c.push_image(body).await?)

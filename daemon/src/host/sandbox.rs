@@ -183,7 +183,9 @@ impl RealSandbox {
                         step.name,
                         step.limits.timeout.as_secs()
                     ));
-                    let _ = instance.stop(Duration::from_secs(5)).await;
+                    if let Err(e) = instance.stop(Duration::from_secs(5)).await {
+                        return Err(fail(format!("stop after the timeout: {e}")));
+                    }
                 }
             }
         };
