@@ -387,10 +387,12 @@ impl Builder {
             }
         }
         for cache in &req.recipe.caches {
+            // One per service: a build cannot plant packages in another service's cache.
             let host = self
                 .settings
                 .cache_dir
                 .join("downloads")
+                .join(&req.service)
                 .join(cache.strip_prefix("/").unwrap_or(cache));
             fs::create_dir_all(&host).map_err(io_err(&host))?;
             binds.push(SandboxBind {
@@ -451,9 +453,14 @@ impl Builder {
             return Ok(None);
         }
         let mut bundle = Vec::new();
+        // Read on the host from the layer dirs: a symlink that leads out of its layer (an
+        // absolute link resolves against the host's root here) is not followed.
         let own = base.layers.iter().rev().find_map(|l| {
-            let dir = self.layers.root().join(l.diff_id.hex());
-            fs::read(dir.join(relative(Path::new(CA_BUNDLE_PATH)))).ok()
+            let dir = fs::canonicalize(self.layers.root().join(l.diff_id.hex())).ok()?;
+            let file = fs::canonicalize(dir.join(relative(Path::new(CA_BUNDLE_PATH)))).ok()?;
+            file.starts_with(&dir)
+                .then(|| fs::read(&file).ok())
+                .flatten()
         });
         if let Some(own) = own {
             bundle.extend_from_slice(&own);

@@ -400,13 +400,10 @@ fn flask_builds_from_a_folder_fails_cleanly_exports_runs_under_runc_pushes_and_b
     // network namespace on a free loopback port.
     let layout = work.path().join("oci");
     let layout_arg = layout.display().to_string();
-    // The export reads the daemon's image store itself.
-    let data_dir = d.data_dir().display().to_string();
+    // The export reads the daemon's image store itself (`lull_ok` passes its --data-dir).
     let exported = lull_json(
         &d,
         &[
-            "--data-dir",
-            &data_dir,
             "image",
             "export",
             "flask",
