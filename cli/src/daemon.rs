@@ -1143,6 +1143,7 @@ async fn source_builds(
     .with_registry_credentials(Arc::new(registry_credentials(store.clone(), key.clone())));
     builds.max_upload = b.max_upload;
     builds.git_allow_local = b.git_allow_local;
+    builds.slots = Arc::new(tokio::sync::Semaphore::new(b.concurrency));
     Ok(Some(Arc::new(builds)))
 }
 

@@ -58,6 +58,7 @@ const BUILDER_KEYS: &[&str] = &[
     "timeout",
     "max_upload",
     "git_allow_local",
+    "concurrency",
 ];
 const SCALING_KEYS: &[&str] = &[
     "memory_overcommit",
@@ -524,6 +525,21 @@ impl Walk<'_> {
                     for (item_key, item) in self.strings(&key, value, "absolute paths") {
                         if let Some(path) = self.path(&item_key, item) {
                             builder.extra_ca_certs.push(path);
+                        }
+                    }
+                }
+                "concurrency" => {
+                    if let Some(n) =
+                        self.number(&key, value, 1.0..=64.0, "a whole number from 1 to 64")
+                    {
+                        if n.fract() != 0.0 {
+                            self.problem(
+                                value.span(),
+                                &key,
+                                "not a whole number (expected a whole number from 1 to 64)".into(),
+                            );
+                        } else {
+                            builder.concurrency = n as usize;
                         }
                     }
                 }

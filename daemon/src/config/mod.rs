@@ -159,6 +159,8 @@ pub struct BuilderConfig {
     /// Whether git sources may name paths on the daemon's host (`/srv/repo`, `file://...`).
     /// Off by default: the daemon reads as root what its callers may not.
     pub git_allow_local: bool,
+    /// Builds that run at once; more wait.
+    pub concurrency: usize,
 }
 
 /// Where `cargo xtask base-images` pushes lull's base images. Node 22 has no Debian package
@@ -182,6 +184,7 @@ impl Default for BuilderConfig {
             timeout: Duration::from_secs(30 * 60),
             max_upload: 2 << 30,
             git_allow_local: false,
+            concurrency: 2,
         }
     }
 }

@@ -352,6 +352,8 @@ memory = "4G"
 timeout = "45m"
 max_upload = "512M"
 extra_ca_certs = ["/etc/lull/corp-ca.pem", "/etc/lull/proxy-ca.pem"]
+git_allow_local = true
+concurrency = 3
 
 [builder.base_images]
 python311 = "registry.example.com/lull/python:3.11"
@@ -365,6 +367,8 @@ nodejs22 = "127.0.0.1:5000/lull/base/node:22"
     assert_eq!(b.memory_bytes, 4 << 30);
     assert_eq!(b.timeout, Duration::from_secs(45 * 60));
     assert_eq!(b.max_upload, 512 << 20);
+    assert!(b.git_allow_local);
+    assert_eq!(b.concurrency, 3);
     assert_eq!(
         b.extra_ca_certs,
         [
@@ -394,6 +398,8 @@ nodejs22 = "127.0.0.1:5000/lull/base/node:22"
     assert_eq!(defaults.timeout, Duration::from_secs(30 * 60));
     assert_eq!(defaults.max_upload, 2 << 30);
     assert!(defaults.extra_ca_certs.is_empty());
+    assert!(!defaults.git_allow_local);
+    assert_eq!(defaults.concurrency, 2);
 }
 
 #[test]
@@ -452,7 +458,7 @@ nodejs18 = 18
         got[4]
     );
     assert!(
-        got[5].ends_with("unknown key (expected one of base_images, extra_ca_certs, cpu, memory, timeout, max_upload)"),
+        got[5].ends_with("unknown key (expected one of base_images, extra_ca_certs, cpu, memory, timeout, max_upload, git_allow_local, concurrency)"),
         "{}",
         got[5]
     );

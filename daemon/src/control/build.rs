@@ -24,6 +24,9 @@ use crate::engine::{OperationEnd, OperationProgress};
 use crate::spec::{self, ServiceSpec, ServiceUpdate, WireSource};
 use crate::store::{NewEvent, NewService, OperationOutcome};
 
+/// Builds that run at once unless `[builder] concurrency` says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 2;
+
 /// Uploads larger than this are refused (`[builder] max_upload`).
 pub const DEFAULT_MAX_UPLOAD: u64 = 2 << 30;
 
@@ -43,6 +46,8 @@ pub struct Builds {
     pub max_upload: u64,
     /// Whether git sources may be paths or `file://` URLs on the daemon's host.
     pub git_allow_local: bool,
+    /// Builds that run at once (`[builder] concurrency`); others wait for a slot.
+    pub slots: Arc<tokio::sync::Semaphore>,
     /// Services with a build running.
     running: Mutex<HashSet<String>>,
 }
@@ -70,6 +75,7 @@ impl Builds {
             logs_dir: data_dir.join("builds/logs"),
             max_upload: DEFAULT_MAX_UPLOAD,
             git_allow_local: false,
+            slots: Arc::new(tokio::sync::Semaphore::new(DEFAULT_CONCURRENCY)),
             running: Mutex::new(HashSet::new()),
         }
     }
@@ -267,6 +273,14 @@ impl Control {
         let answer_build = build_id.clone();
         tokio::spawn(async move {
             let progress = Progress::new(tx, this.store.clone(), op_id, &builds, &build_id);
+            let slot = match builds.slots.clone().try_acquire_owned() {
+                Ok(slot) => Ok(slot),
+                Err(_) => {
+                    progress
+                        .line("==> waiting for another build to finish ([builder] concurrency)");
+                    builds.slots.clone().acquire_owned().await
+                }
+            };
             // A panic in the build still ends the operation, so followers are not left waiting.
             let run = std::panic::AssertUnwindSafe(
                 this.run_build(&builds, &service, &build_id, body, &progress),
@@ -282,6 +296,7 @@ impl Control {
                     ),
                 },
             };
+            drop(slot);
             drop(claim);
             this.record_build(&service, &build_id, &end, &progress.log_path)
                 .await;
@@ -358,7 +373,13 @@ struct Progress {
     operation: String,
     log: Mutex<Option<std::fs::File>>,
     log_path: PathBuf,
+    /// Command output lines sent to followers so far (see [`MAX_LIVE_LINES`]).
+    live: std::sync::atomic::AtomicUsize,
 }
+
+/// Command output lines a build streams to its followers and keeps in memory; past it only
+/// the step headers (`==> ...`) are, and the build's log file has everything.
+pub const MAX_LIVE_LINES: usize = 20_000;
 
 impl Progress {
     fn new(
@@ -377,6 +398,7 @@ impl Progress {
             operation,
             log: Mutex::new(log),
             log_path,
+            live: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -384,8 +406,20 @@ impl Progress {
         if let Some(file) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             let _ = writeln!(file, "{line}");
         }
-        self.tx.send_modify(|p| p.lines.push(line.to_owned()));
-        if line.starts_with("==>") {
+        let header = line.starts_with("==>");
+        let sent = self
+            .live
+            .fetch_add(usize::from(!header), std::sync::atomic::Ordering::Relaxed);
+        if header || sent < MAX_LIVE_LINES {
+            self.tx.send_modify(|p| p.lines.push(line.to_owned()));
+        } else if sent == MAX_LIVE_LINES {
+            let note = format!(
+                "lull: more output than {MAX_LIVE_LINES} lines: the rest is in {}",
+                self.log_path.display()
+            );
+            self.tx.send_modify(|p| p.lines.push(note));
+        }
+        if header {
             let store = self.store.clone();
             let (id, line) = (self.operation.clone(), line.to_owned());
             tokio::task::spawn_blocking(move || {
