@@ -1,9 +1,10 @@
-//! The HTTPS listener's certificates: the proxy's [`CertStore`] filled from `[tls]`. Every
-//! certificate is read and checked before any is served; a start with a bad one fails with
-//! every reason, and a reload with a bad one changes nothing (the certificates served keep
-//! being served). ACME's issued certificates and the admin API's will come through here too.
+//! The HTTPS listener's certificates: the proxy's [`CertStore`] filled from three sources,
+//! `[tls]` files, certificates uploaded through the admin API, and ACME's. Every certificate
+//! is read and checked before any is served; a start with a bad one fails with every reason,
+//! and a reload with a bad one changes nothing (the certificates served keep being served).
+//! Where sources overlap, the store serves the certificate valid the longest for each name.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use lull_proxy::tls::{CertStore, Certificate, CertificateError, StoreError};
@@ -57,9 +58,29 @@ pub fn load_all(config: &TlsConfig, now: DateTime<Utc>) -> Result<Vec<Certificat
     }
 }
 
+/// Where a served certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `[tls] certificates` in lull.toml.
+    Config,
+    /// `lull cert add` (the admin API).
+    Api,
+    /// Issued by the ACME CA.
+    Acme,
+}
+
+#[derive(Default)]
+struct Sources {
+    config: Vec<Certificate>,
+    api: Vec<(String, Certificate)>,
+    acme: Vec<Certificate>,
+}
+
 /// The certificates served, shared with the HTTPS listener.
 pub struct Certificates {
     store: Arc<CertStore>,
+    sources: Mutex<Sources>,
 }
 
 impl Certificates {
@@ -69,8 +90,87 @@ impl Certificates {
         let loaded = load_all(config, Utc::now())?;
         let store = Arc::new(CertStore::with_generated_default().map_err(CertsError::Default)?);
         log(&loaded);
-        store.replace(loaded);
-        Ok(Certificates { store })
+        let certificates = Certificates {
+            store,
+            sources: Mutex::new(Sources {
+                config: loaded,
+                ..Sources::default()
+            }),
+        };
+        certificates.publish();
+        Ok(certificates)
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands every source's certificates to the store (under the sources' lock, so two
+    /// publishes never interleave).
+    fn publish(&self) {
+        let sources = self.sources();
+        let mut all: Vec<Certificate> = sources.config.clone();
+        all.extend(sources.api.iter().map(|(_, c)| c.clone()));
+        all.extend(sources.acme.iter().cloned());
+        self.store.replace(all);
+    }
+
+    /// Serves `certificates` as ACME's from now on, instead of the ones before.
+    pub fn set_acme(&self, certificates: Vec<Certificate>) {
+        self.sources().acme = certificates;
+        self.publish();
+    }
+
+    /// Serves `certificate` as the API's certificate `id` (replacing one with that id).
+    pub fn put_api(&self, id: &str, certificate: Certificate) {
+        {
+            let mut sources = self.sources();
+            sources.api.retain(|(held, _)| held != id);
+            sources.api.push((id.to_owned(), certificate));
+            sources.api.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        self.publish();
+    }
+
+    /// Stops serving the API's certificate `id`; whether it was there.
+    pub fn remove_api(&self, id: &str) -> bool {
+        let removed = {
+            let mut sources = self.sources();
+            let before = sources.api.len();
+            sources.api.retain(|(held, _)| held != id);
+            sources.api.len() != before
+        };
+        self.publish();
+        removed
+    }
+
+    /// Whether an operator's certificate (config or API) covers `name`: ACME leaves such
+    /// names alone.
+    pub fn operator_covers(&self, name: &str) -> bool {
+        let sources = self.sources();
+        sources
+            .config
+            .iter()
+            .chain(sources.api.iter().map(|(_, c)| c))
+            .any(|c| covers(&c.names, name))
+    }
+
+    /// Every certificate held, with its source and (for the API's) its id.
+    pub fn list(&self) -> Vec<(Source, Option<String>, Certificate)> {
+        let sources = self.sources();
+        let mut out: Vec<_> = sources
+            .config
+            .iter()
+            .map(|c| (Source::Config, None, c.clone()))
+            .collect();
+        out.extend(
+            sources
+                .api
+                .iter()
+                .map(|(id, c)| (Source::Api, Some(id.clone()), c.clone())),
+        );
+        out.extend(sources.acme.iter().map(|c| (Source::Acme, None, c.clone())));
+        out
     }
 
     /// The resolver to give the HTTPS listener.
@@ -84,9 +184,22 @@ impl Certificates {
         let loaded = load_all(config, Utc::now())?;
         let count = loaded.len();
         log(&loaded);
-        self.store.replace(loaded);
+        self.sources().config = loaded;
+        self.publish();
         Ok(count)
     }
+}
+
+/// Whether `names` (exact, or `*.parent` one label up) cover `name`.
+pub fn covers(names: &[String], name: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    names.iter().any(|held| {
+        held == &name
+            || held.strip_prefix("*.").is_some_and(|parent| {
+                name.split_once('.')
+                    .is_some_and(|(label, rest)| !label.is_empty() && rest == parent)
+            })
+    })
 }
 
 fn log(certificates: &[Certificate]) {

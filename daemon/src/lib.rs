@@ -4,6 +4,7 @@
 //! endpoint. It drives the runtime, the network and the proxy; it does not serve requests
 //! itself.
 
+pub mod acme;
 pub mod api;
 pub mod autoscale;
 pub mod certs;

@@ -85,6 +85,7 @@ impl InProcess {
             http_port: Some(proxy_addr.port()),
             key: Some(key.clone()),
             builds: None,
+            tls: None,
         });
         let socket = dir.join("lull.sock");
         let listener = server::bind(&SocketOptions::new(&socket)).expect("the admin socket");

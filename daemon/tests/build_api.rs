@@ -143,6 +143,7 @@ async fn daemon_with(max_upload: u64) -> Daemon {
         http_port: Some(proxy_addr.port()),
         key: None,
         builds: Some(Arc::new(builds)),
+        tls: None,
     });
     let socket = root.join("lull.sock");
     let listener = server::bind(&SocketOptions::new(&socket)).unwrap();

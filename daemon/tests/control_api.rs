@@ -318,6 +318,7 @@ async fn after_a_restart_paused_stays_503_and_active_is_started() {
             key: None,
             http_port: Some(addr.port()),
             builds: None,
+            tls: None,
         };
         (control, proxy, addr)
     };

@@ -32,6 +32,22 @@ const ROOT_KEYS: &[&str] = &[
     "scaling",
     "builder",
     "tls",
+    "acme",
+];
+const ACME_KEYS: &[&str] = &[
+    "enabled",
+    "directory",
+    "email",
+    "ca_certificates",
+    "challenge",
+    "eab_kid",
+    "eab_hmac_key",
+    "retry_initial",
+    "retry_max",
+    "check_interval",
+    "resolver",
+    "public_addresses",
+    "dns01_hook",
 ];
 const TLS_KEYS: &[&str] = &["certificates"];
 const CERTIFICATE_KEYS: &[&str] = &["cert", "key", "ocsp", "names"];
@@ -306,6 +322,7 @@ impl Walk<'_> {
                 "scaling" => self.scaling(key, value, &mut config),
                 "builder" => self.builder(key, value, &mut config),
                 "tls" => self.tls(key, value, &mut config),
+                "acme" => self.acme(key, value, &mut config),
                 _ => {}
             }
         }
@@ -570,6 +587,114 @@ impl Walk<'_> {
                     }
                 }
             }
+        }
+    }
+
+    fn acme(&mut self, key: &str, value: &Value, config: &mut DaemonConfig) {
+        let Some(table) = self.table(key, value) else {
+            return;
+        };
+        let (mut kid, mut hmac) = (None, None);
+        let mut eab_span = None;
+        for (key, value) in self.entries(key, table, ACME_KEYS) {
+            let acme = &mut config.acme;
+            match key.rsplit('.').next().unwrap_or_default() {
+                "enabled" => {
+                    if let Some(b) = self.boolean(&key, value) {
+                        acme.enabled = b;
+                    }
+                }
+                "directory" => {
+                    if let Some(url) = self.parsed(&key, value, "an https:// URL, \"letsencrypt\" or \"letsencrypt-staging\"", |t| {
+                        match t {
+                            "letsencrypt" => Ok(super::LETS_ENCRYPT.to_owned()),
+                            "letsencrypt-staging" => Ok(super::LETS_ENCRYPT_STAGING.to_owned()),
+                            _ if t.starts_with("https://") && t.len() > "https://".len() => Ok(t.to_owned()),
+                            _ => Err(format!("{t:?} is not an https:// URL")),
+                        }
+                    }) {
+                        acme.directory = url;
+                    }
+                }
+                "email" => {
+                    acme.email = self.parsed(&key, value, "an email address", |t| {
+                        match t.split_once('@') {
+                            Some((user, host)) if !user.is_empty() && host.contains('.') && !t.contains(char::is_whitespace) => Ok(t.to_owned()),
+                            _ => Err(format!("{t:?} is not an email address")),
+                        }
+                    });
+                }
+                "ca_certificates" => acme.ca_certificates = self.path(&key, value),
+                "dns01_hook" => acme.dns01_hook = self.path(&key, value),
+                "challenge" => {
+                    if let Some(kind) = self.parsed(&key, value, "\"http-01\" or \"tls-alpn-01\"", |t| match t {
+                        "http-01" => Ok(super::ChallengeKind::Http01),
+                        "tls-alpn-01" => Ok(super::ChallengeKind::TlsAlpn01),
+                        _ => Err(format!("{t:?} is not a challenge lull answers")),
+                    }) {
+                        acme.challenge = kind;
+                    }
+                }
+                "eab_kid" => {
+                    eab_span = Some(value.span());
+                    kid = self.string(&key, value, "the CA's key id").map(str::to_owned);
+                }
+                "eab_hmac_key" => {
+                    eab_span = Some(value.span());
+                    hmac = self.parsed(&key, value, "the CA's HMAC key, base64url", |t| {
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .decode(t.trim_end_matches('='))
+                            .map(|_| t.to_owned())
+                            .map_err(|e| format!("not base64url: {e}"))
+                    });
+                }
+                name @ ("retry_initial" | "retry_max" | "check_interval") => {
+                    if let Some(d) = self.duration(&key, value) {
+                        if d.is_zero() {
+                            self.problem(value.span(), &key, "is zero (expected a duration such as \"1m\")".into());
+                        } else if name == "retry_initial" {
+                            acme.retry_initial = d;
+                        } else if name == "retry_max" {
+                            acme.retry_max = d;
+                        } else {
+                            acme.check_interval = d;
+                        }
+                    }
+                }
+                "resolver" => {
+                    acme.resolver = self.parsed(&key, value, "a DNS server address such as \"127.0.0.1:53\"", |t| {
+                        t.parse::<SocketAddr>()
+                            .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                            .map_err(|_| format!("{t:?} is not an address"))
+                    });
+                }
+                _ => {
+                    for (item_key, item) in self.strings(&key, value, "IP addresses") {
+                        if let Some(ip) = self.parsed(&item_key, item, "an IP address", |t| {
+                            t.parse::<IpAddr>().map_err(|_| format!("{t:?} is not an IP address"))
+                        }) {
+                            config.acme.public_addresses.push(ip);
+                        }
+                    }
+                }
+            }
+        }
+        match (kid, hmac) {
+            (Some(kid), Some(hmac)) => config.acme.eab = Some((kid, hmac)),
+            (None, None) => {}
+            _ => {
+                if let Some(span) = eab_span {
+                    self.problem(
+                        span,
+                        "acme.eab_kid",
+                        "an external account binding needs both acme.eab_kid and acme.eab_hmac_key".into(),
+                    );
+                }
+            }
+        }
+        if config.acme.retry_max < config.acme.retry_initial {
+            config.acme.retry_max = config.acme.retry_initial;
         }
     }
 

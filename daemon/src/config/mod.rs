@@ -48,6 +48,79 @@ pub struct DaemonConfig {
     pub scaling: ScalingConfig,
     pub builder: BuilderConfig,
     pub tls: TlsConfig,
+    pub acme: AcmeConfig,
+}
+
+/// Let's Encrypt's production directory: the default CA.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory (`directory = "letsencrypt-staging"`).
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// Automatic certificates (`[acme]`): off until the operator turns them on, which is also
+/// their agreement to the CA's terms of service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub enabled: bool,
+    /// The CA's RFC 8555 directory URL (`letsencrypt` and `letsencrypt-staging` are shorthands).
+    pub directory: String,
+    /// The account's contact address, if any.
+    pub email: Option<String>,
+    /// Trust anchors (PEM) for the directory's HTTPS, instead of the system's: for a private
+    /// or test CA.
+    pub ca_certificates: Option<PathBuf>,
+    /// How names are proved: `http-01` (answered on port 80) or `tls-alpn-01` (on 443).
+    pub challenge: ChallengeKind,
+    /// External account binding: key id and base64url HMAC key, for CAs that require one.
+    pub eab: Option<(String, String)>,
+    /// The first retry after a failed order; each next one doubles (jittered) up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// How often certificates are checked for renewal and domains for their DNS records.
+    pub check_interval: Duration,
+    /// The DNS server asked when a domain's records are checked (`None`: the system's).
+    pub resolver: Option<SocketAddr>,
+    /// This host's public addresses: what a domain's A/AAAA records must point to, and what
+    /// `lull domain add` tells to create. Empty: any address is accepted (the host's
+    /// interface addresses are shown as candidates).
+    pub public_addresses: Vec<IpAddr>,
+    /// An executable that publishes DNS-01 TXT records (`HOOK present NAME VALUE`, `HOOK
+    /// cleanup NAME VALUE`): with it the base domain gets one wildcard certificate.
+    pub dns01_hook: Option<PathBuf>,
+}
+
+/// How ACME validations are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    Http01,
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            enabled: false,
+            directory: LETS_ENCRYPT.to_owned(),
+            email: None,
+            ca_certificates: None,
+            challenge: ChallengeKind::Http01,
+            eab: None,
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(6 * 3600),
+            check_interval: Duration::from_secs(60),
+            resolver: None,
+            public_addresses: Vec::new(),
+            dns01_hook: None,
+        }
+    }
 }
 
 /// Certificates for the HTTPS listener (`[tls]`).
@@ -267,6 +340,7 @@ impl DaemonConfig {
             scaling: ScalingConfig::default(),
             builder: BuilderConfig::default(),
             tls: TlsConfig::default(),
+            acme: AcmeConfig::default(),
         }
     }
 

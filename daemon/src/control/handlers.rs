@@ -162,6 +162,65 @@ pub fn router() -> Router<Control> {
         )
         .route(Method::PUT, "/v1/registries/{host}", put_registry)
         .route(
+            Method::GET,
+            "/v1/domains",
+            |c: Arc<Control>, _| async move { Reply::ok(c.list_domains(None).await?) },
+        )
+        .route(
+            Method::GET,
+            "/v1/services/{name}/domains",
+            |c: Arc<Control>, r| async move {
+                Reply::ok(c.list_domains(Some(r.param("name"))).await?)
+            },
+        )
+        .route(
+            Method::POST,
+            "/v1/services/{name}/domains",
+            |c: Arc<Control>, r| async move {
+                let body: super::domains::AddDomain = r.json()?;
+                Reply::status(
+                    StatusCode::ACCEPTED,
+                    c.add_domain(r.param("name"), body).await?,
+                )
+            },
+        )
+        .route(
+            Method::DELETE,
+            "/v1/services/{name}/domains/{domain}",
+            |c: Arc<Control>, r| async move {
+                Reply::status(
+                    StatusCode::ACCEPTED,
+                    c.remove_domain(r.param("name"), r.param("domain")).await?,
+                )
+            },
+        )
+        .route(
+            Method::GET,
+            "/v1/certificates",
+            |c: Arc<Control>, _| async move { Reply::ok(c.list_certificates()?) },
+        )
+        .route(
+            Method::POST,
+            "/v1/certificates/reload",
+            |c: Arc<Control>, _| async move { Reply::ok(c.reload_certificates()?) },
+        )
+        .route(
+            Method::PUT,
+            "/v1/certificates/{id}",
+            |c: Arc<Control>, r| async move {
+                let body: super::domains::PutCertificate = r.json()?;
+                Reply::ok(c.put_certificate(r.param("id"), body).await?)
+            },
+        )
+        .route(
+            Method::DELETE,
+            "/v1/certificates/{id}",
+            |c: Arc<Control>, r| async move {
+                c.delete_certificate(r.param("id")).await?;
+                Reply::ok(json!({ "deleted": r.param("id") }))
+            },
+        )
+        .route(
             Method::DELETE,
             "/v1/registries/{host}",
             |c: Arc<Control>, r| async move { Reply::ok(c.registry_logout(r.param("host")).await?) },

@@ -3,6 +3,7 @@
 //! engine (what runs). Every answer is an [`ApiError`] or a JSON-ready view.
 
 pub mod build;
+pub mod domains;
 pub mod exec;
 pub mod git;
 pub mod handlers;
@@ -38,6 +39,8 @@ pub struct Control {
     pub key: Option<Arc<crate::secrets::SecretKey>>,
     /// Source builds; `None` where the daemon cannot build (no runtime).
     pub builds: Option<Arc<build::Builds>>,
+    /// Certificates and domains; `None` without an HTTPS listener.
+    pub tls: Option<Arc<domains::TlsControl>>,
 }
 
 /// A service as `GET /v1/services/{name}` shows it.

@@ -1,0 +1,274 @@
+//! One ACME order, end to end: the account (loaded, or created and stored), a new order for a
+//! set of names, each authorization answered with the configured challenge (DNS-01 for a
+//! wildcard), the validations awaited, a fresh P-256 key and CSR, the chain downloaded. Every
+//! answer published is withdrawn afterwards, whatever happened. Revocation with the same
+//! account.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, ExternalAccountKey, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy, RevocationReason, RevocationRequest,
+};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::Mutex;
+
+use super::AcmeError;
+use super::challenges::Challenges;
+use super::files::AcmeDir;
+use crate::config::{AcmeConfig, ChallengeKind};
+
+/// A certificate chain and its key, both PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// Gets certificates for name sets. The real one talks to a CA; tests of the manager use a
+/// fake.
+pub trait Issuer: Send + Sync {
+    /// Orders one certificate covering `names` (the first becomes nothing special: all are
+    /// SANs).
+    fn issue<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Issued, AcmeError>>;
+    /// Revokes `certificate` (DER), reason cessation of operation.
+    fn revoke<'a>(&'a self, certificate: &'a [u8]) -> BoxFuture<'a, Result<(), AcmeError>>;
+}
+
+/// How long the CA gets to validate and to issue.
+const VALIDATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The real issuer.
+pub struct AcmeIssuer {
+    config: AcmeConfig,
+    dir: AcmeDir,
+    challenges: Arc<dyn Challenges>,
+    account: Mutex<Option<Account>>,
+}
+
+/// An answer published during an order, withdrawn when it ends.
+enum Published {
+    Http01(String),
+    TlsAlpn01(String),
+    Dns01(String, String),
+}
+
+impl AcmeIssuer {
+    pub fn new(config: AcmeConfig, dir: AcmeDir, challenges: Arc<dyn Challenges>) -> AcmeIssuer {
+        AcmeIssuer {
+            config,
+            dir,
+            challenges,
+            account: Mutex::new(None),
+        }
+    }
+
+    fn builder(&self) -> Result<instant_acme::AccountBuilder, AcmeError> {
+        match &self.config.ca_certificates {
+            Some(pem) => Account::builder_with_root(pem).map_err(|e| {
+                AcmeError::Other(format!(
+                    "acme.ca_certificates {}: {e}",
+                    pem.display()
+                ))
+            }),
+            None => Ok(Account::builder()?),
+        }
+    }
+
+    /// The account: the one in memory, else the stored one, else a new one (stored).
+    async fn account(&self) -> Result<Account, AcmeError> {
+        let mut slot = self.account.lock().await;
+        if let Some(account) = slot.as_ref() {
+            return Ok(account.clone());
+        }
+        let directory = &self.config.directory;
+        let account = match self.dir.load_account(directory)? {
+            Some(credentials) => self.builder()?.from_credentials(credentials).await?,
+            None => {
+                let contact: Vec<String> =
+                    self.config.email.iter().map(|e| format!("mailto:{e}")).collect();
+                let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let eab = match &self.config.eab {
+                    Some((kid, hmac)) => {
+                        use base64::Engine as _;
+                        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .decode(hmac.trim_end_matches('='))
+                            .map_err(|e| AcmeError::Other(format!("acme.eab_hmac_key: {e}")))?;
+                        Some(ExternalAccountKey::new(kid.clone(), &key))
+                    }
+                    None => None,
+                };
+                let (account, credentials) = self
+                    .builder()?
+                    .create(
+                        &NewAccount {
+                            contact: &contact,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        directory.clone(),
+                        eab.as_ref(),
+                    )
+                    .await?;
+                self.dir.save_account(directory, &credentials)?;
+                tracing::info!(directory, account = account.id(), "ACME account created");
+                account
+            }
+        };
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    async fn order(
+        &self,
+        names: &[String],
+        published: &mut Vec<Published>,
+    ) -> Result<Issued, AcmeError> {
+        let account = self.account().await?;
+        let identifiers: Vec<Identifier> =
+            names.iter().map(|n| Identifier::Dns(n.clone())).collect();
+        let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization?;
+            match authorization.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => {
+                    return Err(AcmeError::Validation {
+                        name: authorization.identifier().to_string(),
+                        detail: format!("its authorization is {other:?}"),
+                    });
+                }
+            }
+            let name = authorization.identifier().to_string();
+            let wildcard = authorization.identifier().wildcard;
+            let (kind, label) = if wildcard {
+                (ChallengeType::Dns01, "dns-01")
+            } else {
+                match self.config.challenge {
+                    ChallengeKind::Http01 => (ChallengeType::Http01, "http-01"),
+                    ChallengeKind::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+                }
+            };
+            let mut challenge =
+                authorization
+                    .challenge(kind.clone())
+                    .ok_or_else(|| AcmeError::NoChallenge {
+                        kind: label,
+                        name: name.clone(),
+                    })?;
+            let key_authorization = challenge.key_authorization();
+            match kind {
+                ChallengeType::Http01 => {
+                    self.challenges
+                        .present_http01(&challenge.token, key_authorization.as_str());
+                    published.push(Published::Http01(challenge.token.clone()));
+                }
+                ChallengeType::TlsAlpn01 => {
+                    self.challenges
+                        .present_tls_alpn01(&name, key_authorization.digest().as_ref())?;
+                    published.push(Published::TlsAlpn01(name.clone()));
+                }
+                _ => {
+                    let value = key_authorization.dns_value();
+                    self.challenges.present_dns01(&name, &value).await?;
+                    published.push(Published::Dns01(name.clone(), value));
+                }
+            }
+            challenge.set_ready().await?;
+        }
+        let retries = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(250))
+            .backoff(1.5)
+            .timeout(VALIDATION_TIMEOUT);
+        let status = order.poll_ready(&retries).await?;
+        if status != OrderStatus::Ready {
+            return Err(self.why_invalid(&mut order, status).await);
+        }
+        let key_pem = order.finalize().await?;
+        let chain_pem = order.poll_certificate(&retries).await?;
+        Ok(Issued { chain_pem, key_pem })
+    }
+
+    /// The CA's reasons for an invalid order: each failed challenge's problem.
+    async fn why_invalid(&self, order: &mut instant_acme::Order, status: OrderStatus) -> AcmeError {
+        let mut reasons = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(Ok(mut authorization)) = authorizations.next().await {
+            let name = authorization.identifier().to_string();
+            if let Ok(state) = authorization.refresh().await {
+                for challenge in &state.challenges {
+                    if let Some(problem) = &challenge.error {
+                        reasons.push(format!("{name}: {}", problem_text(problem)));
+                    }
+                }
+            }
+        }
+        if reasons.is_empty() {
+            AcmeError::Order {
+                status: format!("{status:?}").to_lowercase(),
+                detail: "the CA gave no reason".into(),
+            }
+        } else {
+            AcmeError::Order {
+                status: format!("{status:?}").to_lowercase(),
+                detail: reasons.join("; "),
+            }
+        }
+    }
+
+    async fn withdraw(&self, published: Vec<Published>) {
+        for answer in published {
+            match answer {
+                Published::Http01(token) => self.challenges.remove_http01(&token),
+                Published::TlsAlpn01(name) => self.challenges.remove_tls_alpn01(&name),
+                Published::Dns01(name, value) => self.challenges.remove_dns01(&name, &value).await,
+            }
+        }
+    }
+}
+
+/// A CA problem as one line: its detail and type.
+pub fn problem_text(problem: &instant_acme::Problem) -> String {
+    match (&problem.detail, &problem.r#type) {
+        (Some(detail), Some(kind)) => format!("{detail} ({kind})"),
+        (Some(detail), None) => detail.clone(),
+        (None, Some(kind)) => kind.clone(),
+        (None, None) => "no detail".into(),
+    }
+}
+
+impl Issuer for AcmeIssuer {
+    fn issue<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Issued, AcmeError>> {
+        Box::pin(async move {
+            let mut published = Vec::new();
+            let result = self.order(names, &mut published).await;
+            self.withdraw(published).await;
+            if let Err(AcmeError::Protocol(instant_acme::Error::Api(problem))) = &result {
+                if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist")
+                {
+                    // The CA forgot the account (a test CA restarted): make a new one next time.
+                    *self.account.lock().await = None;
+                }
+            }
+            result
+        })
+    }
+
+    fn revoke<'a>(&'a self, certificate: &'a [u8]) -> BoxFuture<'a, Result<(), AcmeError>> {
+        Box::pin(async move {
+            let account = self.account().await?;
+            let der = CertificateDer::from(certificate);
+            account
+                .revoke(&RevocationRequest {
+                    certificate: &der,
+                    reason: Some(RevocationReason::CessationOfOperation),
+                })
+                .await?;
+            Ok(())
+        })
+    }
+}
