@@ -113,6 +113,40 @@ impl Default for Limits {
     }
 }
 
+/// HTTP Strict Transport Security (RFC 6797): what the `Strict-Transport-Security` header sent
+/// on a service's HTTPS responses says.
+///
+/// **A browser that has seen it refuses plain HTTP to that host for `max_age`**, with no way
+/// for the user to click through a certificate error: turn it on only once HTTPS works for
+/// every name the service answers on, and keep it working. `include_subdomains` extends that
+/// to every name under the host (including ones served by something else); `preload` asks
+/// browsers to ship the rule built in (after submission to hstspreload.org), which takes
+/// months to undo. A `max_age` of zero tells browsers to forget an earlier rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hsts {
+    /// How long browsers remember the rule (whole seconds).
+    pub max_age: Duration,
+    pub include_subdomains: bool,
+    pub preload: bool,
+}
+
+/// The least `max_age` hstspreload.org accepts with `preload`: one year.
+pub const HSTS_PRELOAD_MIN_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl Hsts {
+    /// The header's value: `max-age=N[; includeSubDomains][; preload]`.
+    pub fn header_value(&self) -> String {
+        let mut value = format!("max-age={}", self.max_age.as_secs());
+        if self.include_subdomains {
+            value.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            value.push_str("; preload");
+        }
+        value
+    }
+}
+
 /// One service's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
@@ -138,6 +172,14 @@ pub struct ServiceConfig {
     pub streams_keep_cpu: bool,
     /// What a paused service's 503 says in `Retry-After`.
     pub paused_retry_after: Duration,
+    /// On the plain-HTTP listeners, answer with a redirect to HTTPS (301 for GET and HEAD,
+    /// 308 for the rest) when the proxy holds a certificate for the request's host; hosts
+    /// under `.localhost` and ACME's HTTP-01 challenges stay on plain HTTP. See
+    /// [`crate::Proxy::set_edge`].
+    pub https_redirect: bool,
+    /// `Strict-Transport-Security` on responses sent over HTTPS (unless the app sent its
+    /// own); `None`: not sent. Read the risks in [`Hsts`] before turning it on.
+    pub hsts: Option<Hsts>,
 }
 
 impl Default for ServiceConfig {
@@ -155,6 +197,8 @@ impl Default for ServiceConfig {
             freeze_after: None,
             streams_keep_cpu: true,
             paused_retry_after: Duration::from_secs(30),
+            https_redirect: true,
+            hsts: None,
         }
     }
 }
@@ -244,6 +288,26 @@ impl ServiceConfig {
                 );
             }
         }
+        if let Some(hsts) = &self.hsts {
+            if hsts.max_age.subsec_nanos() != 0 {
+                return err("hsts.max_age", "must be whole seconds".into());
+            }
+            if hsts.preload && !hsts.include_subdomains {
+                return err(
+                    "hsts.preload",
+                    "needs include_subdomains (browsers' preload lists require it)".into(),
+                );
+            }
+            if hsts.preload && hsts.max_age < HSTS_PRELOAD_MIN_AGE {
+                return err(
+                    "hsts.preload",
+                    format!(
+                        "needs a max_age of at least {}s (one year; browsers' preload lists require it)",
+                        HSTS_PRELOAD_MIN_AGE.as_secs()
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -260,6 +324,28 @@ mod tests {
         assert_eq!(c.timeouts.request, Duration::from_secs(900));
         assert_eq!(c.cpu, CpuMode::Request);
         assert!(c.timeouts.upstream_idle < Duration::from_secs(5));
+        assert!(c.https_redirect);
+        assert_eq!(c.hsts, None, "HSTS is never on unless asked for");
+    }
+
+    #[test]
+    fn hsts_header_values() {
+        let mut h = Hsts {
+            max_age: Duration::from_secs(31_536_000),
+            include_subdomains: false,
+            preload: false,
+        };
+        assert_eq!(h.header_value(), "max-age=31536000");
+        h.include_subdomains = true;
+        assert_eq!(h.header_value(), "max-age=31536000; includeSubDomains");
+        h.preload = true;
+        assert_eq!(
+            h.header_value(),
+            "max-age=31536000; includeSubDomains; preload"
+        );
+        let mut c = ServiceConfig::default();
+        c.hsts = Some(h);
+        c.validate().unwrap();
     }
 
     #[test]
@@ -302,6 +388,36 @@ mod tests {
                         min_status: 400,
                         max_status: 200,
                     }
+                }),
+            ),
+            (
+                "hsts.max_age",
+                Box::new(|c| {
+                    c.hsts = Some(Hsts {
+                        max_age: Duration::from_millis(1500),
+                        include_subdomains: false,
+                        preload: false,
+                    })
+                }),
+            ),
+            (
+                "hsts.preload",
+                Box::new(|c| {
+                    c.hsts = Some(Hsts {
+                        max_age: HSTS_PRELOAD_MIN_AGE,
+                        include_subdomains: false,
+                        preload: true,
+                    })
+                }),
+            ),
+            (
+                "hsts.preload",
+                Box::new(|c| {
+                    c.hsts = Some(Hsts {
+                        max_age: Duration::from_secs(3600),
+                        include_subdomains: true,
+                        preload: true,
+                    })
                 }),
             ),
         ];

@@ -43,9 +43,11 @@ use tracing::Instrument;
 
 use crate::access_log::AccessEntry;
 use crate::config::{ServiceConfig, UpstreamProtocol};
+use crate::edge::EdgeSlot;
 use crate::headers::{self, Origin};
 use crate::pool::{Lease, Rejected};
 use crate::routes::{Route, RouteTable};
+use crate::tls::http01;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the proxy answers with.
@@ -678,9 +680,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Handles one request from a client.
 pub(crate) async fn handle(
     routes: &RouteTable,
+    edge: &EdgeSlot,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let tls = conn.proto == "https";
+    // ACME's HTTP-01 challenges, for any Host and before routing (see `crate::edge`): one
+    // prefix comparison for every other request.
+    if !tls && req.uri().path().starts_with(http01::ACME_CHALLENGE_PREFIX) {
+        let edge = edge.get();
+        return http01::answer(
+            edge.as_ref().map(|e| &*e.http01),
+            req.method(),
+            req.uri().path(),
+        );
+    }
     let start = Instant::now();
     conn.active.fetch_add(1, Ordering::AcqRel);
     let active = ActiveGuard(conn.active.clone());
@@ -723,6 +737,17 @@ pub(crate) async fn handle(
             started_at: chrono::Utc::now(),
         })
     });
+    let redirect = if !tls && route.pool.config().https_redirect {
+        crate::edge::redirect(
+            edge,
+            &crate::routes::normalized(host),
+            req.method(),
+            req.uri().path_and_query().map(|p| p.as_str()),
+        )
+    } else {
+        None
+    };
+    let hsts = if tls { route.hsts.clone() } else { None };
     let span = tracing::debug_span!(
         "request",
         service = %route.pool.service(),
@@ -740,9 +765,16 @@ pub(crate) async fn handle(
         log,
         _active: active,
     };
-    forward(conn, req, host_value, finish)
+    if let Some(resp) = redirect {
+        return answer(finish, resp);
+    }
+    let mut resp = forward(conn, req, host_value, finish)
         .instrument(span)
-        .await
+        .await;
+    if let Some(hsts) = hsts {
+        crate::edge::add_hsts(&mut resp, hsts);
+    }
+    resp
 }
 
 fn answer(mut finish: Finish, resp: Response<ProxyBody>) -> Response<ProxyBody> {

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod config;
 pub mod demand;
+pub mod edge;
 pub mod forward;
 pub mod gate;
 pub mod headers;
@@ -16,5 +17,6 @@ pub mod server;
 mod sync;
 pub mod tls;
 
+pub use edge::Edge;
 pub use routes::{Route, RouteTable};
 pub use server::{Proxy, ProxyOptions, ShutdownReport};

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use http::HeaderValue;
+
 use crate::access_log::AccessLog;
 use crate::forward::Upstream;
 use crate::pool::Pool;
@@ -17,16 +19,24 @@ pub struct Route {
     pub access_log: Option<Arc<AccessLog>>,
     /// Connections to the pool's instances, built from the pool's settings.
     pub(crate) upstream: Upstream,
+    /// The pool's `hsts` setting as a header value, made once.
+    pub(crate) hsts: Option<HeaderValue>,
 }
 
 impl Route {
     pub fn new(pool: Arc<Pool>, revision: &str) -> Route {
         let upstream = Upstream::new(pool.config());
+        let hsts = pool
+            .config()
+            .hsts
+            .as_ref()
+            .and_then(|h| HeaderValue::from_str(&h.header_value()).ok());
         Route {
             pool,
             revision: revision.to_string(),
             access_log: None,
             upstream,
+            hsts,
         }
     }
 
@@ -118,7 +128,7 @@ pub fn normalize_host(host: &str) -> String {
 }
 
 /// [`normalize_host`], borrowing `host` when nothing needs to change but cutting.
-fn normalized(host: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn normalized(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.trim();
     let bare = if host.starts_with('[') {
         match host.find(']') {

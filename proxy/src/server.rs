@@ -28,6 +28,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::edge::{Edge, EdgeSlot};
 use crate::forward::{self, Activity, ConnInfo, StreamCount, Touch};
 use crate::routes::RouteTable;
 
@@ -103,6 +104,7 @@ pub struct ShutdownReport {
 
 struct Shared {
     routes: Arc<RouteTable>,
+    edge: EdgeSlot,
     options: ProxyOptions,
     builder: auto::Builder<TokioExecutor>,
     /// true: stop accepting and finish what is in flight.
@@ -141,6 +143,7 @@ impl Proxy {
         Proxy {
             shared: Arc::new(Shared {
                 routes,
+                edge: EdgeSlot::default(),
                 options,
                 builder,
                 drain: watch::channel(false).0,
@@ -160,6 +163,20 @@ impl Proxy {
 
     pub fn options(&self) -> &ProxyOptions {
         &self.shared.options
+    }
+
+    /// Gives the proxy its HTTPS edge (see [`crate::edge`]): the HTTP-01 challenges its
+    /// plain-HTTP listeners answer, the certificates that decide which hosts are redirected
+    /// to HTTPS, and the port redirects name. Callable at any time, before or after listeners
+    /// start; requests after the call see the new edge. Until it is called, challenge paths
+    /// get 404 and nothing is redirected.
+    pub fn set_edge(&self, edge: Edge) {
+        self.shared.edge.set(edge);
+    }
+
+    /// The edge given with [`Proxy::set_edge`], if any.
+    pub fn edge(&self) -> Option<Arc<Edge>> {
+        self.shared.edge.get()
     }
 
     /// Open client connections (not counting upgraded ones).
@@ -581,11 +598,15 @@ where
         closing: shared.close.subscribe(),
         streams: shared.streams.clone(),
     };
-    let routes = shared.routes.clone();
+    let handling = shared.clone();
     let service = service_fn(move |req| {
-        let routes = routes.clone();
+        let shared = handling.clone();
         let info = info.clone();
-        async move { Ok::<_, std::convert::Infallible>(forward::handle(&routes, &info, req).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                forward::handle(&shared.routes, &shared.edge, &info, req).await,
+            )
+        }
     });
     let heard = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(Touch::new(

@@ -6,6 +6,8 @@
 //! - [`certificate`]: certificates loaded from files and validated ([`Certificate`]).
 //! - [`store`]: the resolver updated at runtime ([`CertStore`]): per-SNI, wildcard aware,
 //!   a default certificate for unknown names, ACME challenge certificates.
+//! - [`http01`]: ACME's HTTP-01 challenges, answered on the plain-HTTP listeners
+//!   ([`Http01Challenges`]).
 //!
 //! ```text
 //! let store = Arc::new(CertStore::with_generated_default()?);
@@ -16,6 +18,7 @@
 
 pub mod certificate;
 mod der;
+pub mod http01;
 pub mod store;
 
 use std::path::Path;
@@ -27,6 +30,7 @@ use rustls::server::ResolvesServerCert;
 use tokio_rustls::TlsAcceptor;
 
 pub use certificate::{Certificate, CertificateError, CertificateFiles};
+pub use http01::{ACME_CHALLENGE_PREFIX, Http01Challenges};
 pub use store::{ACME_TLS_ALPN, CertStore, DEFAULT_NAME, StoreError};
 
 /// Sessions remembered for resumption by session ID (TLS 1.2 clients without tickets).

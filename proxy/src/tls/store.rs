@@ -156,6 +156,19 @@ impl CertStore {
         self.current().sources.clone()
     }
 
+    /// Whether a certificate served now names `name` (exactly, or by a wildcard one label
+    /// up), as opposed to `name` getting the default certificate. Challenge certificates do
+    /// not count. What the plain-HTTP listeners ask before redirecting to HTTPS.
+    pub fn covers(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        let snapshot = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            snapshot.covers(&name.to_ascii_lowercase())
+        } else {
+            snapshot.covers(name)
+        }
+    }
+
     /// The certificate a handshake with `server_name` gets (`None` SNI: the default), as
     /// [`ResolvesServerCert::resolve`] chooses it for a client not offering `acme-tls/1`.
     pub fn lookup(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
@@ -173,6 +186,18 @@ impl Snapshot {
             wildcard: self.wildcard.clone(),
             challenges,
             sources: self.sources.clone(),
+        }
+    }
+
+    fn covers(&self, name: &str) -> bool {
+        if self.exact.contains_key(name) {
+            return true;
+        }
+        match name.split_once('.') {
+            Some((label, parent)) if !label.is_empty() && !parent.is_empty() => {
+                self.wildcard.contains_key(parent)
+            }
+            _ => false,
         }
     }
 

@@ -392,3 +392,35 @@ fn single_certificate_config_serves_it_to_everyone() {
     );
     assert_eq!(handshake(&config, None, &[]).unwrap().0, leaf(&c));
 }
+
+#[test]
+fn covers_names_real_certificates_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_cert(dir.path(), "c", &["a.test", "*.w.test"], (2020, 2040));
+    let store = CertStore::with_generated_default().unwrap();
+    assert!(!store.covers("a.test"), "nothing but the default yet");
+    assert!(
+        !store.covers(DEFAULT_NAME),
+        "the default certificate is not a real one"
+    );
+    store.replace(vec![load(&files)]);
+    for name in ["a.test", "A.Test", "a.test.", "x.w.test"] {
+        assert!(store.covers(name), "{name}");
+    }
+    for name in [
+        "b.test",
+        "w.test",
+        "a.x.w.test",
+        ".w.test",
+        DEFAULT_NAME,
+        "",
+    ] {
+        assert!(!store.covers(name), "{name}");
+    }
+    let challenge = make_cert(dir.path(), "ch", &["acme.test"], (2020, 2040));
+    store.set_challenge("acme.test", load(&challenge).key);
+    assert!(
+        !store.covers("acme.test"),
+        "a challenge certificate is not a real one"
+    );
+}
