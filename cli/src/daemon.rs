@@ -396,6 +396,8 @@ pub struct Running {
     control: Arc<Control>,
     stop_tx: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The ACME manager's passes: they run until the daemon stops.
+    acme_task: tokio::task::JoinHandle<()>,
     /// Duplicates of the admin socket and the metrics socket, to pass on.
     admin_fd: OwnedFd,
     metrics_fd: Option<OwnedFd>,
@@ -523,6 +525,17 @@ impl Running {
                 recovered.stopped.len()
             );
         }
+        let certs = Arc::new(certs);
+        let http01 = Arc::new(lull_proxy::tls::Http01Challenges::new());
+        proxy.set_edge(lull_proxy::Edge {
+            http01: http01.clone(),
+            certificates: Some(certs.store().clone()),
+            https_port: https_port.unwrap_or(443),
+        });
+        let (tls_control, acme_task) =
+            lull_daemon::control::domains::start_tls(config, store.clone(), certs.clone(), http01)
+                .map_err(|e| anyhow::anyhow!("certificates and ACME: {e}"))?;
+        let acme_metrics = tls_control.acme.clone();
         let control = Arc::new(Control {
             store: store.clone(),
             engine,
@@ -530,6 +543,7 @@ impl Running {
             http_port,
             key: Some(key),
             builds,
+            tls: Some(tls_control),
         });
         start_services(&control).await;
 
@@ -588,7 +602,7 @@ impl Running {
                         .context("duplicate the metrics socket")?,
                 );
                 let sources: Vec<Arc<dyn MetricsSource>> =
-                    vec![daemon_metrics, proxy_metrics, scaling_metrics];
+                    vec![daemon_metrics, proxy_metrics, scaling_metrics, acme_metrics];
                 let health_store = store.clone();
                 let health: telemetry::HealthFn = Arc::new(move || {
                     health_store
@@ -619,6 +633,7 @@ impl Running {
             control,
             stop_tx,
             tasks,
+            acme_task,
             admin_fd,
             metrics_fd,
         })
@@ -753,6 +768,7 @@ impl Running {
     /// running; the next daemon adopts them.
     pub async fn stop(self) {
         let _ = self.stop_tx.send(true);
+        self.acme_task.abort();
         let report = self.proxy.shutdown(DRAIN_GRACE).await;
         tracing::info!(?report, "proxy drained");
         for task in self.tasks {

@@ -102,6 +102,13 @@ enum Command {
     /// Credentials for pulling from private registries.
     #[command(subcommand)]
     Registry(secrets::RegistryCommand),
+    /// Custom domains: add one (with the DNS records to create), list their certificates
+    /// status, remove one.
+    #[command(subcommand, after_long_help = client::EXIT_CODES)]
+    Domain(client::domain::DomainCommand),
+    /// Certificates served on HTTPS: list, add an operator's, remove, reload lull.toml's.
+    #[command(subcommand, after_long_help = client::EXIT_CODES)]
+    Cert(client::domain::CertCommand),
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]
     Zygote,
@@ -202,6 +209,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status => Ok(client::status::run(&cli.client).await),
         Command::Secret(cmd) => Ok(secrets::run_secret(&cli.client, cmd).await),
         Command::Registry(cmd) => Ok(secrets::run_registry(&cli.client, cmd).await),
+        Command::Domain(cmd) => Ok(client::domain::run_domain(&cli.client, cmd).await),
+        Command::Cert(cmd) => Ok(client::domain::run_cert(&cli.client, cmd).await),
         Command::Zygote => unreachable!("dispatched before argument parsing"),
     }
 }

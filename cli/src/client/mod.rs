@@ -16,6 +16,7 @@
 //! | 6 | anything else (daemon internal error, unexpected answer) |
 
 pub mod deploy;
+pub mod domain;
 pub mod events;
 pub mod exec;
 pub mod image;

@@ -21,8 +21,11 @@ pub trait Challenges: Send + Sync {
     fn present_tls_alpn01(&self, name: &str, digest: &[u8]) -> Result<(), AcmeError>;
     fn remove_tls_alpn01(&self, name: &str);
     /// The TXT record `_acme-challenge.<name>` holds `value`.
-    fn present_dns01<'a>(&'a self, name: &'a str, value: &'a str)
-    -> BoxFuture<'a, Result<(), AcmeError>>;
+    fn present_dns01<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<(), AcmeError>>;
     fn remove_dns01<'a>(&'a self, name: &'a str, value: &'a str) -> BoxFuture<'a, ()>;
     /// Whether DNS-01 can be answered (a hook is configured).
     fn can_dns01(&self) -> bool;
@@ -83,7 +86,8 @@ pub fn tls_alpn01_certificate(
     name: &str,
     digest: &[u8],
 ) -> Result<Arc<rustls::sign::CertifiedKey>, AcmeError> {
-    let fail = |e: rcgen::Error| AcmeError::Other(format!("TLS-ALPN-01 certificate for {name}: {e}"));
+    let fail =
+        |e: rcgen::Error| AcmeError::Other(format!("TLS-ALPN-01 certificate for {name}: {e}"));
     let key = rcgen::KeyPair::generate().map_err(fail)?;
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(fail)?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];

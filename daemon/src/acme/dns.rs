@@ -164,7 +164,10 @@ mod tests {
 
     #[test]
     fn records_name_the_addresses_and_the_cname_alternative() {
-        let public: Vec<IpAddr> = vec!["203.0.113.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        let public: Vec<IpAddr> = vec![
+            "203.0.113.7".parse().unwrap(),
+            "2001:db8::7".parse().unwrap(),
+        ];
         let r = records("shop.example.com", &public, Some("web.apps.example.net"));
         let lines: Vec<String> = r
             .iter()

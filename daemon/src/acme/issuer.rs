@@ -68,10 +68,7 @@ impl AcmeIssuer {
     fn builder(&self) -> Result<instant_acme::AccountBuilder, AcmeError> {
         match &self.config.ca_certificates {
             Some(pem) => Account::builder_with_root(pem).map_err(|e| {
-                AcmeError::Other(format!(
-                    "acme.ca_certificates {}: {e}",
-                    pem.display()
-                ))
+                AcmeError::Other(format!("acme.ca_certificates {}: {e}", pem.display()))
             }),
             None => Ok(Account::builder()?),
         }
@@ -87,8 +84,12 @@ impl AcmeIssuer {
         let account = match self.dir.load_account(directory)? {
             Some(credentials) => self.builder()?.from_credentials(credentials).await?,
             None => {
-                let contact: Vec<String> =
-                    self.config.email.iter().map(|e| format!("mailto:{e}")).collect();
+                let contact: Vec<String> = self
+                    .config
+                    .email
+                    .iter()
+                    .map(|e| format!("mailto:{e}"))
+                    .collect();
                 let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
                 let eab = match &self.config.eab {
                     Some((kid, hmac)) => {
@@ -248,7 +249,8 @@ impl Issuer for AcmeIssuer {
             let result = self.order(names, &mut published).await;
             self.withdraw(published).await;
             if let Err(AcmeError::Protocol(instant_acme::Error::Api(problem))) = &result {
-                if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist")
+                if problem.r#type.as_deref()
+                    == Some("urn:ietf:params:acme:error:accountDoesNotExist")
                 {
                     // The CA forgot the account (a test CA restarted): make a new one next time.
                     *self.account.lock().await = None;

@@ -38,7 +38,8 @@ use crate::store::NewEvent;
 use crate::telemetry::MetricsSource;
 
 /// Which names each service answers on (`(service, names)`), as the control plane knows now.
-pub type WantedSource = Arc<dyn Fn() -> BoxFuture<'static, Vec<(String, Vec<String>)>> + Send + Sync>;
+pub type WantedSource =
+    Arc<dyn Fn() -> BoxFuture<'static, Vec<(String, Vec<String>)>> + Send + Sync>;
 /// Where events go (the state store, in the daemon).
 pub type EventSink = Arc<dyn Fn(NewEvent) + Send + Sync>;
 
@@ -300,7 +301,9 @@ impl AcmeManager {
                 directory: self.config.directory.clone(),
                 issued_at: Utc::now(),
             };
-            let stored = self.dir.save_cert(&meta, &issued.chain_pem, &issued.key_pem)?;
+            let stored = self
+                .dir
+                .save_cert(&meta, &issued.chain_pem, &issued.key_pem)?;
             let certificate = Certificate::load(&stored.files, Utc::now())
                 .map_err(|e| super::AcmeError::Other(format!("the issued certificate: {e}")))?;
             Ok(Held {
@@ -504,7 +507,10 @@ impl AcmeManager {
                 } else if let Some(f) = failure {
                     (NameStatus::Failed, Some(f.error.clone()))
                 } else {
-                    (NameStatus::Pending, Some("waiting for the next pass".to_owned()))
+                    (
+                        NameStatus::Pending,
+                        Some("waiting for the next pass".to_owned()),
+                    )
                 };
                 out.push(NameView {
                     name: name.clone(),
@@ -536,7 +542,10 @@ impl MetricsSource for AcmeManager {
             out,
             "# HELP lull_certificate_expiry_timestamp_seconds When the certificate served for a name expires (ACME), Unix time."
         );
-        let _ = writeln!(out, "# TYPE lull_certificate_expiry_timestamp_seconds gauge");
+        let _ = writeln!(
+            out,
+            "# TYPE lull_certificate_expiry_timestamp_seconds gauge"
+        );
         let mut seen = BTreeSet::new();
         let state = self.state();
         for h in &state.held {

@@ -605,21 +605,32 @@ impl Walk<'_> {
                     }
                 }
                 "directory" => {
-                    if let Some(url) = self.parsed(&key, value, "an https:// URL, \"letsencrypt\" or \"letsencrypt-staging\"", |t| {
-                        match t {
+                    if let Some(url) = self.parsed(
+                        &key,
+                        value,
+                        "an https:// URL, \"letsencrypt\" or \"letsencrypt-staging\"",
+                        |t| match t {
                             "letsencrypt" => Ok(super::LETS_ENCRYPT.to_owned()),
                             "letsencrypt-staging" => Ok(super::LETS_ENCRYPT_STAGING.to_owned()),
-                            _ if t.starts_with("https://") && t.len() > "https://".len() => Ok(t.to_owned()),
+                            _ if t.starts_with("https://") && t.len() > "https://".len() => {
+                                Ok(t.to_owned())
+                            }
                             _ => Err(format!("{t:?} is not an https:// URL")),
-                        }
-                    }) {
+                        },
+                    ) {
                         acme.directory = url;
                     }
                 }
                 "email" => {
                     acme.email = self.parsed(&key, value, "an email address", |t| {
                         match t.split_once('@') {
-                            Some((user, host)) if !user.is_empty() && host.contains('.') && !t.contains(char::is_whitespace) => Ok(t.to_owned()),
+                            Some((user, host))
+                                if !user.is_empty()
+                                    && host.contains('.')
+                                    && !t.contains(char::is_whitespace) =>
+                            {
+                                Ok(t.to_owned())
+                            }
                             _ => Err(format!("{t:?} is not an email address")),
                         }
                     });
@@ -627,17 +638,21 @@ impl Walk<'_> {
                 "ca_certificates" => acme.ca_certificates = self.path(&key, value),
                 "dns01_hook" => acme.dns01_hook = self.path(&key, value),
                 "challenge" => {
-                    if let Some(kind) = self.parsed(&key, value, "\"http-01\" or \"tls-alpn-01\"", |t| match t {
-                        "http-01" => Ok(super::ChallengeKind::Http01),
-                        "tls-alpn-01" => Ok(super::ChallengeKind::TlsAlpn01),
-                        _ => Err(format!("{t:?} is not a challenge lull answers")),
-                    }) {
+                    if let Some(kind) =
+                        self.parsed(&key, value, "\"http-01\" or \"tls-alpn-01\"", |t| match t {
+                            "http-01" => Ok(super::ChallengeKind::Http01),
+                            "tls-alpn-01" => Ok(super::ChallengeKind::TlsAlpn01),
+                            _ => Err(format!("{t:?} is not a challenge lull answers")),
+                        })
+                    {
                         acme.challenge = kind;
                     }
                 }
                 "eab_kid" => {
                     eab_span = Some(value.span());
-                    kid = self.string(&key, value, "the CA's key id").map(str::to_owned);
+                    kid = self
+                        .string(&key, value, "the CA's key id")
+                        .map(str::to_owned);
                 }
                 "eab_hmac_key" => {
                     eab_span = Some(value.span());
@@ -652,7 +667,11 @@ impl Walk<'_> {
                 name @ ("retry_initial" | "retry_max" | "check_interval") => {
                     if let Some(d) = self.duration(&key, value) {
                         if d.is_zero() {
-                            self.problem(value.span(), &key, "is zero (expected a duration such as \"1m\")".into());
+                            self.problem(
+                                value.span(),
+                                &key,
+                                "is zero (expected a duration such as \"1m\")".into(),
+                            );
                         } else if name == "retry_initial" {
                             acme.retry_initial = d;
                         } else if name == "retry_max" {
@@ -663,16 +682,22 @@ impl Walk<'_> {
                     }
                 }
                 "resolver" => {
-                    acme.resolver = self.parsed(&key, value, "a DNS server address such as \"127.0.0.1:53\"", |t| {
-                        t.parse::<SocketAddr>()
-                            .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                            .map_err(|_| format!("{t:?} is not an address"))
-                    });
+                    acme.resolver = self.parsed(
+                        &key,
+                        value,
+                        "a DNS server address such as \"127.0.0.1:53\"",
+                        |t| {
+                            t.parse::<SocketAddr>()
+                                .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                                .map_err(|_| format!("{t:?} is not an address"))
+                        },
+                    );
                 }
                 _ => {
                     for (item_key, item) in self.strings(&key, value, "IP addresses") {
                         if let Some(ip) = self.parsed(&item_key, item, "an IP address", |t| {
-                            t.parse::<IpAddr>().map_err(|_| format!("{t:?} is not an IP address"))
+                            t.parse::<IpAddr>()
+                                .map_err(|_| format!("{t:?} is not an IP address"))
                         }) {
                             config.acme.public_addresses.push(ip);
                         }
@@ -688,7 +713,8 @@ impl Walk<'_> {
                     self.problem(
                         span,
                         "acme.eab_kid",
-                        "an external account binding needs both acme.eab_kid and acme.eab_hmac_key".into(),
+                        "an external account binding needs both acme.eab_kid and acme.eab_hmac_key"
+                            .into(),
                     );
                 }
             }

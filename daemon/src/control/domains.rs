@@ -131,7 +131,11 @@ impl Control {
 
     /// Adds `domain` (and `www.<domain>`) to `service`: a new revision answering on it, the
     /// DNS records to create, and what DNS says now.
-    pub async fn add_domain(&self, service: &str, body: AddDomain) -> Result<DomainAdded, ApiError> {
+    pub async fn add_domain(
+        &self,
+        service: &str,
+        body: AddDomain,
+    ) -> Result<DomainAdded, ApiError> {
         let tls = self.tls_control()?;
         let domain = check_domain(&body.domain)?;
         let mut names = vec![domain.clone()];
@@ -152,11 +156,16 @@ impl Control {
                 service: service.to_owned(),
                 revision: 0,
                 operation: None,
-                note: Some(format!("{} already answers on {}", service, names.join(", "))),
+                note: Some(format!(
+                    "{} already answers on {}",
+                    service,
+                    names.join(", ")
+                )),
             }
         } else {
             hostnames.extend(missing);
-            self.update(service, json!({ "hostnames": hostnames })).await?
+            self.update(service, json!({ "hostnames": hostnames }))
+                .await?
         };
         let acme = tls.acme.config();
         let configured = !acme.public_addresses.is_empty();
@@ -320,7 +329,9 @@ impl Control {
         let tls = self.tls_control()?;
         check_id(id)?;
         if !tls.certificates.remove_api(id) {
-            return Err(ApiError::not_found(format!("no certificate {id} (see lull cert list)")));
+            return Err(ApiError::not_found(format!(
+                "no certificate {id} (see lull cert list)"
+            )));
         }
         let _ = std::fs::remove_dir_all(tls.api_dir.join(id));
         tls.acme.wake();
