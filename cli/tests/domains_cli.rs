@@ -110,9 +110,12 @@ async fn domains_and_operator_certificates() {
         .await
         .expect(3);
 
-    let added = lull(&socket, &["domain", "add", "web", "shop.example.com", "--www"])
-        .await
-        .expect(0);
+    let added = lull(
+        &socket,
+        &["domain", "add", "web", "shop.example.com", "--www"],
+    )
+    .await
+    .expect(0);
     let out = &added.stdout;
     for line in [
         "shop.example.com",
@@ -138,19 +141,35 @@ async fn domains_and_operator_certificates() {
     assert!(taken.stderr.contains("service web's"), "{taken:#?}");
 
     let listed = lull(&socket, &["domain", "list", "web"]).await.expect(0);
-    for line in ["shop.example.com", "www.shop.example.com", "web.apps.example.net", "pending", "ACME is off"] {
-        assert!(listed.stdout.contains(line), "{line:?} missing from:\n{}", listed.stdout);
+    for line in [
+        "shop.example.com",
+        "www.shop.example.com",
+        "web.apps.example.net",
+        "pending",
+        "ACME is off",
+    ] {
+        assert!(
+            listed.stdout.contains(line),
+            "{line:?} missing from:\n{}",
+            listed.stdout
+        );
     }
     // No certificate for the domain yet: port 80 serves it plainly.
     let (status, _) = head(plane.proxy_addr, "shop.example.com").await;
     assert_eq!(status, 200);
 
     // An operator's certificate: a bad pair is refused naming the files; a good one is served.
-    let (good_cert, good_key) = write_cert(dir.path(), "shop", &["shop.example.com", "www.shop.example.com"]);
+    let (good_cert, good_key) = write_cert(
+        dir.path(),
+        "shop",
+        &["shop.example.com", "www.shop.example.com"],
+    );
     let (_, other_key) = write_cert(dir.path(), "other", &["other.example.com"]);
     let refused = lull(
         &socket,
-        &["cert", "add", "shop", "--cert", &good_cert, "--key", &other_key],
+        &[
+            "cert", "add", "shop", "--cert", &good_cert, "--key", &other_key,
+        ],
     )
     .await
     .expect(2);
@@ -160,14 +179,27 @@ async fn domains_and_operator_certificates() {
     );
     let missing = lull(
         &socket,
-        &["cert", "add", "shop", "--cert", "/nonexistent.pem", "--key", &good_key],
+        &[
+            "cert",
+            "add",
+            "shop",
+            "--cert",
+            "/nonexistent.pem",
+            "--key",
+            &good_key,
+        ],
     )
     .await
     .expect(2);
     assert!(missing.stderr.contains("/nonexistent.pem"), "{missing:#?}");
-    lull(&socket, &["cert", "add", "shop", "--cert", &good_cert, "--key", &good_key])
-        .await
-        .expect(0);
+    lull(
+        &socket,
+        &[
+            "cert", "add", "shop", "--cert", &good_cert, "--key", &good_key,
+        ],
+    )
+    .await
+    .expect(0);
     let certs = lull(&socket, &["cert", "list"]).await.expect(0);
     assert!(
         certs.stdout.contains("api (shop)") && certs.stdout.contains("www.shop.example.com"),
@@ -177,7 +209,11 @@ async fn domains_and_operator_certificates() {
     // The operator's certificate covers the domain: ACME leaves it alone, and port 80 now
     // redirects it to HTTPS (web.localhost stays plain).
     let listed = lull(&socket, &["domain", "list", "web"]).await.expect(0);
-    assert!(!listed.stdout.contains("www.shop.example.com"), "{}", listed.stdout);
+    assert!(
+        !listed.stdout.contains("www.shop.example.com"),
+        "{}",
+        listed.stdout
+    );
     let https_port = plane.https_addr.unwrap().port();
     let (status, location) = head(plane.proxy_addr, "shop.example.com").await;
     assert_eq!(status, 301);
@@ -196,7 +232,11 @@ async fn domains_and_operator_certificates() {
         .await
         .expect(0);
     let listed = lull(&socket, &["domain", "list", "web"]).await.expect(0);
-    assert!(!listed.stdout.contains("shop.example.com"), "{}", listed.stdout);
+    assert!(
+        !listed.stdout.contains("shop.example.com"),
+        "{}",
+        listed.stdout
+    );
     lull(&socket, &["domain", "remove", "web", "shop.example.com"])
         .await
         .expect(3);

@@ -10,6 +10,9 @@
 //!   lifetime, then the CA goes down: renewal fails with an event saying why, the current
 //!   certificate keeps being served, and the expiry warning fires.
 //!
+//! - DNS-01 through the operator's hook (a script driving challtestsrv's TXT records): the
+//!   base domain's wildcard certificate, serving every service under it.
+//!
 //! Needs the `pebble` package (`pebble`, `pebble-challtestsrv`); CI installs it. Without it
 //! the tests say so and pass, unless `LULL_REQUIRE_TOOLS` is set (CI sets it).
 
@@ -68,6 +71,8 @@ struct Pebble {
     management: SocketAddr,
     dns: SocketAddr,
     ca: PathBuf,
+    /// challtestsrv's management API (set and clear TXT records).
+    dns_management: SocketAddr,
     pebble: Option<Proc>,
     _dns_server: Proc,
 }
@@ -146,6 +151,7 @@ impl Pebble {
             management,
             dns,
             ca,
+            dns_management: SocketAddr::from(([127, 0, 0, 1], dns_management)),
             pebble: None,
             _dns_server: dns_server,
         };
@@ -563,5 +569,94 @@ async fn tls_alpn01_renews_and_keeps_serving_through_a_ca_outage() {
             .as_str()
             .is_some_and(|r| r.starts_with("renewal failed")),
         "{views:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns01_hook_gets_the_base_domain_a_wildcard() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), http_port, tls_port, 3600);
+    // The operator's hook: `HOOK present|cleanup _acme-challenge.NAME VALUE`.
+    let hook = dir.path().join("dns-hook");
+    let log = dir.path().join("dns-hook.log");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n\
+             echo \"$1 $2\" >> {log}\n\
+             case \"$1\" in\n\
+             present) path=set-txt; body=\"{{\\\"host\\\":\\\"$2.\\\",\\\"value\\\":\\\"$3\\\"}}\" ;;\n\
+             cleanup) path=clear-txt; body=\"{{\\\"host\\\":\\\"$2.\\\"}}\" ;;\n\
+             *) exit 2 ;;\n\
+             esac\n\
+             exec curl -sS --fail -X POST -d \"$body\" http://{mgmt}/$path\n",
+            log = log.display(),
+            mgmt = pebble.dns_management,
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let plane = InProcess::start_tls(
+        dir.path(),
+        TlsSetup {
+            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
+            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+            acme: AcmeConfig {
+                dns01_hook: Some(hook.clone()),
+                ..acme_config(&pebble, ChallengeKind::Http01)
+            },
+            base_domain: Some("apps.lull-test.example".into()),
+        },
+    )
+    .await;
+    let c = &plane.client;
+    create_service(c, "one").await;
+    create_service(c, "two").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let views: Value = c.get("/v1/domains").await.unwrap();
+        let wildcard = views
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "*.apps.lull-test.example")
+            .cloned()
+            .unwrap_or(Value::Null);
+        if wildcard["status"] == "active" {
+            // The services' own names under the base domain need no certificate of their own.
+            assert!(
+                views
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|v| v["service"] == "*"),
+                "{views:#}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wildcard: {views:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let root = pebble.root(dir.path());
+    for service in ["one", "two"] {
+        let name = format!("{service}.apps.lull-test.example");
+        let body = curl(&[
+            "--cacert",
+            root.to_str().unwrap(),
+            "--resolve",
+            &format!("{name}:{tls_port}:127.0.0.1"),
+            &format!("https://{name}:{tls_port}/"),
+        ]);
+        assert!(body.contains("rev"), "{name}: {body}");
+    }
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls,
+        "present _acme-challenge.apps.lull-test.example\ncleanup _acme-challenge.apps.lull-test.example\n"
     );
 }

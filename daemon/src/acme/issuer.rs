@@ -248,13 +248,12 @@ impl Issuer for AcmeIssuer {
             let mut published = Vec::new();
             let result = self.order(names, &mut published).await;
             self.withdraw(published).await;
-            if let Err(AcmeError::Protocol(instant_acme::Error::Api(problem))) = &result {
-                if problem.r#type.as_deref()
+            if let Err(AcmeError::Protocol(instant_acme::Error::Api(problem))) = &result
+                && problem.r#type.as_deref()
                     == Some("urn:ietf:params:acme:error:accountDoesNotExist")
-                {
-                    // The CA forgot the account (a test CA restarted): make a new one next time.
-                    *self.account.lock().await = None;
-                }
+            {
+                // The CA forgot the account (a test CA restarted): make a new one next time.
+                *self.account.lock().await = None;
             }
             result
         })

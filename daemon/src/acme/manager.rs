@@ -37,6 +37,10 @@ use crate::config::AcmeConfig;
 use crate::store::NewEvent;
 use crate::telemetry::MetricsSource;
 
+/// The service name the base domain's wildcard certificate is kept under (no service has it:
+/// names are DNS labels).
+pub const WILDCARD_OWNER: &str = "*";
+
 /// Which names each service answers on (`(service, names)`), as the control plane knows now.
 pub type WantedSource =
     Arc<dyn Fn() -> BoxFuture<'static, Vec<(String, Vec<String>)>> + Send + Sync>;
@@ -196,6 +200,10 @@ impl AcmeManager {
 
     fn emit(&self, service: &str, kind: &str, message: String, fields: serde_json::Value) {
         tracing::info!(service, kind, "{message}");
+        if service == WILDCARD_OWNER {
+            // No service to file it under: the log has it, `lull domain list` the status.
+            return;
+        }
         (self.events)(NewEvent {
             service: service.to_owned(),
             kind: kind.to_owned(),
@@ -251,7 +259,8 @@ impl AcmeManager {
                 .held
                 .iter()
                 .any(|h| h.certificate.not_after > now && covers(&h.certificate.names, name));
-            let verdict = match (&self.dns, certified) {
+            // A wildcard is proved by DNS-01 and has no address to check.
+            let verdict = match (&self.dns, certified || name.starts_with("*.")) {
                 (_, true) | (None, _) => None,
                 (Some(dns), false) => dns.check(name).await.reason,
             };
@@ -285,10 +294,13 @@ impl AcmeManager {
             }
             None => false,
         };
-        if let Some(failure) = self.state().failures.get(service) {
-            if failure.retry_at.is_some_and(|at| now < at) {
-                return;
-            }
+        let waiting = self
+            .state()
+            .failures
+            .get(service)
+            .is_some_and(|f| f.retry_at.is_some_and(|at| now < at));
+        if waiting {
+            return;
         }
         self.state().validating.extend(names.iter().cloned());
         let started = std::time::Instant::now();

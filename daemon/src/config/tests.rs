@@ -157,7 +157,7 @@ max_size = "lots"
     let want = [
         "lull.toml:1:12: data_dir: \"var/lib/lull\" is not absolute (expected an absolute path)",
         "lull.toml:2:19: rollback_window: duration \"10 minutes\" has a number without a unit (use ms, s, m, h or d)",
-        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling, builder, tls)",
+        "lull.toml:3:1: colour: unknown key (expected one of data_dir, run_dir, base_domain, rollback_window, stop_grace, socket, listeners, metrics, network, logs, scaling, builder, tls, acme)",
         "lull.toml:6:8: listeners.http: \"80\" is not a listen address (expected \":PORT\", \"HOST:PORT\" or \"off\")",
     ];
     for (i, line) in want.iter().enumerate() {
@@ -467,4 +467,75 @@ nodejs18 = 18
         "{}",
         got[7]
     );
+}
+
+#[test]
+fn acme_settings_parse_and_every_bad_value_is_named() {
+    let c = DaemonConfig::parse(
+        r#"
+[acme]
+enabled = true
+directory = "letsencrypt-staging"
+email = "ops@example.com"
+challenge = "tls-alpn-01"
+ca_certificates = "/etc/lull/ca.pem"
+eab_kid = "kid-1"
+eab_hmac_key = "c2VjcmV0LWtleQ"
+retry_initial = "30s"
+retry_max = "2h"
+check_interval = "1m"
+resolver = "127.0.0.1:8053"
+public_addresses = ["203.0.113.7", "2001:db8::7"]
+dns01_hook = "/usr/local/bin/dns-hook"
+"#,
+        "lull.toml",
+    )
+    .unwrap();
+    let a = &c.acme;
+    assert!(a.enabled);
+    assert_eq!(a.directory, crate::config::LETS_ENCRYPT_STAGING);
+    assert_eq!(a.email.as_deref(), Some("ops@example.com"));
+    assert_eq!(a.challenge, crate::config::ChallengeKind::TlsAlpn01);
+    assert_eq!(a.eab, Some(("kid-1".into(), "c2VjcmV0LWtleQ".into())));
+    assert_eq!(a.retry_initial, Duration::from_secs(30));
+    assert_eq!(a.retry_max, Duration::from_secs(7200));
+    assert_eq!(a.resolver, Some("127.0.0.1:8053".parse().unwrap()));
+    assert_eq!(a.public_addresses.len(), 2);
+    assert_eq!(
+        a.dns01_hook.as_deref(),
+        Some(std::path::Path::new("/usr/local/bin/dns-hook"))
+    );
+    // Off by default, Let's Encrypt's production directory, HTTP-01.
+    let d = DaemonConfig::parse("", "lull.toml").unwrap().acme;
+    assert!(!d.enabled);
+    assert_eq!(d.directory, crate::config::LETS_ENCRYPT);
+    assert_eq!(d.challenge, crate::config::ChallengeKind::Http01);
+
+    let e = DaemonConfig::parse(
+        r#"[acme]
+directory = "http://ca.example/dir"
+email = "nobody"
+challenge = "dns-01"
+eab_kid = "only-the-kid"
+resolver = "dns.example"
+public_addresses = ["not-an-ip"]
+retry_initial = "0s"
+colour = 1
+"#,
+        "lull.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "lull.toml:2:13: acme.directory: \"http://ca.example/dir\" is not an https:// URL",
+        "lull.toml:3:9: acme.email: \"nobody\" is not an email address",
+        "lull.toml:4:13: acme.challenge: \"dns-01\" is not a challenge lull answers",
+        "acme.eab_kid: an external account binding needs both acme.eab_kid and acme.eab_hmac_key",
+        "lull.toml:6:12: acme.resolver: \"dns.example\" is not an address",
+        "acme.public_addresses[0]: \"not-an-ip\" is not an IP address",
+        "acme.retry_initial: is zero",
+        "lull.toml:9:1: acme.colour: unknown key",
+    ] {
+        assert!(e.contains(want), "{want:?} not in:\n{e}");
+    }
 }

@@ -183,11 +183,10 @@ impl Control {
             .flat_map(|n| dns::records(n, &addresses, cname_target.as_deref()))
             .collect();
         let mut checks = Vec::new();
-        if acme.enabled || acme.resolver.is_some() {
-            if let Some(checker) = tls.acme.dns() {
-                for name in &names {
-                    checks.push(checker.check(name).await);
-                }
+        let ask = acme.enabled || acme.resolver.is_some();
+        if ask && let Some(checker) = tls.acme.dns() {
+            for name in &names {
+                checks.push(checker.check(name).await);
             }
         }
         tls.acme.wake();
@@ -418,28 +417,46 @@ pub fn start_tls(
         None
     };
     let base_domain = config.base_domain.clone();
+    // With a DNS-01 hook the base domain gets one wildcard certificate (under the pseudo
+    // service `*`), and services' names under it need none of their own.
+    let wildcard = config
+        .base_domain
+        .as_ref()
+        .filter(|_| config.acme.dns01_hook.is_some())
+        .map(|base| format!("*.{base}"));
     let wanted_store = store.clone();
     let wanted: crate::acme::manager::WantedSource = Arc::new(move || {
         let store = wanted_store.clone();
         let base_domain = base_domain.clone();
+        let wildcard = wildcard.clone();
         Box::pin(async move {
             let records = tokio::task::spawn_blocking(move || store.list_services())
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            records
-                .iter()
-                .filter_map(|record| {
-                    let spec = Control::current_spec(record).ok()?;
-                    let names: Vec<String> = spec
-                        .hostnames(base_domain.as_deref())
-                        .into_iter()
-                        .filter(|h| h != "localhost" && !h.ends_with(".localhost"))
-                        .collect();
-                    Some((record.name.clone(), names))
-                })
-                .collect()
+            let mut wanted: Vec<(String, Vec<String>)> = Vec::new();
+            if let Some(wildcard) = &wildcard {
+                wanted.push((
+                    crate::acme::manager::WILDCARD_OWNER.to_owned(),
+                    vec![wildcard.clone()],
+                ));
+            }
+            wanted.extend(records.iter().filter_map(|record| {
+                let spec = Control::current_spec(record).ok()?;
+                let names: Vec<String> = spec
+                    .hostnames(base_domain.as_deref())
+                    .into_iter()
+                    .filter(|h| h != "localhost" && !h.ends_with(".localhost"))
+                    .filter(|h| {
+                        wildcard
+                            .as_ref()
+                            .is_none_or(|w| !crate::certs::covers(std::slice::from_ref(w), h))
+                    })
+                    .collect();
+                Some((record.name.clone(), names))
+            }));
+            wanted
         })
     });
     let events_store = store.clone();
