@@ -343,8 +343,10 @@ mod tests {
             h.header_value(),
             "max-age=31536000; includeSubDomains; preload"
         );
-        let mut c = ServiceConfig::default();
-        c.hsts = Some(h);
+        let c = ServiceConfig {
+            hsts: Some(h),
+            ..ServiceConfig::default()
+        };
         c.validate().unwrap();
     }
 

@@ -76,6 +76,12 @@ pub enum CpuModeArg {
     Always,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 /// The settings `create` and `update` share; each one given replaces the service's value.
 #[derive(Debug, Args)]
 pub struct SpecFlags {
@@ -141,6 +147,21 @@ pub struct SpecFlags {
     /// When instances get CPU.
     #[arg(long, value_enum, value_name = "MODE")]
     pub cpu_mode: Option<CpuModeArg>,
+    /// Redirect plain HTTP to HTTPS for the service's hostnames that have a certificate
+    /// (`<name>.localhost` never is); on by default.
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub https_redirect: Option<OnOff>,
+    /// Strict-Transport-Security on HTTPS responses: `off` (the default) or
+    /// `max-age=SECONDS[,include-subdomains][,preload]`. Browsers that saw it refuse plain
+    /// HTTP to the service's hostnames for max-age (include-subdomains: every name under
+    /// them too; preload: built into browsers, months to undo): turn it on only once HTTPS
+    /// works for every hostname.
+    #[arg(
+        long,
+        value_name = "off|max-age=N[,include-subdomains][,preload]",
+        value_parser = parse_hsts
+    )]
+    pub hsts: Option<Value>,
     /// Settings from a file: JSON (the API's form of a service), an apprunner.yaml (its `run`
     /// section), or what `lull service export` printed. Flags override it.
     #[arg(long, value_name = "FILE")]
@@ -191,6 +212,41 @@ fn parse_secret(text: &str) -> Result<Value, String> {
             "expected ENV=SECRET or /PATH=SECRET (a lull secret's name), got {text:?}"
         )),
     }
+}
+
+/// `off` or `max-age=N[,include-subdomains][,preload]` as the API's JSON form of HSTS (every
+/// field set, so the flag says the whole header). `N` is seconds, or a duration (`365d`).
+fn parse_hsts(text: &str) -> Result<Value, String> {
+    let bad = |why: &str| {
+        format!(
+            "expected off or max-age=SECONDS[,include-subdomains][,preload], got {text:?}: {why}"
+        )
+    };
+    if text == "off" {
+        return Ok(json!({"enabled": false}));
+    }
+    let mut parts = text.split(',').map(str::trim);
+    let max_age = match parts.next().and_then(|p| p.strip_prefix("max-age=")) {
+        Some(age) if !age.is_empty() && age.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{age}s")
+        }
+        Some(age) if !age.is_empty() => age.to_owned(),
+        _ => return Err(bad("max-age comes first")),
+    };
+    let (mut include_subdomains, mut preload) = (false, false);
+    for option in parts {
+        match option {
+            "include-subdomains" => include_subdomains = true,
+            "preload" => preload = true,
+            other => return Err(bad(&format!("unknown option {other:?}"))),
+        }
+    }
+    Ok(json!({
+        "enabled": true,
+        "max_age": max_age,
+        "include_subdomains": include_subdomains,
+        "preload": preload,
+    }))
 }
 
 /// `NAME:/PATH[:ro][:shared]` as the API's JSON form of a volume.
@@ -405,6 +461,12 @@ fn apply_flags(body: &mut Map<String, Value>, flags: &SpecFlags, env_replaces: b
             CpuModeArg::Always => "always",
         };
         body.insert("cpu_mode".into(), json!(mode));
+    }
+    if let Some(redirect) = flags.https_redirect {
+        body.insert("https_redirect".into(), json!(redirect == OnOff::On));
+    }
+    if let Some(hsts) = &flags.hsts {
+        body.insert("hsts".into(), hsts.clone());
     }
 }
 
@@ -701,6 +763,7 @@ async fn show(ctx: &Ctx, name: &str) -> Outcome {
     {
         row("idle", format!("frozen {freeze} after it is throttled"));
     }
+    row("https", https_text(spec));
     for volume in spec["volumes"].as_array().into_iter().flatten() {
         let shared = match (volume["shared"] == true, volume["read_only"] == true) {
             (true, true) => " (shared, read-only)",
@@ -741,6 +804,29 @@ async fn show(ctx: &Ctx, name: &str) -> Outcome {
         print_table(&["INSTANCE", "REVISION", "STATE"], &rows);
     }
     Ok(Exit::Ok)
+}
+
+/// What `service show` says of plain HTTP and HSTS.
+fn https_text(spec: &Value) -> String {
+    let redirect = if spec["https_redirect"] == false {
+        "plain HTTP served as it is"
+    } else {
+        "plain HTTP redirected where a certificate covers the host"
+    };
+    let hsts = &spec["hsts"];
+    let hsts = if hsts["enabled"] == true {
+        let mut text = format!("HSTS max-age {}", cell(&hsts["max_age"]));
+        if hsts["include_subdomains"] == true {
+            text.push_str(", include-subdomains");
+        }
+        if hsts["preload"] == true {
+            text.push_str(", preload");
+        }
+        text
+    } else {
+        "no HSTS".to_owned()
+    };
+    format!("{redirect}; {hsts}")
 }
 
 async fn delete(ctx: &Ctx, args: &DeleteArgs) -> Outcome {
@@ -925,6 +1011,70 @@ mod tests {
         for bad in ["data", "data:rel", ":/data", "data:/data:rw"] {
             assert!(parse_volume(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn https_flags_become_the_api_form() {
+        let probe = Probe::parse_from([
+            "x",
+            "--https-redirect",
+            "off",
+            "--hsts",
+            "max-age=31536000,include-subdomains,preload",
+        ]);
+        let mut body = Map::new();
+        apply_flags(&mut body, &probe.flags, true);
+        assert_eq!(
+            Value::Object(body),
+            json!({
+                "https_redirect": false,
+                "hsts": {
+                    "enabled": true,
+                    "max_age": "31536000s",
+                    "include_subdomains": true,
+                    "preload": true,
+                },
+            })
+        );
+        assert_eq!(parse_hsts("off"), Ok(json!({"enabled": false})));
+        assert_eq!(
+            parse_hsts("max-age=365d"),
+            Ok(
+                json!({"enabled": true, "max_age": "365d", "include_subdomains": false, "preload": false})
+            )
+        );
+        for bad in [
+            "",
+            "on",
+            "max-age=",
+            "include-subdomains",
+            "max-age=1,sub",
+            "preload,max-age=1",
+        ] {
+            assert!(parse_hsts(bad).is_err(), "{bad}");
+        }
+        let probe = Probe::parse_from(["x", "--https-redirect", "on"]);
+        let mut body = Map::new();
+        apply_flags(&mut body, &probe.flags, true);
+        assert_eq!(Value::Object(body), json!({"https_redirect": true}));
+        assert!(Probe::try_parse_from(["x", "--https-redirect", "yes"]).is_err());
+    }
+
+    #[test]
+    fn show_describes_https() {
+        let spec = json!({"https_redirect": true, "hsts": {"enabled": false}});
+        assert_eq!(
+            https_text(&spec),
+            "plain HTTP redirected where a certificate covers the host; no HSTS"
+        );
+        let spec = json!({
+            "https_redirect": false,
+            "hsts": {"enabled": true, "max_age": "365d", "include_subdomains": true, "preload": false},
+        });
+        assert_eq!(
+            https_text(&spec),
+            "plain HTTP served as it is; HSTS max-age 365d, include-subdomains"
+        );
     }
 
     #[test]

@@ -19,8 +19,9 @@ pub use apprunner::{ExportError, apply_apprunner_run, export, import};
 pub use revision::{Revision, changes, secret_changed_cause};
 pub use validate::{SpecError, SpecErrors};
 pub use wire::{
-    HealthCheckUpdate, QueueUpdate, ScalingUpdate, ServiceUpdate, SizeUpdate, TimeoutsUpdate,
-    WireCpuMode, WireDuration, WireEnv, WireProtocol, WireSecret, WireSize, WireSource, WireVolume,
+    HealthCheckUpdate, HstsUpdate, QueueUpdate, ScalingUpdate, ServiceUpdate, SizeUpdate,
+    TimeoutsUpdate, WireCpuMode, WireDuration, WireEnv, WireProtocol, WireSecret, WireSize,
+    WireSource, WireVolume,
 };
 pub use words::{WordsError, join_words, split_words};
 

@@ -119,6 +119,8 @@ const FIELD_ORDER: &[&str] = &[
     "cpu_mode",
     "idle_delay",
     "freeze_after",
+    "https_redirect",
+    "hsts",
 ];
 
 /// Changes of a list of entries named by `id`.

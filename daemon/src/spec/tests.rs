@@ -627,3 +627,102 @@ fn file_secrets_and_read_only_volumes_read_from_json() {
     .unwrap_err();
     assert!(e.0[0].path.starts_with("volumes[0].read_only"), "{e}");
 }
+
+#[test]
+fn https_redirect_and_hsts_read_apply_and_round_trip() {
+    let mut s = spec();
+    assert!(s.traffic.https_redirect, "redirects are on by default");
+    assert_eq!(s.traffic.hsts, None, "HSTS is off by default");
+    let json = s.to_json();
+    assert_eq!(json["https_redirect"], true);
+    assert_eq!(json["hsts"], serde_json::json!({"enabled": false}));
+
+    let update = ServiceUpdate::from_json(
+        r#"{"https_redirect": false, "hsts": {"max_age": "365d", "include_subdomains": true}}"#,
+    )
+    .unwrap();
+    let t = s.updated(&update).unwrap();
+    assert!(!t.traffic.https_redirect);
+    assert_eq!(
+        t.traffic.hsts,
+        Some(lull_proxy::config::Hsts {
+            max_age: Duration::from_secs(31_536_000),
+            include_subdomains: true,
+            preload: false,
+        })
+    );
+    let json = t.to_json();
+    assert_eq!(
+        json["hsts"],
+        serde_json::json!({"enabled": true, "max_age": "365d", "include_subdomains": true, "preload": false})
+    );
+    assert_eq!(ServiceSpec::from_json(&json.to_string()).unwrap(), t);
+    assert_eq!(
+        changes(&s, &t),
+        [
+            "https_redirect changed",
+            "hsts.enabled changed",
+            "hsts.include_subdomains changed",
+            "hsts.max_age changed",
+            "hsts.preload changed"
+        ]
+    );
+
+    // Fields change one at a time once on; `enabled: false` turns it off.
+    let t = t
+        .updated(&ServiceUpdate::from_json(r#"{"hsts": {"preload": true}}"#).unwrap())
+        .unwrap();
+    assert!(t.traffic.hsts.as_ref().unwrap().preload);
+    let off = t
+        .updated(&ServiceUpdate::from_json(r#"{"hsts": {"enabled": false}}"#).unwrap())
+        .unwrap();
+    assert_eq!(off.traffic.hsts, None);
+    s = off;
+
+    // Turning it on needs a max_age; turning it off takes nothing else.
+    for (json, path) in [
+        (r#"{"hsts": {"enabled": true}}"#, "hsts.max_age"),
+        (r#"{"hsts": {"include_subdomains": true}}"#, "hsts.enabled"),
+        (
+            r#"{"hsts": {"enabled": false, "max_age": "1d"}}"#,
+            "hsts.enabled",
+        ),
+    ] {
+        let e = s
+            .updated(&ServiceUpdate::from_json(json).unwrap())
+            .unwrap_err();
+        assert_eq!(e.0[0].path, path, "{json}: {e}");
+    }
+    let e = ServiceUpdate::from_json(r#"{"hsts": {"max_age": "1d", "sub": true}}"#).unwrap_err();
+    assert!(e.0[0].path.starts_with("hsts"), "{e}");
+}
+
+#[test]
+fn hsts_rules_name_their_field() {
+    let hsts = |max_age: Duration, include_subdomains, preload| {
+        let mut s = spec();
+        s.traffic.hsts = Some(lull_proxy::config::Hsts {
+            max_age,
+            include_subdomains,
+            preload,
+        });
+        errors(&s)
+    };
+    assert_eq!(
+        hsts(Duration::from_millis(1500), false, false),
+        ["hsts.max_age: 1s500ms is not whole seconds (the header counts seconds)"]
+    );
+    assert_eq!(
+        hsts(Duration::from_secs(31_536_000), false, true),
+        ["hsts.preload: needs include_subdomains (browsers' preload lists require it)"]
+    );
+    assert_eq!(
+        hsts(Duration::from_secs(3600), true, true),
+        ["hsts.preload: needs a max_age of at least 365d (browsers' preload lists require it)"]
+    );
+    assert!(
+        hsts(Duration::ZERO, false, false).is_empty(),
+        "0 retracts an earlier rule"
+    );
+    assert!(hsts(Duration::from_secs(63_072_000), true, true).is_empty());
+}

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Component, Path};
 use std::time::Duration;
 
-use lull_proxy::config::{HealthProbe, TIMEOUT_RULE};
+use lull_proxy::config::{HSTS_PRELOAD_MIN_AGE, HealthProbe, TIMEOUT_RULE};
 
 use super::{SecretTarget, ServiceSpec};
 use crate::duration;
@@ -305,6 +305,31 @@ impl ServiceSpec {
                 p.add(
                     "health_check.status",
                     format!("{min_status}-{max_status} is not a range of HTTP status codes"),
+                );
+            }
+        }
+        if let Some(hsts) = &t.hsts {
+            if hsts.max_age.subsec_nanos() != 0 {
+                p.add(
+                    "hsts.max_age",
+                    format!(
+                        "{} is not whole seconds (the header counts seconds)",
+                        duration::format(hsts.max_age)
+                    ),
+                );
+            }
+            if hsts.preload && !hsts.include_subdomains {
+                p.add(
+                    "hsts.preload",
+                    "needs include_subdomains (browsers' preload lists require it)",
+                );
+            } else if hsts.preload && hsts.max_age < HSTS_PRELOAD_MIN_AGE {
+                p.add(
+                    "hsts.preload",
+                    format!(
+                        "needs a max_age of at least {} (browsers' preload lists require it)",
+                        duration::format(HSTS_PRELOAD_MIN_AGE)
+                    ),
                 );
             }
         }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lull_proxy::config::{CpuMode, HealthProbe};
+use lull_proxy::config::{CpuMode, HealthProbe, Hsts};
 use lull_runtime::reference::Reference;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -63,6 +63,31 @@ pub struct ServiceUpdate {
     /// Idle tier 2: frozen this long after being throttled; `"0"` switches it off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub freeze_after: Option<WireDuration>,
+    /// Plain HTTP to a hostname the daemon holds a certificate for is redirected to HTTPS
+    /// (`<name>.localhost` never is); default true.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_redirect: Option<bool>,
+    /// `Strict-Transport-Security` on HTTPS responses; off by default (see [`HstsUpdate`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<HstsUpdate>,
+}
+
+/// HSTS settings. Turning it on needs `max_age`; `{"enabled": false}` turns it off (the
+/// other fields are then refused). A browser that saw the header refuses plain HTTP to the
+/// host for `max_age`: see `lull_proxy::config::Hsts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HstsUpdate {
+    /// Absent: on when it was on or when `max_age` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Whole seconds, e.g. `"365d"`; `"0"` tells browsers to forget an earlier rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<WireDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub include_subdomains: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,6 +379,10 @@ impl ServiceUpdate {
         if let Some(d) = self.freeze_after {
             t.freeze_after = (!d.0.is_zero()).then_some(d.0);
         }
+        set(&mut t.https_redirect, self.https_redirect);
+        if let Some(h) = &self.hsts {
+            t.hsts = apply_hsts(h, t.hsts.take())?;
+        }
         Ok(())
     }
 
@@ -465,8 +494,55 @@ impl ServiceUpdate {
             }),
             idle_delay: d(t.idle_delay),
             freeze_after: d(t.freeze_after.unwrap_or_default()),
+            https_redirect: Some(t.https_redirect),
+            hsts: Some(match &t.hsts {
+                None => HstsUpdate {
+                    enabled: Some(false),
+                    ..HstsUpdate::default()
+                },
+                Some(h) => HstsUpdate {
+                    enabled: Some(true),
+                    max_age: d(h.max_age),
+                    include_subdomains: Some(h.include_subdomains),
+                    preload: Some(h.preload),
+                },
+            }),
         }
     }
+}
+
+/// The HSTS setting after `u` (see [`HstsUpdate`]) changed `current`.
+fn apply_hsts(u: &HstsUpdate, current: Option<Hsts>) -> Result<Option<Hsts>, SpecErrors> {
+    let enabled = u
+        .enabled
+        .unwrap_or(current.is_some() || u.max_age.is_some());
+    if !enabled {
+        if u.max_age.is_some() || u.include_subdomains.is_some() || u.preload.is_some() {
+            return Err(SpecErrors::one(
+                "hsts.enabled",
+                "HSTS is off: max_age, include_subdomains and preload apply only with enabled true",
+            ));
+        }
+        return Ok(None);
+    }
+    let mut hsts = match (current, u.max_age) {
+        (Some(h), _) => h,
+        (None, Some(max_age)) => Hsts {
+            max_age: max_age.0,
+            include_subdomains: false,
+            preload: false,
+        },
+        (None, None) => {
+            return Err(SpecErrors::one(
+                "hsts.max_age",
+                "missing (turning HSTS on needs it, e.g. \"365d\"; browsers then refuse plain HTTP to the service's hostnames for that long)",
+            ));
+        }
+    };
+    set(&mut hsts.max_age, u.max_age.map(|d| d.0));
+    set(&mut hsts.include_subdomains, u.include_subdomains);
+    set(&mut hsts.preload, u.preload);
+    Ok(Some(hsts))
 }
 
 fn set<T>(field: &mut T, value: Option<T>) {
