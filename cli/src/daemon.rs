@@ -494,15 +494,6 @@ impl Running {
         };
         let https_port = port_of(&https_sockets);
         let handed_http = handed_http || handed_https;
-        // Plain HTTP answers ACME's HTTP-01 challenges itself and, with an HTTPS listener,
-        // redirects the hosts it holds a certificate for (see `lull_proxy::edge`). The ACME
-        // client will share these challenges (`proxy.edge()`).
-        proxy.set_edge(lull_proxy::Edge {
-            http01: Arc::new(lull_proxy::tls::Http01Challenges::new()),
-            certificates: https_port.map(|_| certs.store().clone()),
-            https_port: https_port.unwrap_or(443),
-        });
-
         let planner = Arc::new(SpecPlanner {
             store: store.clone(),
             key: Some(key.clone()),
@@ -534,10 +525,13 @@ impl Running {
             );
         }
         let certs = Arc::new(certs);
+        // Plain HTTP answers ACME's HTTP-01 challenges itself and, with an HTTPS listener,
+        // redirects the hosts it holds a certificate for (see `lull_proxy::edge`); the ACME
+        // manager publishes its challenges there.
         let http01 = Arc::new(lull_proxy::tls::Http01Challenges::new());
         proxy.set_edge(lull_proxy::Edge {
             http01: http01.clone(),
-            certificates: Some(certs.store().clone()),
+            certificates: https_port.map(|_| certs.store().clone()),
             https_port: https_port.unwrap_or(443),
         });
         let (tls_control, acme_task) =

@@ -1,7 +1,8 @@
 //! The HTTPS listener as real clients see it: `openssl s_client` (versions, SNI and the
 //! certificate chosen), `curl` (ALPN h2 and http/1.1) and `h2load` (many h2 requests), against
 //! a proxy on 127.0.0.1 serving certificates from a CA made for the test. A check whose tool
-//! is not installed is skipped with a note (CI installs them: `scripts/setup-host`).
+//! is not installed is skipped with a note, unless `LULL_REQUIRE_TOOLS` is set (CI installs
+//! them: `scripts/setup-host`, and sets it).
 
 mod common;
 
@@ -67,6 +68,10 @@ fn installed(tool: &str, check: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| is_executable(&dir.join(tool))));
     if !found {
+        assert!(
+            std::env::var_os("LULL_REQUIRE_TOOLS").is_none(),
+            "{check}: {tool} is not installed, and LULL_REQUIRE_TOOLS (CI) forbids skipping"
+        );
         eprintln!("skipping {check}: {tool} is not installed (scripts/setup-host installs it)");
     }
     found
