@@ -226,6 +226,60 @@ async fn domains_and_operator_certificates() {
     // It survives a restart of the certificate store: kept under <data>/certs.
     assert!(dir.path().join("data/certs/shop/key.pem").exists());
 
+    // An operator's certificate about to expire: an event on the services it serves, and the
+    // expiry metric for every certificate held.
+    let soon = {
+        use chrono::Datelike;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["old.example.com".to_owned()]).unwrap();
+        let end = chrono::Utc::now() + chrono::TimeDelta::days(3);
+        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        params.not_after = rcgen::date_time_ymd(end.year(), end.month() as u8, end.day() as u8);
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.path().join("old.pem"), dir.path().join("old.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    };
+    lull(
+        &socket,
+        &["domain", "add", "api", "old.example.com", "--no-wait"],
+    )
+    .await
+    .expect(0);
+    lull(
+        &socket,
+        &["cert", "add", "old", "--cert", &soon.0, "--key", &soon.1],
+    )
+    .await
+    .expect(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let events = lull(&socket, &["events", "api"]).await.expect(0);
+        if events.stdout.contains("certificate.expiring") {
+            assert!(
+                events.stdout.contains("old.example.com"),
+                "{}",
+                events.stdout
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no expiry event: {}",
+            events.stdout
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    use lull_daemon::telemetry::MetricsSource;
+    let metrics = plane.tls.as_ref().unwrap().acme.encode();
+    assert!(
+        metrics.contains(
+            "lull_certificate_expiry_timestamp_seconds{name=\"old.example.com\",source=\"api\"}"
+        ) && metrics.contains("lull_certificates_expiring 1"),
+        "{metrics}"
+    );
+
     lull(&socket, &["cert", "rm", "shop"]).await.expect(0);
     lull(&socket, &["cert", "rm", "shop"]).await.expect(3);
     lull(&socket, &["domain", "remove", "web", "shop.example.com"])

@@ -83,6 +83,13 @@ impl InProcess {
         InProcess::start_with(dir, Some(setup)).await
     }
 
+    /// Stops it and waits until its listening sockets are closed (so a next one may bind the
+    /// same ports).
+    pub async fn shutdown(self) {
+        let _ = self._stop.send(true);
+        self._proxy.shutdown(Duration::from_millis(200)).await;
+    }
+
     async fn start_with(dir: &Path, setup: Option<TlsSetup>) -> InProcess {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("data")).expect("open the state store"));

@@ -497,6 +497,28 @@ async fn http01_issues_serves_redirects_and_revokes() {
     assert_eq!(served_serial(plane.https_addr.unwrap(), domain), serial);
     assert_eq!(pebble.status(&serial), "Valid");
 
+    // A restarted daemon serves the stored certificate without ordering another.
+    plane.shutdown().await;
+    let plane = InProcess::start_tls(
+        dir.path(),
+        TlsSetup {
+            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
+            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+            acme: acme_config(&pebble, ChallengeKind::Http01),
+            base_domain: None,
+        },
+    )
+    .await;
+    let c = &plane.client;
+    wait_status(c, "web", "active", Duration::from_secs(20)).await;
+    assert_eq!(served_serial(plane.https_addr.unwrap(), domain), serial);
+    let issued = events(c, "web")
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "certificate.issued")
+        .count();
+    assert_eq!(issued, 1);
+
     // Removing the domain revokes its certificate.
     let removed: Value = c
         .call(

@@ -104,6 +104,10 @@ struct State {
     warned: BTreeSet<std::path::PathBuf>,
     /// The names wanted at the last pass, per service.
     wanted: Vec<(String, Vec<String>)>,
+    /// Every service's names, those operators' certificates cover included.
+    all_names: Vec<(String, Vec<String>)>,
+    /// Operators' certificates (by file) whose expiry was announced.
+    warned_operator: BTreeSet<std::path::PathBuf>,
 }
 
 /// See the module doc.
@@ -214,8 +218,9 @@ impl AcmeManager {
 
     /// Asks again which names are wanted (for a listing), without ordering anything.
     pub async fn refresh_wanted(&self) -> Vec<(String, Vec<String>)> {
-        let wanted: Vec<(String, Vec<String>)> = (self.wanted)()
-            .await
+        let all = (self.wanted)().await;
+        self.state().all_names = all.clone();
+        let wanted: Vec<(String, Vec<String>)> = all
             .into_iter()
             .map(|(service, names)| {
                 let names: Vec<String> = names
@@ -233,6 +238,7 @@ impl AcmeManager {
     /// One pass (see the module doc).
     pub async fn pass(&self) {
         let wanted = self.refresh_wanted().await;
+        self.announce_operator_expiry();
         if !self.config.enabled {
             return;
         }
@@ -445,6 +451,48 @@ impl AcmeManager {
         }
     }
 
+    /// `certificate.expiring` for an operator's certificate (lull.toml or `lull cert add`) past
+    /// its warning point, once, to every service it serves: nobody renews those but the
+    /// operator.
+    fn announce_operator_expiry(&self) {
+        let now = Utc::now();
+        for (source, _, c) in self.certificates.list() {
+            if source == crate::certs::Source::Acme
+                || now < policy::warn_at(c.not_before, c.not_after)
+            {
+                continue;
+            }
+            let services: Vec<String> = {
+                let mut state = self.state();
+                if !state.warned_operator.insert(c.source.clone()) {
+                    continue;
+                }
+                state
+                    .all_names
+                    .iter()
+                    .filter(|(_, names)| names.iter().any(|n| covers(&c.names, n)))
+                    .map(|(service, _)| service.clone())
+                    .collect()
+            };
+            let message = format!(
+                "the {} certificate {} for {} expires at {}: replace it (it is not renewed by lull)",
+                crate::control::domains::source_name(source),
+                c.source.display(),
+                c.names.join(", "),
+                c.not_after.to_rfc3339()
+            );
+            tracing::warn!("{message}");
+            for service in services {
+                self.emit(
+                    &service,
+                    "certificate.expiring",
+                    message.clone(),
+                    json!({ "names": c.names, "not_after": c.not_after.to_rfc3339(), "file": c.source }),
+                );
+            }
+        }
+    }
+
     /// Revokes and deletes certificates none of whose names is wanted any more.
     async fn forget_unwanted(&self, wanted: &[(String, Vec<String>)]) {
         let all: BTreeSet<&String> = wanted.iter().flat_map(|(_, n)| n).collect();
@@ -552,37 +600,33 @@ impl MetricsSource for AcmeManager {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "# HELP lull_certificate_expiry_timestamp_seconds When the certificate served for a name expires (ACME), Unix time."
+            "# HELP lull_certificate_expiry_timestamp_seconds When each certificate held for a name expires, Unix time (source: config, api, acme)."
         );
         let _ = writeln!(
             out,
             "# TYPE lull_certificate_expiry_timestamp_seconds gauge"
         );
-        let mut seen = BTreeSet::new();
-        let state = self.state();
-        for h in &state.held {
-            for name in &h.certificate.names {
-                if seen.insert(name.clone()) {
-                    let _ = writeln!(
-                        out,
-                        "lull_certificate_expiry_timestamp_seconds{{name=\"{name}\"}} {}",
-                        h.certificate.not_after.timestamp()
-                    );
-                }
+        let now = Utc::now();
+        let mut expiring = 0usize;
+        for (source, _, c) in self.certificates.list() {
+            let source = crate::control::domains::source_name(source);
+            if now >= policy::warn_at(c.not_before, c.not_after) {
+                expiring += 1;
+            }
+            for name in &c.names {
+                let _ = writeln!(
+                    out,
+                    "lull_certificate_expiry_timestamp_seconds{{name=\"{name}\",source=\"{source}\"}} {}",
+                    c.not_after.timestamp()
+                );
             }
         }
-        let warned: usize = state
-            .held
-            .iter()
-            .filter(|h| state.warned.contains(&h.stored.dir))
-            .count();
-        drop(state);
         let _ = writeln!(
             out,
-            "# HELP lull_certificates_expiring Certificates past their warning point (a sixth of their lifetime left) and not renewed."
+            "# HELP lull_certificates_expiring Certificates held past their warning point (a sixth of their lifetime left)."
         );
         let _ = writeln!(out, "# TYPE lull_certificates_expiring gauge");
-        let _ = writeln!(out, "lull_certificates_expiring {warned}");
+        let _ = writeln!(out, "lull_certificates_expiring {expiring}");
         let _ = writeln!(out, "# HELP lull_acme_orders ACME orders by result.");
         let _ = writeln!(out, "# TYPE lull_acme_orders counter");
         let _ = writeln!(
