@@ -10,6 +10,8 @@
 //!   lifetime, then the CA goes down: renewal fails with an event saying why, the current
 //!   certificate keeps being served, and the expiry warning fires.
 //!
+//! - A CA that requires an external account binding: refused without one (the CA's words in
+//!   `domain list`), issued with it.
 //! - DNS-01 through the operator's hook (a script driving challtestsrv's TXT records): the
 //!   base domain's wildcard certificate, serving every service under it.
 //!
@@ -81,6 +83,18 @@ impl Pebble {
     /// Starts both; pebble validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`
     /// of 127.0.0.1 and issues certificates valid `validity` seconds.
     fn start(dir: &Path, http_port: u16, tls_port: u16, validity: u64) -> Pebble {
+        Pebble::start_with(dir, http_port, tls_port, validity, None)
+    }
+
+    /// [`Pebble::start`]; with `eab` (key id, base64url HMAC key) pebble requires an external
+    /// account binding with that key.
+    fn start_with(
+        dir: &Path,
+        http_port: u16,
+        tls_port: u16,
+        validity: u64,
+        eab: Option<(&str, &str)>,
+    ) -> Pebble {
         // pebble's own HTTPS: a test CA and a certificate for 127.0.0.1 and localhost.
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -140,7 +154,8 @@ impl Pebble {
                 "httpPort": http_port,
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
+                "externalAccountBindingRequired": eab.is_some(),
+                "externalAccountMACKeys": eab.map_or(json!({}), |(kid, key)| json!({ kid: key })),
                 "certificateValidityPeriod": validity,
             }
         });
@@ -681,4 +696,41 @@ async fn dns01_hook_gets_the_base_domain_a_wildcard() {
         calls,
         "present _acme-challenge.apps.lull-test.example\ncleanup _acme-challenge.apps.lull-test.example\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_binding_is_sent_when_the_ca_requires_it() {
+    if !tools_present() {
+        return;
+    }
+    let (kid, key) = ("lull-kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W");
+    for with_binding in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (http_port, tls_port) = (free_port(), free_port());
+        let pebble = Pebble::start_with(dir.path(), http_port, tls_port, 3600, Some((kid, key)));
+        let mut acme = acme_config(&pebble, ChallengeKind::Http01);
+        if with_binding {
+            acme.eab = Some((kid.to_owned(), key.to_owned()));
+        }
+        let plane = InProcess::start_tls(
+            dir.path(),
+            TlsSetup {
+                http: SocketAddr::from(([127, 0, 0, 1], http_port)),
+                https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+                acme,
+                base_domain: Some("eab.lull-test.example".into()),
+            },
+        )
+        .await;
+        create_service(&plane.client, "web").await;
+        if with_binding {
+            wait_status(&plane.client, "web", "active", Duration::from_secs(60)).await;
+        } else {
+            let views = wait_status(&plane.client, "web", "failed", Duration::from_secs(60)).await;
+            let reason = views[0]["reason"].as_str().unwrap();
+            assert!(reason.contains("externalAccountRequired"), "{reason}");
+            assert!(views[0]["retry_at"].is_string(), "{views:#}");
+        }
+        plane.shutdown().await;
+    }
 }
