@@ -723,6 +723,9 @@ impl Running {
         }
         let exe = launch.executable()?;
         let fds = self.listener_fds()?;
+        if let Some(tls) = &self.control.tls {
+            tls.acme.set_paused(true);
+        }
         let detached = self.control.engine.detach().await;
         tracing::info!(services = ?detached, "supervisors detached for the handover");
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -754,6 +757,9 @@ impl Running {
     async fn take_back(&self) {
         let engine = &self.control.engine;
         engine.reattach();
+        if let Some(tls) = &self.control.tls {
+            tls.acme.set_paused(false);
+        }
         match engine.recover().await {
             Ok(report) => tracing::info!(adopted = ?report.adopted, "instances adopted again"),
             Err(e) => eprintln!("lull daemon: adopting the instances again: {e}"),

@@ -703,7 +703,10 @@ async fn external_account_binding_is_sent_when_the_ca_requires_it() {
     if !tools_present() {
         return;
     }
-    let (kid, key) = ("lull-kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W");
+    let (kid, key) = (
+        "lull-kid-1",
+        "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
+    );
     for with_binding in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let (http_port, tls_port) = (free_port(), free_port());

@@ -123,6 +123,8 @@ pub struct AcmeManager {
     wake: Notify,
     orders_ok: AtomicU64,
     orders_failed: AtomicU64,
+    /// Set while this daemon hands over to another: no new order starts here.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl AcmeManager {
@@ -148,6 +150,7 @@ impl AcmeManager {
             wake: Notify::new(),
             orders_ok: AtomicU64::new(0),
             orders_failed: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
         });
         manager.load_stored();
         manager
@@ -187,6 +190,15 @@ impl AcmeManager {
             .map(|h| h.certificate.clone())
             .collect();
         self.certificates.set_acme(served);
+    }
+
+    /// Stops starting orders (a handover: the new daemon orders, and answers challenges on the
+    /// listeners it now owns), or starts again (the handover failed).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            self.wake();
+        }
     }
 
     /// Runs a pass now (after a domain or service change).
@@ -239,7 +251,7 @@ impl AcmeManager {
     pub async fn pass(&self) {
         let wanted = self.refresh_wanted().await;
         self.announce_operator_expiry();
-        if !self.config.enabled {
+        if !self.config.enabled || self.paused.load(Ordering::SeqCst) {
             return;
         }
         for (service, names) in &wanted {

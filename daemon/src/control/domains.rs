@@ -44,7 +44,6 @@ pub struct AddDomain {
 /// What `lull domain add` prints.
 #[derive(Debug, Serialize)]
 pub struct DomainAdded {
-    pub service: String,
     pub names: Vec<String>,
     /// The records to create (A/AAAA to this host, or the CNAME alternative).
     pub records: Vec<Record>,
@@ -54,6 +53,8 @@ pub struct DomainAdded {
     /// What DNS answers now (empty when it was not asked: ACME off and no resolver set).
     pub checks: Vec<Check>,
     pub acme: bool,
+    /// The service, and the revision and operation that add the names (`note` when nothing
+    /// changed).
     #[serde(flatten)]
     pub started: Started,
 }
@@ -191,7 +192,6 @@ impl Control {
         }
         tls.acme.wake();
         Ok(DomainAdded {
-            service: service.to_owned(),
             names,
             records,
             addresses_configured: configured,
