@@ -848,7 +848,7 @@ fn wait_until_answering(addr: SocketAddr) -> Result<()> {
 // Handshakes
 
 /// What one batch of new connections did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct HandshakeRun {
     connections: usize,
     resumed: usize,
@@ -856,7 +856,8 @@ struct HandshakeRun {
     cpu_per_connection: Duration,
     /// Connections per second the client made.
     rate: f64,
-    suite: Option<rustls::SupportedCipherSuite>,
+    /// The cipher suite and key exchange group of the last connection.
+    negotiated: Option<String>,
 }
 
 impl HandshakeRun {
@@ -926,7 +927,7 @@ fn measure_handshakes(
             for (resume, config) in [(false, &fresh), (true, &resuming[i])] {
                 let before = tree_cpu(server.child.id());
                 let started = Instant::now();
-                let (resumed, suite) = runtime
+                let (resumed, negotiated) = runtime
                     .block_on(connections(
                         server.addr,
                         config.clone(),
@@ -943,7 +944,7 @@ fn measure_handshakes(
                     resumed,
                     cpu_per_connection: used / u32::try_from(plan.handshakes).unwrap_or(u32::MAX),
                     rate: plan.handshakes as f64 / elapsed.as_secs_f64(),
-                    suite,
+                    negotiated,
                 };
                 eprintln!(
                     "{} {} run {}/{}: {:<8} {:>7.1} µs server CPU per connection, {} of {} resumed, {:.0} connections/s",
@@ -986,14 +987,14 @@ fn measure_handshakes(
 
 /// `count` new connections to `addr`, [`HANDSHAKE_CONNS`] at a time, each a TLS 1.3 handshake
 /// and one `GET /` with `Connection: close`. Returns how many resumed a session, and the cipher
-/// suite of the last. Fails on any error, a status other than 200, or a certificate that is not
+/// suite and key exchange group of one. Fails on any error, a status other than 200, or a certificate that is not
 /// `leaf` on a full handshake.
 async fn connections(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
     leaf: &CertificateDer<'static>,
     count: usize,
-) -> Result<(usize, Option<rustls::SupportedCipherSuite>)> {
+) -> Result<(usize, Option<String>)> {
     let connector = TlsConnector::from(config);
     let name = ServerName::try_from(HOST).context("the server name")?;
     let remaining = Arc::new(AtomicUsize::new(count));
@@ -1007,7 +1008,7 @@ async fn connections(
         );
         tasks.spawn(async move {
             let mut resumed = 0;
-            let mut suite = None;
+            let mut negotiated = None;
             while remaining
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok()
@@ -1019,28 +1020,28 @@ async fn connections(
                 .await
                 .map_err(|_| anyhow!("a connection took longer than {CONNECTION_TIMEOUT:?}"))??;
                 resumed += usize::from(one.0);
-                suite = Some(one.1);
+                negotiated = Some(one.1);
             }
-            Ok::<_, anyhow::Error>((resumed, suite))
+            Ok::<_, anyhow::Error>((resumed, negotiated))
         });
     }
     let mut resumed = 0;
-    let mut suite = None;
+    let mut negotiated = None;
     while let Some(joined) = tasks.join_next().await {
-        let (r, s) = joined.context("a client task panicked")??;
+        let (r, n) = joined.context("a client task panicked")??;
         resumed += r;
-        suite = suite.or(s);
+        negotiated = negotiated.or(n);
     }
-    Ok((resumed, suite))
+    Ok((resumed, negotiated))
 }
 
-/// One connection: whether it resumed, and its cipher suite.
+/// One connection: whether it resumed, and its cipher suite and key exchange group.
 async fn one_connection(
     addr: SocketAddr,
     connector: &TlsConnector,
     name: ServerName<'static>,
     leaf: &CertificateDer<'static>,
-) -> Result<(bool, rustls::SupportedCipherSuite)> {
+) -> Result<(bool, String)> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
@@ -1063,9 +1064,15 @@ async fn one_connection(
         }
         None => bail!("{addr}: the handshake did not complete"),
     };
-    let suite = conn
-        .negotiated_cipher_suite()
-        .context("no cipher suite negotiated")?;
+    let negotiated = format!(
+        "{:?} {:?}",
+        conn.negotiated_cipher_suite()
+            .context("no cipher suite negotiated")?
+            .suite(),
+        conn.negotiated_key_exchange_group()
+            .context("no key exchange group negotiated")?
+            .name()
+    );
     stream
         .write_all(
             format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -1078,7 +1085,7 @@ async fn one_connection(
     if status != 200 {
         bail!("{addr} answered {status} to GET /");
     }
-    Ok((resumed, suite))
+    Ok((resumed, negotiated))
 }
 
 /// Reads one response with a `Content-Length` body; its status.
@@ -1377,7 +1384,7 @@ impl Results {
                 row.extend([ratio, "≤ 1.1x".into(), met_text(met)]);
                 report.row(row, met);
                 report.detail(format!(
-                    "{} {label}: server CPU µs per connection of each run: {}; connections/s: {}; resumed: {}; cipher suite: {}",
+                    "{} {label}: server CPU µs per connection of each run: {}; connections/s: {}; resumed: {}; cipher suite and key exchange: {}",
                     kind.name(),
                     self.per_server(&results.names, runs, |h| join(h.iter().map(|h| us(h.cpu_per_connection)), 0)),
                     self.per_server(&results.names, runs, |h| join(h.iter().map(|h| h.rate), 0)),
@@ -1390,8 +1397,8 @@ impl Results {
                     }),
                     self.per_server(&results.names, runs, |h| {
                         h.last()
-                            .and_then(|h| h.suite)
-                            .map_or_else(|| "-".into(), |s| format!("{:?}", s.suite()))
+                            .and_then(|h| h.negotiated.clone())
+                            .unwrap_or_else(|| "-".into())
                     }),
                 ));
             }
@@ -1470,7 +1477,7 @@ impl Results {
             openssl_version()
         ));
         report.detail(format!(
-            "handshakes: TLS 1.3 only, key exchange X25519 (the client's first choice), certificates from one P-256 CA; this program's rustls client (ring, verifying the chain against the CA, ALPN http/1.1) on one thread keeps {HANDSHAKE_CONNS} connections in flight, each a TCP connect, a handshake, one `GET /` with `Connection: close` and its response; full: resumption off in the client; resumed: the client's ticket store (one per server, kept over the runs, filled by {} warm-up connections) offers a ticket each time, every connection's handshake_kind() counted (a run under {:.0} % resumed gives no resumed figure); {} connections per run, {} runs interleaved between the servers, medians. Server CPU per connection = the server's CPU time over the run (the scheduler's run time of every thread of the process and its children, /proc/<pid>/task/<tid>/schedstat) / connections; it includes the TCP accept, one proxied request and the close, the same for every server (see the keep-alive CPU per request for that share)",
+            "handshakes: TLS 1.3 only (the rustls client offers X25519 first: ring has X25519, P-256, P-384), certificates from one P-256 CA; this program's rustls client (ring, verifying the chain against the CA, ALPN http/1.1) on one thread keeps {HANDSHAKE_CONNS} connections in flight, each a TCP connect, a handshake, one `GET /` with `Connection: close` and its response; full: resumption off in the client; resumed: the client's ticket store (one per server, kept over the runs, filled by {} warm-up connections) offers a ticket each time, every connection's handshake_kind() counted (a run under {:.0} % resumed gives no resumed figure); {} connections per run, {} runs interleaved between the servers, medians. Server CPU per connection = the server's CPU time over the run (the scheduler's run time of every thread of the process and its children, /proc/<pid>/task/<tid>/schedstat) / connections; it includes the TCP accept, one proxied request and the close, the same for every server (see the keep-alive CPU per request for that share)",
             (plan.handshakes / 10).max(HANDSHAKE_CONNS * 4),
             MIN_RESUMED_SHARE * 100.0,
             plan.handshakes,
