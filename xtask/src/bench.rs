@@ -12,7 +12,8 @@
 //! `cargo xtask bench autoscale [--smoke]` for scale-out reaction, cold start, wake from the
 //! idle tiers and density ([`crate::bench_autoscale`]), and `cargo xtask bench build [--smoke]`
 //! for source builds against buildah and the cold start with scale to zero
-//! ([`crate::bench_build`]).
+//! ([`crate::bench_build`]), and `cargo xtask bench tls [--smoke]` for TLS handshakes and HTTPS
+//! against nginx and haproxy terminating TLS ([`crate::bench_tls`]).
 
 use std::fs;
 use std::path::Path;
@@ -55,6 +56,9 @@ pub enum Suite {
     /// Source builds end to end: cold, warm and no-op builds of a Flask and an Express app
     /// against buildah, and a cold start with scale to zero
     Build,
+    /// TLS: server CPU per full and resumed handshake (P-256, RSA-2048) and HTTPS keep-alive
+    /// req/s (h1, h2) against nginx and haproxy with the same certificate
+    Tls,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +79,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Lifecycle => crate::bench_lifecycle::run(args.smoke),
         Suite::Autoscale => crate::bench_autoscale::run(args.smoke),
         Suite::Build => crate::bench_build::run(args.smoke),
+        Suite::Tls => crate::bench_tls::run(args.smoke),
     }
 }
 

@@ -99,7 +99,7 @@ pub fn run(smoke: bool) -> Result<()> {
 
 /// The first line `program args` prints on stdout, or else on stderr (nginx prints its
 /// version there), whatever its exit status (`wrk -v` exits 1), or `unknown`.
-fn version_line(program: &str, args: &[&str]) -> String {
+pub fn version_line(program: &str, args: &[&str]) -> String {
     Command::new(program)
         .args(args)
         .output()

@@ -8,6 +8,7 @@ mod bench_build;
 mod bench_lifecycle;
 mod bench_netns;
 mod bench_proxy;
+mod bench_tls;
 mod demo;
 mod fixtures;
 mod oci;

@@ -113,6 +113,7 @@ fn stages() -> Vec<Stage> {
                 cargo(&["xtask", "bench", "runtime", "--smoke"]),
                 cargo(&["xtask", "bench", "netns", "--smoke"]),
                 cargo(&["xtask", "bench", "proxy", "--smoke"]),
+                cargo(&["xtask", "bench", "tls", "--smoke"]),
                 cargo(&["xtask", "bench", "lifecycle", "--smoke"]),
                 cargo(&["xtask", "bench", "autoscale", "--smoke"]),
                 cargo(&["xtask", "bench", "build", "--smoke"]),
