@@ -194,6 +194,28 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    let clashes = config.combination_problems();
+    if !clashes.is_empty() {
+        for problem in clashes {
+            eprintln!("lull daemon: {}: {problem}", args.config.display());
+        }
+        return Ok(ExitCode::from(2));
+    }
+    if config.acme.enabled {
+        let port = |l: &Option<lull_daemon::config::ListenAddr>| l.as_ref().map(|l| l.port);
+        let (needed, got) = match config.acme.challenge {
+            lull_daemon::config::ChallengeKind::Http01 => (80, port(&config.listeners.http)),
+            lull_daemon::config::ChallengeKind::TlsAlpn01 => (443, port(&config.listeners.https)),
+        };
+        if got != Some(needed) {
+            eprintln!(
+                "lull daemon: warning: the CA validates {} on port {needed}, and lull listens on {}: \
+                 forward port {needed} here, or orders will fail",
+                config.acme.challenge.as_str(),
+                got.map_or("no port".to_owned(), |p| p.to_string())
+            );
+        }
+    }
     // Certificates are settings too: a bad one stops the start (and fails --check) with
     // every reason, before anything is bound.
     if let Err(e) = lull_daemon::certs::load_all(&config.tls, chrono::Utc::now()) {
@@ -724,7 +746,8 @@ impl Running {
         let exe = launch.executable()?;
         let fds = self.listener_fds()?;
         if let Some(tls) = &self.control.tls {
-            tls.acme.set_paused(true);
+            // The order running (if any) ends first: its challenges are answered here.
+            tls.acme.pause().await;
         }
         let detached = self.control.engine.detach().await;
         tracing::info!(services = ?detached, "supervisors detached for the handover");
@@ -758,7 +781,7 @@ impl Running {
         let engine = &self.control.engine;
         engine.reattach();
         if let Some(tls) = &self.control.tls {
-            tls.acme.set_paused(false);
+            tls.acme.resume();
         }
         match engine.recover().await {
             Ok(report) => tracing::info!(adopted = ?report.adopted, "instances adopted again"),

@@ -112,6 +112,9 @@ impl Certificates {
         let mut all: Vec<Certificate> = sources.config.clone();
         all.extend(sources.api.iter().map(|(_, c)| c.clone()));
         all.extend(sources.acme.iter().cloned());
+        // An expired certificate is served no more (and no longer turns on the redirect).
+        let now = Utc::now();
+        all.retain(|c| c.not_after > now);
         self.store.replace(all);
     }
 
@@ -144,15 +147,21 @@ impl Certificates {
         removed
     }
 
-    /// Whether an operator's certificate (config or API) covers `name`: ACME leaves such
-    /// names alone.
+    /// Whether an operator's unexpired certificate (config or API) covers `name`: ACME leaves
+    /// such names alone.
     pub fn operator_covers(&self, name: &str) -> bool {
+        let now = Utc::now();
         let sources = self.sources();
         sources
             .config
             .iter()
             .chain(sources.api.iter().map(|(_, c)| c))
-            .any(|c| covers(&c.names, name))
+            .any(|c| c.not_after > now && covers(&c.names, name))
+    }
+
+    /// Serves again what is held, less what expired since.
+    pub fn refresh(&self) {
+        self.publish();
     }
 
     /// Every certificate held, with its source and (for the API's) its id.

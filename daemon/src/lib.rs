@@ -19,3 +19,10 @@ pub mod spec;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
+
+/// Chooses rustls' process-wide crypto provider (aws-lc-rs) for the libraries that take it
+/// (the ACME and registry clients): more than one is built in, so rustls cannot pick. Safe to
+/// call more than once; the first choice stays.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

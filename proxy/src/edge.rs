@@ -85,6 +85,10 @@ pub(crate) fn redirect(
         edge.https_port
     };
     let path = path_and_query.unwrap_or("/");
+    if !path.starts_with('/') {
+        // `OPTIONS *` and the like have no path to redirect to: they go to the app.
+        return None;
+    }
     let location = match https_port {
         443 => format!("https://{host}{path}"),
         port => format!("https://{host}:{port}{path}"),
@@ -130,5 +134,33 @@ mod tests {
         assert!(redirect(&slot, "a.test", &Method::GET, Some("/")).is_none());
         slot.set(Edge::new(Arc::new(Http01Challenges::new())));
         assert!(redirect(&slot, "a.test", &Method::GET, Some("/")).is_none());
+    }
+
+    #[test]
+    fn only_paths_are_redirected() {
+        let store = Arc::new(crate::tls::CertStore::with_generated_default().unwrap());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files =
+            crate::tls::CertificateFiles::new(dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        store.replace(vec![
+            crate::tls::Certificate::load(&files, chrono::Utc::now()).unwrap(),
+        ]);
+        let slot = EdgeSlot::default();
+        slot.set(Edge {
+            http01: Arc::new(Http01Challenges::new()),
+            certificates: Some(store),
+            https_port: 8443,
+        });
+        let r = redirect(&slot, "a.test", &Method::POST, Some("/x?y=1")).unwrap();
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(r.headers()[header::LOCATION], "https://a.test:8443/x?y=1");
+        assert!(redirect(&slot, "a.test", &Method::OPTIONS, Some("*")).is_none());
     }
 }

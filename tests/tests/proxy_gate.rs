@@ -35,6 +35,10 @@ const IDLE_SHARE_MAX: f64 = 0.003;
 /// overrun by a tick (4 ms) and charges to later periods, so one second can show 0.5 %; three
 /// average it out under the bound.
 const IDLE_WINDOW: Duration = Duration::from_secs(3);
+/// The window right after a response is longer: it starts inside the period in which the
+/// throttle came back, which may carry that period's quota and a tick's overrun (seen: 10 ms
+/// over 3 s, 0.33 %, on a machine loaded by other benchmarks).
+const AFTER_WINDOW: Duration = Duration::from_secs(5);
 /// Idle tier 2's delay in this test: longer than the steps before the freeze check.
 const FREEZE_AFTER: Duration = Duration::from_secs(4);
 
@@ -202,7 +206,7 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
         pool.snapshot().instances[0].gate.is_throttled,
         "not throttled 10 ms after the last response"
     );
-    let after = share_over(&probe, IDLE_WINDOW).await;
+    let after = share_over(&probe, AFTER_WINDOW).await;
     println!(
         "share of a CPU from 10 ms after the response: {:.3} %",
         after * 100.0

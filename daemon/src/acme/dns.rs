@@ -131,13 +131,15 @@ impl DnsChecker {
                 };
             }
         };
+        // Every address must be this host's: a CA validating from another address (a stale
+        // AAAA record, a CDN) would fail the whole order.
         let ok = !found.is_empty()
-            && (self.public.is_empty() || found.iter().any(|ip| self.public.contains(ip)));
+            && (self.public.is_empty() || found.iter().all(|ip| self.public.contains(ip)));
         let reason = match (ok, found.is_empty()) {
             (true, _) => None,
             (false, true) => Some(format!("{name} has no A or AAAA record yet")),
             (false, false) => Some(format!(
-                "{name} points to {}, not to this host ({})",
+                "{name} points to {}, not only to this host ({})",
                 list(&found),
                 list(&self.public)
             )),

@@ -124,15 +124,18 @@ impl AcmeDir {
         write_private(&self.account_path(directory), &bytes)
     }
 
-    /// The directory a certificate for `names` is kept in.
-    pub fn cert_dir(&self, names: &[String]) -> PathBuf {
+    /// The directory a certificate for `names` issued at `issued_at` is kept in: one per
+    /// issuance, so a renewal never writes over the certificate being served.
+    pub fn cert_dir(&self, names: &[String], issued_at: DateTime<Utc>) -> PathBuf {
         let first = names
             .first()
             .map(|n| n.replace('*', "_"))
             .unwrap_or_default();
-        self.root
-            .join("certs")
-            .join(format!("{first}-{}", hash_hex(&names.join(","), 8)))
+        self.root.join("certs").join(format!(
+            "{first}-{}-{}",
+            hash_hex(&names.join(","), 8),
+            issued_at.timestamp_millis()
+        ))
     }
 
     /// Stores an issued chain and key; returns where they are.
@@ -142,16 +145,22 @@ impl AcmeDir {
         chain_pem: &str,
         key_pem: &str,
     ) -> Result<StoredCert, AcmeError> {
-        let dir = self.cert_dir(&meta.names);
-        make_private_dir(&dir)?;
-        let files = CertificateFiles::new(dir.join("fullchain.pem"), dir.join("key.pem"));
-        // Key first: a crash between the two leaves a new key beside the old chain, which
-        // loading refuses (mismatch) and the manager orders again.
-        write_private(&files.key, key_pem.as_bytes())?;
-        write_private(&files.cert, chain_pem.as_bytes())?;
+        let dir = self.cert_dir(&meta.names, meta.issued_at);
+        // Written in a hidden directory, renamed into place whole: a crash leaves either no
+        // new certificate (the old one serves) or a complete one.
+        let staging = self.root.join("certs").join(format!(
+            ".new-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("cert")
+        ));
+        let _ = fs::remove_dir_all(&staging);
+        make_private_dir(&staging)?;
+        write_private(&staging.join("key.pem"), key_pem.as_bytes())?;
+        write_private(&staging.join("fullchain.pem"), chain_pem.as_bytes())?;
         let meta_bytes = serde_json::to_vec_pretty(meta)
             .map_err(|e| AcmeError::Other(format!("encode certificate meta: {e}")))?;
-        write_private(&dir.join("meta.json"), &meta_bytes)?;
+        write_private(&staging.join("meta.json"), &meta_bytes)?;
+        fs::rename(&staging, &dir).map_err(io(format!("rename to {}", dir.display())))?;
+        let files = CertificateFiles::new(dir.join("fullchain.pem"), dir.join("key.pem"));
         Ok(StoredCert {
             dir,
             files,
@@ -168,6 +177,11 @@ impl AcmeDir {
         };
         for entry in entries.flatten() {
             let dir = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                // An issuance a crash interrupted: never complete, never served.
+                let _ = fs::remove_dir_all(&dir);
+                continue;
+            }
             let meta_path = dir.join("meta.json");
             let meta = fs::read(&meta_path)
                 .map_err(|e| e.to_string())

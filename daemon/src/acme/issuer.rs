@@ -57,6 +57,9 @@ enum Published {
 
 impl AcmeIssuer {
     pub fn new(config: AcmeConfig, dir: AcmeDir, challenges: Arc<dyn Challenges>) -> AcmeIssuer {
+        // instant-acme's HTTPS client takes rustls' process-wide provider (the lull binary
+        // installs it first thing; tests may not have).
+        crate::install_crypto_provider();
         AcmeIssuer {
             config,
             dir,
@@ -194,30 +197,33 @@ impl AcmeIssuer {
         Ok(Issued { chain_pem, key_pem })
     }
 
-    /// The CA's reasons for an invalid order: each failed challenge's problem.
+    /// The CA's reasons for an invalid order: each failed challenge's problem, by name.
     async fn why_invalid(&self, order: &mut instant_acme::Order, status: OrderStatus) -> AcmeError {
-        let mut reasons = Vec::new();
+        let mut failed = Vec::new();
         let mut authorizations = order.authorizations();
         while let Some(Ok(mut authorization)) = authorizations.next().await {
             let name = authorization.identifier().to_string();
             if let Ok(state) = authorization.refresh().await {
                 for challenge in &state.challenges {
                     if let Some(problem) = &challenge.error {
-                        reasons.push(format!("{name}: {}", problem_text(problem)));
+                        failed.push((name.clone(), problem_text(problem)));
                     }
                 }
             }
         }
-        if reasons.is_empty() {
-            AcmeError::Order {
-                status: format!("{status:?}").to_lowercase(),
-                detail: "the CA gave no reason".into(),
-            }
+        let detail = if failed.is_empty() {
+            "the CA gave no reason".to_owned()
         } else {
-            AcmeError::Order {
-                status: format!("{status:?}").to_lowercase(),
-                detail: reasons.join("; "),
-            }
+            failed
+                .iter()
+                .map(|(name, problem)| format!("{name}: {problem}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        AcmeError::Order {
+            status: format!("{status:?}").to_lowercase(),
+            detail,
+            failed,
         }
     }
 

@@ -1,25 +1,33 @@
 //! [`AcmeManager`]: keeps a valid certificate on every name that wants one.
 //!
 //! Each pass (every `[acme] check_interval`, and at once when woken after a change):
-//! 1. asks which names each service answers on (its hostnames but `.localhost` ones and names
-//!    an operator's certificate covers);
-//! 2. checks DNS for names without a certificate: only names pointing at this host are
-//!    ordered, so one unready name never fails the others;
+//! 1. asks which names each service answers on (its hostnames but `.localhost` ones; names an
+//!    operator's valid certificate covers are not ordered). If that cannot be read, the pass
+//!    orders and forgets nothing;
+//! 2. checks DNS for names without a certificate: only names whose every address is this host
+//!    are ordered, so one unready name never fails the others;
 //! 3. for each service, one order for all its ready names (SANs batched: one order per name
-//!    set, rate-limit friendly) when no certificate held covers them, or the one that does
-//!    has a third of its lifetime left; orders run one at a time;
-//! 4. a failed order is retried after a jittered, doubling wait; the certificate served keeps
-//!    being served until it expires (it is never dropped for a failed renewal);
-//! 5. a certificate past the warning point raises `certificate.expiring` once; one whose
-//!    names are all gone (a domain removed, a service deleted) is revoked and deleted.
+//!    set, rate-limit friendly) when no certificate held covers them, or the one that does has
+//!    a third of its lifetime left, comes from another CA directory, or names a name no service
+//!    wants any more; orders run one at a time, each bounded in time;
+//! 4. a name the CA refused is left out of the next orders for a jittered, doubling wait; an
+//!    order failing as a whole (CA down) waits likewise before that service's next one (a
+//!    changed name set retries at once); the certificate served keeps being served until it
+//!    expires (it is never dropped for a failed renewal);
+//! 5. a certificate past the warning point raises `certificate.expiring` once per certificate;
+//!    an expired one is dropped; one superseded by a new order is deleted (revoked when it
+//!    names what no service wants); one none of whose names any service wants, two passes in a
+//!    row, is revoked and deleted.
 //!
 //! Events (per service): `certificate.issued`, `certificate.renewed`, `certificate.failed`
 //! (with the CA's text), `certificate.expiring`, `certificate.revoked`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
@@ -28,6 +36,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Notify;
 
+use super::AcmeError;
 use super::dns::DnsChecker;
 use super::files::{AcmeDir, CertMeta, StoredCert};
 use super::issuer::Issuer;
@@ -41,9 +50,18 @@ use crate::telemetry::MetricsSource;
 /// names are DNS labels).
 pub const WILDCARD_OWNER: &str = "*";
 
-/// Which names each service answers on (`(service, names)`), as the control plane knows now.
+/// The longest one order may take, from the account to the chain; a CA that stops answering
+/// mid-order fails it instead of stalling every renewal behind it.
+pub const ORDER_TIMEOUT: Duration = Duration::from_secs(600);
+/// The longest a revocation may take.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The least wait after the CA said "rate limited".
+const RATE_LIMITED_WAIT: Duration = Duration::from_secs(3600);
+
+/// Which names each service answers on (`(service, names)`), as the control plane knows now;
+/// an error when that cannot be known (the store failed).
 pub type WantedSource =
-    Arc<dyn Fn() -> BoxFuture<'static, Vec<(String, Vec<String>)>> + Send + Sync>;
+    Arc<dyn Fn() -> BoxFuture<'static, Result<Vec<(String, Vec<String>)>, String>> + Send + Sync>;
 /// Where events go (the state store, in the daemon).
 pub type EventSink = Arc<dyn Fn(NewEvent) + Send + Sync>;
 
@@ -84,11 +102,24 @@ struct Held {
     certificate: Certificate,
 }
 
-#[derive(Default)]
+impl Held {
+    /// What identifies this certificate (not its directory alone: a warning is per
+    /// certificate).
+    fn key(&self) -> (PathBuf, i64) {
+        (
+            self.stored.dir.clone(),
+            self.certificate.not_after.timestamp(),
+        )
+    }
+}
+
+#[derive(Default, Clone)]
 struct Failure {
     count: u32,
     retry_at: Option<DateTime<Utc>>,
     error: String,
+    /// The names of the order that failed (a service's failure holds only for that set).
+    names: Vec<String>,
 }
 
 #[derive(Default)]
@@ -98,16 +129,20 @@ struct State {
     dns: BTreeMap<String, Option<String>>,
     /// Names in the order running now.
     validating: BTreeSet<String>,
-    /// Per service: the last failure of its order.
+    /// Per service: the last failure of its order as a whole.
     failures: BTreeMap<String, Failure>,
-    /// Certificates (by directory) whose expiry was announced.
-    warned: BTreeSet<std::path::PathBuf>,
+    /// Per name: the CA refused it (left out of orders until `retry_at`).
+    name_failures: BTreeMap<String, Failure>,
+    /// Certificates (directory, expiry) whose expiry was announced.
+    warned: BTreeSet<(PathBuf, i64)>,
     /// The names wanted at the last pass, per service.
     wanted: Vec<(String, Vec<String>)>,
     /// Every service's names, those operators' certificates cover included.
     all_names: Vec<(String, Vec<String>)>,
-    /// Operators' certificates (by file) whose expiry was announced.
-    warned_operator: BTreeSet<std::path::PathBuf>,
+    /// Operators' certificates (file, expiry) whose expiry was announced.
+    warned_operator: BTreeSet<(PathBuf, i64)>,
+    /// Certificates found unwanted at the last pass: forgotten if still so at the next.
+    unwanted: BTreeSet<PathBuf>,
 }
 
 /// See the module doc.
@@ -124,7 +159,13 @@ pub struct AcmeManager {
     orders_ok: AtomicU64,
     orders_failed: AtomicU64,
     /// Set while this daemon hands over to another: no new order starts here.
-    paused: std::sync::atomic::AtomicBool,
+    paused: AtomicBool,
+    /// Held for the length of an order (so a handover can wait for the one running).
+    order_lock: tokio::sync::Mutex<()>,
+}
+
+fn wait_until(wait: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 impl AcmeManager {
@@ -150,7 +191,8 @@ impl AcmeManager {
             wake: Notify::new(),
             orders_ok: AtomicU64::new(0),
             orders_failed: AtomicU64::new(0),
-            paused: std::sync::atomic::AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            order_lock: tokio::sync::Mutex::new(()),
         });
         manager.load_stored();
         manager
@@ -192,13 +234,21 @@ impl AcmeManager {
         self.certificates.set_acme(served);
     }
 
-    /// Stops starting orders (a handover: the new daemon orders, and answers challenges on the
-    /// listeners it now owns), or starts again (the handover failed).
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
-        if !paused {
-            self.wake();
-        }
+    /// Stops starting orders and waits for the one running to end: a handover, after which
+    /// the new daemon orders and answers challenges on the listeners it now owns.
+    pub async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        let _running = self.order_lock.lock().await;
+    }
+
+    /// Starts ordering again (the handover failed).
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Runs a pass now (after a domain or service change).
@@ -208,8 +258,17 @@ impl AcmeManager {
 
     /// Runs passes until the task is aborted.
     pub async fn run(self: Arc<Self>) {
+        use futures_util::FutureExt;
         loop {
-            self.pass().await;
+            // A panic in a pass (a bug, a library's) ends that pass, not certificate upkeep.
+            if std::panic::AssertUnwindSafe(self.pass())
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("ACME pass panicked; the next one starts on schedule");
+                self.state().validating.clear();
+            }
             let _ = tokio::time::timeout(self.config.check_interval, self.wake.notified()).await;
         }
     }
@@ -228,50 +287,80 @@ impl AcmeManager {
         });
     }
 
-    /// Asks again which names are wanted (for a listing), without ordering anything.
-    pub async fn refresh_wanted(&self) -> Vec<(String, Vec<String>)> {
-        let all = (self.wanted)().await;
-        self.state().all_names = all.clone();
+    /// Asks again which names are wanted, without ordering anything; `Err` when the control
+    /// plane cannot say (nothing is changed then).
+    pub async fn refresh_wanted(&self) -> Result<Vec<(String, Vec<String>)>, String> {
+        let all = (self.wanted)().await?;
         let wanted: Vec<(String, Vec<String>)> = all
-            .into_iter()
+            .iter()
             .map(|(service, names)| {
                 let names: Vec<String> = names
-                    .into_iter()
+                    .iter()
                     .filter(|n| !self.certificates.operator_covers(n))
+                    .cloned()
                     .collect();
-                (service, names)
+                (service.clone(), names)
             })
             .filter(|(_, names)| !names.is_empty())
             .collect();
-        self.state().wanted = wanted.clone();
-        wanted
+        let mut state = self.state();
+        // Forget what concerns names and services gone (a re-created one starts afresh).
+        let names: BTreeSet<&String> = all.iter().flat_map(|(_, n)| n).collect();
+        let services: BTreeSet<&String> = all.iter().map(|(s, _)| s).collect();
+        state.dns.retain(|n, _| names.contains(n));
+        state.name_failures.retain(|n, _| names.contains(n));
+        state.failures.retain(|s, _| services.contains(s));
+        state.all_names = all.clone();
+        state.wanted = wanted.clone();
+        Ok(wanted)
     }
 
     /// One pass (see the module doc).
     pub async fn pass(&self) {
-        let wanted = self.refresh_wanted().await;
-        self.announce_operator_expiry();
-        if !self.config.enabled || self.paused.load(Ordering::SeqCst) {
-            return;
-        }
-        for (service, names) in &wanted {
-            let ready = self.ready_names(names).await;
-            if ready.is_empty() {
-                continue;
+        let wanted = match self.refresh_wanted().await {
+            Ok(wanted) => Some(wanted),
+            Err(e) => {
+                tracing::warn!(
+                    "ACME pass: which names are wanted is unknown ({e}): nothing is ordered or forgotten"
+                );
+                None
             }
-            self.keep_certified(service, ready).await;
+        };
+        self.announce_operator_expiry();
+        let active = self.config.enabled && !self.paused();
+        if let (true, Some(wanted)) = (active, &wanted) {
+            for (service, names) in wanted {
+                if self.paused() {
+                    break;
+                }
+                let ready = self.ready_names(names).await;
+                if !ready.is_empty() {
+                    self.keep_certified(service, ready).await;
+                }
+            }
         }
+        self.drop_expired().await;
         self.announce_expiry();
-        self.forget_unwanted(&wanted).await;
+        if active && wanted.is_some() {
+            self.forget_unwanted().await;
+        }
         self.publish();
     }
 
     /// The names of `names` that may be ordered: those a held certificate covers, and those
-    /// whose DNS points here.
+    /// whose DNS points here, less those the CA refused lately.
     async fn ready_names(&self, names: &[String]) -> Vec<String> {
         let now = Utc::now();
         let mut ready = Vec::new();
         for name in names {
+            let refused = self
+                .state()
+                .name_failures
+                .get(name)
+                .is_some_and(|f| f.retry_at.is_some_and(|at| now < at));
+            if refused {
+                continue;
+            }
             let certified = self
                 .state()
                 .held
@@ -292,9 +381,19 @@ impl AcmeManager {
         ready
     }
 
+    /// Every name any service answers on (operators' certificates' names included).
+    fn all_wanted(&self) -> BTreeSet<String> {
+        self.state()
+            .all_names
+            .iter()
+            .flat_map(|(_, n)| n.iter().cloned())
+            .collect()
+    }
+
     /// Orders a certificate for `names` unless one held covers them all and is not due.
     async fn keep_certified(&self, service: &str, names: Vec<String>) {
         let now = Utc::now();
+        let all_wanted = self.all_wanted();
         let current = self
             .state()
             .held
@@ -305,7 +404,11 @@ impl AcmeManager {
             .cloned();
         let renewal = match &current {
             Some(h) => {
-                if now < policy::renew_at(h.certificate.not_before, h.certificate.not_after) {
+                let due =
+                    now >= policy::renew_at(h.certificate.not_before, h.certificate.not_after);
+                let other_ca = h.stored.meta.directory != self.config.directory;
+                let stale = h.certificate.names.iter().any(|n| !all_wanted.contains(n));
+                if !(due || other_ca || stale) {
                     return;
                 }
                 true
@@ -316,108 +419,263 @@ impl AcmeManager {
             .state()
             .failures
             .get(service)
-            .is_some_and(|f| f.retry_at.is_some_and(|at| now < at));
+            .is_some_and(|f| f.names == names && f.retry_at.is_some_and(|at| now < at));
         if waiting {
+            return;
+        }
+        let _order = self.order_lock.lock().await;
+        if self.paused() {
             return;
         }
         self.state().validating.extend(names.iter().cloned());
         let started = std::time::Instant::now();
-        let result = self.issuer.issue(&names).await;
+        let result = match tokio::time::timeout(ORDER_TIMEOUT, self.issuer.issue(&names)).await {
+            Ok(result) => result,
+            Err(_) => Err(AcmeError::Other(format!(
+                "the CA did not finish the order within {}s",
+                ORDER_TIMEOUT.as_secs()
+            ))),
+        };
         self.state().validating.clear();
-        let outcome = result.and_then(|issued| {
-            let meta = CertMeta {
-                names: names.clone(),
-                service: service.to_owned(),
-                directory: self.config.directory.clone(),
-                issued_at: Utc::now(),
-            };
-            let stored = self
-                .dir
-                .save_cert(&meta, &issued.chain_pem, &issued.key_pem)?;
-            let certificate = Certificate::load(&stored.files, Utc::now())
-                .map_err(|e| super::AcmeError::Other(format!("the issued certificate: {e}")))?;
-            Ok(Held {
-                stored,
-                certificate,
-            })
-        });
+        let outcome = match result {
+            Ok(issued) => {
+                let meta = CertMeta {
+                    names: names.clone(),
+                    service: service.to_owned(),
+                    directory: self.config.directory.clone(),
+                    issued_at: Utc::now(),
+                };
+                let dir = self.dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    let stored = dir.save_cert(&meta, &issued.chain_pem, &issued.key_pem)?;
+                    let certificate = Certificate::load(&stored.files, Utc::now())
+                        .map_err(|e| AcmeError::Other(format!("the issued certificate: {e}")))?;
+                    Ok(Held {
+                        stored,
+                        certificate,
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(AcmeError::Other(format!("storing the certificate: {e}"))))
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(held) => {
-                self.orders_ok.fetch_add(1, Ordering::Relaxed);
-                let not_after = held.certificate.not_after;
-                let superseded: Vec<Held> = {
-                    let mut state = self.state();
-                    state.failures.remove(service);
-                    let (old, keep): (Vec<Held>, Vec<Held>) =
-                        std::mem::take(&mut state.held).into_iter().partition(|h| {
-                            h.stored.meta.service == service
-                                && h.stored.dir != held.stored.dir
-                                && h.certificate.names.iter().all(|n| names.contains(n))
-                        });
-                    state.held = keep;
-                    state.held.retain(|h| h.stored.dir != held.stored.dir);
-                    state.held.push(held);
-                    old
-                };
-                for old in superseded {
-                    let _ = self.dir.remove(&old.stored);
+                self.issued(service, &names, held, renewal, started.elapsed())
+                    .await
+            }
+            Err(e) => self.failed(service, &names, e, current.as_ref(), renewal),
+        }
+    }
+
+    async fn issued(
+        &self,
+        service: &str,
+        names: &[String],
+        held: Held,
+        renewal: bool,
+        took: Duration,
+    ) {
+        self.orders_ok.fetch_add(1, Ordering::Relaxed);
+        let not_after = held.certificate.not_after;
+        let all_wanted = self.all_wanted();
+        // Certificates this one replaces: each of whose still-wanted names it covers.
+        let superseded: Vec<Held> = {
+            let mut state = self.state();
+            state.failures.remove(service);
+            for name in names {
+                state.name_failures.remove(name);
+            }
+            let new_names = held.certificate.names.clone();
+            let (old, keep): (Vec<Held>, Vec<Held>) =
+                std::mem::take(&mut state.held).into_iter().partition(|h| {
+                    h.stored.dir != held.stored.dir
+                        && h.certificate
+                            .names
+                            .iter()
+                            .filter(|n| all_wanted.contains(*n))
+                            .all(|n| covers(&new_names, n))
+                        && (h.stored.meta.service == service
+                            || h.certificate.names.iter().any(|n| names.contains(n)))
+                });
+            state.held = keep;
+            state.held.push(held);
+            old
+        };
+        self.publish();
+        let (kind, verb) = if renewal {
+            ("certificate.renewed", "renewed")
+        } else {
+            ("certificate.issued", "issued")
+        };
+        self.emit(
+            service,
+            kind,
+            format!(
+                "certificate for {} {verb} in {:.1}s, valid until {}",
+                names.join(", "),
+                took.as_secs_f64(),
+                not_after.to_rfc3339()
+            ),
+            json!({ "names": names, "not_after": not_after.to_rfc3339() }),
+        );
+        for old in superseded {
+            let gone: Vec<&String> = old
+                .certificate
+                .names
+                .iter()
+                .filter(|n| !all_wanted.contains(*n))
+                .collect();
+            if gone.is_empty() {
+                self.delete(&old).await;
+            } else {
+                self.revoke(
+                    &old,
+                    "replaced by a certificate without names no service answers on",
+                )
+                .await;
+            }
+        }
+    }
+
+    fn failed(
+        &self,
+        service: &str,
+        names: &[String],
+        e: AcmeError,
+        current: Option<&Held>,
+        renewal: bool,
+    ) {
+        self.orders_failed.fetch_add(1, Ordering::Relaxed);
+        let error = e.to_string();
+        let rate_limited = error.contains("urn:ietf:params:acme:error:rateLimited");
+        let backoff = |failure: &mut Failure| {
+            failure.count += 1;
+            let mut wait = policy::retry_after(
+                failure.count,
+                self.config.retry_initial,
+                self.config.retry_max,
+                policy::jitter(),
+            );
+            if rate_limited {
+                wait = wait.max(RATE_LIMITED_WAIT);
+            }
+            let at = wait_until(wait);
+            failure.retry_at = Some(at);
+            failure.error = error.clone();
+            at
+        };
+        // Names the CA refused are left out of the next orders; the others retry at once.
+        let refused: Vec<(String, String)> = match &e {
+            AcmeError::Order { failed, .. } => failed
+                .iter()
+                .filter(|(n, _)| names.contains(n))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        let retry_at = {
+            let mut state = self.state();
+            if refused.is_empty() {
+                let failure = state.failures.entry(service.to_owned()).or_default();
+                if failure.names != names {
+                    *failure = Failure::default();
                 }
-                self.publish();
-                let (kind, verb) = if renewal {
-                    ("certificate.renewed", "renewed")
-                } else {
-                    ("certificate.issued", "issued")
-                };
-                self.emit(
-                    service,
-                    kind,
-                    format!(
-                        "certificate for {} {verb} in {:.1}s, valid until {}",
-                        names.join(", "),
-                        started.elapsed().as_secs_f64(),
-                        not_after.to_rfc3339()
-                    ),
-                    json!({ "names": names, "not_after": not_after.to_rfc3339() }),
-                );
+                failure.names = names.to_vec();
+                backoff(failure)
+            } else {
+                let mut last = Utc::now();
+                for (name, problem) in &refused {
+                    let failure = state.name_failures.entry(name.clone()).or_default();
+                    failure.names = vec![name.clone()];
+                    last = backoff(failure);
+                    failure.error = problem.clone();
+                }
+                last
             }
-            Err(e) => {
-                self.orders_failed.fetch_add(1, Ordering::Relaxed);
-                let error = e.to_string();
-                let retry_at = {
-                    let mut state = self.state();
-                    let failure = state.failures.entry(service.to_owned()).or_default();
-                    failure.count += 1;
-                    let wait = policy::retry_after(
-                        failure.count,
-                        self.config.retry_initial,
-                        self.config.retry_max,
-                        policy::jitter(),
-                    );
-                    let at = Utc::now()
-                        + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX);
-                    failure.retry_at = Some(at);
-                    failure.error = error.clone();
-                    at
-                };
-                let keeping = match &current {
-                    Some(h) => format!(
-                        "; the current certificate keeps being served until {}",
-                        h.certificate.not_after.to_rfc3339()
-                    ),
-                    None => String::new(),
-                };
-                self.emit(
-                    service,
-                    "certificate.failed",
-                    format!(
-                        "certificate for {} not {}: {error}; retry at {}{keeping}",
-                        names.join(", "),
-                        if renewal { "renewed" } else { "issued" },
-                        retry_at.to_rfc3339()
-                    ),
-                    json!({ "names": names, "error": error, "retry_at": retry_at.to_rfc3339() }),
-                );
+        };
+        let keeping = match current {
+            Some(h) => format!(
+                "; the current certificate keeps being served until {}",
+                h.certificate.not_after.to_rfc3339()
+            ),
+            None => String::new(),
+        };
+        self.emit(
+            service,
+            "certificate.failed",
+            format!(
+                "certificate for {} not {}: {error}; retry at {}{keeping}",
+                names.join(", "),
+                if renewal { "renewed" } else { "issued" },
+                retry_at.to_rfc3339()
+            ),
+            json!({ "names": names, "error": error, "retry_at": retry_at.to_rfc3339() }),
+        );
+    }
+
+    /// Deletes a certificate's files (it is no longer held).
+    async fn delete(&self, h: &Held) {
+        let dir = self.dir.clone();
+        let stored = h.stored.clone();
+        let _ = tokio::task::spawn_blocking(move || dir.remove(&stored)).await;
+    }
+
+    /// Revokes (if still valid) and deletes a certificate no longer held, with an event.
+    async fn revoke(&self, h: &Held, why: &str) {
+        let leaf = h.certificate.key.cert.first().map(|c| c.to_vec());
+        let revoked = match (&leaf, h.certificate.not_after > Utc::now()) {
+            (Some(der), true) => {
+                match tokio::time::timeout(REVOKE_TIMEOUT, self.issuer.revoke(der)).await {
+                    Ok(result) => result.map(|()| true),
+                    Err(_) => Err(AcmeError::Other(format!(
+                        "no answer from the CA within {}s",
+                        REVOKE_TIMEOUT.as_secs()
+                    ))),
+                }
             }
+            _ => Ok(false),
+        };
+        self.delete(h).await;
+        let names = h.certificate.names.join(", ");
+        match revoked {
+            Ok(true) => self.emit(
+                &h.stored.meta.service,
+                "certificate.revoked",
+                format!("certificate for {names} revoked and deleted: {why}"),
+                json!({ "names": h.certificate.names }),
+            ),
+            Ok(false) => {}
+            Err(e) => self.emit(
+                &h.stored.meta.service,
+                "certificate.revoked",
+                format!(
+                    "certificate for {names} deleted ({why}), but the CA did not revoke it: {e}"
+                ),
+                json!({ "names": h.certificate.names, "error": e.to_string() }),
+            ),
+        }
+    }
+
+    /// Drops expired certificates (served no more; their files deleted).
+    async fn drop_expired(&self) {
+        let now = Utc::now();
+        let expired: Vec<Held> = {
+            let mut state = self.state();
+            let (gone, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut state.held)
+                .into_iter()
+                .partition(|h| h.certificate.not_after <= now);
+            state.held = keep;
+            gone
+        };
+        for h in expired {
+            tracing::warn!(
+                names = ?h.certificate.names,
+                not_after = %h.certificate.not_after.to_rfc3339(),
+                "ACME certificate expired: no longer served"
+            );
+            self.delete(&h).await;
         }
     }
 
@@ -426,46 +684,40 @@ impl AcmeManager {
         let now = Utc::now();
         let due: Vec<Held> = {
             let mut state = self.state();
-            let mut due = Vec::new();
-            for h in &state.held {
-                let at = policy::warn_at(h.certificate.not_before, h.certificate.not_after);
-                if now >= at && !state.warned.contains(&h.stored.dir) {
-                    due.push(h.clone());
-                }
-            }
+            let due: Vec<Held> = state
+                .held
+                .iter()
+                .filter(|h| {
+                    now >= policy::warn_at(h.certificate.not_before, h.certificate.not_after)
+                })
+                .filter(|h| !state.warned.contains(&h.key()))
+                .cloned()
+                .collect();
             for h in &due {
-                state.warned.insert(h.stored.dir.clone());
+                state.warned.insert(h.key());
             }
+            let live: BTreeSet<(PathBuf, i64)> = state.held.iter().map(Held::key).collect();
+            state.warned.retain(|k| live.contains(k));
             due
         };
         for h in due {
             let left = (h.certificate.not_after - now).num_seconds();
-            let message = if left > 0 {
-                format!(
-                    "certificate for {} expires at {} ({}s left) and is not renewed yet",
-                    h.certificate.names.join(", "),
-                    h.certificate.not_after.to_rfc3339(),
-                    left
-                )
-            } else {
-                format!(
-                    "certificate for {} expired at {}",
-                    h.certificate.names.join(", "),
-                    h.certificate.not_after.to_rfc3339()
-                )
-            };
             self.emit(
                 &h.stored.meta.service,
                 "certificate.expiring",
-                message,
+                format!(
+                    "certificate for {} expires at {} ({left}s left) and is not renewed yet",
+                    h.certificate.names.join(", "),
+                    h.certificate.not_after.to_rfc3339(),
+                ),
                 json!({ "names": h.certificate.names, "not_after": h.certificate.not_after.to_rfc3339() }),
             );
         }
     }
 
     /// `certificate.expiring` for an operator's certificate (lull.toml or `lull cert add`) past
-    /// its warning point, once, to every service it serves: nobody renews those but the
-    /// operator.
+    /// its warning point, once per certificate, to every service it serves: nobody renews those
+    /// but the operator.
     fn announce_operator_expiry(&self) {
         let now = Utc::now();
         for (source, _, c) in self.certificates.list() {
@@ -476,7 +728,10 @@ impl AcmeManager {
             }
             let services: Vec<String> = {
                 let mut state = self.state();
-                if !state.warned_operator.insert(c.source.clone()) {
+                if !state
+                    .warned_operator
+                    .insert((c.source.clone(), c.not_after.timestamp()))
+                {
                     continue;
                 }
                 state
@@ -505,14 +760,24 @@ impl AcmeManager {
         }
     }
 
-    /// Revokes and deletes certificates none of whose names is wanted any more.
-    async fn forget_unwanted(&self, wanted: &[(String, Vec<String>)]) {
-        let all: BTreeSet<&String> = wanted.iter().flat_map(|(_, n)| n).collect();
+    /// Revokes and deletes certificates none of whose names any service has wanted for two
+    /// passes in a row (one pass could follow a glitch).
+    async fn forget_unwanted(&self) {
+        let all = self.all_wanted();
         let gone: Vec<Held> = {
             let mut state = self.state();
+            let unwanted: BTreeSet<PathBuf> = state
+                .held
+                .iter()
+                .filter(|h| !h.certificate.names.iter().any(|n| all.contains(n)))
+                .map(|h| h.stored.dir.clone())
+                .collect();
+            let confirmed: BTreeSet<PathBuf> =
+                unwanted.intersection(&state.unwanted).cloned().collect();
+            state.unwanted = unwanted.difference(&confirmed).cloned().collect();
             let (gone, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut state.held)
                 .into_iter()
-                .partition(|h| !h.certificate.names.iter().any(|n| all.contains(n)));
+                .partition(|h| confirmed.contains(&h.stored.dir));
             state.held = keep;
             gone
         };
@@ -521,28 +786,7 @@ impl AcmeManager {
         }
         self.publish();
         for h in gone {
-            let leaf = h.certificate.key.cert.first().map(|c| c.to_vec());
-            let revoked = match (&leaf, h.certificate.not_after > Utc::now()) {
-                (Some(der), true) => self.issuer.revoke(der).await.map(|()| true),
-                _ => Ok(false),
-            };
-            let _ = self.dir.remove(&h.stored);
-            let names = h.certificate.names.join(", ");
-            match revoked {
-                Ok(true) => self.emit(
-                    &h.stored.meta.service,
-                    "certificate.revoked",
-                    format!("certificate for {names} revoked and deleted: no service answers on those names"),
-                    json!({ "names": h.certificate.names }),
-                ),
-                Ok(false) => {}
-                Err(e) => self.emit(
-                    &h.stored.meta.service,
-                    "certificate.revoked",
-                    format!("certificate for {names} deleted, but the CA did not revoke it: {e}"),
-                    json!({ "names": h.certificate.names, "error": e.to_string() }),
-                ),
-            }
+            self.revoke(&h, "no service answers on those names").await;
         }
     }
 
@@ -558,16 +802,17 @@ impl AcmeManager {
                     .iter()
                     .filter(|h| h.certificate.not_after > now && covers(&h.certificate.names, name))
                     .max_by_key(|h| h.certificate.not_after);
-                let failure = state
-                    .failures
-                    .get(service)
-                    .filter(|_| cert.is_none() || state.validating.is_empty());
+                let failure = state.name_failures.get(name).or_else(|| {
+                    state
+                        .failures
+                        .get(service)
+                        .filter(|f| f.names.contains(name))
+                });
                 let dns = state.dns.get(name).cloned().flatten();
                 let (status, reason) = if state.validating.contains(name) {
                     (NameStatus::Validating, None)
-                } else if let Some(h) = cert {
+                } else if cert.is_some() {
                     let renewal = failure.map(|f| format!("renewal failed: {}", f.error));
-                    let _ = h;
                     (NameStatus::Active, renewal)
                 } else if !self.config.enabled {
                     (

@@ -27,8 +27,13 @@ pub enum AcmeError {
     NoChallenge { kind: &'static str, name: String },
     #[error("validation of {name} failed: {detail}")]
     Validation { name: String, detail: String },
+    /// The CA refused the order; `failed` names each refused name with the CA's problem.
     #[error("the order ended {status}: {detail}")]
-    Order { status: String, detail: String },
+    Order {
+        status: String,
+        detail: String,
+        failed: Vec<(String, String)>,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,

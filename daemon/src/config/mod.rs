@@ -58,7 +58,7 @@ pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt
 
 /// Automatic certificates (`[acme]`): off until the operator turns them on, which is also
 /// their agreement to the CA's terms of service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
     pub enabled: bool,
     /// The CA's RFC 8555 directory URL (`letsencrypt` and `letsencrypt-staging` are shorthands).
@@ -104,6 +104,29 @@ impl ChallengeKind {
     }
 }
 
+impl std::fmt::Debug for AcmeConfig {
+    /// Everything but the EAB HMAC key, which is a credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeConfig")
+            .field("enabled", &self.enabled)
+            .field("directory", &self.directory)
+            .field("email", &self.email)
+            .field("ca_certificates", &self.ca_certificates)
+            .field("challenge", &self.challenge)
+            .field(
+                "eab",
+                &self.eab.as_ref().map(|(kid, _)| (kid, "[redacted]")),
+            )
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
+            .field("check_interval", &self.check_interval)
+            .field("resolver", &self.resolver)
+            .field("public_addresses", &self.public_addresses)
+            .field("dns01_hook", &self.dns01_hook)
+            .finish()
+    }
+}
+
 impl Default for AcmeConfig {
     fn default() -> Self {
         AcmeConfig {
@@ -113,7 +136,9 @@ impl Default for AcmeConfig {
             ca_certificates: None,
             challenge: ChallengeKind::Http01,
             eab: None,
-            retry_initial: Duration::from_secs(60),
+            // Let's Encrypt allows 5 failed validations per name per hour: 5 min, doubling
+            // (jittered down by at most half), stays under it.
+            retry_initial: Duration::from_secs(300),
             retry_max: Duration::from_secs(6 * 3600),
             check_interval: Duration::from_secs(60),
             resolver: None,
@@ -342,6 +367,29 @@ impl DaemonConfig {
             tls: TlsConfig::default(),
             acme: AcmeConfig::default(),
         }
+    }
+
+    /// Settings that parse but cannot work together: ACME on with nowhere to serve what it
+    /// obtains, or with HTTP-01 and no HTTP listener to answer it. Each line names the keys.
+    pub fn combination_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.acme.enabled {
+            if self.listeners.https.is_none() {
+                out.push(
+                    "acme.enabled: ACME's certificates are served on the HTTPS listener, and \
+                     listeners.https is off"
+                        .to_owned(),
+                );
+            }
+            if self.acme.challenge == ChallengeKind::Http01 && self.listeners.http.is_none() {
+                out.push(
+                    "acme.challenge: \"http-01\" is answered on the HTTP listener, and \
+                     listeners.http is off (turn it on, or use \"tls-alpn-01\")"
+                        .to_owned(),
+                );
+            }
+        }
+        out
     }
 
     /// Reads `path`; a missing file means the defaults. Every problem is reported at once.

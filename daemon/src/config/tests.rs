@@ -539,3 +539,29 @@ colour = 1
         assert!(e.contains(want), "{want:?} not in:\n{e}");
     }
 }
+
+#[test]
+fn acme_needs_its_listeners() {
+    let c = DaemonConfig::parse(
+        "[acme]\nenabled = true\n[listeners]\nhttp = \"off\"\nhttps = \"off\"\n",
+        "lull.toml",
+    )
+    .unwrap();
+    let problems = c.combination_problems();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].starts_with("acme.enabled:"), "{problems:?}");
+    assert!(problems[1].starts_with("acme.challenge:"), "{problems:?}");
+    let ok = DaemonConfig::parse(
+        "[acme]\nenabled = true\nchallenge = \"tls-alpn-01\"\n[listeners]\nhttp = \"off\"\n",
+        "lull.toml",
+    )
+    .unwrap();
+    assert!(ok.combination_problems().is_empty());
+    // Off, nothing is asked of the listeners.
+    let off = DaemonConfig::parse(
+        "[listeners]\nhttp = \"off\"\nhttps = \"off\"\n",
+        "lull.toml",
+    )
+    .unwrap();
+    assert!(off.combination_problems().is_empty());
+}

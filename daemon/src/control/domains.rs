@@ -234,7 +234,10 @@ impl Control {
             let owned = name.to_owned();
             self.blocking(move |s| s.get_service(&owned)).await?;
         }
-        tls.acme.refresh_wanted().await;
+        tls.acme
+            .refresh_wanted()
+            .await
+            .map_err(|e| ApiError::internal(format!("which names are wanted: {e}")))?;
         let mut views = tls.acme.views();
         if let Some(name) = service {
             views.retain(|v| v.service == name);
@@ -270,53 +273,47 @@ impl Control {
     pub async fn put_certificate(&self, id: &str, body: PutCertificate) -> Result<Value, ApiError> {
         let tls = self.tls_control()?;
         check_id(id)?;
-        let dir = tls.api_dir.join(id);
-        let staging = tls.api_dir.join(format!(".{id}.new"));
-        let (cert, key) = (body.cert, body.key);
-        let names = body.names;
-        let staged = staging.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> Result<Certificate, ApiError> {
-            let _ = std::fs::remove_dir_all(&staged);
-            crate::acme::files::make_private_dir(&staged)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            let files = CertificateFiles::new(staged.join("fullchain.pem"), staged.join("key.pem"));
-            let write = |path: &std::path::Path, text: &str| {
-                crate::acme::files::write_private(path, text.as_bytes())
-                    .map_err(|e| ApiError::internal(e.to_string()))
-            };
-            write(&files.cert, &cert)?;
-            write(&files.key, &key)?;
-            let checked = Certificate::load(&files, Utc::now()).and_then(|c| match &names {
+        let api_dir = tls.api_dir.clone();
+        let id_owned = id.to_owned();
+        let served = tokio::task::spawn_blocking(move || -> Result<Certificate, ApiError> {
+            let internal = |e: crate::acme::AcmeError| ApiError::internal(e.to_string());
+            // A staging directory of its own: two uploads for one id never mix their files.
+            let mut nonce = [0u8; 6];
+            let _ = getrandom::fill(&mut nonce);
+            let staging = api_dir.join(format!(".{id_owned}.{}", hex::encode(nonce)));
+            crate::acme::files::make_private_dir(&staging).map_err(internal)?;
+            let files =
+                CertificateFiles::new(staging.join("fullchain.pem"), staging.join("key.pem"));
+            let written = crate::acme::files::write_private(&files.cert, body.cert.as_bytes())
+                .and_then(|()| crate::acme::files::write_private(&files.key, body.key.as_bytes()));
+            if let Err(e) = written {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(internal(e));
+            }
+            let checked = Certificate::load(&files, Utc::now()).and_then(|c| match &body.names {
                 Some(n) => c.restrict_to(n),
                 None => Ok(c),
             });
-            match checked {
-                Ok(c) => Ok(c),
+            let certificate = match checked {
+                Ok(c) => c,
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&staged);
-                    let mut text = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(cause) = source {
-                        text.push_str(": ");
-                        text.push_str(&cause.to_string());
-                        source = cause.source();
-                    }
-                    // The staging paths mean nothing to the caller: name the fields.
-                    let text = text
-                        .replace(&files.cert.display().to_string(), "cert")
-                        .replace(&files.key.display().to_string(), "key");
-                    Err(field("cert", text))
+                    let _ = std::fs::remove_dir_all(&staging);
+                    return Err(certificate_error(&e, &files));
                 }
-            }
+            };
+            let dir = api_dir.join(&id_owned);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&staging, &dir).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&staging);
+                ApiError::internal(format!("store the certificate: {e}"))
+            })?;
+            Ok(Certificate {
+                source: dir.join("fullchain.pem"),
+                ..certificate
+            })
         })
         .await
         .map_err(|e| ApiError::internal(format!("certificate task: {e}")))??;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&staging, &dir)
-            .map_err(|e| ApiError::internal(format!("store the certificate: {e}")))?;
-        let files = CertificateFiles::new(dir.join("fullchain.pem"), dir.join("key.pem"));
-        let mut served = loaded;
-        served.source = files.cert.clone();
         let names = served.names.clone();
         let not_after = served.not_after;
         tls.certificates.put_api(id, served);
@@ -332,20 +329,55 @@ impl Control {
                 "no certificate {id} (see lull cert list)"
             )));
         }
-        let _ = std::fs::remove_dir_all(tls.api_dir.join(id));
+        let dir = tls.api_dir.join(id);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         tls.acme.wake();
         Ok(())
     }
 
     /// Reads `[tls]`'s files again (renewed by another tool): all good, or nothing changes.
-    pub fn reload_certificates(&self) -> Result<Value, ApiError> {
+    pub async fn reload_certificates(&self) -> Result<Value, ApiError> {
         let tls = self.tls_control()?;
-        let count = tls
-            .certificates
-            .reload(&tls.config)
+        let certificates = tls.certificates.clone();
+        let config = tls.config.clone();
+        let count = tokio::task::spawn_blocking(move || certificates.reload(&config))
+            .await
+            .map_err(|e| ApiError::internal(format!("reload task: {e}")))?
             .map_err(|e| field("tls.certificates", e.to_string()))?;
+        tls.acme.wake();
         Ok(json!({ "reloaded": count }))
     }
+}
+
+/// A refused upload as a field error: `cert`, `key` or `names` by what is wrong, the staging
+/// paths (meaningless to the caller) replaced by those field names.
+fn certificate_error(e: &lull_proxy::tls::CertificateError, files: &CertificateFiles) -> ApiError {
+    use lull_proxy::tls::CertificateError as E;
+    let on_key = |path: &std::path::Path| path == files.key;
+    let name = match e {
+        E::Read { path, .. }
+        | E::NotPem { path, .. }
+        | E::Pem { path, .. }
+        | E::UnsupportedKey { path, .. }
+            if on_key(path) =>
+        {
+            "key"
+        }
+        E::KeyMismatch { .. } => "key",
+        E::NameNotCovered { .. } => "names",
+        _ => "cert",
+    };
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let text = text
+        .replace(&files.cert.display().to_string(), "cert")
+        .replace(&files.key.display().to_string(), "key");
+    field(name, text)
 }
 
 /// Loads the certificates kept under `<data>/certs` (uploaded through the API) into
@@ -432,9 +464,8 @@ pub fn start_tls(
         Box::pin(async move {
             let records = tokio::task::spawn_blocking(move || store.list_services())
                 .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+                .map_err(|e| format!("store task: {e}"))?
+                .map_err(|e| format!("the state store: {e}"))?;
             let mut wanted: Vec<(String, Vec<String>)> = Vec::new();
             if let Some(wildcard) = &wildcard {
                 wanted.push((
@@ -442,8 +473,8 @@ pub fn start_tls(
                     vec![wildcard.clone()],
                 ));
             }
-            wanted.extend(records.iter().filter_map(|record| {
-                let spec = Control::current_spec(record).ok()?;
+            for record in &records {
+                let spec = Control::current_spec(record).map_err(|e| e.message)?;
                 let names: Vec<String> = spec
                     .hostnames(base_domain.as_deref())
                     .into_iter()
@@ -454,9 +485,9 @@ pub fn start_tls(
                             .is_none_or(|w| !crate::certs::covers(std::slice::from_ref(w), h))
                     })
                     .collect();
-                Some((record.name.clone(), names))
-            }));
-            wanted
+                wanted.push((record.name.clone(), names));
+            }
+            Ok(wanted)
         })
     });
     let events_store = store.clone();

@@ -202,7 +202,7 @@ pub fn router() -> Router<Control> {
         .route(
             Method::POST,
             "/v1/certificates/reload",
-            |c: Arc<Control>, _| async move { Reply::ok(c.reload_certificates()?) },
+            |c: Arc<Control>, _| async move { Reply::ok(c.reload_certificates().await?) },
         )
         .route(
             Method::PUT,

@@ -51,7 +51,7 @@ pub enum TlsError {
 
 /// The crypto provider every TLS piece of the proxy uses.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The server configuration of an HTTPS listener choosing its certificates with `resolver`
@@ -72,7 +72,7 @@ fn configure(config: &mut ServerConfig) -> Result<(), TlsError> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     config.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|source| TlsError::Config { source })?;
+        rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|source| TlsError::Config { source })?;
     Ok(())
 }
 
