@@ -899,3 +899,262 @@ impl MetricsSource for AcmeManager {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::acme::issuer::Issued;
+    use crate::config::TlsConfig;
+
+    /// Issues self-signed certificates for the names asked, refusing those in `refuse`.
+    #[derive(Default)]
+    struct FakeIssuer {
+        refuse: StdMutex<Vec<String>>,
+        down: AtomicBool,
+        orders: StdMutex<Vec<Vec<String>>>,
+        revoked: StdMutex<Vec<Vec<u8>>>,
+    }
+
+    impl Issuer for FakeIssuer {
+        fn issue<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Issued, AcmeError>> {
+            Box::pin(async move {
+                self.orders.lock().unwrap().push(names.to_vec());
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(AcmeError::Other("connection refused".into()));
+                }
+                let refused: Vec<(String, String)> = names
+                    .iter()
+                    .filter(|n| self.refuse.lock().unwrap().contains(n))
+                    .map(|n| (n.clone(), "DNS problem: NXDOMAIN".to_owned()))
+                    .collect();
+                if !refused.is_empty() {
+                    return Err(AcmeError::Order {
+                        status: "invalid".into(),
+                        detail: "refused".into(),
+                        failed: refused,
+                    });
+                }
+                let key = rcgen::KeyPair::generate().unwrap();
+                let mut params = rcgen::CertificateParams::new(names.to_vec()).unwrap();
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2090, 1, 1);
+                let cert = params.self_signed(&key).unwrap();
+                Ok(Issued {
+                    chain_pem: cert.pem(),
+                    key_pem: key.serialize_pem(),
+                })
+            })
+        }
+
+        fn revoke<'a>(&'a self, certificate: &'a [u8]) -> BoxFuture<'a, Result<(), AcmeError>> {
+            Box::pin(async move {
+                self.revoked.lock().unwrap().push(certificate.to_vec());
+                Ok(())
+            })
+        }
+    }
+
+    struct Rig {
+        manager: Arc<AcmeManager>,
+        issuer: Arc<FakeIssuer>,
+        wanted: Arc<StdMutex<Result<Vec<(String, Vec<String>)>, String>>>,
+        events: Arc<StdMutex<Vec<NewEvent>>>,
+        certificates: Arc<Certificates>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(directory: &str, dir: tempfile::TempDir) -> Rig {
+        let issuer = Arc::new(FakeIssuer::default());
+        let wanted = Arc::new(StdMutex::new(Ok(Vec::new())));
+        let events = Arc::new(StdMutex::new(Vec::new()));
+        let certificates = Arc::new(Certificates::start(&TlsConfig::default()).unwrap());
+        let source = wanted.clone();
+        let sink = events.clone();
+        let manager = AcmeManager::new(
+            AcmeConfig {
+                enabled: true,
+                directory: directory.to_owned(),
+                retry_initial: Duration::from_secs(3600),
+                ..AcmeConfig::default()
+            },
+            AcmeDir::open(dir.path()).unwrap(),
+            issuer.clone(),
+            None,
+            certificates.clone(),
+            Arc::new(move || {
+                let now = source.lock().unwrap().clone();
+                Box::pin(async move { now })
+            }),
+            Arc::new(move |e| sink.lock().unwrap().push(e)),
+        );
+        Rig {
+            manager,
+            issuer,
+            wanted,
+            events,
+            certificates,
+            _dir: dir,
+        }
+    }
+
+    fn want(rig: &Rig, services: &[(&str, &[&str])]) {
+        *rig.wanted.lock().unwrap() = Ok(services
+            .iter()
+            .map(|(s, names)| (s.to_string(), names.iter().map(|n| n.to_string()).collect()))
+            .collect());
+    }
+
+    fn kinds(rig: &Rig) -> Vec<String> {
+        rig.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.clone())
+            .collect()
+    }
+
+    fn status(rig: &Rig, name: &str) -> NameStatus {
+        rig.manager
+            .views()
+            .into_iter()
+            .find(|v| v.name == name)
+            .unwrap()
+            .status
+    }
+
+    #[tokio::test]
+    async fn a_refused_name_does_not_hold_back_the_others() {
+        let r = rig("https://ca.test/dir", tempfile::tempdir().unwrap());
+        r.issuer
+            .refuse
+            .lock()
+            .unwrap()
+            .push("bad.example.com".into());
+        want(&r, &[("web", &["bad.example.com", "good.example.com"])]);
+        r.manager.pass().await;
+        assert_eq!(status(&r, "bad.example.com"), NameStatus::Failed);
+        r.manager.pass().await;
+        // The second order leaves the refused name out, and gets the other one served.
+        assert_eq!(
+            r.issuer.orders.lock().unwrap().clone(),
+            vec![
+                vec!["bad.example.com".to_owned(), "good.example.com".to_owned()],
+                vec!["good.example.com".to_owned()],
+            ]
+        );
+        assert_eq!(status(&r, "good.example.com"), NameStatus::Active);
+        assert_eq!(status(&r, "bad.example.com"), NameStatus::Failed);
+        assert!(
+            r.manager
+                .views()
+                .iter()
+                .find(|v| v.name == "bad.example.com")
+                .unwrap()
+                .reason
+                .as_deref()
+                .is_some_and(|why| why.contains("NXDOMAIN"))
+        );
+        assert!(r.certificates.store().covers("good.example.com"));
+        assert_eq!(kinds(&r), ["certificate.failed", "certificate.issued"]);
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_forgets_nothing_and_removal_revokes_after_two_passes() {
+        let r = rig("https://ca.test/dir", tempfile::tempdir().unwrap());
+        want(&r, &[("web", &["a.example.com"])]);
+        r.manager.pass().await;
+        assert!(r.certificates.store().covers("a.example.com"));
+        *r.wanted.lock().unwrap() = Err("the state store: disk I/O error".into());
+        r.manager.pass().await;
+        r.manager.pass().await;
+        assert!(r.certificates.store().covers("a.example.com"));
+        assert!(r.issuer.revoked.lock().unwrap().is_empty());
+        // The name really gone: revoked at the second pass that sees it so.
+        want(&r, &[]);
+        r.manager.pass().await;
+        assert!(r.issuer.revoked.lock().unwrap().is_empty());
+        r.manager.pass().await;
+        assert_eq!(r.issuer.revoked.lock().unwrap().len(), 1);
+        assert!(!r.certificates.store().covers("a.example.com"));
+        assert_eq!(kinds(&r), ["certificate.issued", "certificate.revoked"]);
+    }
+
+    #[tokio::test]
+    async fn removing_one_domain_reissues_for_the_rest_and_revokes_the_old_certificate() {
+        let r = rig("https://ca.test/dir", tempfile::tempdir().unwrap());
+        want(
+            &r,
+            &[("web", &["shop.example.com", "web.apps.example.net"])],
+        );
+        r.manager.pass().await;
+        want(&r, &[("web", &["web.apps.example.net"])]);
+        r.manager.pass().await;
+        assert_eq!(r.issuer.orders.lock().unwrap().len(), 2);
+        assert_eq!(r.issuer.revoked.lock().unwrap().len(), 1);
+        assert!(r.certificates.store().covers("web.apps.example.net"));
+        assert!(!r.certificates.store().covers("shop.example.com"));
+        assert_eq!(
+            kinds(&r),
+            [
+                "certificate.issued",
+                "certificate.renewed",
+                "certificate.revoked"
+            ]
+        );
+        // Nothing more to do: no further order.
+        r.manager.pass().await;
+        assert_eq!(r.issuer.orders.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_ca_directory_replaces_the_certificate_which_serves_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let r = rig("https://staging.test/dir", dir);
+        want(&r, &[("web", &["a.example.com"])]);
+        r.manager.pass().await;
+        let leaf =
+            |store: &Certificates| store.store().lookup(Some("a.example.com")).cert[0].to_vec();
+        let staging = leaf(&r.certificates);
+        // The operator moves to another directory (staging → production) while that CA is
+        // down: the order fails, the staging certificate keeps being served.
+        let certificates = Arc::new(Certificates::start(&TlsConfig::default()).unwrap());
+        let source = r.wanted.clone();
+        let production = AcmeManager::new(
+            AcmeConfig {
+                enabled: true,
+                directory: "https://production.test/dir".into(),
+                retry_initial: Duration::from_millis(1),
+                retry_max: Duration::from_millis(1),
+                ..AcmeConfig::default()
+            },
+            AcmeDir::open(&path).unwrap(),
+            r.issuer.clone(),
+            None,
+            certificates.clone(),
+            Arc::new(move || {
+                let now = source.lock().unwrap().clone();
+                Box::pin(async move { now })
+            }),
+            Arc::new(|_| {}),
+        );
+        r.issuer.down.store(true, Ordering::SeqCst);
+        production.pass().await;
+        assert_eq!(leaf(&certificates), staging);
+        assert_eq!(r.issuer.orders.lock().unwrap().len(), 2);
+        let view = production.views().into_iter().next().unwrap();
+        assert_eq!(view.status, NameStatus::Active);
+        assert!(view.reason.unwrap().starts_with("renewal failed"));
+        // The CA is back: replaced, the staging one deleted (not revoked: still wanted names).
+        r.issuer.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        production.pass().await;
+        assert_ne!(leaf(&certificates), staging);
+        assert!(r.issuer.revoked.lock().unwrap().is_empty());
+        assert_eq!(AcmeDir::open(&path).unwrap().list_certs().len(), 1);
+        production.pass().await;
+        assert_eq!(r.issuer.orders.lock().unwrap().len(), 3);
+    }
+}
