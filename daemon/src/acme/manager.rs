@@ -956,10 +956,13 @@ mod tests {
         }
     }
 
+    /// What the fake control plane answers for the wanted names.
+    type Wanted = Arc<StdMutex<Result<Vec<(String, Vec<String>)>, String>>>;
+
     struct Rig {
         manager: Arc<AcmeManager>,
         issuer: Arc<FakeIssuer>,
-        wanted: Arc<StdMutex<Result<Vec<(String, Vec<String>)>, String>>>,
+        wanted: Wanted,
         events: Arc<StdMutex<Vec<NewEvent>>>,
         certificates: Arc<Certificates>,
         _dir: tempfile::TempDir,
