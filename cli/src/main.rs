@@ -6,6 +6,7 @@
 mod client;
 mod daemon;
 mod images;
+mod install;
 mod instances;
 mod network;
 mod probe;
@@ -109,6 +110,11 @@ enum Command {
     /// Certificates served on HTTPS: list, add an operator's, remove, reload lull.toml's.
     #[command(subcommand, after_long_help = client::EXIT_CODES)]
     Cert(client::domain::CertCommand),
+    /// Install lull as a systemd service (unit, settings skeleton, `lull` group), enable and
+    /// start it; again to bring it up to date.
+    Install(install::InstallArgs),
+    /// Stop and remove the systemd service; state and settings stay unless --purge.
+    Uninstall(install::UninstallArgs),
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]
     Zygote,
@@ -152,8 +158,39 @@ fn init_logging(zygote: bool) {
             .with_ansi(false)
             .with_writer(|| lull_runtime::instance::zygote::DiagnosticsWriter)
             .init();
+    } else if stderr_is_journal() {
+        // Under systemd: structured entries (span fields such as service and instance become
+        // journal fields) instead of text lines.
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                let filter = tracing_subscriber::EnvFilter::try_from_env("LULL_LOG")
+                    .unwrap_or_else(|_| "info,libcgroups=error".into());
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(journal.with_syslog_identifier("lull".to_owned()))
+                    .init();
+            }
+            Err(_) => builder.with_writer(std::io::stderr).init(),
+        }
     } else {
         builder.with_writer(std::io::stderr).init();
+    }
+}
+
+/// Whether stderr is the journal's stream (systemd sets `JOURNAL_STREAM` to its device and
+/// inode, see systemd.exec(5)); a redirected stderr keeps text lines.
+fn stderr_is_journal() -> bool {
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.split_once(':') else {
+        return false;
+    };
+    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
+        Ok(stat) => stat.st_dev.to_string() == dev && stat.st_ino.to_string() == ino,
+        Err(_) => false,
     }
 }
 
@@ -210,6 +247,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status => Ok(client::status::run(&cli.client).await),
         Command::Secret(cmd) => Ok(secrets::run_secret(&cli.client, cmd).await),
         Command::Registry(cmd) => Ok(secrets::run_registry(&cli.client, cmd).await),
+        Command::Install(args) => Ok(install::run_install(args)),
+        Command::Uninstall(args) => Ok(install::run_uninstall(args)),
         Command::Domain(cmd) => Ok(client::domain::run_domain(&cli.client, cmd).await),
         Command::Cert(cmd) => Ok(client::domain::run_cert(&cli.client, cmd).await),
         Command::Zygote => unreachable!("dispatched before argument parsing"),

@@ -7,13 +7,16 @@
 //! - [`listen`]: file descriptors passed at exec (`LISTEN_PID`, `LISTEN_FDS`,
 //!   `LISTEN_FDNAMES`, starting at fd 3), whether by systemd (socket activation, or its fd
 //!   store after a restart) or by a lull daemon replacing itself;
-//! - [`watchdog_interval`]: how often the manager wants `WATCHDOG=1`.
+//! - [`watchdog_interval`]: how often the manager wants `WATCHDOG=1`;
+//! - [`unit`] and [`install`]: the `lull.service` unit and `lull install`/`lull uninstall`.
 //!
 //! Nothing here needs systemd to run: without `$NOTIFY_SOCKET` a notification is a no-op and
 //! without `LISTEN_PID` there are no inherited fds.
 
+pub mod install;
 pub mod listen;
 pub mod notify;
+pub mod unit;
 
 use std::time::Duration;
 
