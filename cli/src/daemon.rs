@@ -229,7 +229,7 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
     let daemon = Running::start_with(&config, cgroup_parent, passed.listeners).await?;
     daemon.store_fds();
     report_ready(passed.ready);
-    let _watchdog = spawn_watchdog();
+    let _watchdog = spawn_watchdog(daemon.control.store.clone());
     loop {
         match wait_for_signal().await {
             Signal::Stop => break,
@@ -279,7 +279,7 @@ fn report_ready(handover: Option<OwnedFd>) {
 }
 
 /// Feeds systemd's watchdog at half its interval, when it set one.
-fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+fn spawn_watchdog(store: Arc<dyn Store>) -> Option<tokio::task::JoinHandle<()>> {
     let interval = match lull_systemd::watchdog_interval() {
         Ok(Some(interval)) => interval,
         Ok(None) => return None,
@@ -292,7 +292,21 @@ fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
         let mut tick = tokio::time::interval(interval / 2);
         loop {
             tick.tick().await;
-            notify(&[("WATCHDOG", "1")]);
+            // A ping says the daemon works: its runtime runs this task, and its state store
+            // answers. A daemon whose store hangs is restarted by systemd (instances adopted).
+            let store = store.clone();
+            let answered = tokio::time::timeout(
+                interval / 4,
+                tokio::task::spawn_blocking(move || store.list_services().map(drop)),
+            )
+            .await;
+            match answered {
+                Ok(Ok(Ok(()))) => notify(&[("WATCHDOG", "1")]),
+                Ok(Ok(Err(e))) => {
+                    tracing::error!("watchdog: the state store failed ({e}): no ping")
+                }
+                _ => tracing::error!("watchdog: the state store did not answer in time: no ping"),
+            }
         }
     }))
 }
