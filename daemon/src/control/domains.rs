@@ -124,10 +124,14 @@ impl Control {
         })
     }
 
-    async fn hostnames_of(&self, service: &str) -> Result<Vec<String>, ApiError> {
+    /// The service's own hostnames and its current revision.
+    async fn hostnames_of(&self, service: &str) -> Result<(Vec<String>, u64), ApiError> {
         let owned = service.to_owned();
         let record = self.blocking(move |s| s.get_service(&owned)).await?;
-        Ok(Self::current_spec(&record)?.hostnames)
+        Ok((
+            Self::current_spec(&record)?.hostnames,
+            record.current_revision.unwrap_or(0),
+        ))
     }
 
     /// Adds `domain` (and `www.<domain>`) to `service`: a new revision answering on it, the
@@ -146,7 +150,7 @@ impl Control {
             }
             names.push(format!("www.{domain}"));
         }
-        let mut hostnames = self.hostnames_of(service).await?;
+        let (mut hostnames, current) = self.hostnames_of(service).await?;
         let missing: Vec<String> = names
             .iter()
             .filter(|n| !hostnames.contains(n))
@@ -155,7 +159,7 @@ impl Control {
         let started = if missing.is_empty() {
             Started {
                 service: service.to_owned(),
-                revision: 0,
+                revision: current,
                 operation: None,
                 note: Some(format!(
                     "{} already answers on {}",
@@ -206,7 +210,7 @@ impl Control {
     pub async fn remove_domain(&self, service: &str, domain: &str) -> Result<Started, ApiError> {
         let tls = self.tls_control()?;
         let domain = check_domain(domain)?;
-        let hostnames = self.hostnames_of(service).await?;
+        let (hostnames, _) = self.hostnames_of(service).await?;
         if !hostnames.contains(&domain) {
             return Err(ApiError::not_found(format!(
                 "{domain} is not a domain of service {service} (it has: {})",
