@@ -260,7 +260,7 @@ async fn remove(ctx: &Ctx, service: &str, domain: &str, wait: bool) -> Outcome {
     let path = format!("{}/domains/{}", service_path(service), segment(domain));
     let started = ctx.send(Method::DELETE, &path, None).await?;
     if !ctx.json {
-        println!("{domain} removed from {service}; its certificate will be revoked");
+        println!("{domain} removed from {service}; a certificate lull obtained for it is revoked");
     }
     ctx.follow_started(&started, wait).await
 }
