@@ -5,7 +5,7 @@
 //! missing services, conflicts and a missing daemon, each with its exit code.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lull_daemon::testing::InProcess;
@@ -29,38 +29,9 @@ async fn daemon() -> Daemon {
     }
 }
 
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+mod common;
 
-impl Run {
-    fn expect(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "exit code of {self:#?}");
-        self
-    }
-}
-
-/// Runs the built `lull` against `socket` (stdin closed, so nothing asks for confirmation).
-async fn lull_at(socket: &Path, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lull"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("LULL_SOCKET")
-        .env("LULL_LOG", "error")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run lull");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::{Run, lull_at};
 
 async fn lull(d: &Daemon, args: &[&str]) -> Run {
     lull_at(&d.socket, args).await

@@ -10,37 +10,9 @@ use std::path::Path;
 use lull_daemon::config::AcmeConfig;
 use lull_daemon::testing::{InProcess, TlsSetup};
 
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+mod common;
 
-impl Run {
-    fn expect(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "exit code of {self:#?}");
-        self
-    }
-}
-
-async fn lull(socket: &Path, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lull"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("LULL_SOCKET")
-        .env("LULL_LOG", "error")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run lull");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::lull_at as lull;
 
 /// The status line and `Location` of a request to `addr` with `host`.
 async fn head(addr: SocketAddr, host: &str) -> (u16, Option<String>) {

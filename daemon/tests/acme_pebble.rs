@@ -284,6 +284,26 @@ fn acme_config(pebble: &Pebble, challenge: ChallengeKind) -> AcmeConfig {
     }
 }
 
+/// The in-process daemon with its HTTP and HTTPS listeners on the loopback ports pebble
+/// validates on.
+async fn start_plane(
+    dir: &Path,
+    (http_port, tls_port): (u16, u16),
+    acme: AcmeConfig,
+    base_domain: Option<&str>,
+) -> InProcess {
+    InProcess::start_tls(
+        dir,
+        TlsSetup {
+            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
+            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+            acme,
+            base_domain: base_domain.map(str::to_owned),
+        },
+    )
+    .await
+}
+
 async fn create_service(client: &Client, name: &str) {
     let started: Value = client
         .call(
@@ -377,14 +397,11 @@ async fn http01_issues_serves_redirects_and_revokes() {
     let dir = tempfile::tempdir().unwrap();
     let (http_port, tls_port) = (free_port(), free_port());
     let pebble = Pebble::start(dir.path(), http_port, tls_port, 3600);
-    let plane = InProcess::start_tls(
+    let plane = start_plane(
         dir.path(),
-        TlsSetup {
-            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
-            acme: acme_config(&pebble, ChallengeKind::Http01),
-            base_domain: None,
-        },
+        (http_port, tls_port),
+        acme_config(&pebble, ChallengeKind::Http01),
+        None,
     )
     .await;
     let c = &plane.client;
@@ -514,14 +531,11 @@ async fn http01_issues_serves_redirects_and_revokes() {
 
     // A restarted daemon serves the stored certificate without ordering another.
     plane.shutdown().await;
-    let plane = InProcess::start_tls(
+    let plane = start_plane(
         dir.path(),
-        TlsSetup {
-            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
-            acme: acme_config(&pebble, ChallengeKind::Http01),
-            base_domain: None,
-        },
+        (http_port, tls_port),
+        acme_config(&pebble, ChallengeKind::Http01),
+        None,
     )
     .await;
     let c = &plane.client;
@@ -562,14 +576,11 @@ async fn tls_alpn01_renews_and_keeps_serving_through_a_ca_outage() {
     let (http_port, tls_port) = (free_port(), free_port());
     // 30 s certificates: renewal due at 20 s, the expiry warning at 25 s.
     let mut pebble = Pebble::start(dir.path(), http_port, tls_port, 30);
-    let plane = InProcess::start_tls(
+    let plane = start_plane(
         dir.path(),
-        TlsSetup {
-            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
-            acme: acme_config(&pebble, ChallengeKind::TlsAlpn01),
-            base_domain: Some("apps.lull-test.example".into()),
-        },
+        (http_port, tls_port),
+        acme_config(&pebble, ChallengeKind::TlsAlpn01),
+        Some("apps.lull-test.example"),
     )
     .await;
     let c = &plane.client;
@@ -638,17 +649,14 @@ async fn dns01_hook_gets_the_base_domain_a_wildcard() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let plane = InProcess::start_tls(
+    let plane = start_plane(
         dir.path(),
-        TlsSetup {
-            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-            https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
-            acme: AcmeConfig {
-                dns01_hook: Some(hook.clone()),
-                ..acme_config(&pebble, ChallengeKind::Http01)
-            },
-            base_domain: Some("apps.lull-test.example".into()),
+        (http_port, tls_port),
+        AcmeConfig {
+            dns01_hook: Some(hook.clone()),
+            ..acme_config(&pebble, ChallengeKind::Http01)
         },
+        Some("apps.lull-test.example"),
     )
     .await;
     let c = &plane.client;
@@ -715,14 +723,11 @@ async fn external_account_binding_is_sent_when_the_ca_requires_it() {
         if with_binding {
             acme.eab = Some((kid.to_owned(), key.to_owned()));
         }
-        let plane = InProcess::start_tls(
+        let plane = start_plane(
             dir.path(),
-            TlsSetup {
-                http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-                https: SocketAddr::from(([127, 0, 0, 1], tls_port)),
-                acme,
-                base_domain: Some("eab.lull-test.example".into()),
-            },
+            (http_port, tls_port),
+            acme,
+            Some("eab.lull-test.example"),
         )
         .await;
         create_service(&plane.client, "web").await;

@@ -78,6 +78,20 @@ impl BenchArgs {
     }
 }
 
+/// Fails naming the Debian package of the first of `tools` (`(program, version flag,
+/// package)`) that cannot be run.
+pub fn require_tools(tools: &[(&str, &str, &str)]) -> Result<()> {
+    for (tool, version_arg, package) in tools {
+        std::process::Command::new(tool)
+            .arg(version_arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("`{tool}` not found (Debian package {package})"))?;
+    }
+    Ok(())
+}
+
 /// Logs to stderr, filtered by `LULL_LOG` (default `warn`).
 pub fn init_logging() {
     tracing_subscriber::fmt()

@@ -136,13 +136,7 @@ impl Plan {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LULL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    lull_tests::bench_util::init_logging();
     match parse_args().and_then(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -163,19 +157,12 @@ fn run(args: Args) -> Result<()> {
             args.app.display()
         );
     }
-    for (tool, version_arg, package) in [
+    lull_tests::bench_util::require_tools(&[
         ("wrk", "--version", "wrk"),
         ("h2load", "--version", "nghttp2-client"),
         ("nginx", "-v", "nginx"),
         ("haproxy", "-v", "haproxy"),
-    ] {
-        Command::new(tool)
-            .arg(version_arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("`{tool}` not found (Debian package {package})"))?;
-    }
+    ])?;
     let plan = Plan::new(args.smoke);
     let mut report = Report {
         rows: Vec::new(),

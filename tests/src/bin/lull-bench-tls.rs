@@ -135,13 +135,7 @@ impl Plan {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LULL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    lull_tests::bench_util::init_logging();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let result = if args.first().is_some_and(|a| a == "serve-lull") {
         args.remove(0);
@@ -169,19 +163,12 @@ fn run(args: Args) -> Result<()> {
             args.app.display()
         );
     }
-    for (tool, version_arg, package) in [
+    lull_tests::bench_util::require_tools(&[
         ("h2load", "--version", "nghttp2-client"),
         ("nginx", "-v", "nginx"),
         ("haproxy", "-v", "haproxy"),
         ("openssl", "version", "openssl"),
-    ] {
-        Command::new(tool)
-            .arg(version_arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("`{tool}` not found (Debian package {package})"))?;
-    }
+    ])?;
     let plan = Plan::new(args.smoke);
     eprintln!(
         "lull-bench-tls: {} run",
