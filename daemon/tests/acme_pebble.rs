@@ -18,7 +18,7 @@
 //! Needs the `pebble` package (`pebble`, `pebble-challtestsrv`); CI installs it. Without it
 //! the tests say so and pass, unless `LULL_REQUIRE_TOOLS` is set (CI sets it).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,12 +49,20 @@ fn tools_present() -> bool {
     found
 }
 
+/// A loopback port free for both TCP and UDP, below the kernel's ephemeral range
+/// (`ip_local_port_range` starts at 32768), so no outgoing connection of a test running
+/// beside this one can take it between now and the moment pebble or lull binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let mut bytes = [0u8; 2];
+        getrandom::fill(&mut bytes).unwrap();
+        let port = 16384 + u16::from_le_bytes(bytes) % 16000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// A child process killed when dropped.
@@ -118,72 +126,75 @@ impl Pebble {
         std::fs::write(dir.join("pebble-cert.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("pebble-key.pem"), key.serialize_pem()).unwrap();
 
-        let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let dns_management = free_port();
-        let dns_server = Proc(
-            Command::new("pebble-challtestsrv")
-                .args([
-                    "-defaultIPv4",
-                    "127.0.0.1",
-                    "-defaultIPv6",
-                    "",
-                    "-dns01",
-                    &dns.to_string(),
-                    "-http01",
-                    "",
-                    "-https01",
-                    "",
-                    "-tlsalpn01",
-                    "",
-                    "-management",
-                    &format!("127.0.0.1:{dns_management}"),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start pebble-challtestsrv"),
-        );
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = json!({
-            "pebble": {
-                "listenAddress": listen.to_string(),
-                "managementListenAddress": management.to_string(),
-                "certificate": dir.join("pebble-cert.pem"),
-                "privateKey": dir.join("pebble-key.pem"),
-                "httpPort": http_port,
-                "tlsPort": tls_port,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": eab.is_some(),
-                "externalAccountMACKeys": eab.map_or(json!({}), |(kid, key)| json!({ kid: key })),
-                "certificateValidityPeriod": validity,
-            }
+        // A port can still be taken between the choice and the bind (another test's listener):
+        // each server is started again on new ports when it exits before it listens.
+        let (dns, dns_management, dns_server) = spawn_listening(dir, "pebble-challtestsrv", || {
+            let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let mut command = Command::new("pebble-challtestsrv");
+            command.args([
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+                "-dns01",
+                &dns.to_string(),
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                &management.to_string(),
+            ]);
+            (dns, management, command)
         });
         let config_path = dir.join("pebble.json");
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let mut pebble = Pebble {
+        let (listen, management, pebble) = spawn_listening(dir, "pebble", || {
+            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let config = json!({
+                "pebble": {
+                    "listenAddress": listen.to_string(),
+                    "managementListenAddress": management.to_string(),
+                    "certificate": dir.join("pebble-cert.pem"),
+                    "privateKey": dir.join("pebble-key.pem"),
+                    "httpPort": http_port,
+                    "tlsPort": tls_port,
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": eab.is_some(),
+                    "externalAccountMACKeys": eab.map_or(json!({}), |(kid, key)| json!({ kid: key })),
+                    "certificateValidityPeriod": validity,
+                }
+            });
+            std::fs::write(&config_path, config.to_string()).unwrap();
+            let mut command = Command::new("pebble");
+            command
+                .arg("-config")
+                .arg(&config_path)
+                .args(["-dnsserver", &dns.to_string()])
+                .env("PEBBLE_VA_NOSLEEP", "1");
+            (listen, management, command)
+        });
+        // The directory's listener comes up with the management one; wait for it too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pebble does not listen on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Pebble {
             directory: format!("https://{listen}/dir"),
             management,
             dns,
             ca,
-            dns_management: SocketAddr::from(([127, 0, 0, 1], dns_management)),
-            pebble: None,
+            dns_management,
+            pebble: Some(pebble),
             _dns_server: dns_server,
-        };
-        pebble.pebble = Some(Proc(
-            Command::new("pebble")
-                .arg("-config")
-                .arg(&config_path)
-                .args(["-dnsserver", &dns.to_string()])
-                .env("PEBBLE_VA_NOSLEEP", "1")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start pebble"),
-        ));
-        wait_for_port(listen);
-        wait_for_port(management);
-        pebble
+        }
     }
 
     /// Stops the CA (an outage).
@@ -219,12 +230,50 @@ impl Pebble {
     }
 }
 
-fn wait_for_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
+/// Starts the server `make` describes (its first port is where it will listen, its second
+/// a TCP port it will listen on too) and waits until it listens on the TCP one. A server that
+/// exits first (a port taken meanwhile) is started again on new ports, three times at most;
+/// its output goes to `<dir>/<name>.log`, quoted when it never comes up.
+fn spawn_listening(
+    dir: &Path,
+    name: &str,
+    mut make: impl FnMut() -> (SocketAddr, SocketAddr, Command),
+) -> (SocketAddr, SocketAddr, Proc) {
+    let log_path = dir.join(format!("{name}.log"));
+    for attempt in 1..=3 {
+        let (first, tcp, mut command) = make();
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Proc(
+            command
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {name}: {e}")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(tcp).is_ok() {
+                return (first, tcp, child);
+            }
+            if child.0.try_wait().unwrap().is_some() {
+                eprintln!(
+                    "{name} exited before listening (attempt {attempt}): {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} does not listen on {tcp} after 60 s: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+    panic!(
+        "{name} did not start in three attempts: {}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
 }
 
 fn curl(args: &[&str]) -> String {

@@ -742,9 +742,19 @@ pub fn proxy_get(
 }
 
 /// A loopback port free now.
+/// A loopback TCP port free now, below the kernel's ephemeral range (`ip_local_port_range`
+/// starts at 32768), so the load tools' own outgoing connections cannot take it before the
+/// server it is meant for binds it.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free port")?;
-    Ok(listener.local_addr().context("find a free port")?.port())
+    for _ in 0..1000 {
+        let mut bytes = [0u8; 2];
+        getrandom::fill(&mut bytes).context("find a free port: no randomness")?;
+        let port = 16384 + u16::from_le_bytes(bytes) % 16000;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("find a free port: none free among 1000 tried in 16384..32384")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -232,12 +232,17 @@ pub fn two_layer_image(layout: &Layout, architecture: &str) -> TestImage {
     layout.add_image(architecture, vec![base, app])
 }
 
+/// A loopback port free now, below the kernel's ephemeral range (which starts at 32768), so
+/// no other test's outgoing connection can take it before the registry binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    (0..1000)
+        .map(|_| {
+            let mut bytes = [0u8; 2];
+            getrandom::fill(&mut bytes).unwrap();
+            16384 + u16::from_le_bytes(bytes) % 16000
+        })
+        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port among 1000 tried in 16384..32384")
 }
 
 fn wait_for_port(port: u16, child: &mut Child, log: &Path) {

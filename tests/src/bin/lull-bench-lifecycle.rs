@@ -23,7 +23,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -459,7 +459,7 @@ impl Bench {
         let scratch = ScratchDir::new("lull-bench-lifecycle").context("create the scratch dir")?;
         let cgroups = CgroupParentGuard::new("lull-bench-lifecycle");
         let net = Network::new();
-        let http_port = free_port()?;
+        let http_port = lull_tests::bench_util::free_port()?;
         let data_dir = scratch.path().join("data");
         let run_dir = scratch.path().join("run");
         let config = scratch.path().join("lull.toml");
@@ -794,11 +794,6 @@ impl Drop for Bench {
             eprintln!("lull-bench-lifecycle: restore {IP_FORWARD}: {e}");
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free port")?;
-    Ok(listener.local_addr().context("find a free port")?.port())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -406,7 +406,7 @@ impl Apps {
             cgroup: cgroup.clone(),
         });
         gate.gate.restore()?;
-        let port = free_port()?;
+        let port = lull_tests::bench_util::free_port()?;
         let mut command = Command::new(app);
         command
             .env("PORT", port.to_string())
@@ -533,12 +533,6 @@ impl CpuControl for CgroupCpu {
     }
 }
 
-/// A port nobody listens on right now (bound and released).
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a loopback port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 // ---------------------------------------------------------------------------------------------
 // The contenders
 
@@ -637,7 +631,10 @@ impl Peers {
     ) -> Result<(SocketAddr, SocketAddr)> {
         let dir = scratch.join("nginx");
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let (h1, h2) = (free_port()?, free_port()?);
+        let (h1, h2) = (
+            lull_tests::bench_util::free_port()?,
+            lull_tests::bench_util::free_port()?,
+        );
         let servers: String = upstreams
             .iter()
             .map(|a| format!("    server {a};\n"))
@@ -712,7 +709,10 @@ impl Peers {
     ) -> Result<(SocketAddr, SocketAddr)> {
         let dir = scratch.join("haproxy");
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let (h1, h2) = (free_port()?, free_port()?);
+        let (h1, h2) = (
+            lull_tests::bench_util::free_port()?,
+            lull_tests::bench_util::free_port()?,
+        );
         let servers: String = upstreams
             .iter()
             .enumerate()

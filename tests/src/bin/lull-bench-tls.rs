@@ -27,7 +27,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -396,7 +396,7 @@ struct Apps {
 
 impl Apps {
     fn start(&mut self, app: &Path) -> Result<()> {
-        let port = free_port()?;
+        let port = lull_tests::bench_util::free_port()?;
         let mut child = Command::new(app)
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
@@ -442,12 +442,6 @@ fn first_line(stdout: Option<ChildStdout>, what: &str) -> Result<String> {
     rx.recv_timeout(START_DEADLINE)
         .map_err(|_| anyhow!("{what} printed nothing in {START_DEADLINE:?}"))?
         .with_context(|| format!("read {what}'s output"))
-}
-
-/// A port nobody listens on right now (bound and released).
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a loopback port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,7 +605,7 @@ impl Servers {
     fn start_nginx(&mut self, dir: &Path, leaf: &Leaf, upstreams: &[SocketAddr]) -> Result<()> {
         let dir = dir.join("nginx");
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let port = free_port()?;
+        let port = lull_tests::bench_util::free_port()?;
         let servers: String = upstreams
             .iter()
             .map(|a| format!("    server {a};\n"))
@@ -681,7 +675,7 @@ impl Servers {
     fn start_haproxy(&mut self, dir: &Path, leaf: &Leaf, upstreams: &[SocketAddr]) -> Result<()> {
         let dir = dir.join("haproxy");
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let port = free_port()?;
+        let port = lull_tests::bench_util::free_port()?;
         let servers: String = upstreams
             .iter()
             .enumerate()
