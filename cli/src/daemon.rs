@@ -170,7 +170,7 @@ fn proxy_sockets(
     Ok((all, handed))
 }
 
-pub async fn run(args: &DaemonArgs, cgroup_parent: &str) -> Result<ExitCode> {
+pub async fn run(args: &DaemonArgs, cgroup_parent: Option<&str>) -> Result<ExitCode> {
     if let Some(DaemonCommand::Upgrade(upgrade)) = &args.command {
         return self::upgrade(args, upgrade).await;
     }
@@ -442,7 +442,7 @@ pub struct Running {
 impl Running {
     /// Brings the control plane up with `config`: store, key, runtime, network, proxy
     /// sockets, engine (adopting what runs), services, accept loops, admin socket, metrics.
-    pub async fn start(config: &DaemonConfig, cgroup_parent: &str) -> Result<Running> {
+    pub async fn start(config: &DaemonConfig, cgroup_parent: Option<&str>) -> Result<Running> {
         Running::start_with(config, cgroup_parent, Inherited { fds: Vec::new() }).await
     }
 
@@ -450,7 +450,7 @@ impl Running {
     /// settings.
     async fn start_with(
         config: &DaemonConfig,
-        cgroup_parent: &str,
+        cgroup_parent: Option<&str>,
         mut inherited: Inherited,
     ) -> Result<Running> {
         let store: Arc<dyn Store> = Arc::new(
@@ -467,7 +467,18 @@ impl Running {
 
         let mut runtime_config = RuntimeConfig::new(&config.data_dir, &config.run_dir)
             .context("find the lull executable")?;
-        runtime_config.cgroup_parent = cgroup_parent.to_owned();
+        let layout = lull_runtime::cgroup::CgroupLayout::host().context("the host's cgroups")?;
+        let placement = lull_runtime::cgroup::delegate::place_this_process(
+            &layout,
+            cgroup_parent,
+            lull_runtime::host::DEFAULT_CGROUP_PARENT,
+        );
+        if placement.warn {
+            tracing::warn!("{}", placement.why);
+        } else {
+            tracing::info!("{}", placement.why);
+        }
+        runtime_config.cgroup_parent = placement.parent;
         let runtime = Arc::new(Runtime::open(runtime_config).context("open the runtime")?);
         let (network, report) =
             tokio::task::block_in_place(|| HostNetwork::start(config.network.clone()))

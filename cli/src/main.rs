@@ -42,9 +42,10 @@ struct Cli {
     /// Runtime state cleared at reboot (libcontainer state, network namespaces).
     #[arg(long, global = true, env = "LULL_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
-    /// Parent cgroup of every instance.
-    #[arg(long, global = true, env = "LULL_CGROUP_PARENT", default_value = lull_runtime::host::DEFAULT_CGROUP_PARENT)]
-    cgroup_parent: String,
+    /// Parent cgroup of every instance [default: /lull; the daemon run by systemd on cgroup v2:
+    /// `instances` in its unit's delegated cgroup]
+    #[arg(long, global = true, env = "LULL_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
     #[command(flatten)]
     network: network::NetworkArgs,
     #[command(flatten)]
@@ -197,14 +198,17 @@ fn stderr_is_journal() -> bool {
 fn open_runtime(cli: &Cli) -> Result<Runtime> {
     let mut config =
         RuntimeConfig::new(&cli.data_dir, &cli.run_dir).context("find the lull executable")?;
-    config.cgroup_parent = cli.cgroup_parent.clone();
+    config.cgroup_parent = cli
+        .cgroup_parent
+        .clone()
+        .unwrap_or_else(|| lull_runtime::host::DEFAULT_CGROUP_PARENT.to_owned());
     Runtime::open(config).context("open the runtime")
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
-        Command::Up(args) => up::run(args, &cli.cgroup_parent).await,
-        Command::Daemon(args) => daemon::run(args, &cli.cgroup_parent).await,
+        Command::Up(args) => up::run(args, cli.cgroup_parent.as_deref()).await,
+        Command::Daemon(args) => daemon::run(args, cli.cgroup_parent.as_deref()).await,
         Command::Image(images::ImageCommand::Gc) => images::gc(&open_runtime(&cli)?).await,
         Command::Image(images::ImageCommand::Export(args)) => {
             Ok(client::image::export(&cli.client, &cli.data_dir, args).await)

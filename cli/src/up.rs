@@ -78,7 +78,7 @@ fn env_list(items: &[String]) -> Result<Vec<Value>> {
         .collect()
 }
 
-pub async fn run(args: &UpArgs, cgroup_parent: &str) -> Result<ExitCode> {
+pub async fn run(args: &UpArgs, cgroup_parent: Option<&str>) -> Result<ExitCode> {
     let mut config = match DaemonConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

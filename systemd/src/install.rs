@@ -38,9 +38,26 @@ impl InstallPlan {
     }
 }
 
+/// The first systemd with `DelegateSubgroup=`.
+pub const DELEGATE_SUBGROUP_SINCE: u32 = 254;
+
+/// The version in `systemctl --version` output (`systemd 257 (257.9-1)`).
+pub fn parse_systemd_version(output: &str) -> Option<u32> {
+    output
+        .lines()
+        .next()?
+        .strip_prefix("systemd ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The machine, as install sees it.
 pub trait System {
     fn has_systemd(&self) -> bool;
+    /// systemd's version (`systemctl --version`'s first number), if it can be read.
+    fn systemd_version(&self) -> Option<u32>;
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
     /// Writes `bytes` to `path` with `mode`, creating parent directories.
     fn write(&self, path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>;
@@ -137,7 +154,12 @@ pub fn install(system: &dyn System, plan: &InstallPlan) -> Result<Vec<String>, I
             .map_err(io_err("write", config))?;
         done.push(format!("wrote {} (all defaults)", config.display()));
     }
-    let unit = render(&plan.unit);
+    let unit = render(&UnitSettings {
+        delegate_subgroup: system
+            .systemd_version()
+            .is_some_and(|v| v >= DELEGATE_SUBGROUP_SINCE),
+        ..plan.unit.clone()
+    });
     let unit_changed = system
         .read(&plan.unit_path)
         .map_err(io_err("read", &plan.unit_path))?
@@ -251,6 +273,11 @@ impl System for RealSystem {
         Path::new("/run/systemd/system").is_dir()
     }
 
+    fn systemd_version(&self) -> Option<u32> {
+        let output = Command::new("systemctl").arg("--version").output().ok()?;
+        parse_systemd_version(&String::from_utf8_lossy(&output.stdout))
+    }
+
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
         match std::fs::read(path) {
             Ok(bytes) => Ok(Some(bytes)),
@@ -332,6 +359,9 @@ mod tests {
         fn has_systemd(&self) -> bool {
             true
         }
+        fn systemd_version(&self) -> Option<u32> {
+            Some(257)
+        }
         fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
             Ok(self.files.borrow().get(path).map(|(b, _)| b.clone()))
         }
@@ -378,6 +408,20 @@ mod tests {
     }
 
     #[test]
+    fn systemd_versions_are_read_from_systemctl() {
+        assert_eq!(
+            parse_systemd_version("systemd 257 (257.9-1~deb13u1)\n+PAM +AUDIT\n"),
+            Some(257)
+        );
+        assert_eq!(
+            parse_systemd_version("systemd 252 (252.39-1~deb12u1)"),
+            Some(252)
+        );
+        assert_eq!(parse_systemd_version("not systemd"), None);
+        assert_eq!(parse_systemd_version(""), None);
+    }
+
+    #[test]
     fn install_is_idempotent_and_uninstall_keeps_data_unless_purged() {
         let sys = Fake::default();
         let plan = plan();
@@ -394,7 +438,8 @@ mod tests {
         );
         let unit = sys.files.borrow()[Path::new("/etc/systemd/system/lull.service")].clone();
         assert_eq!(unit.1, 0o644);
-        assert!(String::from_utf8(unit.0).unwrap().contains("Delegate=yes"));
+        let text = String::from_utf8(unit.0).unwrap();
+        assert!(text.contains("Delegate=yes") && text.contains("DelegateSubgroup=daemon"));
         // The operator edits the settings: a second install keeps them and restarts nothing.
         sys.write(
             Path::new("/etc/lull/lull.toml"),

@@ -15,6 +15,11 @@ pub struct UnitSettings {
     pub config: PathBuf,
     /// `WatchdogSec`: the daemon pings every half of it from its main loop.
     pub watchdog: Duration,
+    /// `DelegateSubgroup=daemon` (systemd 254 and later): the daemon starts in a leaf of its
+    /// delegated cgroup, so lull can enable controllers for its instances beside it, and a
+    /// restarted daemon is placed there again. Older systemd would refuse to start a daemon in
+    /// a cgroup that enables controllers, so without it instances stay under `/lull`.
+    pub delegate_subgroup: bool,
 }
 
 impl UnitSettings {
@@ -23,6 +28,7 @@ impl UnitSettings {
             executable: executable.into(),
             config: config.into(),
             watchdog: Duration::from_secs(30),
+            delegate_subgroup: true,
         }
     }
 }
@@ -78,6 +84,11 @@ pub fn render(settings: &UnitSettings) -> String {
     let exec = quote(&settings.executable);
     let config = quote(&settings.config);
     let watchdog = settings.watchdog.as_secs().max(2);
+    let subgroup = if settings.delegate_subgroup {
+        "# The daemon in a leaf of it (instances go under `instances` beside it).\nDelegateSubgroup=daemon\n"
+    } else {
+        "# systemd before 254 cannot start the daemon in a leaf: instances go under /lull.\n"
+    };
     format!(
         "\
 # Installed by `lull install`; `lull uninstall` removes it. Local changes belong in a drop-in
@@ -103,7 +114,7 @@ TimeoutStartSec=5min
 TimeoutStopSec=2min
 # lull owns its cgroup subtree: instances live under it, the daemon in a leaf of its own.
 Delegate=yes
-# Only the daemon is signalled on stop or restart: instances keep running and the next
+{subgroup}# Only the daemon is signalled on stop or restart: instances keep running and the next
 # daemon adopts them.
 KillMode=process
 # The listening sockets stay open across a restart in systemd's fd store.
@@ -155,6 +166,7 @@ mod tests {
             "ExecStart=/usr/local/bin/lull daemon --config /etc/lull/lull.toml",
             "WatchdogSec=30s",
             "Delegate=yes",
+            "DelegateSubgroup=daemon",
             "KillMode=process",
             "RuntimeDirectory=lull",
             "RuntimeDirectoryPreserve=yes",
@@ -174,6 +186,11 @@ mod tests {
                 );
             }
         }
+        let old = render(&UnitSettings {
+            delegate_subgroup: false,
+            ..UnitSettings::new("/usr/local/bin/lull", "/etc/lull/lull.toml")
+        });
+        assert!(!old.contains("DelegateSubgroup="), "{old}");
         let spaced = render(&UnitSettings::new(
             "/opt/my apps/lull",
             "/etc/lull/lull.toml",

@@ -11,9 +11,13 @@
 //! - [`CpuGate`] flips an instance between its configured CPU limit and a near-zero quota with one
 //!   `pwrite` to a file opened in advance. The proxy sees it only as a [`Gate`].
 //!
+//! - [`delegate`] decides where instances' cgroups go: under the daemon's delegated systemd
+//!   subtree on cgroup v2, under a fixed parent otherwise.
+//!
 //! Host facilities are parameters: the mount table is a path and control files are opened
 //! through [`CgroupFs`], so tests run against a tree in a temporary directory ([`fake`]).
 
+pub mod delegate;
 mod error;
 pub mod fake;
 mod freezer;
