@@ -232,7 +232,7 @@ impl Default for Mirrors {
 impl Mirrors {
     /// The mirrors the host's apt uses (its egress may allow only those), overridden by
     /// `$LULL_DEBIAN_MIRROR` / `$LULL_DEBIAN_SECURITY_MIRROR`, else deb.debian.org.
-    fn for_host(apt_dir: &Path) -> Mirrors {
+    pub fn for_host(apt_dir: &Path) -> Mirrors {
         let mut files = Vec::new();
         if let Ok(text) = fs::read_to_string(apt_dir.join("sources.list")) {
             files.push(("sources.list".to_string(), text));
@@ -317,7 +317,7 @@ impl Mirrors {
         mirrors
     }
 
-    fn sources(&self, suite: &str) -> Vec<String> {
+    pub fn sources(&self, suite: &str) -> Vec<String> {
         let components = sources_components();
         vec![
             format!("deb {} {suite} {components}", self.archive),

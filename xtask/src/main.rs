@@ -15,6 +15,7 @@ mod oci;
 mod registry;
 mod test_cmd;
 mod vm_check;
+mod vm_test;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,9 @@ enum Command {
     Demo,
     /// Boot Debian's kernel under qemu with cgroup v2 and check the CPU gate there
     VmCheck(vm_check::VmCheckOpts),
+    /// lull installed as a systemd service on a Debian VM (cgroup v2) under qemu: install,
+    /// deploy, the gate, a restart under load, a watchdog kill, a reboot, uninstall (as root)
+    VmTest(vm_test::VmTestArgs),
     /// Run a benchmark suite (as root) and print target, measured, ratio and pass; the full
     /// run writes docs/benchmarks.md
     Bench(bench::BenchArgs),
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test_cmd::run(&args),
         Command::Demo => demo::run(),
         Command::VmCheck(opts) => vm_check::run(opts),
+        Command::VmTest(args) => vm_test::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     match result {

@@ -187,7 +187,7 @@ fn verify(result: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn workspace_root() -> anyhow::Result<PathBuf> {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -298,7 +298,7 @@ fn write_initramfs(guest: &Path, out: &Path) -> anyhow::Result<()> {
 }
 
 /// A running qemu, killed when dropped.
-struct Qemu(Child);
+pub(crate) struct Qemu(pub(crate) Child);
 
 impl Drop for Qemu {
     fn drop(&mut self) {
