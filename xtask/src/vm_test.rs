@@ -77,7 +77,8 @@ const IMAGE_FILES: &[(&str, u32, &str)] = &[
     (
         "etc/systemd/network/50-uplink.network",
         0o644,
-        "[Match]\nType=ether\n\n[Network]\nDHCP=ipv4\n",
+        // Static: qemu's DHCP offers no router when the network is restricted.
+        "[Match]\nType=ether\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n",
     ),
     (
         "etc/systemd/system/lull-vm-scenario.service",
@@ -107,6 +108,11 @@ const IMAGE_LINKS: &[(&str, &str)] = &[
     (
         "etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
         "/usr/lib/systemd/system/systemd-networkd.service",
+    ),
+    // network-online.target (which lull.service waits for) means an address and a route.
+    (
+        "etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service",
+        "/usr/lib/systemd/system/systemd-networkd-wait-online.service",
     ),
 ];
 

@@ -21,7 +21,7 @@ json() { # a JSON string of $1
     s=${s//\"/\\\"}
     s=${s//$'\n'/ \| }
     s=${s//$'\t'/ }
-    printf '"%s"' "${s:0:600}"
+    printf '"%s"' "${s:0:3000}"
 }
 STEP_START=$(now_ms)
 begin() { STEP_START=$(now_ms); }
@@ -45,6 +45,8 @@ wait_for() {
     done
 }
 get() { curl -fsS --max-time 30 -H "Host: $HOST" "http://127.0.0.1$1"; }
+# The daemon's last log lines, when $1 says a step failed.
+journal_tail() { [ "$1" = 0 ] || journalctl -u lull --no-pager -o cat -n 12 2>&1; }
 main_pid() { systemctl show -p MainPID --value lull; }
 restarts() { systemctl show -p NRestarts --value lull; }
 unit_cgroup() { systemctl show -p ControlGroup --value lull; }
@@ -71,7 +73,7 @@ phase1() {
     rc=$?
     [ $rc = 0 ] && wait_for 120 systemctl is-active --quiet lull
     rc=$(( rc | $? ))
-    report install $rc "$out; active=$(systemctl is-active lull); status=$(systemctl show -p StatusText --value lull)"
+    report install $rc "$out; route: $(ip -4 route show default); networkd: $(systemctl is-active systemd-networkd) $(networkctl list --no-pager 2>&1 | tr '\n' ' ') $(journalctl -u systemd-networkd -o cat -n 6 --no-pager | tr '\n' ' '); active=$(systemctl is-active lull); status=$(systemctl show -p StatusText --value lull); $(journal_tail $rc)"
 
     begin
     out=$("$PAYLOAD/lull" install 2>&1)
@@ -165,7 +167,7 @@ phase1() {
     report watchdog $rc "$why; restarts $n -> $(restarts); daemon $hung -> $(main_pid); instance pids '$before' -> '$after'"
 
     begin
-    fields=$(journalctl -u lull --no-pager -o verbose | grep -E '^ +(SERVICE|INSTANCE)=' | sort -u | head -n 4 | tr '\n' ' ')
+    fields=$(journalctl -u lull --no-pager -o verbose | grep -E '^ +(F_)?(SERVICE|INSTANCE)=' | sort -u | head -n 4 | tr '\n' ' ')
     [ -n "$fields" ]
     report journal-fields $? "$fields"
 

@@ -78,7 +78,9 @@ pub fn install_script(config: &FirewallConfig, replace: bool) -> String {
     let mut input = vec![
         format!("iifname \"{bridge}\" ct state established,related accept"),
         // Ping of the gateway, and NDP, without which IPv6 does not work at all.
-        format!("iifname \"{bridge}\" meta l4proto {{ icmp, ipv6-icmp }} accept"),
+        // Numbers, not names: nft resolves `ipv6-icmp` through /etc/protocols, which a
+        // minimal host (no netbase package) lacks.
+        format!("iifname \"{bridge}\" meta l4proto {{ 1, 58 }} accept"),
     ];
     for proto in [Proto::Tcp, Proto::Udp] {
         let mut ports: Vec<u16> = config
@@ -299,7 +301,7 @@ mod tests {
             &rules[1..],
             [
                 "iifname \"lull0\" ct state established,related accept",
-                "iifname \"lull0\" meta l4proto { icmp, ipv6-icmp } accept",
+                "iifname \"lull0\" meta l4proto { 1, 58 } accept",
                 "iifname \"lull0\" tcp dport { 53, 8125 } accept",
                 "iifname \"lull0\" udp dport { 53 } accept",
                 "iifname \"lull0\" drop",
