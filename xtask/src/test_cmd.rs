@@ -12,7 +12,7 @@ const BUDGET: Duration = Duration::from_secs(80 * 60);
 #[derive(Debug, Clone, clap::Args)]
 pub struct TestArgs {
     /// Run only the named stages (comma separated): lint, unit, fixtures, base-images, privileged, e2e,
-    /// vm, bench.
+    /// vm, vm-systemd, bench.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -104,6 +104,15 @@ fn stages() -> Vec<Stage> {
             what: "the cgroup-v2 path on a real kernel under qemu",
             needs_root: false,
             commands: vec![cargo(&["xtask", "vm-check"])],
+        },
+        Stage {
+            name: "vm-systemd",
+            what: "lull installed as a systemd service on a Debian VM (cgroup v2): install, deploy, \
+                   gate, restart under load, watchdog kill, reboot, uninstall",
+            // mmdebstrap's root mode and mkfs.ext4 -d keeping owners. Cold about a minute for
+            // the image, then about four minutes of two boots under TCG.
+            needs_root: true,
+            commands: vec![cargo(&["xtask", "vm-test"])],
         },
         Stage {
             name: "bench",

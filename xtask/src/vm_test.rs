@@ -77,8 +77,9 @@ const IMAGE_FILES: &[(&str, u32, &str)] = &[
     (
         "etc/systemd/network/50-uplink.network",
         0o644,
-        // Static: qemu's DHCP offers no router when the network is restricted.
-        "[Match]\nType=ether\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n",
+        // Static: qemu's DHCP offers no router when the network is restricted. By name, as
+        // Debian's images match: `Type=ether` would take lull's veth ends as well.
+        "[Match]\nName=en*\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n",
     ),
     (
         "etc/systemd/system/lull-vm-scenario.service",
@@ -167,7 +168,10 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
     let disk = run_dir.join("root.img");
     copy_sparse(&image.join("disk.img"), &disk)?;
 
-    eprintln!("vm-test: booting (log {})", run_dir.join("console.log").display());
+    eprintln!(
+        "vm-test: booting (log {})",
+        run_dir.join("console.log").display()
+    );
     let started = Instant::now();
     let outcome = boot(
         &image,
@@ -409,9 +413,8 @@ fn boot(
         VmAccel::Tcg => "tcg",
         VmAccel::Kvm => "kvm",
     };
-    let drive = |path: &Path, extra: &str| {
-        format!("file={},format=raw,if=virtio{extra}", path.display())
-    };
+    let drive =
+        |path: &Path, extra: &str| format!("file={},format=raw,if=virtio{extra}", path.display());
     let child = Command::new("qemu-system-x86_64")
         .args(["-accel", accel, "-m", "2048", "-smp", "2", "-nographic"])
         .arg("-kernel")
@@ -435,8 +438,14 @@ fn boot(
     let mut qemu = Qemu(child);
     let (sender, lines) = mpsc::channel::<String>();
     for stream in [
-        qemu.0.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        qemu.0.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        qemu.0
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        qemu.0
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -585,7 +594,9 @@ mod tests {
             ending: "qemu exited".into(),
         };
         judge(&outcome).unwrap();
-        outcome.steps.insert(step(1, "gate", false).0, step(1, "gate", false).1);
+        outcome
+            .steps
+            .insert(step(1, "gate", false).0, step(1, "gate", false).1);
         outcome.steps.remove(&(2, "uninstall".to_owned()));
         outcome.done = vec![1];
         let e = judge(&outcome).unwrap_err().to_string();

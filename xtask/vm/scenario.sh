@@ -49,6 +49,7 @@ get() { curl -fsS --max-time 30 -H "Host: $HOST" "http://127.0.0.1$1"; }
 journal_tail() { [ "$1" = 0 ] || journalctl -u lull --no-pager -o cat -n 12 2>&1; }
 main_pid() { systemctl show -p MainPID --value lull; }
 restarts() { systemctl show -p NRestarts --value lull; }
+restarted_since() { [ "$(restarts)" -gt "$1" ]; }
 unit_cgroup() { systemctl show -p ControlGroup --value lull; }
 # The instance's app cgroup (where the gate writes cpu.max) under the unit's subtree.
 app_cgroup() {
@@ -154,7 +155,7 @@ phase1() {
     n=$(restarts)
     hung=$(main_pid)
     kill -STOP "$hung"
-    wait_for 90 test "$(restarts)" -gt "$n"
+    wait_for 90 restarted_since "$n"
     rc=$?
     wait_for 120 systemctl is-active --quiet lull
     rc=$(( rc | $? ))
