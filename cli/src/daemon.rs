@@ -226,6 +226,10 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: Option<&str>) -> Result<ExitC
         println!("{config:#?}");
         return Ok(ExitCode::SUCCESS);
     }
+    notify(&[(
+        "STATUS",
+        "starting: state store, instance network, listeners, adopting running instances",
+    )]);
     let daemon = Running::start_with(&config, cgroup_parent, passed.listeners).await?;
     daemon.store_fds();
     report_ready(passed.ready);
@@ -297,11 +301,15 @@ fn spawn_watchdog(store: Arc<dyn Store>) -> Option<tokio::task::JoinHandle<()>> 
             let store = store.clone();
             let answered = tokio::time::timeout(
                 interval / 4,
-                tokio::task::spawn_blocking(move || store.list_services().map(drop)),
+                tokio::task::spawn_blocking(move || store.list_services().map(|s| s.len())),
             )
             .await;
             match answered {
-                Ok(Ok(Ok(()))) => notify(&[("WATCHDOG", "1")]),
+                // `systemctl status lull` shows the status line.
+                Ok(Ok(Ok(services))) => notify(&[
+                    ("WATCHDOG", "1"),
+                    ("STATUS", &format!("serving {services} service(s)")),
+                ]),
                 Ok(Ok(Err(e))) => {
                     tracing::error!("watchdog: the state store failed ({e}): no ping")
                 }

@@ -114,7 +114,8 @@ enum Command {
     /// Install lull as a systemd service (unit, settings skeleton, `lull` group), enable and
     /// start it; again to bring it up to date.
     Install(install::InstallArgs),
-    /// Stop and remove the systemd service; state and settings stay unless --purge.
+    /// Stop and remove the systemd service, its instances and their network; state and
+    /// settings stay unless --purge.
     Uninstall(install::UninstallArgs),
     /// Internal: the single-threaded process that launches instances.
     #[command(name = "__zygote", hide = true)]

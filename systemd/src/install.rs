@@ -189,10 +189,15 @@ pub fn install(system: &dyn System, plan: &InstallPlan) -> Result<Vec<String>, I
 }
 
 /// Stops and removes the service; with `purge`, its state, settings and group too.
+///
+/// `cleanup` runs once the daemon has stopped (and before `--purge` removes the state it
+/// reads): it removes what the daemon left running on purpose for the next daemon to adopt,
+/// the instances and their network, and says what it did.
 pub fn uninstall(
     system: &dyn System,
     plan: &InstallPlan,
     purge: bool,
+    cleanup: &mut dyn FnMut() -> Result<Vec<String>, String>,
 ) -> Result<Vec<String>, InstallError> {
     if !system.has_systemd() {
         return Err(InstallError::NoSystemd);
@@ -206,6 +211,7 @@ pub fn uninstall(
         system
             .systemctl(&["disable", "--now", "lull.service"])
             .map_err(InstallError::Command)?;
+        done.extend(cleanup().map_err(InstallError::Command)?);
         system
             .remove(&plan.unit_path)
             .map_err(io_err("remove", &plan.unit_path))?;
@@ -461,7 +467,15 @@ mod tests {
 
         sys.write(Path::new("/var/lib/lull/state.db"), b"x", 0o600)
             .unwrap();
-        let kept = uninstall(&sys, &plan, false).unwrap();
+        // The cleanup runs after the daemon stopped, while the state is still there.
+        let mut cleaned = Vec::new();
+        let kept = uninstall(&sys, &plan, false, &mut || {
+            cleaned.push(sys.calls.borrow().last().cloned().unwrap_or_default());
+            Ok(vec!["removed 2 instances".to_owned()])
+        })
+        .unwrap();
+        assert_eq!(cleaned, ["systemctl disable --now lull.service"]);
+        assert!(kept.contains(&"removed 2 instances".to_owned()), "{kept:?}");
         assert!(kept.last().unwrap().contains("--purge"), "{kept:?}");
         assert!(
             sys.files
@@ -473,7 +487,24 @@ mod tests {
                 .borrow()
                 .contains_key(Path::new("/etc/systemd/system/lull.service"))
         );
-        let purged = uninstall(&sys, &plan, true).unwrap();
+        // Installed again, then uninstalled with --purge: a failing cleanup stops it before
+        // the state goes, and says why.
+        install(&sys, &plan).unwrap();
+        let err = uninstall(
+            &sys,
+            &plan,
+            true,
+            &mut || Err("instance a: busy".to_owned()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("instance a: busy"), "{err}");
+        assert!(
+            sys.files
+                .borrow()
+                .contains_key(Path::new("/var/lib/lull/state.db"))
+        );
+        let purged = uninstall(&sys, &plan, true, &mut || Ok(Vec::new())).unwrap();
         assert!(sys.files.borrow().is_empty(), "{purged:?}");
         assert!(!sys.group_exists("lull"));
     }

@@ -48,6 +48,8 @@ const PACKAGES: &[&str] = &[
 const IMAGE_VERSION: u32 = 1;
 const DISK_SIZE: &str = "3G";
 const STEP: &str = "LULL-VM-STEP ";
+const BENCH: &str = "LULL-VM-BENCH ";
+const BENCH_INFO: &str = "LULL-VM-BENCH-INFO ";
 const DONE: &str = "LULL-VM-DONE ";
 /// Every step the scenario reports, by phase; each must pass.
 const STEPS: &[(u64, &str)] = &[
@@ -123,8 +125,22 @@ pub enum VmAccel {
     Kvm,
 }
 
+/// The runtime benchmark inside the VM (after the scenario, lull uninstalled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmBench {
+    /// Not run.
+    None,
+    /// A few iterations: the harness works on cgroup v2 and against crun.
+    Smoke,
+    /// The full run; writes the VM section of docs/benchmarks.md.
+    Full,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmTestArgs {
+    /// `lull-bench runtime` inside the VM, against crun, on cgroup v2.
+    #[arg(long, value_enum, default_value_t = VmBench::Smoke)]
+    pub bench: VmBench,
     /// Accelerator (KVM guests hang or abort on some hosts; TCG always works).
     #[arg(long, value_enum, default_value_t = VmAccel::Tcg)]
     pub accel: VmAccel,
@@ -159,12 +175,24 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         .status()
         .context("run cargo build")?;
     ensure!(status.success(), "cargo build -p lull: {status}");
+    if args.bench != VmBench::None {
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "lull-tests"])
+            .args(["--bin", "lull-bench", "--bin", "lull-test-zygote"])
+            .status()
+            .context("run cargo build")?;
+        ensure!(
+            status.success(),
+            "cargo build --release -p lull-tests: {status}"
+        );
+    }
     fixtures::run(&FixturesArgs { bulk: false })?;
 
     let run_dir = work.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir)?;
-    let payload = payload(&root, &run_dir)?;
+    let payload = payload(&root, &run_dir, args.bench)?;
     let disk = run_dir.join("root.img");
     copy_sparse(&image.join("disk.img"), &disk)?;
 
@@ -181,8 +209,17 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         Duration::from_secs(args.timeout_secs),
         &run_dir.join("console.log"),
     )?;
-    let verdict = judge(&outcome);
+    let verdict = judge(&outcome, args.bench != VmBench::None);
     print_table(&outcome, started.elapsed());
+    if !outcome.bench.is_empty() {
+        println!(
+            "lull-bench runtime inside the VM:\n{}\n",
+            outcome.bench.join("\n")
+        );
+    }
+    if verdict.is_ok() && args.bench == VmBench::Full {
+        write_bench_doc(&root, &outcome)?;
+    }
     match verdict {
         Ok(()) => {
             // The copies are large; the cached image stays.
@@ -325,19 +362,39 @@ fn image(work: &Path, rebuild: bool) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The payload disk: lull, the fixture app's layout and the scenario.
-fn payload(root: &Path, run_dir: &Path) -> Result<PathBuf> {
+/// The payload disk: lull, the fixture images' layouts and the scenario; with a benchmark,
+/// lull-bench, its zygote and its arguments.
+fn payload(root: &Path, run_dir: &Path, bench: VmBench) -> Result<PathBuf> {
     let dir = run_dir.join("payload");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir.join("layouts"))?;
     std::fs::copy(root.join("target/debug/lull"), dir.join("lull")).context("copy lull")?;
     std::fs::write(dir.join("scenario.sh"), SCENARIO)?;
-    run_quiet(
-        Command::new("cp")
-            .arg("-a")
-            .arg(root.join("target/fixtures/fixture-app"))
-            .arg(dir.join("fixture-app")),
-        "copy the fixture app's layout",
-    )?;
+    for image in ["fixture-app", "busybox"] {
+        run_quiet(
+            Command::new("cp")
+                .arg("-a")
+                .arg(root.join("target/fixtures").join(image))
+                .arg(dir.join("layouts").join(image)),
+            "copy a fixture image's layout",
+        )?;
+    }
+    if bench != VmBench::None {
+        let bench_dir = dir.join("bench");
+        std::fs::create_dir_all(&bench_dir)?;
+        for program in ["lull-bench", "lull-test-zygote"] {
+            std::fs::copy(
+                root.join("target/release").join(program),
+                bench_dir.join(program),
+            )
+            .with_context(|| format!("copy {program}"))?;
+        }
+        let args = if bench == VmBench::Smoke {
+            "--smoke"
+        } else {
+            ""
+        };
+        std::fs::write(bench_dir.join("args"), args)?;
+    }
     let bytes = du_bytes(&dir)?;
     let size_mb = bytes / (1 << 20) * 5 / 4 + 64;
     let image = run_dir.join("payload.img");
@@ -398,6 +455,10 @@ struct Outcome {
     done: Vec<u64>,
     /// Kernel starts seen (2: the first boot and the reboot).
     boots: usize,
+    /// lull-bench's markdown, a line each.
+    bench: Vec<String>,
+    /// What the guest said of itself for the benchmark (kernel, crun).
+    bench_info: Vec<String>,
     ending: String,
 }
 
@@ -482,6 +543,15 @@ fn boot(
                             .to_owned();
                     }
                 }
+                if let Some(at) = line.find(BENCH_INFO) {
+                    outcome
+                        .bench_info
+                        .push(line[at + BENCH_INFO.len()..].trim().to_owned());
+                } else if let Some(at) = line.find(BENCH) {
+                    outcome
+                        .bench
+                        .push(line[at + BENCH.len()..].trim_end().to_owned());
+                }
                 if let Some(at) = line.find(STEP) {
                     let json = &line[at + STEP.len()..];
                     if let Ok(value) = serde_json::from_str::<Value>(json.trim()) {
@@ -522,10 +592,12 @@ fn boot(
     Ok(outcome)
 }
 
-/// Every expected step present and passed, both phases ended.
-fn judge(outcome: &Outcome) -> Result<()> {
+/// Every expected step present and passed (the benchmark's too, when it ran), both phases
+/// ended.
+fn judge(outcome: &Outcome, bench: bool) -> Result<()> {
     let mut problems = Vec::new();
-    for (phase, step) in STEPS {
+    let bench_step = (2, "bench");
+    for (phase, step) in STEPS.iter().chain(bench.then_some(&bench_step)) {
         match outcome.steps.get(&(*phase, (*step).to_owned())) {
             None => problems.push(format!("phase {phase} {step}: not reported")),
             Some(v) if v["ok"].as_bool() != Some(true) => problems.push(format!(
@@ -545,6 +617,94 @@ fn judge(outcome: &Outcome) -> Result<()> {
     } else {
         bail!("{}", problems.join("\n"))
     }
+}
+
+const DOC_BEGIN: &str = "<!-- bench vm: begin -->";
+const DOC_END: &str = "<!-- bench vm: end -->";
+/// The runtime suite's section, whose gate rows the VM's are set beside.
+const RUNTIME_BEGIN: &str = "<!-- bench runtime: begin -->";
+const RUNTIME_END: &str = "<!-- bench runtime: end -->";
+
+/// The cells of a markdown table row (`| a | b |` → `["a", "b"]`).
+fn cells(line: &str) -> Vec<String> {
+    line.trim()
+        .trim_matches('|')
+        .split('|')
+        .map(|c| c.trim().to_owned())
+        .collect()
+}
+
+/// The VM section of docs/benchmarks.md: lull-bench's table from inside the VM, then its gate
+/// rows beside the hybrid host's from the runtime suite's latest results.
+fn vm_section(outcome: &Outcome, host_doc: &str, commit: &str, date: &str) -> String {
+    let mut out = format!(
+        "{DOC_BEGIN}\n\n### Latest results (inside the VM)\n\n\
+         - Command: `sudo -E cargo xtask vm-test --bench full` (commit {commit}, {date})\n\
+         - Machine: a qemu guest under TCG (no KVM), 2 vCPUs, 2 GiB, Debian {SUITE}, cgroup v2; {}\n\n",
+        outcome.bench_info.join("; ")
+    );
+    out.push_str(outcome.bench.join("\n").trim());
+    out.push_str("\n\n");
+    let host_rows: Vec<Vec<String>> = host_doc
+        .find(RUNTIME_BEGIN)
+        .and_then(|b| host_doc[b..].find(RUNTIME_END).map(|e| &host_doc[b..b + e]))
+        .map(|section| {
+            section
+                .lines()
+                .filter(|l| l.starts_with("| gate"))
+                .map(cells)
+                .collect()
+        })
+        .unwrap_or_default();
+    let vm_rows: Vec<Vec<String>> = outcome
+        .bench
+        .iter()
+        .filter(|l| l.starts_with("| gate"))
+        .map(|l| cells(l))
+        .collect();
+    if !vm_rows.is_empty() {
+        out.push_str(
+            "The gate on cgroup v2 (`cpu.max`, in the VM) beside the hybrid host (`cpu.cfs_quota_us`, \
+             the runtime suite's latest results above). TCG emulates every guest instruction, so \
+             the VM's latencies are upper bounds, not the kernel's; the throttle factor is a \
+             ratio and carries over.\n\n\
+             | measurement | hybrid host (v1 cpu) | VM (v2 cpu.max) |\n|---|---|---|\n",
+        );
+        for row in vm_rows {
+            let host = host_rows
+                .iter()
+                .find(|h| h.first() == row.first())
+                .map(|h| {
+                    if h.get(4).is_some_and(|r| r != "-") {
+                        format!("{} ({})", h[2], h[4])
+                    } else {
+                        h[2].clone()
+                    }
+                })
+                .unwrap_or_else(|| "-".to_owned());
+            let vm = if row.get(4).is_some_and(|r| r != "-") {
+                format!("{} ({})", row[2], row[4])
+            } else {
+                row.get(2).cloned().unwrap_or_default()
+            };
+            out.push_str(&format!("| {} | {host} | {vm} |\n", row[0]));
+        }
+        out.push('\n');
+    }
+    out.push_str(DOC_END);
+    out.push('\n');
+    out
+}
+
+fn write_bench_doc(root: &Path, outcome: &Outcome) -> Result<()> {
+    let doc = root.join("docs/benchmarks.md");
+    let existing = std::fs::read_to_string(&doc).unwrap_or_default();
+    let commit = crate::bench::first_line(root, "git", &["rev-parse", "--short", "HEAD"]);
+    let date = crate::bench::first_line(root, "date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let section = vm_section(outcome, &existing, &commit, &date);
+    crate::bench::update_doc(&doc, DOC_BEGIN, DOC_END, &section)?;
+    eprintln!("vm-test: results written to docs/benchmarks.md");
+    Ok(())
 }
 
 fn print_table(outcome: &Outcome, elapsed: Duration) {
@@ -592,14 +752,17 @@ mod tests {
             done: vec![1, 2],
             boots: 2,
             ending: "qemu exited".into(),
+            ..Outcome::default()
         };
-        judge(&outcome).unwrap();
+        judge(&outcome, false).unwrap();
+        let e = judge(&outcome, true).unwrap_err().to_string();
+        assert!(e.contains("phase 2 bench: not reported"), "{e}");
         outcome
             .steps
             .insert(step(1, "gate", false).0, step(1, "gate", false).1);
         outcome.steps.remove(&(2, "uninstall".to_owned()));
         outcome.done = vec![1];
-        let e = judge(&outcome).unwrap_err().to_string();
+        let e = judge(&outcome, false).unwrap_err().to_string();
         assert!(e.contains("phase 1 gate: d"), "{e}");
         assert!(e.contains("phase 2 uninstall: not reported"), "{e}");
         assert!(e.contains("phase 2 did not end"), "{e}");
@@ -615,7 +778,7 @@ mod tests {
 
     #[test]
     fn the_scenario_reports_every_step_the_judge_wants() {
-        for (_, step) in STEPS {
+        for (_, step) in STEPS.iter().chain([&(2, "bench")]) {
             assert!(
                 SCENARIO.contains(&format!("report {step} ")),
                 "scenario.sh never reports {step}"

@@ -91,7 +91,7 @@ phase1() {
     report unit $rc "$props; daemon cgroup $cg; $(getent group lull)"
 
     begin
-    out=$(lull image import "$PAYLOAD/fixture-app" --tag "$IMAGE" 2>&1 &&
+    out=$(lull image import "$PAYLOAD/layouts/fixture-app" --tag "$IMAGE" 2>&1 &&
           lull service create hello --image "$IMAGE" --concurrency 10 2>&1)
     rc=$?
     [ $rc = 0 ] && wait_for 120 get /healthz
@@ -187,12 +187,36 @@ phase2() {
     report after-reboot $rc "active=$(systemctl is-active lull); answer: $(get /env 2>&1 | head -c 80); $(lull status 2>&1 | head -n 3)"
 
     begin
+    cg=/sys/fs/cgroup$(unit_cgroup)
+    pids=$(app_pids)
     out=$(lull uninstall 2>&1)
     rc=$?
     [ ! -e /etc/systemd/system/lull.service ] || rc=1
     systemctl is-active --quiet lull && rc=1
     [ -d /var/lib/lull ] || rc=1
-    report uninstall $rc "$out; state kept: $(ls /var/lib/lull | tr '\n' ' ')"
+    # Nothing left running or configured: the instance, its cgroups, the bridge, the table.
+    left=""
+    for pid in $pids; do [ -d "/proc/$pid" ] && left="$left process $pid"; done
+    [ -d "$cg" ] && left="$left cgroup $cg"
+    ip link show lull0 >/dev/null 2>&1 && left="$left bridge lull0"
+    nft list table inet lull >/dev/null 2>&1 && left="$left table inet lull"
+    [ -z "$left" ] || rc=1
+    report uninstall $rc "$out; state kept: $(ls /var/lib/lull | tr '\n' ' '); instance pids were '$pids'; left:${left:- nothing}"
+
+    # The runtime benchmark on cgroup v2, against crun (lull is uninstalled by now).
+    if [ -x "$PAYLOAD/bench/lull-bench" ]; then
+        begin
+        printf 'LULL-VM-BENCH-INFO kernel %s; %s; systemd %s\n' "$(uname -r)" \
+            "$(crun --version | head -n 1)" "$(systemctl --version | head -n 1 | cut -d' ' -f2)"
+        # shellcheck disable=SC2046
+        out=$("$PAYLOAD/bench/lull-bench" runtime --oci-runtime crun \
+            --layouts "$PAYLOAD/layouts" --zygote "$PAYLOAD/bench/lull-test-zygote" \
+            --markdown /tmp/bench.md $(cat "$PAYLOAD/bench/args") 2>&1)
+        rc=$?
+        [ -s /tmp/bench.md ] || rc=1
+        [ -s /tmp/bench.md ] && sed 's/^/LULL-VM-BENCH /' /tmp/bench.md
+        report bench $rc "$(echo "$out" | tr '\r' '\n' | grep -v '^cold start\|^gate ' | tail -n 6)"
+    fi
 
     done_phase
     sync

@@ -36,8 +36,8 @@ use lull_runtime::reference::Reference;
 use lull_runtime::store::ImageRecord;
 use lull_tests::scratch::{CgroupParentGuard, ScratchDir, unique_name};
 
-const USAGE: &str =
-    "usage: lull-bench runtime [--smoke] [--zygote PATH] [--registry HOST:PORT] [--markdown PATH]";
+const USAGE: &str = "usage: lull-bench runtime [--smoke] [--zygote PATH] [--registry HOST:PORT] \
+     [--layouts DIR] [--oci-runtime runc|crun] [--markdown PATH]";
 
 /// The port the fixture app listens on inside its namespace.
 const APP_PORT: u16 = 8080;
@@ -65,6 +65,11 @@ struct Args {
     smoke: bool,
     zygote: PathBuf,
     registry: String,
+    /// Import `fixture-app` and `busybox` from the OCI layouts in this directory instead of
+    /// pulling them (where no registry answers: inside the VM); skips the pull comparison.
+    layouts: Option<PathBuf>,
+    /// The OCI runtime compared against (`runc`, or `crun`, which runs on cgroup v2 hosts).
+    oci_runtime: String,
     markdown: Option<PathBuf>,
 }
 
@@ -80,6 +85,8 @@ fn parse_args() -> Result<Args> {
         smoke: false,
         zygote: exe.with_file_name("lull-test-zygote"),
         registry: "127.0.0.1:5000".to_owned(),
+        layouts: None,
+        oci_runtime: "runc".to_owned(),
         markdown: None,
     };
     while let Some(arg) = args.next() {
@@ -91,6 +98,11 @@ fn parse_args() -> Result<Args> {
             "--smoke" => parsed.smoke = true,
             "--zygote" => parsed.zygote = value("--zygote")?.into(),
             "--registry" => parsed.registry = value("--registry")?,
+            "--layouts" => parsed.layouts = Some(value("--layouts")?.into()),
+            "--oci-runtime" => match value("--oci-runtime")?.as_str() {
+                name @ ("runc" | "crun") => parsed.oci_runtime = name.to_owned(),
+                other => bail!("--oci-runtime: {other:?} is not runc or crun\n{USAGE}"),
+            },
             "--markdown" => parsed.markdown = Some(value("--markdown")?.into()),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -305,6 +317,9 @@ impl Report {
 struct Bench {
     runtime: Runtime,
     registry: String,
+    layouts: Option<PathBuf>,
+    /// `runc` or `crun`: the same command line for what is used here.
+    oci: String,
     zygote: PathBuf,
     runc_root: PathBuf,
     bundles: PathBuf,
@@ -323,7 +338,11 @@ async fn run(args: Args) -> Result<()> {
             args.zygote.display()
         );
     }
-    for tool in ["runc", "skopeo", "umoci"] {
+    let mut tools = vec![args.oci_runtime.as_str()];
+    if args.layouts.is_none() {
+        tools.extend(["skopeo", "umoci"]);
+    }
+    for tool in tools {
         let found = Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -341,6 +360,8 @@ async fn run(args: Args) -> Result<()> {
     let bench = Bench {
         runtime,
         registry: args.registry.clone(),
+        layouts: args.layouts.clone(),
+        oci: args.oci_runtime.clone(),
         zygote: args.zygote.clone(),
         runc_root: scratch.path().join("runc-state"),
         bundles: scratch.path().join("runc-bundles"),
@@ -367,7 +388,13 @@ async fn run(args: Args) -> Result<()> {
     );
     cold_start(&bench, &plan, &mut report).await?;
     gate(&bench, &plan, &mut report).await?;
-    pull_unpack(&bench, &plan, &mut report).await?;
+    if bench.layouts.is_none() {
+        pull_unpack(&bench, &plan, &mut report).await?;
+    } else {
+        report
+            .details
+            .push("pull + unpack: not measured (images imported from OCI layouts)".to_owned());
+    }
 
     report.print();
     if let Some(path) = &args.markdown {
@@ -395,17 +422,33 @@ fn reference(registry: &str, repo: &str) -> Result<Reference> {
         .map_err(|e| anyhow::anyhow!("image reference {text}: {e}"))
 }
 
-/// Pulls and unpacks an image into the bench's runtime; returns it and its layer dir names.
+/// Pulls (or imports, with `--layouts`) and unpacks an image into the bench's runtime;
+/// returns it and its layer dir names.
 async fn image(bench: &Bench, repo: &str) -> Result<(ImageRecord, Vec<String>)> {
     let reference = reference(&bench.registry, repo)?;
-    let image = bench
-        .runtime
-        .store
-        .pull(&reference, &PullOptions::default())
-        .await
-        .with_context(|| {
-            format!("pull {reference} (is the registry up and `cargo xtask fixtures --bulk` run?)")
-        })?;
+    let image = match &bench.layouts {
+        Some(dir) => {
+            let name = repo.trim_start_matches("lull/");
+            let name = name.split(':').next().unwrap_or(name);
+            let layout = dir.join(name);
+            bench
+                .runtime
+                .store
+                .import_oci_layout(&layout, None, &reference)
+                .await
+                .with_context(|| format!("import the OCI layout {}", layout.display()))?
+        }
+        None => bench
+            .runtime
+            .store
+            .pull(&reference, &PullOptions::default())
+            .await
+            .with_context(|| {
+                format!(
+                    "pull {reference} (is the registry up and `cargo xtask fixtures --bulk` run?)"
+                )
+            })?,
+    };
     let layers = bench.runtime.prepare(&image).await?;
     Ok((image, layers))
 }
@@ -433,9 +476,10 @@ async fn cold_start(bench: &Bench, plan: &Plan, report: &mut Report) -> Result<(
             runc.push(r);
         }
         eprint!(
-            "\rcold start {i}/{}: lull {:.1} ms, runc {:.1} ms   ",
+            "\rcold start {i}/{}: lull {:.1} ms, {} {:.1} ms   ",
             plan.cold_starts,
             ms(last_total(&lull)),
+            bench.oci,
             ms(last_total(&runc))
         );
     }
@@ -452,7 +496,10 @@ async fn cold_start(bench: &Bench, plan: &Plan, report: &mut Report) -> Result<(
 
     let total_ratio = lull_total50 / runc_total50;
     report.rows.push(Row {
-        name: "cold start to first HTTP 200 (p50) vs runc pipeline".into(),
+        name: format!(
+            "cold start to first HTTP 200 (p50) vs {} pipeline",
+            bench.oci
+        ),
         target: "<= 0.8x".into(),
         measured: format!("{lull_total50:.1} ms"),
         baseline: format!("{runc_total50:.1} ms"),
@@ -469,7 +516,7 @@ async fn cold_start(bench: &Bench, plan: &Plan, report: &mut Report) -> Result<(
     });
     let spawn_ratio = lull_spawn50 / runc_spawn50;
     report.rows.push(Row {
-        name: "process spawn (p50): launch() vs runc run -d".into(),
+        name: format!("process spawn (p50): launch() vs {} run -d", bench.oci),
         target: "<= 0.6x".into(),
         measured: format!("{lull_spawn50:.1} ms"),
         baseline: format!("{runc_spawn50:.1} ms"),
@@ -477,11 +524,13 @@ async fn cold_start(bench: &Bench, plan: &Plan, report: &mut Report) -> Result<(
         pass: Some(spawn_ratio <= 0.6),
     });
     report.details.push(format!(
-        "cold start, fixture app, {} interleaved iterations each: lull p50 {lull_total50:.1} ms p99 {lull_total99:.1} ms; runc pipeline p50 {runc_total50:.1} ms p99 {runc_total99:.1} ms",
-        lull.len()
+        "cold start, fixture app, {} interleaved iterations each: lull p50 {lull_total50:.1} ms p99 {lull_total99:.1} ms; {} pipeline p50 {runc_total50:.1} ms p99 {runc_total99:.1} ms",
+        lull.len(),
+        bench.oci
     ));
     report.details.push(format!(
-        "process spawn: lull launch() p50 {lull_spawn50:.1} ms p99 {lull_spawn99:.1} ms (overlay mount, spec, log pipes included); runc run -d p50 {runc_spawn50:.1} ms p99 {runc_spawn99:.1} ms (bundle already mounted)"
+        "process spawn: lull launch() p50 {lull_spawn50:.1} ms p99 {lull_spawn99:.1} ms (overlay mount, spec, log pipes included); {} run -d p50 {runc_spawn50:.1} ms p99 {runc_spawn99:.1} ms (bundle already mounted)",
+        bench.oci
     ));
     Ok(())
 }
@@ -630,7 +679,7 @@ fn runc_run_detached(bench: &Bench, id: &str, bundle: &Path) -> Result<()> {
     // runc hands its stdio to the detached container: /dev/null in, a file out.
     let log_path = bundle.join("runc.log");
     let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-    let status = Command::new("runc")
+    let status = Command::new(&bench.oci)
         .arg("--root")
         .arg(&bench.runc_root)
         .args(["run", "-d", "--bundle"])
@@ -640,29 +689,30 @@ fn runc_run_detached(bench: &Bench, id: &str, bundle: &Path) -> Result<()> {
         .stdout(log.try_clone().context("duplicate the runc log fd")?)
         .stderr(log)
         .status()
-        .context("run runc")?;
+        .with_context(|| format!("run {}", bench.oci))?;
     if !status.success() {
         let output = fs::read_to_string(&log_path).unwrap_or_default();
-        bail!("runc run -d {id}: {status}: {}", output.trim());
+        bail!("{} run -d {id}: {status}: {}", bench.oci, output.trim());
     }
     Ok(())
 }
 
 fn runc_cleanup(bench: &Bench, id: &str, bundle: &Path) -> Result<()> {
-    let output = Command::new("runc")
+    let output = Command::new(&bench.oci)
         .arg("--root")
         .arg(&bench.runc_root)
         .args(["delete", "-f", id])
         .stdin(Stdio::null())
         .output()
-        .context("run runc delete")?;
+        .with_context(|| format!("run {} delete", bench.oci))?;
     let deleted = if output.status.success()
         || String::from_utf8_lossy(&output.stderr).contains("does not exist")
     {
         Ok(())
     } else {
         Err(anyhow::anyhow!(
-            "runc delete -f {id}: {}: {}",
+            "{} delete -f {id}: {}: {}",
+            bench.oci,
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         ))
