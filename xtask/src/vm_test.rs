@@ -41,6 +41,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "ca-certificates",
     "crun",
+    "umoci",
     "procps",
     "passwd",
 ];
@@ -48,7 +49,7 @@ const PACKAGES: &[&str] = &[
 const IMAGE_VERSION: u32 = 1;
 const DISK_SIZE: &str = "3G";
 const STEP: &str = "LULL-VM-STEP ";
-const BENCH: &str = "LULL-VM-BENCH ";
+const BENCH: &str = "LULL-VM-BENCH|";
 const BENCH_INFO: &str = "LULL-VM-BENCH-INFO ";
 const DONE: &str = "LULL-VM-DONE ";
 /// Every step the scenario reports, by phase; each must pass.
@@ -58,6 +59,7 @@ const STEPS: &[(u64, &str)] = &[
     (1, "unit"),
     (1, "deploy"),
     (1, "delegated-cgroup"),
+    (1, "export-crun"),
     (1, "gate"),
     (1, "restart"),
     (1, "watchdog"),

@@ -106,6 +106,25 @@ phase1() {
     for c in cpu memory pids; do [[ " $controllers " == *" $c "* ]] || rc=1; done
     report delegated-cgroup $rc "instance cgroup $app; $unit/cgroup.subtree_control: $controllers; daemon leaf procs: $(wc -l < "$unit/daemon/cgroup.procs")"
 
+    # The revision's image, exported as an OCI layout, is a standard image: umoci unpacks it
+    # and crun runs it on cgroup v2, answering inside its own network namespace.
+    begin
+    rm -rf /tmp/export /tmp/bundle
+    out=$(lull image export hello --oci /tmp/export --tag vm 2>&1 &&
+          umoci unpack --image /tmp/export:vm /tmp/bundle 2>&1 &&
+          crun run -d --bundle /tmp/bundle lull-export-check 2>&1)
+    rc=$?
+    pid=$(crun state lull-export-check 2>/dev/null | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
+    [ -n "$pid" ] || rc=1
+    answer=""
+    if [ $rc = 0 ]; then
+        wait_for 30 nsenter --net=/proc/"$pid"/ns/net curl -fsS http://127.0.0.1:8080/healthz
+        rc=$?
+        answer=$(nsenter --net=/proc/"$pid"/ns/net curl -sS http://127.0.0.1:8080/healthz 2>&1)
+    fi
+    crun delete -f lull-export-check >/dev/null 2>&1
+    report export-crun $rc "$(echo "$out" | tail -n 3); crun pid $pid; /healthz inside its namespace: $answer; $(crun --version | head -n 1)"
+
     # The gate: throttled after the last response, restored before the next request is served
     # (a request burning 300 ms of CPU would take 300 s at 1 ms per second).
     begin
@@ -214,7 +233,7 @@ phase2() {
             --markdown /tmp/bench.md $(cat "$PAYLOAD/bench/args") 2>&1)
         rc=$?
         [ -s /tmp/bench.md ] || rc=1
-        [ -s /tmp/bench.md ] && sed 's/^/LULL-VM-BENCH /' /tmp/bench.md
+        [ -s /tmp/bench.md ] && sed 's/^/LULL-VM-BENCH|/' /tmp/bench.md
         report bench $rc "$(echo "$out" | tr '\r' '\n' | grep -v '^cold start\|^gate ' | tail -n 6)"
     fi
 
