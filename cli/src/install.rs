@@ -8,8 +8,8 @@ use clap::Args;
 use lull_daemon::config::DaemonConfig;
 use lull_runtime::host::{DEFAULT_CGROUP_PARENT, Runtime, RuntimeConfig};
 use lull_runtime::instance::Recovered;
-use lull_systemd::install::{InstallPlan, RealSystem, install, uninstall};
-use lull_systemd::unit::{CANNOT_USE, render};
+use lull_systemd::install::{InstallPlan, RealSystem, install, uninstall, unit_text};
+use lull_systemd::unit::CANNOT_USE;
 
 #[derive(Debug, Args)]
 pub struct InstallArgs {
@@ -40,7 +40,7 @@ pub fn run_install(args: &InstallArgs) -> ExitCode {
         }
     };
     if args.explain {
-        print!("{}", render(&plan.unit));
+        print!("{}", unit_text(&RealSystem, &plan));
         println!("\n# Hardening lull leaves off, and why:");
         for (option, why) in CANNOT_USE {
             println!("#   {option}: {why}");
@@ -72,13 +72,8 @@ pub fn run_uninstall(args: &UninstallArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Asked before the unit goes: where its instances' cgroups are.
-    let unit_cgroup = Command::new("systemctl")
-        .args(["show", "-p", "ControlGroup", "--value", "lull.service"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|cg| cg.starts_with('/'));
+    // Asked before the unit goes: where its cgroup is (or, the unit stopped already, would be).
+    let unit_cgroup = unit_cgroup();
     let settings = plan.unit.config.clone();
     let handle = tokio::runtime::Handle::current();
     let mut cleanup = || {
@@ -101,72 +96,132 @@ pub fn run_uninstall(args: &UninstallArgs) -> ExitCode {
     }
 }
 
-/// What a stopped daemon leaves on purpose for the next one to adopt: its instances (under
-/// `<unit cgroup>/instances` on cgroup v2 with delegation, `/lull` otherwise) and the instance
-/// network. Removes them all, with the settings' data and run directories and network names.
+/// `lull.service`'s cgroup: systemd's `ControlGroup` while it runs, else its slice's path with
+/// the unit's name appended (where systemd puts it).
+fn unit_cgroup() -> Option<String> {
+    let show = |property: &str| {
+        Command::new("systemctl")
+            .args(["show", "-p", property, "--value", "lull.service"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(cg) = show("ControlGroup").filter(|cg| cg.starts_with('/')) {
+        return Some(cg);
+    }
+    Some(format!("{}/lull.service", slice_cgroup(&show("Slice")?)?))
+}
+
+/// A slice's cgroup: it nests its parents (`a-b.slice` is `/a.slice/a-b.slice`), and the root
+/// slice is the root.
+fn slice_cgroup(slice: &str) -> Option<String> {
+    let stem = slice.strip_suffix(".slice")?;
+    if stem == "-" {
+        return Some(String::new());
+    }
+    let mut path = String::new();
+    let mut prefix = String::new();
+    for part in stem.split('-') {
+        if part.is_empty() {
+            return None;
+        }
+        prefix = if prefix.is_empty() {
+            part.to_owned()
+        } else {
+            format!("{prefix}-{part}")
+        };
+        path.push_str(&format!("/{prefix}.slice"));
+    }
+    Some(path)
+}
+
+/// What a stopped daemon leaves on purpose for the next one to adopt: its instances (each at
+/// the cgroup it was launched in) and the instance network. Removes them all, with the
+/// settings' data and run directories and network names, then the emptied delegated cgroups.
+/// Goes on past a failure and reports every one at the end.
 async fn remove_instances(
     settings: &Path,
     unit_cgroup: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
     let config = DaemonConfig::load(settings)?;
-    let delegated = unit_cgroup
-        .map(|cg| format!("{}/instances", cg.trim_end_matches('/')))
-        .filter(|parent| cgroup_dir(parent).is_dir());
-    let mut runtime_config = RuntimeConfig::new(&config.data_dir, &config.run_dir)
-        .context("find the lull executable")?;
-    runtime_config.cgroup_parent = delegated
-        .clone()
-        .unwrap_or_else(|| DEFAULT_CGROUP_PARENT.to_owned());
-    let runtime = Runtime::open(runtime_config).context("open the runtime")?;
-    let dir = runtime.config.instances_dir();
-    let mut ids: Vec<String> = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
-    };
-    ids.sort();
-    let mut removed = 0;
-    for id in &ids {
-        match runtime.instances.get(id)? {
-            Some(Recovered::Running(instance)) | Some(Recovered::Exited(instance, _)) => {
-                runtime
-                    .instances
-                    .delete(instance)
-                    .await
-                    .with_context(|| format!("remove instance {id}"))?;
-                removed += 1;
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    if config.data_dir.join("instances").is_dir() {
+        let mut runtime_config = RuntimeConfig::new(&config.data_dir, &config.run_dir)
+            .context("find the lull executable")?;
+        runtime_config.cgroup_parent = DEFAULT_CGROUP_PARENT.to_owned();
+        let runtime = Runtime::open(runtime_config).context("open the runtime")?;
+        let mut removed = 0;
+        for found in runtime.instances.recover()? {
+            match found {
+                Recovered::Running(instance) | Recovered::Exited(instance, _) => {
+                    let id = instance.id.clone();
+                    match runtime.instances.delete(instance).await {
+                        Ok(()) => removed += 1,
+                        Err(e) => failures.push(format!("instance {id}: {e}")),
+                    }
+                }
+                Recovered::Removed { .. } => {}
             }
-            Some(Recovered::Removed { .. }) | None => {}
         }
-        tokio::task::block_in_place(|| {
-            lull_netns::network::remove_instance_network(&config.network, id)
-        })
-        .with_context(|| format!("remove the network of {id}"))?;
+        done.push(format!(
+            "removed {removed} instance(s) the daemon had left running for its successor"
+        ));
     }
-    tokio::task::block_in_place(|| lull_netns::network::remove_host_network(&config.network))
-        .context("remove the instance network")?;
-    // The emptied delegated subtree: systemd removed the unit's cgroup only if it was empty.
-    if let (Some(parent), Some(unit)) = (&delegated, unit_cgroup) {
-        for dir in [cgroup_dir(parent), cgroup_dir(unit)] {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-    Ok(vec![
-        format!(
-            "removed {removed} instance(s) the daemon had left running for its successor{}",
-            delegated.map_or(String::new(), |p| format!(" (cgroups under {p})"))
-        ),
-        format!(
-            "removed bridge {} and table inet {}",
+    // Every instance's links, namespaces and addresses, the table and the bridge.
+    match tokio::task::block_in_place(|| lull_netns::network::remove_host_network(&config.network))
+    {
+        Ok(()) => done.push(format!(
+            "removed the instance network (bridge {}, table inet {})",
             config.network.bridge, config.network.table
-        ),
-    ])
+        )),
+        Err(e) => failures.push(format!("the instance network: {e}")),
+    }
+    // The emptied delegated subtree: systemd removed the unit's cgroup only if it was empty.
+    if let Some(unit) = unit_cgroup {
+        let unit = unit.trim_end_matches('/');
+        let children = [format!("{unit}/instances"), format!("{unit}/daemon")];
+        for dir in children
+            .iter()
+            .map(|c| cgroup_dir(c))
+            .chain([cgroup_dir(unit)])
+        {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => done.push(format!("removed cgroup {}", dir.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => failures.push(format!("cgroup {}: {e}", dir.display())),
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(done)
+    } else {
+        anyhow::bail!("{} (done: {})", failures.join("; "), done.join("; "))
+    }
 }
 
 /// A cgroup's directory in the unified hierarchy.
 fn cgroup_dir(cgroups_path: &str) -> std::path::PathBuf {
     Path::new("/sys/fs/cgroup").join(cgroups_path.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_nest_their_parents() {
+        assert_eq!(
+            slice_cgroup("system.slice").as_deref(),
+            Some("/system.slice")
+        );
+        assert_eq!(
+            slice_cgroup("apps-web.slice").as_deref(),
+            Some("/apps.slice/apps-web.slice")
+        );
+        assert_eq!(slice_cgroup("-.slice").as_deref(), Some(""));
+        assert_eq!(slice_cgroup("lull.service"), None);
+        assert_eq!(slice_cgroup("a--b.slice"), None);
+    }
 }

@@ -52,17 +52,23 @@ fn tools_present() -> bool {
 /// A loopback port free for both TCP and UDP, below the kernel's ephemeral range
 /// (`ip_local_port_range` starts at 32768), so no outgoing connection of a test running
 /// beside this one can take it between now and the moment pebble or lull binds it.
+/// Never the same port twice in one test process.
 fn free_port() -> u16 {
-    loop {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
         let mut bytes = [0u8; 2];
         getrandom::fill(&mut bytes).unwrap();
         let port = 16384 + u16::from_le_bytes(bytes) % 16000;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+        if !given.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
             && UdpSocket::bind(("127.0.0.1", port)).is_ok()
         {
+            given.push(port);
             return port;
         }
     }
+    panic!("no free port among 1000 tried in 16384..32384");
 }
 
 /// A child process killed when dropped.
@@ -148,7 +154,7 @@ impl Pebble {
                 "-management",
                 &management.to_string(),
             ]);
-            (dns, management, command)
+            (dns, management, vec![management], command)
         });
         let config_path = dir.join("pebble.json");
         let (listen, management, pebble) = spawn_listening(dir, "pebble", || {
@@ -175,17 +181,8 @@ impl Pebble {
                 .arg(&config_path)
                 .args(["-dnsserver", &dns.to_string()])
                 .env("PEBBLE_VA_NOSLEEP", "1");
-            (listen, management, command)
+            (listen, management, vec![listen, management], command)
         });
-        // The directory's listener comes up with the management one; wait for it too.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pebble does not listen on {listen}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
         Pebble {
             directory: format!("https://{listen}/dir"),
             management,
@@ -230,18 +227,18 @@ impl Pebble {
     }
 }
 
-/// Starts the server `make` describes (its first port is where it will listen, its second
-/// a TCP port it will listen on too) and waits until it listens on the TCP one. A server that
-/// exits first (a port taken meanwhile) is started again on new ports, three times at most;
-/// its output goes to `<dir>/<name>.log`, quoted when it never comes up.
+/// Starts the server `make` describes (two addresses it will serve on, returned as they are,
+/// the TCP ones to wait for, its command) and waits until it listens on each of those. A
+/// server that exits first (a port taken meanwhile) is started again on new ports, three
+/// times at most; its output goes to `<dir>/<name>.log`, quoted when it never comes up.
 fn spawn_listening(
     dir: &Path,
     name: &str,
-    mut make: impl FnMut() -> (SocketAddr, SocketAddr, Command),
+    mut make: impl FnMut() -> (SocketAddr, SocketAddr, Vec<SocketAddr>, Command),
 ) -> (SocketAddr, SocketAddr, Proc) {
     let log_path = dir.join(format!("{name}.log"));
     for attempt in 1..=3 {
-        let (first, tcp, mut command) = make();
+        let (first, second, tcp, mut command) = make();
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Proc(
             command
@@ -252,8 +249,11 @@ fn spawn_listening(
         );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if std::net::TcpStream::connect(tcp).is_ok() {
-                return (first, tcp, child);
+            if tcp
+                .iter()
+                .all(|addr| std::net::TcpStream::connect(addr).is_ok())
+            {
+                return (first, second, child);
             }
             if child.0.try_wait().unwrap().is_some() {
                 eprintln!(
@@ -264,7 +264,7 @@ fn spawn_listening(
             }
             assert!(
                 Instant::now() < deadline,
-                "{name} does not listen on {tcp} after 60 s: {}",
+                "{name} does not listen on {tcp:?} after 60 s: {}",
                 std::fs::read_to_string(&log_path).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));

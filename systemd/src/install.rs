@@ -53,6 +53,17 @@ pub fn parse_systemd_version(output: &str) -> Option<u32> {
         .ok()
 }
 
+/// The unit `install` writes on this machine: `plan`'s, with `DelegateSubgroup=` when this
+/// systemd has it.
+pub fn unit_text(system: &dyn System, plan: &InstallPlan) -> String {
+    render(&UnitSettings {
+        delegate_subgroup: system
+            .systemd_version()
+            .is_some_and(|v| v >= DELEGATE_SUBGROUP_SINCE),
+        ..plan.unit.clone()
+    })
+}
+
 /// The machine, as install sees it.
 pub trait System {
     fn has_systemd(&self) -> bool;
@@ -154,12 +165,7 @@ pub fn install(system: &dyn System, plan: &InstallPlan) -> Result<Vec<String>, I
             .map_err(io_err("write", config))?;
         done.push(format!("wrote {} (all defaults)", config.display()));
     }
-    let unit = render(&UnitSettings {
-        delegate_subgroup: system
-            .systemd_version()
-            .is_some_and(|v| v >= DELEGATE_SUBGROUP_SINCE),
-        ..plan.unit.clone()
-    });
+    let unit = unit_text(system, plan);
     let unit_changed = system
         .read(&plan.unit_path)
         .map_err(io_err("read", &plan.unit_path))?

@@ -84,10 +84,15 @@ pub fn render(settings: &UnitSettings) -> String {
     let exec = quote(&settings.executable);
     let config = quote(&settings.config);
     let watchdog = settings.watchdog.as_secs().max(2);
-    let subgroup = if settings.delegate_subgroup {
-        "# The daemon in a leaf of it (instances go under `instances` beside it).\nDelegateSubgroup=daemon\n"
+    let delegation = if settings.delegate_subgroup {
+        "# lull owns its cgroup subtree: the daemon runs in the leaf `daemon`, instances live\n\
+         # under `instances` beside it.\n\
+         Delegate=yes\n\
+         DelegateSubgroup=daemon\n"
     } else {
-        "# systemd before 254 cannot start the daemon in a leaf: instances go under /lull.\n"
+        "# lull owns its cgroup subtree. systemd before 254 cannot start the daemon in a leaf of\n\
+         # it, so instances go under /lull instead.\n\
+         Delegate=yes\n"
     };
     format!(
         "\
@@ -112,9 +117,7 @@ WatchdogSec={watchdog}s
 # Adopting many instances after a restart takes a while.
 TimeoutStartSec=5min
 TimeoutStopSec=2min
-# lull owns its cgroup subtree: instances live under it, the daemon in a leaf of its own.
-Delegate=yes
-{subgroup}# Only the daemon is signalled on stop or restart: instances keep running and the next
+{delegation}# Only the daemon is signalled on stop or restart: instances keep running and the next
 # daemon adopts them.
 KillMode=process
 # The listening sockets stay open across a restart in systemd's fd store.

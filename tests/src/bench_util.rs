@@ -741,16 +741,18 @@ pub fn proxy_get(
     crate::http::parse(&raw)
 }
 
-/// A loopback port free now.
 /// A loopback TCP port free now, below the kernel's ephemeral range (`ip_local_port_range`
 /// starts at 32768), so the load tools' own outgoing connections cannot take it before the
-/// server it is meant for binds it.
+/// server it is meant for binds it. Never the same port twice in one process.
 pub fn free_port() -> Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..1000 {
         let mut bytes = [0u8; 2];
         getrandom::fill(&mut bytes).context("find a free port: no randomness")?;
         let port = 16384 + u16::from_le_bytes(bytes) % 16000;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        if !given.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }

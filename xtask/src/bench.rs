@@ -84,8 +84,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 fn run_runtime(args: &BenchArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!(
             "the runtime benchmarks need root (namespaces, cgroups, mounts): run `sudo -E cargo xtask bench runtime`"
         );

@@ -24,8 +24,7 @@ const END: &str = "<!-- bench build: end -->";
 const BASE_IMAGES: [(&str, &str); 2] = [("lull/base/python", "3.11"), ("lull/base/node", "18")];
 
 pub fn run(smoke: bool) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!(
             "the build benchmarks need root (the daemon and buildah make namespaces, cgroups, mounts): run `sudo -E cargo xtask bench build`"
         );

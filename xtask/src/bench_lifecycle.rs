@@ -17,8 +17,7 @@ const BEGIN: &str = "<!-- bench lifecycle: begin (written by `cargo xtask bench 
 const END: &str = "<!-- bench lifecycle: end -->";
 
 pub fn run(smoke: bool) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!(
             "the lifecycle benchmarks need root (the daemon makes namespaces, cgroups, mounts): run `sudo -E cargo xtask bench lifecycle`"
         );

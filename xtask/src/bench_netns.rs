@@ -16,8 +16,7 @@ const BEGIN: &str = "<!-- bench netns: begin (written by `cargo xtask bench netn
 const END: &str = "<!-- bench netns: end -->";
 
 pub fn run(smoke: bool) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!(
             "the network benchmarks need root (namespaces, links): run `sudo -E cargo xtask bench netns`"
         );

@@ -20,8 +20,7 @@ const BEGIN: &str = "<!-- bench proxy: begin (written by `cargo xtask bench prox
 const END: &str = "<!-- bench proxy: end -->";
 
 pub fn run(smoke: bool) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!(
             "the proxy benchmarks need root (cgroups, peers as root): run `sudo -E cargo xtask bench proxy`"
         );

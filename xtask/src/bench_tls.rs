@@ -23,8 +23,7 @@ const BEGIN: &str = "<!-- bench tls: begin (written by `cargo xtask bench tls`) 
 const END: &str = "<!-- bench tls: end -->";
 
 pub fn run(smoke: bool) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!("the TLS benchmarks need root (peers as root): run `sudo -E cargo xtask bench tls`");
     }
     let root = fixtures::workspace_root();

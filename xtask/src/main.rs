@@ -58,6 +58,12 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Whether this process runs as root (the privileged suites and the VM test need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

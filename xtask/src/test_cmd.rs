@@ -145,8 +145,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         .iter()
         .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name))
         .collect();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = crate::is_root();
     if let Some(stage) = selected.iter().find(|s| s.needs_root && !root) {
         bail!(
             "stage {:?} needs root (namespaces, cgroups, mounts): run `sudo -E cargo xtask test` or pick stages with --only",

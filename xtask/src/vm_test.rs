@@ -156,7 +156,7 @@ pub struct VmTestArgs {
 
 pub fn run(args: &VmTestArgs) -> Result<()> {
     ensure!(
-        nix_is_root(),
+        crate::is_root(),
         "vm-test builds a root filesystem with mmdebstrap and mkfs.ext4 -d: run it as root"
     );
     for tool in ["mmdebstrap", "mkfs.ext4", "qemu-system-x86_64"] {
@@ -220,7 +220,7 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         );
     }
     if verdict.is_ok() && args.bench == VmBench::Full {
-        write_bench_doc(&root, &outcome)?;
+        write_bench_doc(&root, &outcome, args.accel)?;
     }
     match verdict {
         Ok(()) => {
@@ -235,11 +235,6 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
             run_dir.join("console.log").display()
         ))),
     }
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// The recipe as text: everything that makes the image, hashed for the cache key.
@@ -273,7 +268,9 @@ fn image(work: &Path, rebuild: bool) -> Result<PathBuf> {
     // Older images go: each is a few hundred MB.
     if let Ok(entries) = std::fs::read_dir(work) {
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("image-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Older images, and what a failed build left.
+            if name.starts_with("image-") || name.starts_with(".image-") {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -486,7 +483,8 @@ fn boot(
         .arg(image.join("initrd.img"))
         .args([
             "-append",
-            "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=no",
+            // loglevel=3: kernel messages would interleave with the scenario's report lines.
+            "console=ttyS0 root=/dev/vda rw panic=-1 loglevel=3 systemd.show_status=no",
         ])
         .args(["-drive", &drive(disk, "")])
         .args(["-drive", &drive(payload, ",readonly=on")])
@@ -624,7 +622,7 @@ fn judge(outcome: &Outcome, bench: bool) -> Result<()> {
 const DOC_BEGIN: &str = "<!-- bench vm: begin -->";
 const DOC_END: &str = "<!-- bench vm: end -->";
 /// The runtime suite's section, whose gate rows the VM's are set beside.
-const RUNTIME_BEGIN: &str = "<!-- bench runtime: begin -->";
+const RUNTIME_BEGIN: &str = "<!-- bench runtime: begin";
 const RUNTIME_END: &str = "<!-- bench runtime: end -->";
 
 /// The cells of a markdown table row (`| a | b |` → `["a", "b"]`).
@@ -638,11 +636,21 @@ fn cells(line: &str) -> Vec<String> {
 
 /// The VM section of docs/benchmarks.md: lull-bench's table from inside the VM, then its gate
 /// rows beside the hybrid host's from the runtime suite's latest results.
-fn vm_section(outcome: &Outcome, host_doc: &str, commit: &str, date: &str) -> String {
+fn vm_section(
+    outcome: &Outcome,
+    accel: VmAccel,
+    host_doc: &str,
+    commit: &str,
+    date: &str,
+) -> String {
+    let (flag, accel) = match accel {
+        VmAccel::Tcg => ("", "TCG (no KVM)"),
+        VmAccel::Kvm => (" --accel kvm", "KVM"),
+    };
     let mut out = format!(
         "{DOC_BEGIN}\n\n### Latest results (inside the VM)\n\n\
-         - Command: `sudo -E cargo xtask vm-test --bench full` (commit {commit}, {date})\n\
-         - Machine: a qemu guest under TCG (no KVM), 2 vCPUs, 2 GiB, Debian {SUITE}, cgroup v2; {}\n\n",
+         - Command: `sudo -E cargo xtask vm-test --bench full{flag}` (commit {commit}, {date})\n\
+         - Machine: a qemu guest under {accel}, 2 vCPUs, 2 GiB, Debian {SUITE}, cgroup v2; {}\n\n",
         outcome.bench_info.join("; ")
     );
     out.push_str(outcome.bench.join("\n").trim());
@@ -676,20 +684,9 @@ fn vm_section(outcome: &Outcome, host_doc: &str, commit: &str, date: &str) -> St
             let host = host_rows
                 .iter()
                 .find(|h| h.first() == row.first())
-                .map(|h| {
-                    if h.get(4).is_some_and(|r| r != "-") {
-                        format!("{} ({})", h[2], h[4])
-                    } else {
-                        h[2].clone()
-                    }
-                })
+                .map(|h| measured(h))
                 .unwrap_or_else(|| "-".to_owned());
-            let vm = if row.get(4).is_some_and(|r| r != "-") {
-                format!("{} ({})", row[2], row[4])
-            } else {
-                row.get(2).cloned().unwrap_or_default()
-            };
-            out.push_str(&format!("| {} | {host} | {vm} |\n", row[0]));
+            out.push_str(&format!("| {} | {host} | {} |\n", row[0], measured(&row)));
         }
         out.push('\n');
     }
@@ -698,12 +695,22 @@ fn vm_section(outcome: &Outcome, host_doc: &str, commit: &str, date: &str) -> St
     out
 }
 
-fn write_bench_doc(root: &Path, outcome: &Outcome) -> Result<()> {
+/// A results row's measured value, with its ratio when it has one (`| name | target |
+/// measured | baseline | ratio | pass |`).
+fn measured(row: &[String]) -> String {
+    let value = row.get(2).cloned().unwrap_or_else(|| "-".to_owned());
+    match row.get(4).filter(|r| r.as_str() != "-" && !r.is_empty()) {
+        Some(ratio) => format!("{value} ({ratio})"),
+        None => value,
+    }
+}
+
+fn write_bench_doc(root: &Path, outcome: &Outcome, accel: VmAccel) -> Result<()> {
     let doc = root.join("docs/benchmarks.md");
     let existing = std::fs::read_to_string(&doc).unwrap_or_default();
     let commit = crate::bench::first_line(root, "git", &["rev-parse", "--short", "HEAD"]);
     let date = crate::bench::first_line(root, "date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let section = vm_section(outcome, &existing, &commit, &date);
+    let section = vm_section(outcome, accel, &existing, &commit, &date);
     crate::bench::update_doc(&doc, DOC_BEGIN, DOC_END, &section)?;
     eprintln!("vm-test: results written to docs/benchmarks.md");
     Ok(())
@@ -768,6 +775,31 @@ mod tests {
         assert!(e.contains("phase 1 gate: d"), "{e}");
         assert!(e.contains("phase 2 uninstall: not reported"), "{e}");
         assert!(e.contains("phase 2 did not end"), "{e}");
+    }
+
+    #[test]
+    fn the_vm_section_sets_the_gate_beside_the_host() {
+        let outcome = Outcome {
+            bench: vec![
+                "| measurement | target | measured | baseline | ratio | pass |".into(),
+                "|---|---|---|---|---|---|".into(),
+                "| gate: throttle factor | >= 300x | 0.099% | 100.3% | 1012x | yes |".into(),
+                "| gate: odd row |".into(),
+            ],
+            bench_info: vec!["kernel 6.12".into()],
+            ..Outcome::default()
+        };
+        let host = "x\n<!-- bench runtime: begin (written) -->\n\
+                    | gate: throttle factor | >= 300x | 0.109% | 100.0% | 917x | yes |\n\
+                    <!-- bench runtime: end -->\n";
+        let text = vm_section(&outcome, VmAccel::Tcg, host, "abc", "today");
+        assert!(text.starts_with(DOC_BEGIN) && text.trim_end().ends_with(DOC_END));
+        assert!(
+            text.contains("| gate: throttle factor | 0.109% (917x) | 0.099% (1012x) |"),
+            "{text}"
+        );
+        assert!(text.contains("| gate: odd row | - | - |"), "{text}");
+        assert!(text.contains("under TCG") && text.contains("kernel 6.12"));
     }
 
     #[test]

@@ -16,12 +16,14 @@ export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 if [ -e "$STATE/phase1" ]; then PHASE=2; else PHASE=1; fi
 
 now_ms() { date +%s%3N; }
-json() { # a JSON string of $1
-    local s=${1//\\/\\\\}
+json() { # a JSON string of $1: cut first, control characters dropped, then escaped
+    local s
+    s=$(printf '%s' "${1:0:3000}" | tr -d '\000-\010\013-\037')
+    s=${s//\\/\\\\}
     s=${s//\"/\\\"}
     s=${s//$'\n'/ \| }
     s=${s//$'\t'/ }
-    printf '"%s"' "${s:0:3000}"
+    printf '"%s"' "$s"
 }
 STEP_START=$(now_ms)
 begin() { STEP_START=$(now_ms); }
@@ -112,8 +114,10 @@ phase1() {
     rm -rf /tmp/export /tmp/bundle
     out=$(lull image export hello --oci /tmp/export --tag vm 2>&1 &&
           umoci unpack --image /tmp/export:vm /tmp/bundle 2>&1 &&
-          crun run -d --bundle /tmp/bundle lull-export-check 2>&1)
+          sed -i 's/"terminal": *true/"terminal": false/' /tmp/bundle/config.json &&
+          crun run -d --bundle /tmp/bundle lull-export-check </dev/null >/tmp/crun.log 2>&1)
     rc=$?
+    [ $rc = 0 ] || out="$out $(cat /tmp/crun.log 2>/dev/null)"
     pid=$(crun state lull-export-check 2>/dev/null | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
     [ -n "$pid" ] || rc=1
     answer=""
@@ -187,7 +191,7 @@ phase1() {
     report watchdog $rc "$why; restarts $n -> $(restarts); daemon $hung -> $(main_pid); instance pids '$before' -> '$after'"
 
     begin
-    fields=$(journalctl -u lull --no-pager -o verbose | grep -E '^ +(F_)?(SERVICE|INSTANCE)=' | sort -u | head -n 4 | tr '\n' ' ')
+    fields=$(journalctl -u lull --no-pager -o verbose | grep -E '^ +F_(SERVICE|INSTANCE)=' | sort -u | head -n 4 | tr '\n' ' ')
     [ -n "$fields" ]
     report journal-fields $? "$fields"
 

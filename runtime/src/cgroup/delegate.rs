@@ -5,7 +5,8 @@
 //! kernel's "no internal processes" rule forbids a cgroup that enables controllers for its
 //! children from holding processes itself. So the unit puts the daemon in a leaf
 //! (`DelegateSubgroup=daemon`, systemd 254 and later) and lull creates its instances beside
-//! it, under `<unit's cgroup>/instances`, enabling the cpu, memory and pids controllers there.
+//! it, under `<unit's cgroup>/instances` (libcontainer enables the controllers each level needs
+//! as it creates an instance's cgroup: cpu, memory and pids among them).
 //!
 //! Elsewhere (cgroup v1 or hybrid hosts, the daemon run by hand, a systemd too old to place the
 //! daemon in a leaf, an explicit `--cgroup-parent`) instances go under the fixed parent.

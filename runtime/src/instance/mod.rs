@@ -431,13 +431,32 @@ impl InstanceManager {
 
     /// The cgroup the instance's processes live in (the spec's `cgroupsPath`), with its memory
     /// and pids limits, where the CPU gate acts: `<parent>/<id>/app`.
+    ///
+    /// An instance that exists keeps the path it was launched with (its `launch.json`), even
+    /// when this manager's parent differs: a daemon started under systemd's delegation adopts
+    /// instances an earlier one started under `/lull`, and `lull rm` finds the delegated ones.
     pub fn cgroups_path(&self, id: &str) -> String {
-        format!("{}/{}", self.limit_cgroups_path(id), APP_CGROUP)
+        self.recorded_cgroups_path(id)
+            .unwrap_or_else(|| format!("{}/{}", self.new_limit_cgroups_path(id), APP_CGROUP))
     }
 
     /// The group around it, holding its CPU limit: `<parent>/<id>`.
     pub fn limit_cgroups_path(&self, id: &str) -> String {
+        self.recorded_cgroups_path(id)
+            .and_then(|path| {
+                path.strip_suffix(&format!("/{APP_CGROUP}"))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.new_limit_cgroups_path(id))
+    }
+
+    /// `<parent>/<id>` under this manager's parent: where a new instance goes.
+    fn new_limit_cgroups_path(&self, id: &str) -> String {
         format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id)
+    }
+
+    fn recorded_cgroups_path(&self, id: &str) -> Option<String> {
+        recorded_cgroups_path(&self.dir(id), id)
     }
 
     fn limit_cgroup(&self, id: &str) -> Result<InstanceCgroup, InstanceError> {
@@ -754,9 +773,38 @@ pub(crate) mod test_support {
     }
 }
 
+/// The `cgroupsPath` the instance in `dir` was launched with (its `launch.json`), if it was
+/// launched and the path is one of an instance `id`'s.
+fn recorded_cgroups_path(dir: &Path, id: &str) -> Option<String> {
+    let text = fs::read(InstancePaths::new(dir).launch()).ok()?;
+    let launch: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    launch["cgroups_path"]
+        .as_str()
+        .filter(|path| path.starts_with('/') && path.ends_with(&format!("/{id}/{APP_CGROUP}")))
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_keeps_the_cgroups_path_it_was_launched_with() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(recorded_cgroups_path(dir.path(), "web-1"), None);
+        let mut cfg = test_support::sample_launch_config();
+        cfg.cgroups_path = "/system.slice/lull.service/instances/web-1/app".into();
+        write_json_atomic(&InstancePaths::new(dir.path()).launch(), &cfg).unwrap();
+        assert_eq!(
+            recorded_cgroups_path(dir.path(), "web-1").as_deref(),
+            Some("/system.slice/lull.service/instances/web-1/app")
+        );
+        // Another instance's path, or a relative one, is not taken.
+        assert_eq!(recorded_cgroups_path(dir.path(), "web-2"), None);
+        cfg.cgroups_path = "lull/web-1/app".into();
+        write_json_atomic(&InstancePaths::new(dir.path()).launch(), &cfg).unwrap();
+        assert_eq!(recorded_cgroups_path(dir.path(), "web-1"), None);
+    }
 
     #[test]
     fn ids_are_checked() {
