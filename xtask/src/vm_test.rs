@@ -60,6 +60,7 @@ const STEPS: &[(u64, &str)] = &[
     (1, "deploy"),
     (1, "delegated-cgroup"),
     (1, "export-crun"),
+    (1, "source-export-crun"),
     (1, "gate"),
     (1, "restart"),
     (1, "watchdog"),
@@ -190,6 +191,11 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         );
     }
     fixtures::run(&FixturesArgs { bulk: false })?;
+    // The python base image a source build in the guest builds on (cached by its recipe).
+    crate::base_images::run(&crate::base_images::BaseImagesArgs {
+        only: vec!["python-3.11".to_owned()],
+        rebuild: false,
+    })?;
 
     let run_dir = work.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -368,13 +374,19 @@ fn payload(root: &Path, run_dir: &Path, bench: VmBench) -> Result<PathBuf> {
     std::fs::create_dir_all(dir.join("layouts"))?;
     std::fs::copy(root.join("target/debug/lull"), dir.join("lull")).context("copy lull")?;
     std::fs::write(dir.join("scenario.sh"), SCENARIO)?;
-    for image in ["fixture-app", "busybox"] {
+    for layout in [
+        "fixtures/fixture-app",
+        "fixtures/busybox",
+        "base-images/python-3.11",
+    ] {
+        let from = root.join("target").join(layout);
+        let name = from.file_name().context("a layout's name")?.to_owned();
         run_quiet(
             Command::new("cp")
                 .arg("-a")
-                .arg(root.join("target/fixtures").join(image))
-                .arg(dir.join("layouts").join(image)),
-            "copy a fixture image's layout",
+                .arg(&from)
+                .arg(dir.join("layouts").join(name)),
+            "copy an image layout",
         )?;
     }
     if bench != VmBench::None {

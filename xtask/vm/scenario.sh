@@ -129,6 +129,59 @@ phase1() {
     crun delete -f lull-export-check >/dev/null 2>&1
     report export-crun $rc "$(echo "$out" | tail -n 3); crun pid $pid; /healthz inside its namespace: $answer; $(crun --version | head -n 1)"
 
+    # From source: a python app with an apprunner.yaml, built by lull on its python base image
+    # (imported under the tag the builder asks for: the guest has no registry), deployed,
+    # exported as an OCI layout and run by crun on cgroup v2 from that layout alone.
+    begin
+    mkdir -p /tmp/pyapp
+    cat > /tmp/pyapp/app.py <<'PY'
+import http.server, os
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"built from source\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+http.server.ThreadingHTTPServer(("", int(os.environ.get("PORT", "8080"))), Hello).serve_forever()
+PY
+    cat > /tmp/pyapp/apprunner.yaml <<'YAML'
+version: 1.0
+runtime: python3
+build:
+  commands:
+    build:
+      - python3 -m py_compile app.py
+run:
+  command: python3 app.py
+  network:
+    port: 8080
+YAML
+    rm -rf /tmp/export-src /tmp/bundle-src
+    out=$(lull image import "$PAYLOAD/layouts/python-3.11" --tag 127.0.0.1:5000/lull/base/python:3.11 2>&1 &&
+          lull up /tmp/pyapp --name pyapp --check / 2>&1 &&
+          lull image export pyapp --oci /tmp/export-src --tag src 2>&1 &&
+          umoci unpack --image /tmp/export-src:src /tmp/bundle-src 2>&1 &&
+          sed -i 's/"terminal": *true/"terminal": false/' /tmp/bundle-src/config.json &&
+          crun run -d --bundle /tmp/bundle-src lull-source-check </dev/null >/tmp/crun-src.log 2>&1)
+    rc=$?
+    [ $rc = 0 ] || out="$out $(cat /tmp/crun-src.log 2>/dev/null)"
+    pid=$(crun state lull-source-check 2>/dev/null | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
+    answer=""
+    if [ $rc = 0 ] && [ -n "$pid" ]; then
+        wait_for 60 nsenter --net=/proc/"$pid"/ns/net curl -fsS http://127.0.0.1:8080/
+        rc=$?
+        answer=$(nsenter --net=/proc/"$pid"/ns/net curl -sS http://127.0.0.1:8080/ 2>&1)
+        [ "$answer" = "built from source" ] || rc=1
+    else
+        rc=1
+    fi
+    crun delete -f lull-source-check >/dev/null 2>&1
+    lull service delete pyapp >/dev/null 2>&1
+    report source-export-crun $rc "$(echo "$out" | tail -n 5); crun pid $pid; GET / inside its namespace: $answer"
+
     # The gate: throttled after the last response, restored before the next request is served
     # (a request burning 300 ms of CPU would take 300 s at 1 ms per second).
     begin
