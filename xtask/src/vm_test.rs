@@ -464,7 +464,7 @@ struct Outcome {
     steps: BTreeMap<(u64, String), Value>,
     /// Phases that said they ended.
     done: Vec<u64>,
-    /// Kernel starts seen (2: the first boot and the reboot).
+    /// Boots seen by the firmware's banner (2: the first boot and the scenario's reboot).
     boots: usize,
     /// lull-bench's markdown, a line each.
     bench: Vec<String>,
@@ -548,7 +548,8 @@ fn boot(
         match lines.recv_timeout(left) {
             Ok(line) => {
                 let _ = writeln!(log, "{line}");
-                if line.contains("Linux version ") {
+                // The firmware prints its banner at every boot (the kernel is quiet: loglevel=3).
+                if line.contains("SeaBIOS (version") {
                     outcome.boots += 1;
                     if outcome.boots > 2 {
                         break "the guest booted a third time (a panic or an unplanned reboot)"
@@ -618,6 +619,12 @@ fn judge(outcome: &Outcome, bench: bool) -> Result<()> {
             )),
             Some(_) => {}
         }
+    }
+    if outcome.boots != 2 {
+        problems.push(format!(
+            "{} boots seen, not 2 (the first and the scenario's reboot)",
+            outcome.boots
+        ));
     }
     for phase in [1, 2] {
         if !outcome.done.contains(&phase) {
@@ -776,6 +783,10 @@ mod tests {
             ..Outcome::default()
         };
         judge(&outcome, false).unwrap();
+        outcome.boots = 3;
+        let e = judge(&outcome, false).unwrap_err().to_string();
+        assert!(e.contains("3 boots seen"), "{e}");
+        outcome.boots = 2;
         let e = judge(&outcome, true).unwrap_err().to_string();
         assert!(e.contains("phase 2 bench: not reported"), "{e}");
         outcome
