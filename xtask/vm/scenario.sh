@@ -76,7 +76,7 @@ phase1() {
     rc=$?
     [ $rc = 0 ] && wait_for 120 systemctl is-active --quiet lull
     rc=$(( rc | $? ))
-    report install $rc "$out; route: $(ip -4 route show default); networkd: $(systemctl is-active systemd-networkd) $(networkctl list --no-pager 2>&1 | tr '\n' ' ') $(journalctl -u systemd-networkd -o cat -n 6 --no-pager | tr '\n' ' '); active=$(systemctl is-active lull); status=$(systemctl show -p StatusText --value lull); $(journal_tail $rc)"
+    report install $rc "$out; active=$(systemctl is-active lull); status=$(systemctl show -p StatusText --value lull); uplink: $(ip -4 route show default); $(journal_tail $rc)"
 
     begin
     out=$("$PAYLOAD/lull" install 2>&1)
