@@ -13,7 +13,7 @@ pub struct UnitSettings {
     pub executable: PathBuf,
     /// Its settings file (`lull daemon --config`).
     pub config: PathBuf,
-    /// `WatchdogSec`: the daemon pings every half of it from its main loop.
+    /// `WatchdogSec`: the daemon pings every half of it, while its state store answers.
     pub watchdog: Duration,
     /// `DelegateSubgroup=daemon` (systemd 254 and later): the daemon starts in a leaf of its
     /// delegated cgroup, so lull can enable controllers for its instances beside it, and a

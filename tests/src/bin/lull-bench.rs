@@ -10,6 +10,10 @@
 //!   factor;
 //! - pull + unpack of `lull/bulk:latest` against `skopeo copy` + `umoci unpack`.
 //!
+//! `--oci-runtime crun` compares against crun instead of runc (on cgroup v2, inside the VM of
+//! `cargo xtask vm-test`); `--layouts DIR` imports the fixture images from OCI layouts instead
+//! of pulling them, and leaves the pull comparison out.
+//!
 //! Targets are reported, never enforced: the program fails only when the harness does.
 
 use std::fmt::Write as _;
