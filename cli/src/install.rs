@@ -32,57 +32,50 @@ fn plan() -> Result<InstallPlan, String> {
 }
 
 pub fn run_install(args: &InstallArgs) -> ExitCode {
-    let plan = match plan() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("lull install: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    if args.explain {
-        print!("{}", unit_text(&RealSystem, &plan));
-        println!("\n# Hardening lull leaves off, and why:");
-        for (option, why) in CANNOT_USE {
-            println!("#   {option}: {why}");
-        }
-        return ExitCode::SUCCESS;
-    }
-    match install(&RealSystem, &plan) {
-        Ok(done) => {
-            for line in done {
-                println!("{line}");
+    finish(
+        "lull install",
+        plan().and_then(|plan| {
+            if args.explain {
+                print!("{}", unit_text(&RealSystem, &plan));
+                println!("\n# Hardening lull leaves off, and why:");
+                for (option, why) in CANNOT_USE {
+                    println!("#   {option}: {why}");
+                }
+                return Ok(Vec::new());
             }
-            println!(
+            let mut done = install(&RealSystem, &plan).map_err(|e| e.to_string())?;
+            done.push(
                 "`systemctl status lull` shows what the daemon is doing; `journalctl -u lull` its log"
+                    .to_owned(),
             );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("lull install: {e}");
-            ExitCode::from(1)
-        }
-    }
+            Ok(done)
+        }),
+    )
 }
 
 pub fn run_uninstall(args: &UninstallArgs) -> ExitCode {
-    let plan = match plan() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("lull uninstall: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    // Asked before the unit goes: where its cgroup is (or, the unit stopped already, would be).
-    let unit_cgroup = unit_cgroup();
-    let settings = plan.unit.config.clone();
-    let handle = tokio::runtime::Handle::current();
-    let mut cleanup = || {
-        tokio::task::block_in_place(|| {
-            handle.block_on(remove_instances(&settings, unit_cgroup.as_deref()))
-        })
-        .map_err(|e| format!("remove the instances the daemon left running: {e:#}"))
-    };
-    match uninstall(&RealSystem, &plan, args.purge, &mut cleanup) {
+    finish(
+        "lull uninstall",
+        plan().and_then(|plan| {
+            // Asked before the unit goes: where its cgroup is (or, the unit stopped already,
+            // would be).
+            let unit_cgroup = unit_cgroup();
+            let settings = plan.unit.config.clone();
+            let handle = tokio::runtime::Handle::current();
+            let mut cleanup = || {
+                tokio::task::block_in_place(|| {
+                    handle.block_on(remove_instances(&settings, unit_cgroup.as_deref()))
+                })
+                .map_err(|e| format!("remove the instances the daemon left running: {e:#}"))
+            };
+            uninstall(&RealSystem, &plan, args.purge, &mut cleanup).map_err(|e| e.to_string())
+        }),
+    )
+}
+
+/// Prints what was done, a line each, or the error after `command`'s name.
+fn finish(command: &str, result: Result<Vec<String>, String>) -> ExitCode {
+    match result {
         Ok(done) => {
             for line in done {
                 println!("{line}");
@@ -90,7 +83,7 @@ pub fn run_uninstall(args: &UninstallArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("lull uninstall: {e}");
+            eprintln!("{command}: {e}");
             ExitCode::from(1)
         }
     }

@@ -12,6 +12,7 @@ mod bench_tls;
 mod demo;
 mod fixtures;
 mod oci;
+mod qemu;
 mod registry;
 mod test_cmd;
 mod vm_check;

@@ -6,10 +6,8 @@
 //! JSON line from the serial console and checks it. KVM is used only when a short probe boot
 //! succeeds; TCG is the floor. qemu is killed on every exit path.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -187,7 +185,7 @@ fn verify(result: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn workspace_root() -> anyhow::Result<PathBuf> {
+fn workspace_root() -> anyhow::Result<PathBuf> {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -297,18 +295,6 @@ fn write_initramfs(guest: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::write(out, archive).with_context(|| format!("cannot write {}", out.display()))
 }
 
-/// A running qemu, killed when dropped.
-pub(crate) struct Qemu(pub(crate) Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
 struct Boot {
     result: Option<Value>,
     /// How the boot ended, for error messages.
@@ -324,75 +310,24 @@ fn boot(
     log_path: &Path,
 ) -> anyhow::Result<Boot> {
     let append = format!("console=ttyS0 quiet panic=-1 {extra_append}");
-    let child = Command::new("qemu-system-x86_64")
-        .arg("-kernel")
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", append.trim()])
         .args(["-nographic", "-no-reboot", "-m", "512", "-smp", "1"])
-        .args(["-accel", accel])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-x86_64 (install qemu-system-x86)")?;
-    let mut qemu = Qemu(child);
-    let (sender, lines) = mpsc::channel::<String>();
-    if let Some(stdout) = qemu.0.stdout.take() {
-        let sender = sender.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    if let Some(stderr) = qemu.0.stderr.take() {
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(format!("qemu: {line}")).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
-    let mut log = std::fs::File::create(log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
-    let deadline = Instant::now() + timeout;
+        .args(["-accel", accel]);
     let mut result = None;
-    let ending = loop {
-        let now = Instant::now();
-        if now >= deadline {
-            break format!("killed after {} s", timeout.as_secs());
+    let ending = crate::qemu::run(&mut qemu, timeout, log_path, |line| {
+        if let Some(start) = line.find(MARKER) {
+            let json = &line[start + MARKER.len()..];
+            let value: Value = serde_json::from_str(json.trim())
+                .with_context(|| format!("guest printed bad JSON: {json}"))?;
+            result = Some(value);
         }
-        match lines.recv_timeout(deadline - now) {
-            Ok(line) => {
-                let _ = writeln!(log, "{line}");
-                if let Some(start) = line.find(MARKER) {
-                    let json = &line[start + MARKER.len()..];
-                    let value: Value = serde_json::from_str(json.trim())
-                        .with_context(|| format!("guest printed bad JSON: {json}"))?;
-                    result = Some(value);
-                }
-            }
-            // Both pipes closed: qemu has exited.
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break match qemu.0.wait() {
-                    Ok(status) => format!("qemu exited: {status}"),
-                    Err(error) => format!("qemu wait failed: {error}"),
-                };
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                break format!("killed after {} s", timeout.as_secs());
-            }
-        }
-    };
-    drop(qemu);
+        Ok(None)
+    })?;
     Ok(Boot { result, ending })
 }
 

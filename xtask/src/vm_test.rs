@@ -14,10 +14,8 @@
 //!    table; every step must be there and pass, in both phases.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -26,7 +24,6 @@ use sha2::{Digest, Sha256};
 
 use crate::base_images::Mirrors;
 use crate::fixtures::{self, FixturesArgs};
-use crate::vm_check::{Qemu, workspace_root};
 
 /// The Debian release the VM runs.
 const SUITE: &str = "trixie";
@@ -166,7 +163,7 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
             "{tool} not found: apt-get install -y mmdebstrap e2fsprogs qemu-system-x86"
         );
     }
-    let root = workspace_root()?;
+    let root = fixtures::workspace_root();
     let work = root.join("target/vm-test");
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
 
@@ -265,7 +262,7 @@ fn recipe_text(mirrors: &[String]) -> String {
 fn image(work: &Path, rebuild: bool) -> Result<PathBuf> {
     let sources = Mirrors::for_host(Path::new("/etc/apt")).sources(SUITE);
     let recipe = recipe_text(&sources);
-    let hash = hex(&Sha256::digest(recipe.as_bytes()))[..16].to_owned();
+    let hash = hex::encode(Sha256::digest(recipe.as_bytes()))[..16].to_owned();
     let dir = work.join(format!("image-{hash}"));
     if dir.join("disk.img").is_file() && !rebuild {
         eprintln!("vm-test: image {} (cached)", dir.display());
@@ -453,10 +450,6 @@ fn run_quiet(command: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What the boots printed.
 #[derive(Debug, Default)]
 struct Outcome {
@@ -487,8 +480,8 @@ fn boot(
     };
     let drive =
         |path: &Path, extra: &str| format!("file={},format=raw,if=virtio{extra}", path.display());
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel, "-m", "2048", "-smp", "2", "-nographic"])
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", accel, "-m", "2048", "-smp", "2", "-nographic"])
         .arg("-kernel")
         .arg(image.join("vmlinuz"))
         .arg("-initrd")
@@ -502,107 +495,57 @@ fn boot(
         .args(["-drive", &drive(payload, ",readonly=on")])
         // User-mode networking, restricted: the guest has an uplink and a default route (as
         // a VM would) and cannot reach the host or anything beyond it.
-        .args(["-nic", "user,restrict=on,model=virtio-net-pci"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start qemu-system-x86_64 (apt-get install -y qemu-system-x86)")?;
-    let mut qemu = Qemu(child);
-    let (sender, lines) = mpsc::channel::<String>();
-    for stream in [
-        qemu.0
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        qemu.0
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let sender = sender.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut buf = Vec::new();
-            while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-                if sender
-                    .send(String::from_utf8_lossy(&buf).trim_end().to_owned())
-                    .is_err()
-                {
-                    break;
-                }
-                buf.clear();
-            }
-        });
-    }
-    drop(sender);
-    let mut log = std::fs::File::create(log_path)
-        .with_context(|| format!("create {}", log_path.display()))?;
-    let deadline = Instant::now() + timeout;
+        .args(["-nic", "user,restrict=on,model=virtio-net-pci"]);
     let mut outcome = Outcome::default();
-    outcome.ending = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                let _ = writeln!(log, "{line}");
-                // The firmware prints its banner at every boot (the kernel is quiet: loglevel=3).
-                if line.contains("SeaBIOS (version") {
-                    outcome.boots += 1;
-                    if outcome.boots > 2 {
-                        break "the guest booted a third time (a panic or an unplanned reboot)"
-                            .to_owned();
-                    }
-                }
-                if let Some(at) = line.find(BENCH_INFO) {
-                    outcome
-                        .bench_info
-                        .push(line[at + BENCH_INFO.len()..].trim().to_owned());
-                } else if let Some(at) = line.find(BENCH) {
-                    outcome
-                        .bench
-                        .push(line[at + BENCH.len()..].trim_end().to_owned());
-                }
-                if let Some(at) = line.find(STEP) {
-                    let json = &line[at + STEP.len()..];
-                    if let Ok(value) = serde_json::from_str::<Value>(json.trim()) {
-                        let phase = value["phase"].as_u64().unwrap_or(0);
-                        let step = value["step"].as_str().unwrap_or("").to_owned();
-                        let ok = value["ok"].as_bool() == Some(true);
-                        eprintln!(
-                            "vm-test: phase {phase} {step}: {}",
-                            if ok { "ok" } else { "FAILED" }
-                        );
-                        outcome.steps.insert((phase, step), value);
-                    } else {
-                        eprintln!("vm-test: unreadable report: {json}");
-                    }
-                }
-                if let Some(at) = line.find(DONE) {
-                    let json = &line[at + DONE.len()..];
-                    if let Some(phase) = serde_json::from_str::<Value>(json.trim())
-                        .ok()
-                        .and_then(|v| v["phase"].as_u64())
-                    {
-                        outcome.done.push(phase);
-                    }
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break match qemu.0.wait() {
-                    Ok(status) => format!("qemu exited: {status}"),
-                    Err(e) => format!("qemu: {e}"),
-                };
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                break format!("killed after {} s", timeout.as_secs());
+    outcome.ending = crate::qemu::run(&mut qemu, timeout, log_path, |line| Ok(outcome.read(line)))?;
+    Ok(outcome)
+}
+
+impl Outcome {
+    /// Takes in one console line; an ending when the run must stop.
+    fn read(&mut self, line: &str) -> Option<String> {
+        // The firmware prints its banner at every boot (the kernel is quiet: loglevel=3).
+        if line.contains("SeaBIOS (version") {
+            self.boots += 1;
+            if self.boots > 2 {
+                return Some(
+                    "the guest booted a third time (a panic or an unplanned reboot)".to_owned(),
+                );
             }
         }
-    };
-    drop(qemu);
-    Ok(outcome)
+        if let Some(at) = line.find(BENCH_INFO) {
+            self.bench_info
+                .push(line[at + BENCH_INFO.len()..].trim().to_owned());
+        } else if let Some(at) = line.find(BENCH) {
+            self.bench
+                .push(line[at + BENCH.len()..].trim_end().to_owned());
+        }
+        if let Some(at) = line.find(STEP) {
+            let json = &line[at + STEP.len()..];
+            if let Ok(value) = serde_json::from_str::<Value>(json.trim()) {
+                let phase = value["phase"].as_u64().unwrap_or(0);
+                let step = value["step"].as_str().unwrap_or("").to_owned();
+                let ok = value["ok"].as_bool() == Some(true);
+                eprintln!(
+                    "vm-test: phase {phase} {step}: {}",
+                    if ok { "ok" } else { "FAILED" }
+                );
+                self.steps.insert((phase, step), value);
+            } else {
+                eprintln!("vm-test: unreadable report: {json}");
+            }
+        }
+        if let Some(at) = line.find(DONE) {
+            let json = &line[at + DONE.len()..];
+            if let Some(phase) = serde_json::from_str::<Value>(json.trim())
+                .ok()
+                .and_then(|v| v["phase"].as_u64())
+            {
+                self.done.push(phase);
+            }
+        }
+        None
+    }
 }
 
 /// Every expected step present and passed (the benchmark's too, when it ran), both phases
