@@ -22,10 +22,12 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
@@ -120,6 +122,8 @@ pub enum LinkError {
 pub struct Bridge {
     name: String,
     index: u32,
+    /// The bridge's own MAC address: the instances' permanent neighbour entry for the gateway.
+    mac: [u8; 6],
     gateway: Ipv4Addr,
     prefix: u8,
     gateway6: Option<(Ipv6Addr, u8)>,
@@ -133,11 +137,13 @@ impl Bridge {
     pub fn ensure(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<Bridge, LinkError> {
         check_ifname(name)?;
         check_prefix(gateway, prefix)?;
-        let index = on_host_thread(name, |handle| ensure_bridge(handle, name, gateway, prefix))?;
+        let (index, mac) =
+            on_host_thread(name, |handle| ensure_bridge(handle, name, gateway, prefix))?;
         tracing::debug!(bridge = name, %gateway, prefix, index, "bridge ready");
         Ok(Bridge {
             name: name.to_string(),
             index,
+            mac,
             gateway,
             prefix,
             gateway6: None,
@@ -190,6 +196,11 @@ impl Bridge {
 
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// The bridge's MAC address (fixed when lull made it).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
     }
 
     pub fn prefix(&self) -> u8 {
@@ -279,7 +290,9 @@ pub fn wire_instance(
     // Created down, marked and isolated, then up: the port never forwards a frame before it is
     // isolated, and a crash in between leaves a link that is down, not one talking freely.
     let host_index = on_host_thread(host_ifname, |handle| async move {
-        let index = create_veth(&handle, bridge, netns, &ns_file, host_ifname, link.mtu).await?;
+        let mac = instance_mac(link.addr);
+        let index =
+            create_veth(&handle, bridge, netns, &ns_file, host_ifname, mac, link.mtu).await?;
         let marked = async {
             mark_port(&handle, host_ifname, index, link.alias).await?;
             handle
@@ -291,7 +304,20 @@ pub fn wire_instance(
                     op: "set up",
                     name: host_ifname.to_string(),
                     source: Box::new(source),
-                })
+                })?;
+            for ip in [Some(IpAddr::V4(link.addr)), link.addr6.map(IpAddr::V6)]
+                .into_iter()
+                .flatten()
+            {
+                add_permanent_neighbour(&handle, bridge.index, ip, mac)
+                    .await
+                    .map_err(|source| LinkError::Netlink {
+                        op: "add the instance's neighbour entry on the bridge",
+                        name: bridge.name.clone(),
+                        source: Box::new(source),
+                    })?;
+            }
+            Ok(())
         }
         .await;
         if let Err(err) = marked {
@@ -304,6 +330,7 @@ pub fn wire_instance(
     let inside = Inside {
         addr: link.addr,
         gateway: bridge.gateway,
+        gateway_mac: bridge.mac,
         v6: link.addr6.zip(gateway6),
     };
     let configured = netns
@@ -665,7 +692,7 @@ async fn ensure_bridge(
     name: &str,
     gateway: Ipv4Addr,
     prefix: u8,
-) -> Result<u32, LinkError> {
+) -> Result<(u32, [u8; 6]), LinkError> {
     let netlink = |op| {
         move |source| LinkError::Netlink {
             op,
@@ -673,7 +700,7 @@ async fn ensure_bridge(
             source: Box::new(source),
         }
     };
-    let (index, created) = match link_by_name(&handle, name).await? {
+    let (index, mac, created) = match link_by_name(&handle, name).await? {
         Some(link) => {
             if link_kind(&link) != Some(&InfoKind::Bridge) {
                 return Err(LinkError::Foreign {
@@ -690,13 +717,18 @@ async fn ensure_bridge(
                     ),
                 });
             }
-            (link.header.index, false)
+            let mac = link_mac(&link).ok_or_else(|| LinkError::Foreign {
+                name: name.to_string(),
+                reason: "has no MAC address".to_string(),
+            })?;
+            (link.header.index, mac, false)
         }
         None => {
             // A fixed address: a bridge without one takes the lowest of its ports' addresses,
-            // so it would change as instances come and go, and instances would keep sending
-            // to the old one until their ARP entries expire.
-            let message = LinkBridge::new(name).address(bridge_mac().to_vec()).build();
+            // so it would change as instances come and go, and the instances' permanent
+            // neighbour entries for the gateway would point at the old one.
+            let mac = bridge_mac();
+            let message = LinkBridge::new(name).address(mac.to_vec()).build();
             match handle.link().add(message).execute().await {
                 Ok(()) => {}
                 // Made by someone else in the meantime: refuse rather than adopt blindly.
@@ -727,7 +759,7 @@ async fn ensure_bridge(
                 delete_link(&handle, name, index).await?;
                 return Err(netlink("set alias")(source));
             }
-            (index, true)
+            (index, mac, true)
         }
     };
     let configured = async {
@@ -754,13 +786,30 @@ async fn ensure_bridge(
             .execute()
             .await
             .map_err(netlink("set up"))?;
-        Ok(index)
+        Ok((index, mac))
     }
     .await;
     if configured.is_err() && created {
         delete_link(&handle, name, index).await?;
     }
     configured
+}
+
+/// A link's MAC address (`IFLA_ADDRESS`), if it has a six-byte one.
+fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(bytes) => bytes.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
+/// The MAC address of the instance whose IPv4 address is `addr`: `02:6c` (locally
+/// administered, `l`) then the address's four bytes. Derived, not random, so the host's
+/// permanent neighbour entry for an address is right for whichever instance holds it, and one
+/// left behind by a crash is harmless.
+pub fn instance_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = addr.octets();
+    [0x02, 0x6c, a, b, c, d]
 }
 
 /// Creates the veth pair in one request and returns the host end's index.
@@ -770,10 +819,12 @@ async fn create_veth(
     netns: &NetNs,
     ns_file: &File,
     host_ifname: &str,
+    peer_mac: [u8; 6],
     mtu: Option<u32>,
 ) -> Result<u32, LinkError> {
     let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(INSTANCE_IFNAME)
+        .address(peer_mac.to_vec())
         .append_extra_attribute(LinkAttribute::NetNsFd(ns_file.as_raw_fd()));
     let mut host = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(host_ifname)
@@ -838,6 +889,8 @@ async fn mark_port(
 struct Inside {
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
+    /// The bridge's MAC address, the gateways' permanent neighbour entry.
+    gateway_mac: [u8; 6],
     /// The instance's IPv6 address and the bridge's IPv6 gateway.
     v6: Option<(Ipv6Addr, Ipv6Addr)>,
 }
@@ -884,7 +937,18 @@ async fn configure_inside(handle: Handle, netns: &NetNs, inside: Inside) -> Resu
         .execute()
         .await
         .map_err(netlink("add default route"))?;
+    add_permanent_neighbour(
+        &handle,
+        index,
+        IpAddr::V4(inside.gateway),
+        inside.gateway_mac,
+    )
+    .await
+    .map_err(netlink("add the gateway's neighbour entry"))?;
     if let Some((addr6, gateway6)) = inside.v6 {
+        add_permanent_neighbour(&handle, index, IpAddr::V6(gateway6), inside.gateway_mac)
+            .await
+            .map_err(netlink("add the IPv6 gateway's neighbour entry"))?;
         add_address_nodad(&handle, index, IpAddr::V6(addr6), 128)
             .await
             .map_err(netlink("add IPv6 address"))?;
@@ -901,6 +965,67 @@ async fn configure_inside(handle: Handle, netns: &NetNs, inside: Inside) -> Resu
             .map_err(netlink("add IPv6 default route"))?;
     }
     Ok(())
+}
+
+/// Adds (or replaces) a permanent neighbour entry: `ip` is at `mac` on link `index`.
+///
+/// Every instance has two, made when it is wired: the host's entry for the instance on the
+/// bridge and the instance's entry for the gateway. So neither side ever resolves the other
+/// (no ARP or neighbour discovery on the first packet of a cold start), and the entries sit
+/// outside the kernel's neighbour garbage collection: its table is shared by every namespace,
+/// and dynamic entries past `gc_thresh3` (1024 by default, two per instance) are refused,
+/// which cut hosts off from their instances past about 500 of them.
+async fn add_permanent_neighbour(
+    handle: &Handle,
+    index: u32,
+    ip: IpAddr,
+    mac: [u8; 6],
+) -> Result<(), rtnetlink::Error> {
+    handle
+        .neighbours()
+        .add(index, ip)
+        .link_layer_address(&mac)
+        .replace()
+        .execute()
+        .await
+}
+
+/// Removes the host's permanent neighbour entries for an instance's addresses from bridge
+/// `bridge`. Entries (or a bridge) already gone are fine; a wrong entry left behind would be
+/// harmless anyway, since an address's MAC is derived from it ([`instance_mac`]).
+pub fn forget_instance_neighbours(bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError> {
+    check_ifname(bridge)?;
+    on_host_thread(bridge, |handle| async move {
+        let Some(link) = link_by_name(&handle, bridge).await? else {
+            return Ok(());
+        };
+        for ip in addrs {
+            let mut message = NeighbourMessage::default();
+            message.header.family = match ip {
+                IpAddr::V4(_) => AddressFamily::Inet,
+                IpAddr::V6(_) => AddressFamily::Inet6,
+            };
+            message.header.ifindex = link.header.index;
+            message
+                .attributes
+                .push(NeighbourAttribute::Destination(match ip {
+                    IpAddr::V4(v4) => NeighbourAddress::Inet(*v4),
+                    IpAddr::V6(v6) => NeighbourAddress::Inet6(*v6),
+                }));
+            match handle.neighbours().del(message).execute().await {
+                Ok(()) => {}
+                Err(err) if is_errno(&err, libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(LinkError::Netlink {
+                        op: "delete an instance's neighbour entry",
+                        name: bridge.to_string(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Adds an address without duplicate address detection (IPv6 addresses would otherwise stay

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lull_netns::NetNs;
-use lull_netns::link::{Bridge, InstanceLink, LinkError, unwire_instance, wire_instance};
+use lull_netns::link::{
+    Bridge, InstanceLink, LinkError, forget_instance_neighbours, instance_mac, unwire_instance,
+    wire_instance,
+};
 
 /// Names and a free /24 for one test, and cleanup of whatever it made.
 struct Fixture {
@@ -148,6 +151,19 @@ fn eth0_addresses() -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The flags and MAC address of `ip`'s entry on `dev` in an ARP table (`/proc/net/arp`).
+fn arp_entry(table: &str, ip: Ipv4Addr, dev: &str) -> Option<(String, String)> {
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.first() == Some(&ip.to_string().as_str()) && f.get(5) == Some(&dev))
+            .then(|| (f[2].to_string(), f[3].to_string()))
+    })
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 fn ping_pong(listener: &TcpListener, addr: SocketAddr, connect: impl FnOnce() -> TcpStream) {
     let mut client = connect();
     let (mut server, peer) = listener.accept().unwrap();
@@ -233,6 +249,31 @@ fn the_host_reaches_two_instances_on_isolated_ports() {
             f.first() == Some(&"eth0") && f.get(1) == Some(&"00000000")
         });
     assert!(has_default, "no default route via eth0 in the instance");
+
+    // Permanent neighbour entries on both sides (flags 0x6: complete and permanent), so no ARP
+    // is needed and the kernel's neighbour garbage collection never drops them: the host's for
+    // each instance on the bridge, each instance's for the gateway, at the bridge's MAC.
+    let host_arp = fs::read_to_string("/proc/thread-self/net/arp").unwrap();
+    for addr in [addr_a, addr_b] {
+        assert_eq!(
+            arp_entry(&host_arp, addr, &fx.bridge_name),
+            Some(("0x6".to_string(), mac_text(instance_mac(addr)))),
+            "{host_arp}"
+        );
+    }
+    let inside_arp = fx.namespaces[b]
+        .run_in(|| fs::read_to_string("/proc/thread-self/net/arp"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        arp_entry(&inside_arp, fx.gateway, "eth0"),
+        Some(("0x6".to_string(), mac_text(bridge.mac()))),
+        "{inside_arp}"
+    );
+    forget_instance_neighbours(&fx.bridge_name, &[addr_b.into()]).unwrap();
+    forget_instance_neighbours(&fx.bridge_name, &[addr_b.into()]).unwrap();
+    let host_arp = fs::read_to_string("/proc/thread-self/net/arp").unwrap();
+    assert_eq!(arp_entry(&host_arp, addr_b, &fx.bridge_name), None);
 
     unwire_instance(&veth_a).unwrap();
     unwire_instance(&veth_a).unwrap();

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lull_runtime::cgroup::{Gate, Resources};
-use lull_runtime::instance::InstanceRequest;
+use lull_runtime::instance::{InstanceRequest, StartGate};
 use lull_runtime::logs::{self, Stream};
 use lull_tests::busybox::BusyboxHost;
 use lull_tests::scratch::{mounts_under, unique_name};
@@ -107,6 +107,70 @@ async fn a_missing_command_fails_with_the_reason() {
     assert!(mounts_under(f.scratch.path()).is_empty());
     assert!(!f.scratch.path().join("state").join(&id).exists());
     f.manager.remove_files(&id).unwrap();
+}
+
+#[tokio::test]
+async fn a_start_gate_holds_the_process_until_it_opens() {
+    let f = fixture();
+    let id = unique_name("i");
+    let req = request(&f, &id, "echo started; sleep 30");
+    // The gate opens 500 ms after the launch begins (the daemon's network wiring, say); the
+    // instance's process must not have run before.
+    let opened_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let opened = opened_at.clone();
+    let gate: StartGate = Box::pin(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        *opened.lock().unwrap() = Some(chrono::Utc::now());
+        Ok(())
+    });
+    let inst = f.manager.launch_when(req, Some(gate)).await.unwrap();
+    let opened = opened_at.lock().unwrap().expect("the gate was awaited");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        let records = logs::read_all(&inst.paths().logs()).unwrap();
+        if let Some(r) = records.into_iter().find(|r| r.text == "started") {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no output");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let printed = chrono::DateTime::parse_from_rfc3339(&first.time).unwrap();
+    assert!(
+        printed >= opened,
+        "the process printed at {printed}, before its gate opened at {opened}"
+    );
+    assert!(!inst.paths().start_gate().exists(), "the FIFO is removed");
+    f.manager.delete(inst).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_start_called_off_leaves_no_process_mount_or_state() {
+    let f = fixture();
+    let id = unique_name("i");
+    let req = request(&f, &id, "echo started; sleep 30");
+    let gate: StartGate = Box::pin(async { Err("network: no veth for you".to_string()) });
+    let err = f
+        .manager
+        .launch_when(req, Some(gate))
+        .await
+        .expect_err("a start called off must fail the launch");
+    assert!(
+        err.to_string().contains("network: no veth for you"),
+        "the gate's reason: {err}"
+    );
+    assert!(mounts_under(f.scratch.path()).is_empty());
+    assert!(!f.scratch.path().join("state").join(&id).exists());
+    let logs_dir = f.scratch.path().join("instances").join(&id).join("logs");
+    let records = logs::read_all(&logs_dir).unwrap_or_default();
+    assert!(records.is_empty(), "the process ran: {records:?}");
+    f.manager.remove_files(&id).unwrap();
+    for dir in f.cgroups.dirs() {
+        assert!(
+            !dir.join(&id).exists(),
+            "cgroup {} left",
+            dir.join(&id).display()
+        );
+    }
 }
 
 #[tokio::test]

@@ -347,6 +347,76 @@ fn exhaustion_and_failures_leave_nothing_half_made() {
 }
 
 #[test]
+fn reserved_instances_are_wired_in_parallel_and_a_reservation_detaches_whole() {
+    let host = Host::new();
+    let config = host.config();
+    let network = host.start(config.clone());
+    let a = host
+        .run(|| network.reserve(&request("par-a", "par", true)))
+        .unwrap();
+    let b = host
+        .run(|| network.reserve(&request("par-b", "par", true)))
+        .unwrap();
+    // Reserved: an address, a namespace with only its loopback, the files; not attached yet.
+    assert_ne!(a.addr, b.addr);
+    assert!(a.host_ifname.is_empty());
+    assert!(a.resolv_conf.exists() && a.hosts.exists());
+    let eth0 = NetNs::open(&config.netns_dir, "par-a")
+        .unwrap()
+        .run_in(|| host_link("eth0"))
+        .unwrap()
+        .unwrap();
+    assert!(eth0.is_none(), "{eth0:?}");
+    assert!(network.attachment("par-a").is_none());
+    let err = host
+        .run(|| network.reserve(&request("par-a", "par", true)))
+        .unwrap_err();
+    assert!(matches!(err, NetworkError::AlreadyAttached { .. }), "{err}");
+
+    // Both wired at once, each on a thread of its own (as two instance starts would).
+    let wired: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ["par-a", "par-b"]
+            .map(|id| scope.spawn(|| host.run(|| network.wire(id))))
+            .into_iter()
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wired: Vec<_> = wired.into_iter().map(|w| w.unwrap()).collect();
+    for (att, reserved) in wired.iter().zip([&a, &b]) {
+        assert!(!att.host_ifname.is_empty());
+        assert_eq!(att.addr, reserved.addr);
+        assert_eq!(network.attachment(&att.instance).as_ref(), Some(att));
+    }
+    // Peers of one service wired together still reach each other.
+    let peers = host.run(|| network.firewall().peers()).unwrap();
+    assert!(peers.contains(&(a.addr, b.addr)), "{peers:?}");
+    let listener = listen_in(&b.netns, b.addr);
+    let target = listener.local_addr().unwrap();
+    let server = serve_peer_address(listener);
+    let stream = connect_from(&a.netns, target).expect("peer a reaches peer b");
+    assert_eq!(read_all(stream), a.addr.to_string());
+    server.join().unwrap();
+
+    let err = host.run(|| network.wire("par-a")).unwrap_err();
+    assert!(matches!(err, NetworkError::NotReserved { .. }), "{err}");
+
+    // A reservation never wired is detached whole: namespace, files, address.
+    let c = host
+        .run(|| network.reserve(&request("par-c", "par", false)))
+        .unwrap();
+    host.run(|| network.detach("par-c")).unwrap();
+    assert!(!c.netns.exists() && !c.resolv_conf.exists());
+    let err = host.run(|| network.wire("par-c")).unwrap_err();
+    assert!(matches!(err, NetworkError::NotReserved { .. }), "{err}");
+    let ipam = fs::read_to_string(&config.ipam_file).unwrap();
+    assert!(!ipam.contains("par-c"), "{ipam}");
+    for id in ["par-a", "par-b"] {
+        host.run(|| network.detach(id)).unwrap();
+    }
+    assert!(host.links("ltv").is_empty(), "{:?}", host.links("ltv"));
+}
+
+#[test]
 fn attach_detach_cycles_leave_no_links_namespaces_addresses_or_rules() {
     let cycles: usize = std::env::var("LULL_NET_CYCLES")
         .ok()

@@ -13,7 +13,7 @@ use lull_proxy::gate::CpuControl;
 use lull_runtime::cgroup::{CpuGate, Gate, InstanceCgroup, Resources};
 use lull_runtime::host::Runtime;
 use lull_runtime::instance::{
-    ExitStatus, FileBind, Instance, InstanceRequest, ProcessOverrides, Recovered,
+    ExitStatus, FileBind, Instance, InstanceRequest, ProcessOverrides, Recovered, StartGate,
 };
 use lull_runtime::logs::{self, LogLimits};
 use lull_runtime::pull::{Credentials, PullOptions};
@@ -335,7 +335,10 @@ impl RealHost {
             allow_peers: false,
             hostname: req.service.clone(),
         };
-        let attachment = tokio::task::spawn_blocking(move || network.attach(&attach))
+        // The address, namespace and files first (the process is created in the namespace);
+        // the veth pair is wired while the instance is created, and its process starts once
+        // both are done (see `Instances::launch_when`).
+        let attachment = tokio::task::spawn_blocking(move || network.reserve(&attach))
             .await
             .map_err(|e| fail(format!("network task: {e}")))?
             .map_err(|e| fail(format!("network: {e}")));
@@ -373,9 +376,29 @@ impl RealHost {
             files,
             log_limits: self.config.log_limits,
         };
-        let instance = match self.runtime.instances.launch(request).await {
+        let network = self.network.clone();
+        let wiring_id = id.clone();
+        let (wired_tx, wired_rx) = tokio::sync::oneshot::channel();
+        let wiring = tokio::task::spawn_blocking(move || {
+            let wired = network.wire(&wiring_id);
+            let _ = wired_tx.send(wired.map(drop).map_err(|e| format!("network: {e}")));
+        });
+        let wired: StartGate = Box::pin(async move {
+            wired_rx
+                .await
+                .unwrap_or_else(|_| Err("network task ended without wiring".into()))
+        });
+        let instance = match self
+            .runtime
+            .instances
+            .launch_when(request, Some(wired))
+            .await
+        {
             Ok(instance) => instance,
             Err(e) => {
+                // The wiring may still run (a launch can fail before it waits for it): let it
+                // finish, so the cleanup removes all of it.
+                let _ = wiring.await;
                 self.cleanup(&id).await;
                 return Err(fail(e.to_string()));
             }

@@ -49,7 +49,10 @@ pub struct HostNetwork {
     uplink: String,
     mtu: u32,
     firewall: Firewall,
+    /// Wired instances.
     attachments: Mutex<BTreeMap<String, Attachment>>,
+    /// Reserved instances waiting for [`InstanceNetwork::wire`] (`host_ifname` still empty).
+    pending: Mutex<BTreeMap<String, Attachment>>,
 }
 
 impl HostNetwork {
@@ -134,6 +137,7 @@ impl HostNetwork {
                 mtu,
                 firewall,
                 attachments: Mutex::new(BTreeMap::new()),
+                pending: Mutex::new(BTreeMap::new()),
             },
             report,
         ))
@@ -169,9 +173,30 @@ impl HostNetwork {
         open_ipam(&self.config)
     }
 
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Attachment>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives `instance`'s address back after a failed reserve or wire.
+    fn release_address(&self, instance: &str) {
+        let released = self.lock_state().and_then(|_lock| {
+            self.open_ipam()?
+                .release(instance)
+                .map_err(NetworkError::State)
+        });
+        if let Err(e) = released {
+            warn!(instance, error = %e, "could not release the address of a failed attach");
+        }
+    }
+
     /// Creates the veth pair, trying other names when the hashed one is taken by another
     /// instance's link; returns the host end's name.
-    fn wire(&self, netns: &NetNs, instance: &str, addr: Ipv4Addr) -> Result<String, LinkError> {
+    fn wire_link(
+        &self,
+        netns: &NetNs,
+        instance: &str,
+        addr: Ipv4Addr,
+    ) -> Result<String, LinkError> {
         let alias = link_alias(&self.config.bridge, instance);
         let mut last = None;
         for attempt in 0..NAME_ATTEMPTS {
@@ -265,8 +290,13 @@ impl HostNetwork {
 
 impl InstanceNetwork for HostNetwork {
     fn attach(&self, request: &AttachRequest) -> Result<Attachment, NetworkError> {
+        self.reserve(request)?;
+        self.wire(&request.instance)
+    }
+
+    fn reserve(&self, request: &AttachRequest) -> Result<Attachment, NetworkError> {
         let instance = request.instance.as_str();
-        let _span = info_span!("attach", instance, service = %request.service).entered();
+        let _span = info_span!("reserve", instance, service = %request.service).entered();
         let ns_error = |source| NetworkError::Namespace {
             instance: instance.to_string(),
             source,
@@ -276,54 +306,36 @@ impl InstanceNetwork for HostNetwork {
             instance: instance.to_string(),
             source,
         })?;
-        let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
-        if attachments.contains_key(instance) {
-            return Err(NetworkError::AlreadyAttached {
-                instance: instance.to_string(),
-            });
+        let attached = || NetworkError::AlreadyAttached {
+            instance: instance.to_string(),
+        };
+        if self.attachment(instance).is_some() || self.pending().contains_key(instance) {
+            return Err(attached());
         }
-        let _lock = self.lock_state()?;
-        let mut ipam = self.open_ipam()?;
-        if ipam.address_of(instance).is_some() {
-            return Err(NetworkError::AlreadyAttached {
-                instance: instance.to_string(),
-            });
-        }
-        // First the address: an exhausted subnet fails here, before anything exists.
-        let addr = ipam
-            .allocate(instance)
-            .map_err(|source| NetworkError::Ipam {
-                instance: instance.to_string(),
-                source,
-            })?;
+        // The address under the state lock (other processes may hold it too); the rest of the
+        // work is this instance's alone, so instances are reserved and wired in parallel.
+        let addr = {
+            let _lock = self.lock_state()?;
+            let mut ipam = self.open_ipam()?;
+            if ipam.address_of(instance).is_some() {
+                return Err(attached());
+            }
+            // First the address: an exhausted subnet fails here, before anything exists.
+            ipam.allocate(instance)
+                .map_err(|source| NetworkError::Ipam {
+                    instance: instance.to_string(),
+                    source,
+                })?
+        };
         let made = (|| {
             let netns = NetNs::create(&self.config.netns_dir, instance).map_err(ns_error)?;
-            let veth = match self.wire(&netns, instance, addr) {
-                Ok(veth) => veth,
-                Err(source) => {
-                    self.undo(instance, Some(netns), None);
-                    return Err(NetworkError::Link {
-                        instance: instance.to_string(),
-                        source,
-                    });
-                }
-            };
             let (resolv_conf, hosts) = match self.write_files(instance, &request.hostname, addr) {
                 Ok(files) => files,
                 Err(e) => {
-                    self.undo(instance, Some(netns), Some(&veth));
+                    self.undo(instance, Some(netns), None);
                     return Err(e);
                 }
             };
-            if request.allow_peers {
-                let pairs = Self::peer_pairs(&attachments, instance, &request.service, addr);
-                if !pairs.is_empty()
-                    && let Err(e) = self.firewall.allow_peers(&pairs)
-                {
-                    self.undo(instance, Some(netns), Some(&veth));
-                    return Err(e.into());
-                }
-            }
             Ok(Attachment {
                 instance: instance.to_string(),
                 service: request.service.clone(),
@@ -332,31 +344,85 @@ impl InstanceNetwork for HostNetwork {
                 addr,
                 addr6: self.config.addr6_for(addr),
                 gateway: self.bridge.gateway(),
-                host_ifname: veth,
+                host_ifname: String::new(),
                 resolv_conf,
                 hosts,
             })
         })();
         match made {
-            Ok(attachment) => {
-                debug!(%addr, link = attachment.host_ifname, "attached");
-                attachments.insert(instance.to_string(), attachment.clone());
-                Ok(attachment)
+            Ok(reserved) => {
+                debug!(%addr, "reserved");
+                self.pending()
+                    .insert(instance.to_string(), reserved.clone());
+                Ok(reserved)
             }
             Err(e) => {
-                if let Err(release) = ipam.release(instance) {
-                    warn!(error = %release, "could not release the address of a failed attach");
-                }
+                self.release_address(instance);
                 Err(e)
             }
         }
     }
 
+    fn wire(&self, instance: &str) -> Result<Attachment, NetworkError> {
+        let _span = info_span!("wire", instance).entered();
+        let Some(mut attachment) = self.pending().remove(instance) else {
+            return Err(NetworkError::NotReserved {
+                instance: instance.to_string(),
+            });
+        };
+        let failed = |e: NetworkError, veth: Option<&str>| {
+            let netns = NetNs::open(&self.config.netns_dir, instance).ok();
+            self.undo(instance, netns, veth);
+            self.release_address(instance);
+            e
+        };
+        let netns = match NetNs::open(&self.config.netns_dir, instance) {
+            Ok(netns) => netns,
+            Err(source) => {
+                let e = NetworkError::Namespace {
+                    instance: instance.to_string(),
+                    source,
+                };
+                return Err(failed(e, None));
+            }
+        };
+        let veth = match self.wire_link(&netns, instance, attachment.addr) {
+            Ok(veth) => veth,
+            Err(source) => {
+                let e = NetworkError::Link {
+                    instance: instance.to_string(),
+                    source,
+                };
+                return Err(failed(e, None));
+            }
+        };
+        attachment.host_ifname = veth;
+        // Peers and the map together, so two instances of a service wired at once each see
+        // the other.
+        let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        if attachment.allow_peers {
+            let pairs =
+                Self::peer_pairs(&attachments, instance, &attachment.service, attachment.addr);
+            if !pairs.is_empty()
+                && let Err(e) = self.firewall.allow_peers(&pairs)
+            {
+                drop(attachments);
+                return Err(failed(e.into(), Some(&attachment.host_ifname)));
+            }
+        }
+        debug!(addr = %attachment.addr, link = attachment.host_ifname, "attached");
+        attachments.insert(instance.to_string(), attachment.clone());
+        Ok(attachment)
+    }
+
     fn detach(&self, instance: &str) -> Result<(), NetworkError> {
         let _span = info_span!("detach", instance).entered();
-        let mut attachments = self.attachments.lock().unwrap_or_else(|p| p.into_inner());
         remove_instance_network(&self.config, instance)?;
-        attachments.remove(instance);
+        self.pending().remove(instance);
+        self.attachments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(instance);
         debug!("detached");
         Ok(())
     }
@@ -447,9 +513,13 @@ impl InstanceNetwork for HostNetwork {
         // Addresses of dead instances go back.
         let mut ipam = self.open_ipam()?;
         report.released_addresses = ipam.reconcile(&live_ids).map_err(NetworkError::State)?;
+        for (addr, _) in &report.released_addresses {
+            forget_neighbours(&self.config, *addr);
+        }
 
         // Live instances: adopt, rewire, or report lost.
         attachments.clear();
+        self.pending().clear();
         let mut peers = Vec::new();
         for l in live {
             let instance = l.instance.as_str();
@@ -483,12 +553,12 @@ impl InstanceNetwork for HostNetwork {
                 }
                 None => {
                     // A crash between creating the namespace and wiring it: finish the job.
-                    let name =
-                        self.wire(&netns, instance, addr)
-                            .map_err(|source| NetworkError::Link {
-                                instance: instance.to_string(),
-                                source,
-                            })?;
+                    let name = self.wire_link(&netns, instance, addr).map_err(|source| {
+                        NetworkError::Link {
+                            instance: instance.to_string(),
+                            source,
+                        }
+                    })?;
                     report.rewired.push(instance.to_string());
                     name
                 }
@@ -599,10 +669,22 @@ fn remove_instance_locked(
             source,
         })?;
     if let Some(addr) = released {
+        forget_neighbours(config, addr);
         let revoked = firewall::revoke_address(&config.table, addr)?;
         debug!(instance, %addr, revoked, "released the address and its peer pairs");
     }
     Ok(())
+}
+
+/// Removes the host's permanent neighbour entries for `addr` (see
+/// [`link::forget_instance_neighbours`]); a failure is only logged, since an entry left
+/// behind is right for the next instance given the address.
+fn forget_neighbours(config: &NetworkConfig, addr: Ipv4Addr) {
+    let mut addrs = vec![IpAddr::V4(addr)];
+    addrs.extend(config.addr6_for(addr).map(IpAddr::V6));
+    if let Err(e) = link::forget_instance_neighbours(&config.bridge, &addrs) {
+        warn!(%addr, error = %e, "could not remove the neighbour entries of a released address");
+    }
 }
 
 /// Removes everything lull's network has on the host, with no network started: every

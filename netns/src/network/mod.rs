@@ -152,6 +152,8 @@ pub enum NetworkError {
          not removed)"
     )]
     AlreadyAttached { instance: String },
+    #[error("instance {instance} has no reserved network to wire")]
+    NotReserved { instance: String },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -166,6 +168,22 @@ pub enum NetworkError {
 pub trait InstanceNetwork: Send + Sync {
     /// Gives the instance its network. On failure nothing of it is left behind.
     fn attach(&self, request: &AttachRequest) -> Result<Attachment, NetworkError>;
+    /// The first half of [`attach`](Self::attach): the address, the namespace and the files,
+    /// all an instance's process needs to be created in its namespace. Until
+    /// [`wire`](Self::wire), the namespace has only its loopback and `host_ifname` is empty.
+    /// The two halves let the veth pair be made while the process is being created. On
+    /// failure nothing of it is left behind.
+    fn reserve(&self, request: &AttachRequest) -> Result<Attachment, NetworkError> {
+        self.attach(request)
+    }
+    /// The second half: the veth pair and the firewall's peer pairs of a reserved instance;
+    /// returns the whole attachment. On failure the reservation is undone too.
+    fn wire(&self, instance: &str) -> Result<Attachment, NetworkError> {
+        self.attachment(instance)
+            .ok_or_else(|| NetworkError::NotReserved {
+                instance: instance.to_string(),
+            })
+    }
     /// Takes the instance's network away. Already gone is fine.
     fn detach(&self, instance: &str) -> Result<(), NetworkError>;
     /// Adopts the networks of `live` instances and removes whatever else lull left on the host

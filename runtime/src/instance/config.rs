@@ -39,6 +39,11 @@ pub struct LaunchConfig {
     /// libcontainer has created the groups and before the app starts.
     #[serde(default)]
     pub cpu_limit_writes: Vec<CgroupWrite>,
+    /// A FIFO the shim reads one byte from between creating the instance and starting its
+    /// process: `1` starts it, anything else (or the writer gone) calls the start off. See
+    /// [`super::Instances::launch_when`].
+    #[serde(default)]
+    pub start_gate: Option<PathBuf>,
 }
 
 /// A host file bind-mounted over a path inside the instance, as Docker does for
@@ -146,6 +151,10 @@ impl InstancePaths {
     }
     pub fn launch(&self) -> PathBuf {
         self.dir.join("launch.json")
+    }
+    /// The FIFO of [`LaunchConfig::start_gate`], while the instance starts.
+    pub fn start_gate(&self) -> PathBuf {
+        self.dir.join("start")
     }
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")

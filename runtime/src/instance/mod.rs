@@ -58,6 +58,8 @@ pub enum InstanceError {
     Zygote(#[from] zygote::ZygoteError),
     #[error("delete instance {id}: {message}")]
     Delete { id: String, message: String },
+    #[error("instance {id} was not started: {message}")]
+    StartCalledOff { id: String, message: String },
     #[error("instance {id}: {source}")]
     Signal { id: String, source: std::io::Error },
     #[error("instance {id}: {source}")]
@@ -200,6 +202,11 @@ pub struct InstanceRequest {
     pub files: Vec<FileBind>,
     pub log_limits: LogLimits,
 }
+
+/// What an instance's process waits for before it runs (see [`Instances::launch_when`]):
+/// `Err` carries why its start is called off.
+pub type StartGate =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 /// A running (or exited, not yet deleted) instance.
 #[derive(Debug)]
@@ -470,12 +477,29 @@ impl InstanceManager {
 
     /// Starts an instance and returns once its process runs.
     pub async fn launch(&self, req: InstanceRequest) -> Result<Instance, InstanceError> {
-        use tracing::Instrument;
-        let span = tracing::info_span!("launch", instance = %req.id);
-        self.launch_inner(req).instrument(span).await
+        self.launch_when(req, None).await
     }
 
-    async fn launch_inner(&self, req: InstanceRequest) -> Result<Instance, InstanceError> {
+    /// [`launch`](Self::launch), with the instance's process held between its creation
+    /// (namespaces, mounts, cgroups: most of a start's time) and its exec until `ready`
+    /// resolves. So work the process needs before it runs (its network: the daemon wires the
+    /// veth pair meanwhile) overlaps the creation instead of preceding it. An error from
+    /// `ready` calls the start off: the launch fails with that message and leaves no instance.
+    pub async fn launch_when(
+        &self,
+        req: InstanceRequest,
+        ready: Option<StartGate>,
+    ) -> Result<Instance, InstanceError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("launch", instance = %req.id);
+        self.launch_inner(req, ready).instrument(span).await
+    }
+
+    async fn launch_inner(
+        &self,
+        req: InstanceRequest,
+        ready: Option<StartGate>,
+    ) -> Result<Instance, InstanceError> {
         validate_id(&req.id)?;
         let cgroup_err = |source| InstanceError::Cgroup {
             id: req.id.clone(),
@@ -510,7 +534,28 @@ impl InstanceManager {
                 });
             }
         }
+        // The gate is a FIFO in the instance's dir, held open here for reading and writing,
+        // so the shim's open never blocks and its read sees end of file only if this process
+        // is gone.
+        let gate = match &ready {
+            None => None,
+            Some(_) => {
+                let path = InstancePaths::new(&dir).start_gate();
+                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(|e| InstanceError::Io {
+                        path: path.clone(),
+                        source: e.into(),
+                    })?;
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                Some((path, file))
+            }
+        };
         let cfg = LaunchConfig {
+            start_gate: gate.as_ref().map(|(path, _)| path.clone()),
             id: req.id.clone(),
             dir: dir.clone(),
             layers_dir: self.cfg.layers_dir.clone(),
@@ -536,12 +581,42 @@ impl InstanceManager {
 
         let zygote = self.zygote()?;
         let cfg_for_launch = cfg.clone();
-        let launched = tokio::task::spawn_blocking(move || zygote.launch(&cfg_for_launch))
-            .await
-            .map_err(|e| InstanceError::Io {
-                path: dir.clone(),
-                source: std::io::Error::other(e),
-            })?;
+        let launching = tokio::task::spawn_blocking(move || zygote.launch(&cfg_for_launch));
+        let signal = async {
+            let (Some(ready), Some((_, fifo))) = (ready, gate.as_ref()) else {
+                return Ok(());
+            };
+            let started = std::time::Instant::now();
+            let outcome = ready.await;
+            let byte = if outcome.is_ok() { b"1" } else { b"0" };
+            // One byte into an empty pipe: never blocks.
+            if let Err(e) = std::io::Write::write_all(&mut &*fifo, byte) {
+                tracing::warn!("write the start gate: {e}");
+            }
+            tracing::debug!(
+                waited_us = started.elapsed().as_micros() as u64,
+                ok = outcome.is_ok(),
+                "start gate signalled (waited for it while the instance was created)"
+            );
+            outcome
+        };
+        let (launched, signalled) = tokio::join!(launching, signal);
+        if let Some((path, fifo)) = gate {
+            drop(fifo);
+            let _ = fs::remove_file(path);
+        }
+        let launched = launched.map_err(|e| InstanceError::Io {
+            path: dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        if let Err(message) = signalled {
+            // The shim starts nothing without the go-ahead, so its launch failed too.
+            debug_assert!(launched.is_err());
+            return Err(InstanceError::StartCalledOff {
+                id: req.id.clone(),
+                message,
+            });
+        }
         let state = match launched {
             Ok(state) => state,
             Err(e) => {
@@ -769,6 +844,7 @@ pub(crate) mod test_support {
             log_limits: LogLimits::default(),
             cgroup_binds: Vec::new(),
             cpu_limit_writes: Vec::new(),
+            start_gate: None,
         }
     }
 }

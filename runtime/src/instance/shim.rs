@@ -164,6 +164,10 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
             )
         })?;
     }
+    if let Some(gate) = &cfg.start_gate {
+        wait_for_start(gate)?;
+        step("start gate open");
+    }
     container
         .start()
         .map_err(|e| format!("start instance: {e}"))?;
@@ -191,6 +195,54 @@ fn launch(cfg: &LaunchConfig, paths: &InstancePaths) -> Result<(ShimState, Outpu
             stderr: err_r,
         },
     ))
+}
+
+/// How long the shim waits at the start gate: less than the zygote's own wait for its report,
+/// so a start that never comes fails here, with this reason.
+const START_GATE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// Waits for the go-ahead on the start gate FIFO (see [`LaunchConfig::start_gate`]).
+fn wait_for_start(gate: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so the open returns even if the daemon (the writer) is already gone; the
+    // read then sees end of file.
+    let mut fifo = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(gate)
+        .map_err(|e| format!("open the start gate {}: {e}", gate.display()))?;
+    let deadline = Instant::now() + START_GATE_TIMEOUT;
+    let mut byte = [0u8; 1];
+    loop {
+        match fifo.read(&mut byte) {
+            Ok(1) if byte[0] == b'1' => return Ok(()),
+            Ok(1) => {
+                return Err(
+                    "the start was called off (the instance's network was not wired)".into(),
+                );
+            }
+            Ok(_) => return Err("the daemon went away before starting the instance".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(format!(
+                        "no start signal within {}s of the instance's creation",
+                        START_GATE_TIMEOUT.as_secs()
+                    ));
+                }
+                let mut pfd = libc::pollfd {
+                    fd: fifo.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = left.as_millis().min(i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd, owned by this frame, for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+            }
+            Err(e) => return Err(format!("read the start gate {}: {e}", gate.display())),
+        }
+    }
 }
 
 /// Reads a small file of the image (passwd, group) without following symlinks out of the rootfs.

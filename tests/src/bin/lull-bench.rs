@@ -671,6 +671,7 @@ fn runc_bundle(
         cgroup_binds: bench.runtime.instances.cgroup_binds(id)?,
         // runc applies the CPU limit from the spec's resources, on the instance's own group.
         cpu_limit_writes: Vec::new(),
+        start_gate: None,
     };
     let config = bundle.join("config.json");
     spec::build_spec(&cfg, &resolved)
