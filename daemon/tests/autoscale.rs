@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use lull_daemon::autoscale::{
     HostBudget, HostLimits, PressureSource, ProcPressure, ScalingMetrics,
 };
-use lull_daemon::engine::{Engine, EngineSettings, InstanceState, OperationEnd, RevisionPlan};
+use lull_daemon::engine::{
+    Engine, EngineSettings, InstanceState, Operation, OperationEnd, RevisionPlan,
+};
 use lull_daemon::host::InstanceHost;
 use lull_daemon::host::budget::BudgetedHost;
 use lull_daemon::host::fake::FakeHost;
@@ -23,7 +25,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Revision documents here: `{"image", "min", "max", "concurrency", "window_ms", "idle_ms",
-/// "memory"}`.
+/// "memory", "start_ms"}` (`start_ms`: the fake app listens that long after its start).
 fn plan(record: &RevisionRecord) -> Result<RevisionPlan, String> {
     let doc = &record.doc;
     let mut plan = RevisionPlan::for_image(doc["image"].as_str().ok_or("image: missing")?);
@@ -35,6 +37,9 @@ fn plan(record: &RevisionRecord) -> Result<RevisionPlan, String> {
     plan.scaling.idle_to_zero = Duration::from_millis(num("idle_ms", 300_000));
     plan.proxy.max_concurrency = num("concurrency", 100) as u32;
     plan.limits.memory_bytes = Some(num("memory", 64 << 20));
+    if let Some(ms) = doc["start_ms"].as_u64() {
+        plan.env.push(("FAKE_START_MS".into(), ms.to_string()));
+    }
     plan.proxy.health = HealthCheck {
         probe: HealthProbe::Http {
             path: "/".into(),
@@ -127,6 +132,26 @@ impl Rig {
             OperationEnd::Succeeded { .. } => {}
             other => panic!("deploy of {service}: {other:?}"),
         }
+    }
+
+    /// Commits `doc` as `service`'s next revision and starts its deploy, without waiting.
+    async fn start_deploy(&self, service: &str, doc: serde_json::Value) -> Operation {
+        let revision = self
+            .store
+            .commit_revision(&RevisionCommit {
+                service: service.into(),
+                expected_generation: None,
+                doc,
+                cause: "test".into(),
+                service_doc: None,
+                state: None,
+                event: None,
+                make_current: true,
+            })
+            .unwrap()
+            .revision
+            .number;
+        self.engine.deploy(service, revision).await.unwrap()
     }
 
     async fn healthy(&self, service: &str) -> usize {
@@ -325,4 +350,57 @@ async fn an_instance_beyond_the_hosts_memory_is_refused_with_an_event() {
         );
     }
     assert_eq!(rig.instances("big").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_during_a_deploy_scales_the_serving_revision_out() {
+    let rig = Rig::new(16 << 30).await;
+    let doc = |start_ms: u64| json!({"image": "example/app:1", "min": 1, "max": 4, "concurrency": 10, "start_ms": start_ms});
+    rig.deploy("web", doc(0)).await;
+    // The next revision's instance takes 3 s to listen: the deploy is under way meanwhile.
+    let mut deploy = rig.start_deploy("web", doc(3000)).await;
+    let requests: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(get(rig.addr, "web.localhost", "/sleep/1500")))
+        .collect();
+    rig.wait_for(
+        "scale-out during the deploy",
+        Duration::from_secs(2),
+        async || !rig.events("web", "scale.out").is_empty(),
+    )
+    .await;
+    let outs = rig.events("web", "scale.out");
+    let second_live = || {
+        rig.events("web", "deploy.succeeded")
+            .into_iter()
+            .find(|e| e.fields["revision"] == 2)
+    };
+    assert!(
+        second_live().is_none(),
+        "the deploy was still under way: {:?}",
+        second_live()
+    );
+    let added: u64 = outs
+        .iter()
+        .map(|e| e.fields["decision"]["add"].as_u64().unwrap())
+        .sum();
+    assert!(added >= 1, "{outs:?}");
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200, "no request fails during the deploy");
+    }
+    match deploy.wait().await {
+        OperationEnd::Succeeded { revision, .. } => assert_eq!(revision, 2),
+        other => panic!("deploy: {other:?}"),
+    }
+    // No scale-in happened while the deploy owned the new revision's count.
+    rig.wait_for("the deploy's event", Duration::from_secs(3), async || {
+        second_live().is_some()
+    })
+    .await;
+    let live_at = second_live().unwrap().time.as_datetime();
+    let ins_during: Vec<_> = rig
+        .events("web", "scale.in")
+        .into_iter()
+        .filter(|e| e.time.as_datetime() < live_at)
+        .collect();
+    assert!(ins_during.is_empty(), "{ins_during:?}");
 }

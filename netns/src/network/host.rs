@@ -184,8 +184,12 @@ impl HostNetwork {
                 .release(instance)
                 .map_err(NetworkError::State)
         });
-        if let Err(e) = released {
-            warn!(instance, error = %e, "could not release the address of a failed attach");
+        match released {
+            Ok(Some(addr)) => forget_neighbours(&self.config, addr),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(instance, error = %e, "could not release the address of a failed attach")
+            }
         }
     }
 

@@ -216,8 +216,11 @@ fn measure(d: &BenchDaemon, plan: &Plan, services: &mut Vec<String>) -> Result<R
         "daemon: `lull daemon` (release build) over scratch dirs, HTTP listener on 127.0.0.1:{}, \
          bridge {}, subnet {}, `[scaling]` pressure brakes off; every service runs \
          {FIXTURE_APP} (the fixture app) with {MEMORY} per instance and an HTTP health check \
-         on /healthz (probed every 50 ms until healthy, then every 5 s)",
-        d.http_port, d.net.bridge, d.net.subnet
+         on /healthz (probed every {} ms until healthy, then every 5 s)",
+        d.http_port,
+        d.net.bridge,
+        d.net.subnet,
+        lull_proxy::health::STARTUP_INTERVAL.as_millis()
     ));
 
     // The first deploy pulls the image: outside every timing.

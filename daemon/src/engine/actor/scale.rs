@@ -101,7 +101,7 @@ impl Actor {
 
     /// The serving pool's demand crossed its watermark.
     pub(super) fn on_demand(&mut self, demand: usize) {
-        if self.paused || self.phase_blocks_scaling() {
+        if self.paused {
             return;
         }
         let now = Instant::now();
@@ -118,6 +118,9 @@ impl Actor {
             scale.cold_since = Some(now);
         }
         let decision = scale.scaler.on_demand(now.into_std(), inputs);
+        if self.phase_holds(&decision) {
+            return;
+        }
         self.act(decision);
     }
 
@@ -131,7 +134,7 @@ impl Actor {
         }
         scale.next_sample = now + SAMPLE_INTERVAL;
         let key = scale.key;
-        if self.paused || self.phase_blocks_scaling() {
+        if self.paused {
             return;
         }
         let Some(peak) = self
@@ -156,12 +159,24 @@ impl Actor {
         if blocked && matches!(decision.action, Action::Out { .. }) {
             return;
         }
+        if self.phase_holds(&decision) {
+            return;
+        }
         self.act(decision);
     }
 
-    /// A deploy or resume owns the instance count until it ends.
-    fn phase_blocks_scaling(&self) -> bool {
-        !matches!(self.phase, super::Phase::Idle)
+    /// While a deploy starts the next revision, the serving set still scales out (a burst
+    /// must not wait for a deploy, which can take up to the startup deadline), but never in:
+    /// the deploy sized the new set from it, and an instance drained now would be missed if
+    /// the deploy fails. (A resume holds the service paused until it ends, so nothing scales.)
+    fn phase_holds(&self, decision: &Decision) -> bool {
+        match &self.phase {
+            super::Phase::Idle => false,
+            super::Phase::Preparing { set, .. } | super::Phase::Starting { set, .. } => {
+                let serving_starts = self.scale.as_ref().is_some_and(|s| s.key == *set);
+                serving_starts || !matches!(decision.action, Action::Out { .. })
+            }
+        }
     }
 
     fn act(&mut self, decision: Decision) {
