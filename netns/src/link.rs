@@ -38,6 +38,10 @@ use crate::{NetNs, NetnsError};
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = 15;
 
+/// The most ports a Linux bridge takes (the kernel's `BR_MAX_PORTS` is 1024, and port number 0
+/// is never given out): the most instances one host's network holds.
+pub const MAX_BRIDGE_PORTS: usize = 1023;
+
 /// The alias that marks a bridge as lull's: an existing bridge without it is never adopted.
 pub const BRIDGE_ALIAS: &str = "lull bridge";
 

@@ -18,7 +18,8 @@ pub struct HostLimits {
     /// How far the sum of instance memory limits may exceed the host's memory (1.0: not at all).
     /// Idle instances use far less than their limit, so a ratio above 1 is sound.
     pub overcommit_ratio: f64,
-    /// Instances across all services.
+    /// Instances across all services (at most [`lull_netns::link::MAX_BRIDGE_PORTS`]: they
+    /// share one bridge).
     pub max_instances: usize,
     /// Scale-out pauses while the CPU `some` pressure (avg10, %) is above this.
     pub cpu_pressure_brake: f64,
@@ -32,7 +33,7 @@ impl HostLimits {
         HostLimits {
             memory_total,
             overcommit_ratio: 1.5,
-            max_instances: 2000,
+            max_instances: 1000,
             cpu_pressure_brake: 90.0,
             memory_pressure_brake: 20.0,
         }

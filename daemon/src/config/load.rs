@@ -817,12 +817,17 @@ impl Walk<'_> {
                     }
                 }
                 "max_instances" => {
-                    if let Some(n) = self.number(&key, value, 1.0..=1e6, "a whole number from 1") {
+                    let most = lull_netns::link::MAX_BRIDGE_PORTS as f64;
+                    let expected = format!(
+                        "a whole number from 1 to {most} (instances share one bridge, which \
+                         takes at most {most} ports)"
+                    );
+                    if let Some(n) = self.number(&key, value, 1.0..=most, &expected) {
                         if n.fract() != 0.0 {
                             self.problem(
                                 value.span(),
                                 &key,
-                                "not a whole number (expected a whole number from 1)".into(),
+                                format!("not a whole number (expected {expected})"),
                             );
                         } else {
                             scaling.max_instances = n as usize;

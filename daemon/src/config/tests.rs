@@ -286,6 +286,17 @@ fn the_scaling_section() {
         e.contains("lull.toml:5:1: scaling.speed: unknown key"),
         "{e}"
     );
+
+    // One bridge holds every instance, and takes 1023 ports.
+    let e = DaemonConfig::parse("[scaling]\nmax_instances = 2000\n", "lull.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lull.toml:2:17: scaling.max_instances: out of range (expected a whole number from 1 to 1023 (instances share one bridge, which takes at most 1023 ports))"),
+        "{e}"
+    );
+    let c = DaemonConfig::parse("[scaling]\nmax_instances = 1023\n", "lull.toml").unwrap();
+    assert_eq!(c.scaling.max_instances, 1023);
 }
 
 #[test]

@@ -67,8 +67,10 @@ const FREEZE_AFTER: Duration = Duration::from_millis(200);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The daemon's `[scaling]`: no pressure brake, so that the machine's other load cannot hold
-/// a scale-out the run measures.
-const SCALING: &str = "\n[scaling]\ncpu_pressure_brake = 100\nmemory_pressure_brake = 100\n";
+/// a scale-out the run measures, and the host's instance cap at its most (the 1000 density
+/// instances plus the other measurements' services).
+const SCALING: &str =
+    "\n[scaling]\ncpu_pressure_brake = 100\nmemory_pressure_brake = 100\nmax_instances = 1023\n";
 
 /// How many runs of what.
 struct Plan {
