@@ -424,7 +424,7 @@ pub fn start_tls(
     certificates: Arc<Certificates>,
     http01: Arc<lull_proxy::tls::Http01Challenges>,
 ) -> Result<(Arc<TlsControl>, tokio::task::JoinHandle<()>), String> {
-    use crate::acme::challenges::ProxyChallenges;
+    use crate::acme::challenges::{Dns01Journal, ProxyChallenges};
     use crate::acme::files::AcmeDir;
     use crate::acme::issuer::AcmeIssuer;
 
@@ -436,11 +436,12 @@ pub fn start_tls(
         http01,
         store: certificates.store().clone(),
         dns01_hook: config.acme.dns01_hook.clone(),
+        dns01_journal: Dns01Journal::new(dir.root().join("dns01-presented.json")),
     });
     let issuer = Arc::new(AcmeIssuer::new(
         config.acme.clone(),
         dir.clone(),
-        challenges,
+        challenges.clone(),
     ));
     // DNS is asked only when ACME is on or a resolver is named: a daemon with ACME off sends
     // no query anywhere.
@@ -512,7 +513,14 @@ pub fn start_tls(
         wanted,
         events,
     );
-    let task = tokio::spawn(acme.clone().run());
+    let manager = acme.clone();
+    let task = tokio::spawn(async move {
+        // Before any new order: what a killed predecessor left in DNS goes first.
+        if challenges.dns01_hook.is_some() {
+            challenges.withdraw_leftovers().await;
+        }
+        manager.run().await
+    });
     Ok((
         Arc::new(TlsControl {
             certificates,
