@@ -244,17 +244,24 @@ impl Http1Pool {
     /// does a bodiless idempotent request that a reused connection dropped without a response:
     /// the app closed that idle connection as the request arrived (its keep-alive timer ran
     /// out, e.g. the moment a frozen instance was thawed), and never acted on it.
+    ///
+    /// `headers` are `req`'s own (a copy kept by the caller): a replay takes them from there
+    /// rather than from a copy made for every request.
     async fn send(
         &self,
         addr: SocketAddr,
         mut req: Request<RequestBody>,
+        headers: &http::HeaderMap,
     ) -> Result<(Response<Incoming>, Checkout), UpstreamError> {
         let mut fresh = false;
         loop {
             let idle = if fresh { None } else { self.take_idle(addr) };
             let (mut sender, reused) = match idle {
                 Some(s) => (s, true),
-                None => (self.connect(addr).await?, false),
+                // Boxed: connecting is the rare path, and its futures (the handshake's above all)
+                // would otherwise make every request's future kilobytes larger, copied
+                // each time a request's future moves.
+                None => (Box::pin(self.connect(addr)).await?, false),
             };
             if reused && sender.ready().await.is_err() {
                 continue;
@@ -270,7 +277,6 @@ impl Http1Pool {
                     req.method().clone(),
                     req.uri().clone(),
                     req.version(),
-                    req.headers().clone(),
                     req.body().hint,
                 )
             });
@@ -291,9 +297,7 @@ impl Http1Pool {
                         let dropped = error.is_incomplete_message()
                             || error.is_canceled()
                             || reset_or_timeout(&error).0;
-                        let Some((method, uri, version, headers, hint)) =
-                            replay.filter(|_| dropped)
-                        else {
+                        let Some((method, uri, version, hint)) = replay.filter(|_| dropped) else {
                             return Err(UpstreamError::Send(error));
                         };
                         let mut again = Request::new(RequestBody {
@@ -305,7 +309,7 @@ impl Http1Pool {
                         *again.method_mut() = method;
                         *again.uri_mut() = uri;
                         *again.version_mut() = version;
-                        *again.headers_mut() = headers;
+                        *again.headers_mut() = headers.clone();
                         req = again;
                         fresh = true;
                     }
@@ -965,7 +969,7 @@ async fn forward(
                         .map_err(UpstreamError::H2c),
                     None => clients
                         .http1
-                        .send(addr, up)
+                        .send(addr, up, &parts.headers)
                         .await
                         .map(|(r, c)| (r, Some(c))),
                 }

@@ -602,11 +602,14 @@ where
     let service = service_fn(move |req| {
         let shared = handling.clone();
         let info = info.clone();
-        async move {
+        // Boxed: a request's future is a few KiB, and hyper moves the one it is given (into
+        // its dispatcher's slot; on HTTP/2 into a task of its own, more than once). Moving a
+        // box instead copies a pointer; the future is written once, into the heap.
+        Box::pin(async move {
             Ok::<_, std::convert::Infallible>(
                 forward::handle(&shared.routes, &shared.edge, &info, req).await,
             )
-        }
+        })
     });
     let heard = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(Touch::new(
