@@ -216,11 +216,7 @@ fn wait_for_start(gate: &Path) -> Result<(), String> {
     loop {
         match fifo.read(&mut byte) {
             Ok(1) if byte[0] == b'1' => return Ok(()),
-            Ok(1) => {
-                return Err(
-                    "the start was called off (the instance's network was not wired)".into(),
-                );
-            }
+            Ok(1) => return Err("the start was called off by the daemon".into()),
             Ok(_) => return Err("the daemon went away before starting the instance".into()),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
