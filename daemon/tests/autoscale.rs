@@ -112,22 +112,7 @@ impl Rig {
                 doc: json!({}),
             })
             .unwrap();
-        let revision = self
-            .store
-            .commit_revision(&RevisionCommit {
-                service: service.into(),
-                expected_generation: None,
-                doc,
-                cause: "test".into(),
-                service_doc: None,
-                state: None,
-                event: None,
-                make_current: true,
-            })
-            .unwrap()
-            .revision
-            .number;
-        let mut op = self.engine.deploy(service, revision).await.unwrap();
+        let mut op = self.start_deploy(service, doc).await;
         match op.wait().await {
             OperationEnd::Succeeded { .. } => {}
             other => panic!("deploy of {service}: {other:?}"),
