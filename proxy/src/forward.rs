@@ -19,11 +19,10 @@
 //! deadlines, and HTTP/1 upstream connections are pooled here, per thread, with hyper's
 //! connection-level client (no pool key hashing, URI rewriting or task per request).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -45,6 +44,7 @@ use crate::access_log::AccessEntry;
 use crate::config::{ServiceConfig, UpstreamProtocol};
 use crate::edge::EdgeSlot;
 use crate::headers::{self, Origin};
+use crate::idle::{IdleSet, Returner};
 use crate::pool::{Lease, Rejected};
 use crate::routes::{Route, RouteTable};
 use crate::tls::http01;
@@ -61,9 +61,9 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// wake-ups through the kernel per request. The daemon serves the proxy from one
 /// current-thread runtime per CPU, so each keeps connections of its own.
 pub(crate) struct Upstream {
-    connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     idle_timeout: Duration,
-    h2c: bool,
+    pub(crate) h2c: bool,
     clients: thread_local::ThreadLocal<Clients>,
 }
 
@@ -71,6 +71,8 @@ pub(crate) struct Clients {
     /// HTTP/1 connections (all of them unless the service speaks h2c; upgrades always).
     pub(crate) http1: Http1Pool,
     pub(crate) h2c: Option<Client<HttpConnector, RequestBody>>,
+    /// Plain sockets of the HTTP/1 fast path (`crate::fast`).
+    pub(crate) sockets: IdleSet<tokio::net::TcpStream>,
 }
 
 impl Upstream {
@@ -87,10 +89,10 @@ impl Upstream {
     pub(crate) fn clients(&self) -> &Clients {
         self.clients.get_or(|| Clients {
             http1: Http1Pool {
-                idle: Arc::new(Mutex::new(IdleConns::default())),
+                idle: IdleSet::new(self.idle_timeout),
                 connect_timeout: self.connect_timeout,
-                idle_timeout: self.idle_timeout,
             },
+            sockets: IdleSet::new(self.idle_timeout),
             h2c: self.h2c.then(|| self.build_h2c()),
         })
     }
@@ -110,25 +112,9 @@ impl Upstream {
     }
 }
 
-/// One thread's idle HTTP/1 connections to a service's instances, by address. Only the
-/// owning thread takes the lock on the request path (uncontended); the reaper that closes
-/// idle connections runs on the same thread.
-#[derive(Default)]
-pub(crate) struct IdleConns {
-    by_addr: HashMap<SocketAddr, Vec<IdleConn>>,
-    /// A reaper task is running for this map.
-    reaping: bool,
-}
-
-struct IdleConn {
-    sender: http1::SendRequest<RequestBody>,
-    since: Instant,
-}
-
 pub(crate) struct Http1Pool {
-    idle: Arc<Mutex<IdleConns>>,
+    idle: IdleSet<http1::SendRequest<RequestBody>>,
     connect_timeout: Duration,
-    idle_timeout: Duration,
 }
 
 /// Why an HTTP/1 exchange with an instance failed.
@@ -144,89 +130,26 @@ enum UpstreamError {
 struct Checkout {
     sender: http1::SendRequest<RequestBody>,
     addr: SocketAddr,
-    pool: Weak<Mutex<IdleConns>>,
-    idle_timeout: Duration,
+    pool: Returner<http1::SendRequest<RequestBody>>,
 }
 
 impl Checkout {
     fn give_back(self) {
-        if self.sender.is_closed() {
-            return;
-        }
-        let Some(pool) = self.pool.upgrade() else {
-            return;
-        };
-        let start_reaper = {
-            let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
-            idle.by_addr.entry(self.addr).or_default().push(IdleConn {
-                sender: self.sender,
-                since: Instant::now(),
-            });
-            !std::mem::replace(&mut idle.reaping, true)
-        };
-        if start_reaper {
-            spawn_reaper(Arc::downgrade(&pool), self.idle_timeout);
-        }
+        self.pool.give_back(self.addr, self.sender);
     }
-}
-
-/// Closes connections idle for longer than `idle_timeout` (dropping a sender ends its
-/// connection), checking every half of it; ends when the pool has nothing idle or is gone.
-fn spawn_reaper(pool: Weak<Mutex<IdleConns>>, idle_timeout: Duration) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        if let Some(pool) = pool.upgrade() {
-            pool.lock().unwrap_or_else(|e| e.into_inner()).reaping = false;
-        }
-        return;
-    };
-    let tick = (idle_timeout / 2).max(Duration::from_millis(10));
-    runtime.spawn(async move {
-        loop {
-            tokio::time::sleep(tick).await;
-            let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
-            idle.by_addr.retain(|_, conns| {
-                conns.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
-                !conns.is_empty()
-            });
-            if idle.by_addr.is_empty() {
-                idle.reaping = false;
-                return;
-            }
-        }
-    });
 }
 
 impl Http1Pool {
-    /// The most recently used live idle connection to `addr`, if any.
-    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = idle.by_addr.get_mut(&addr)?;
-        while let Some(c) = conns.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
-                return Some(c.sender);
-            }
-        }
-        None
-    }
-
     async fn connect(
         &self,
         addr: SocketAddr,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
-                .await
-            {
-                Err(_) => return Err(UpstreamError::ConnectTimeout),
-                Ok(Err(e)) => {
-                    return Err(UpstreamError::Connect(format!(
-                        "connecting to instance {addr}: {e}"
-                    )));
-                }
-                Ok(Ok(s)) => s,
-            };
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(addr, self.connect_timeout)
+            .await
+            .map_err(|e| match e {
+                None => UpstreamError::ConnectTimeout,
+                Some(e) => UpstreamError::Connect(e),
+            })?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -255,7 +178,7 @@ impl Http1Pool {
     ) -> Result<(Response<Incoming>, Checkout), UpstreamError> {
         let mut fresh = false;
         loop {
-            let idle = if fresh { None } else { self.take_idle(addr) };
+            let idle = if fresh { None } else { self.idle.take(addr) };
             let (mut sender, reused) = match idle {
                 Some(s) => (s, true),
                 // Boxed: connecting is the rare path, and its futures (the handshake's above all)
@@ -285,8 +208,7 @@ impl Http1Pool {
                     let checkout = Checkout {
                         sender,
                         addr,
-                        pool: Arc::downgrade(&self.idle),
-                        idle_timeout: self.idle_timeout,
+                        pool: self.idle.returner(),
                     };
                     return Ok((resp, checkout));
                 }
@@ -319,6 +241,22 @@ impl Http1Pool {
     }
 }
 
+/// Connects to an instance within `timeout`, with `TCP_NODELAY`. `Err(None)`: timed out;
+/// `Err(Some(reason))`: refused or unreachable (nothing was sent).
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, Option<String>> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => Err(None),
+        Ok(Err(e)) => Err(Some(format!("connecting to instance {addr}: {e}"))),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+    }
+}
+
 /// The connection a request came on.
 #[derive(Clone)]
 pub(crate) struct ConnInfo {
@@ -339,7 +277,7 @@ pub(crate) struct StreamCount {
     pub done: tokio::sync::Notify,
 }
 
-struct ActiveGuard(Arc<AtomicUsize>);
+pub(crate) struct ActiveGuard(pub(crate) Arc<AtomicUsize>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -347,26 +285,59 @@ impl Drop for ActiveGuard {
 }
 
 /// What only the access log needs, gathered only when the route has one.
-struct LogFields {
-    entry: AccessEntry,
+pub(crate) struct LogFields {
+    pub(crate) entry: AccessEntry,
     /// Wall-clock start.
     started_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// What the access log needs, if `route` has one.
+pub(crate) fn log_fields(
+    route: &Route,
+    request_id: &str,
+    method: &str,
+    host: &str,
+    path: &str,
+    client: SocketAddr,
+) -> Option<Box<LogFields>> {
+    route.access_log.is_some().then(|| {
+        Box::new(LogFields {
+            entry: AccessEntry {
+                time: String::new(),
+                request_id: request_id.to_owned(),
+                service: route.pool.service().to_owned(),
+                revision: route.revision.clone(),
+                instance: String::new(),
+                method: method.to_owned(),
+                host: host.to_owned(),
+                path: path.to_owned(),
+                status: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                duration_ms: 0.0,
+                queued_ms: 0.0,
+                woke: false,
+                client: client.to_string(),
+            },
+            started_at: chrono::Utc::now(),
+        })
+    })
+}
+
 /// A request's bookkeeping until its response ends: metrics, the access log, the pool slot.
 /// Recorded when dropped.
-struct Finish {
-    route: Arc<Route>,
-    start: Instant,
+pub(crate) struct Finish {
+    pub(crate) route: Arc<Route>,
+    pub(crate) start: Instant,
     /// 0 until there is a response.
-    status: u16,
-    bytes_out: u64,
+    pub(crate) status: u16,
+    pub(crate) bytes_out: u64,
     /// Request body bytes not counted by the body itself (an upgraded connection's).
-    bytes_in_extra: u64,
-    body: Option<Arc<RequestShared>>,
-    lease: Option<Lease>,
-    log: Option<Box<LogFields>>,
-    _active: ActiveGuard,
+    pub(crate) bytes_in_extra: u64,
+    pub(crate) body: Option<Arc<RequestShared>>,
+    pub(crate) lease: Option<Lease>,
+    pub(crate) log: Option<Box<LogFields>>,
+    pub(crate) _active: ActiveGuard,
 }
 
 impl Drop for Finish {
@@ -401,7 +372,7 @@ impl Drop for Finish {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
@@ -570,10 +541,16 @@ pub(crate) fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
 
 fn unavailable(retry_after: Duration, text: &str) -> Response<ProxyBody> {
     let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, text);
-    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after_secs(retry_after)),
+    );
     resp
+}
+
+/// `Retry-After` in whole seconds, at least one.
+pub(crate) fn retry_after_secs(retry_after: Duration) -> u64 {
+    retry_after.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// The host a request is for: `:authority` (HTTP/2) or `Host`, as a header value (a cheap
@@ -586,7 +563,7 @@ fn request_host_value<B>(req: &Request<B>) -> Option<HeaderValue> {
 }
 
 /// What went wrong talking to an instance.
-enum Failure {
+pub(crate) enum Failure {
     /// The instance could not be reached (`sent_nothing`) or dropped the connection before
     /// answering.
     Connection {
@@ -716,31 +693,14 @@ pub(crate) async fn handle(
         );
     };
     let request_id = headers::ensure_request_id_value(req.headers_mut());
-    let log = route.access_log.is_some().then(|| {
-        Box::new(LogFields {
-            entry: AccessEntry {
-                time: String::new(),
-                request_id: request_id.to_str().unwrap_or_default().to_owned(),
-                service: route.pool.service().to_owned(),
-                revision: route.revision.clone(),
-                instance: String::new(),
-                method: req.method().to_string(),
-                host: host.to_owned(),
-                path: req
-                    .uri()
-                    .path_and_query()
-                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-                status: 0,
-                bytes_in: 0,
-                bytes_out: 0,
-                duration_ms: 0.0,
-                queued_ms: 0.0,
-                woke: false,
-                client: conn.client.to_string(),
-            },
-            started_at: chrono::Utc::now(),
-        })
-    });
+    let log = log_fields(
+        &route,
+        request_id.to_str().unwrap_or_default(),
+        req.method().as_str(),
+        host,
+        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        conn.client,
+    );
     let redirect = if !tls && route.pool.config().https_redirect {
         crate::edge::redirect(
             edge,
@@ -892,21 +852,8 @@ async fn forward(
         let lease = match route.pool.acquire(avoid.as_deref()).await {
             Ok(l) => l,
             Err(rejected) => {
-                let resp = match rejected {
-                    Rejected::Paused { retry_after } => unavailable(
-                        retry_after,
-                        "503 service unavailable: the service is paused",
-                    ),
-                    Rejected::QueueFull { retry_after } => unavailable(
-                        retry_after,
-                        "503 service unavailable: too many requests are waiting",
-                    ),
-                    Rejected::QueueTimeout { retry_after, .. } => unavailable(
-                        retry_after,
-                        "503 service unavailable: no instance was free in time",
-                    ),
-                };
-                return answer(finish, resp);
+                let (retry_after, text) = refusal(rejected);
+                return answer(finish, unavailable(retry_after, text));
             }
         };
         if let Some(fields) = finish.log.as_mut() {
@@ -1019,83 +966,111 @@ async fn forward(
             }
             Ok(Err(e)) => classify(&e),
         };
-        // A connect timeout is a connection failure too (a blackholed instance): suspect it
-        // and retry elsewhere, answering 504 only when there is nowhere else to go.
-        let (failure, timed_out) = match failure {
-            Failure::ConnectTimeout => (
-                Failure::Connection {
-                    reason: "connecting to the instance timed out".into(),
-                    sent_nothing: true,
-                },
-                true,
-            ),
-            other => (other, false),
+        let body_unsent = shared
+            .as_ref()
+            .is_none_or(|s| s.slot.lock().unwrap_or_else(|e| e.into_inner()).is_some());
+        let retriable = |sent_nothing: bool| {
+            attempt == 1 && !upgrading && body_unsent && (sent_nothing || retry_safe_method)
         };
-        let resp = match failure {
+        match after_failure(&route, lease, failure, retriable) {
+            Ok(failed) => avoid = Some(failed),
+            Err((status, text)) => return answer(finish, plain(status, text)),
+        }
+    }
+}
+
+/// The answer to a request the pool refused: `503` with `Retry-After`.
+pub(crate) fn refusal(rejected: Rejected) -> (Duration, &'static str) {
+    match rejected {
+        Rejected::Paused { retry_after } => (
+            retry_after,
+            "503 service unavailable: the service is paused",
+        ),
+        Rejected::QueueFull { retry_after } => (
+            retry_after,
+            "503 service unavailable: too many requests are waiting",
+        ),
+        Rejected::QueueTimeout { retry_after, .. } => (
+            retry_after,
+            "503 service unavailable: no instance was free in time",
+        ),
+    }
+}
+
+/// After an attempt on `lease`'s instance failed: a connection failure marks the instance
+/// suspect, and is retried elsewhere when `retriable(sent_nothing)` says the instance cannot
+/// have acted on the request and another instance is in rotation (`Ok`: the failed
+/// instance, to avoid). Otherwise the answer to give (`Err`).
+pub(crate) fn after_failure(
+    route: &Route,
+    lease: Lease,
+    failure: Failure,
+    retriable: impl FnOnce(bool) -> bool,
+) -> Result<String, (StatusCode, &'static str)> {
+    // A connect timeout is a connection failure too (a blackholed instance): suspect it
+    // and retry elsewhere, answering 504 only when there is nowhere else to go.
+    let (failure, timed_out) = match failure {
+        Failure::ConnectTimeout => (
             Failure::Connection {
-                reason,
-                sent_nothing,
-            } => {
-                // Retry when the instance cannot have acted on the request: it was never
-                // reached, or the request is idempotent and its body (if any) was not sent yet.
-                let body_unsent = shared
-                    .as_ref()
-                    .is_none_or(|s| s.slot.lock().unwrap_or_else(|e| e.into_inner()).is_some());
-                let retriable = attempt == 1
-                    && !upgrading
-                    && body_unsent
-                    && (sent_nothing || retry_safe_method);
-                lease.mark_suspect(&reason);
-                tracing::warn!(service = %route.pool.service(), instance = %lease.instance(), "connection to instance failed: {reason}");
-                let failed = lease.instance().to_string();
-                drop(lease);
-                let others = route
-                    .pool
-                    .snapshot()
-                    .instances
-                    .iter()
-                    .any(|i| i.in_rotation() && i.id != failed);
-                if retriable && others {
-                    if let Some(metrics) = route.pool.metrics() {
-                        metrics.retry(route.pool.service());
-                    }
-                    avoid = Some(failed);
-                    continue;
+                reason: "connecting to the instance timed out".into(),
+                sent_nothing: true,
+            },
+            true,
+        ),
+        other => (other, false),
+    };
+    Err(match failure {
+        Failure::Connection {
+            reason,
+            sent_nothing,
+        } => {
+            let retriable = retriable(sent_nothing);
+            lease.mark_suspect(&reason);
+            tracing::warn!(service = %route.pool.service(), instance = %lease.instance(), "connection to instance failed: {reason}");
+            let failed = lease.instance().to_string();
+            drop(lease);
+            let others = route
+                .pool
+                .snapshot()
+                .instances
+                .iter()
+                .any(|i| i.in_rotation() && i.id != failed);
+            if retriable && others {
+                if let Some(metrics) = route.pool.metrics() {
+                    metrics.retry(route.pool.service());
                 }
-                if timed_out {
-                    plain(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "504 gateway timeout: connecting to the instance timed out",
-                    )
-                } else {
-                    plain(
-                        StatusCode::BAD_GATEWAY,
-                        "502 bad gateway: the instance could not be reached",
-                    )
-                }
+                return Ok(failed);
             }
-            Failure::ConnectTimeout => unreachable!("mapped to a connection failure above"),
-            Failure::FirstByteTimeout => plain(
-                StatusCode::GATEWAY_TIMEOUT,
-                "504 gateway timeout: the instance did not answer in time",
-            ),
-            Failure::RequestTimeout => plain(
-                StatusCode::GATEWAY_TIMEOUT,
-                "504 gateway timeout: the request took too long",
-            ),
-            Failure::BodyTooLarge => {
-                plain(StatusCode::PAYLOAD_TOO_LARGE, "413 request body too large")
-            }
-            Failure::Other(reason) => {
-                tracing::warn!(service = %route.pool.service(), "request to instance failed: {reason}");
-                plain(
+            if timed_out {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "504 gateway timeout: connecting to the instance timed out",
+                )
+            } else {
+                (
                     StatusCode::BAD_GATEWAY,
-                    "502 bad gateway: the instance's answer was not usable",
+                    "502 bad gateway: the instance could not be reached",
                 )
             }
-        };
-        return answer(finish, resp);
-    }
+        }
+        Failure::ConnectTimeout => unreachable!("mapped to a connection failure above"),
+        Failure::FirstByteTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "504 gateway timeout: the instance did not answer in time",
+        ),
+        Failure::RequestTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "504 gateway timeout: the request took too long",
+        ),
+        Failure::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "413 request body too large"),
+        Failure::Other(reason) => {
+            tracing::warn!(service = %route.pool.service(), "request to instance failed: {reason}");
+            (
+                StatusCode::BAD_GATEWAY,
+                "502 bad gateway: the instance's answer was not usable",
+            )
+        }
+    })
 }
 
 fn respond(

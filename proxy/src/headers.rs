@@ -118,20 +118,11 @@ pub struct Origin<'a> {
 /// Appends the client to `X-Forwarded-For`, sets `X-Forwarded-Proto`, `X-Forwarded-Host` and
 /// `Forwarded` (RFC 7239, this hop only).
 pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
-    use std::fmt::Write as _;
-    let ip = origin.client.ip().to_canonical();
-    let mut xff = String::with_capacity(48);
-    for v in headers
+    let earlier = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-    {
-        xff.push_str(v);
-        xff.push_str(", ");
-    }
-    let _ = write!(xff, "{ip}");
+        .filter_map(|v| v.to_str().ok());
+    let xff = forwarded_for(earlier, origin.client);
     set_owned(headers, &X_FORWARDED_FOR, xff);
     let proto = match origin.proto {
         "https" => HeaderValue::from_static("https"),
@@ -143,8 +134,30 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
     };
     headers.insert(X_FORWARDED_PROTO.clone(), proto);
     set(headers, &X_FORWARDED_HOST, origin.host);
+    set_owned(headers, &header::FORWARDED, forwarded(origin));
+}
+
+/// `X-Forwarded-For`'s new value: the values the client sent (`earlier`, empty ones
+/// dropped), then the client's address.
+pub(crate) fn forwarded_for<'a>(
+    earlier: impl Iterator<Item = &'a str>,
+    client: SocketAddr,
+) -> String {
+    use std::fmt::Write as _;
+    let mut xff = String::with_capacity(48);
+    for v in earlier.map(str::trim).filter(|v| !v.is_empty()) {
+        xff.push_str(v);
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{}", client.ip().to_canonical());
+    xff
+}
+
+/// `Forwarded` (RFC 7239) for this hop: `for`, `proto` and `host`.
+pub(crate) fn forwarded(origin: &Origin<'_>) -> String {
+    use std::fmt::Write as _;
     let mut forwarded = String::with_capacity(64);
-    match ip {
+    match origin.client.ip().to_canonical() {
         IpAddr::V4(v4) => {
             let _ = write!(forwarded, "for={v4}");
         }
@@ -168,7 +181,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
             forwarded.push('"');
         }
     }
-    set_owned(headers, &header::FORWARDED, forwarded);
+    forwarded
 }
 
 /// Like [`set`], moving the string into the header value (no copy).
@@ -204,8 +217,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
 /// [`ensure_request_id`] without making a string: the header's value (a cheap clone).
 pub fn ensure_request_id_value(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&REQUEST_ID)
-        && !id.is_empty()
-        && id.to_str().is_ok()
+        && usable_request_id(id.as_bytes())
     {
         return id.clone();
     }
@@ -222,7 +234,15 @@ pub fn new_request_id() -> String {
     String::from_utf8_lossy(&new_request_id_bytes()).into_owned()
 }
 
-fn new_request_id_bytes() -> [u8; 32] {
+/// Whether a client's `X-Request-Id` value is kept as the request's id.
+pub(crate) fn usable_request_id(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+pub(crate) fn new_request_id_bytes() -> [u8; 32] {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     // 128 bits: a random per-process key (one getrandom call) and a counter mixed with it

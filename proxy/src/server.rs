@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::edge::{Edge, EdgeSlot};
+use crate::fast;
 use crate::forward::{self, Activity, ConnInfo, StreamCount, Touch};
 use crate::routes::RouteTable;
 
@@ -82,6 +83,10 @@ pub struct ProxyOptions {
     pub header_read_timeout: Duration,
     /// A client connection with no request in flight and no bytes moving is closed after this.
     pub idle_keep_alive: Duration,
+    /// Serve plain HTTP/1.1 keep-alive exchanges without hyper (see `crate::fast`); hyper
+    /// takes a connection over at its first request the fast path does not take. Off:
+    /// hyper serves every connection (a bisection aid; same behaviour, more CPU).
+    pub http1_fast_path: bool,
 }
 
 impl Default for ProxyOptions {
@@ -91,6 +96,7 @@ impl Default for ProxyOptions {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(30),
             idle_keep_alive: Duration::from_secs(75),
+            http1_fast_path: true,
         }
     }
 }
@@ -492,7 +498,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>, tls: Optio
         tokio::spawn(async move {
             let _guard = guard;
             match tls {
-                None => serve(shared, stream, client, "http").await,
+                None => serve(shared, stream, client, "http", true).await,
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(
                         shared.options.header_read_timeout,
@@ -507,7 +513,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>, tls: Optio
                         {
                             tracing::debug!(%client, "acme-tls/1 handshake done: closed");
                         }
-                        Ok(Ok(tls_stream)) => serve(shared, tls_stream, client, "https").await,
+                        Ok(Ok(tls_stream)) => {
+                            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve(shared, tls_stream, client, "https", !h2).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%client, "tls handshake failed: {e}"),
                         Err(_) => tracing::debug!(%client, "tls handshake timed out"),
                     }
@@ -585,8 +594,15 @@ impl Drop for ConnGuard {
     }
 }
 
-async fn serve<IO>(shared: Arc<Shared>, io: IO, client: SocketAddr, proto: &'static str)
-where
+/// Serves one client connection: on the fast path while it takes the requests (`http1`:
+/// HTTP/1 is possible, i.e. not TLS with ALPN h2), then with hyper.
+async fn serve<IO>(
+    shared: Arc<Shared>,
+    io: IO,
+    client: SocketAddr,
+    proto: &'static str,
+    http1: bool,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
@@ -598,6 +614,7 @@ where
         closing: shared.close.subscribe(),
         streams: shared.streams.clone(),
     };
+    let fast_info = info.clone();
     let handling = shared.clone();
     let service = service_fn(move |req| {
         let shared = handling.clone();
@@ -612,17 +629,35 @@ where
         })
     });
     let heard = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(Touch::new(
+    let mut io = Touch::new(
         Heard {
             inner: io,
             heard: heard.clone(),
         },
         activity.clone(),
-    ));
-    let conn = shared.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    );
     let mut drain = shared.drain.subscribe();
     let mut close = shared.close.subscribe();
+    let mut prefix = bytes::BytesMut::new();
+    if http1 && shared.options.http1_fast_path {
+        let conn = fast::Conn {
+            routes: &shared.routes,
+            edge: &shared.edge,
+            info: &fast_info,
+            options: &shared.options,
+        };
+        let served = tokio::select! {
+            served = fast::serve(&conn, &mut io, &mut drain) => served,
+            _ = close.wait_for(|c| *c) => return,
+        };
+        match served {
+            fast::Served::Closed => return,
+            fast::Served::Other(read) => prefix = read,
+        }
+    }
+    let io = TokioIo::new(fast::Prefixed { prefix, inner: io });
+    let conn = shared.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
     let idle = shared.options.idle_keep_alive;
     let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(tick);

@@ -1360,3 +1360,274 @@ async fn a_reused_connection_dropped_under_a_get_is_replayed_on_a_fresh_one() {
         "not the instance's fault: {snap:?}"
     );
 }
+
+/// Reads one response from `sock`: its head, and its body (`Content-Length` or chunked,
+/// decoded).
+async fn read_response(sock: &mut TcpStream) -> (String, String) {
+    let head = read_head(sock).await;
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if let Some(len) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map(|v| v.trim().parse::<usize>().unwrap())
+    {
+        body.resize(len, 0);
+        sock.read_exact(&mut body).await.unwrap();
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let size_line = read_line(sock).await;
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+                .unwrap_or_else(|_| panic!("chunk size {size_line:?}"));
+            if size == 0 {
+                assert_eq!(read_line(sock).await, "", "no trailers expected");
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            sock.read_exact(&mut chunk).await.unwrap();
+            body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn read_line(sock: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        assert_eq!(sock.read(&mut byte).await.unwrap(), 1, "closed mid-line");
+        line.push(byte[0]);
+    }
+    line.truncate(line.len() - 2);
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_requests_and_then_others_share_one_client_connection() {
+    let up = upstream(echo()).await;
+    let s = setup(ServiceConfig::default(), &[up.addr]).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    // A bodiless GET (the fast path), a POST with a body (hyper from here on), a GET.
+    sock.write_all(
+        b"GET /a?x=1 HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.9\r\n\
+          Forwarded: for=spoofed\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("server: app-server/1\r\n"), "{head}");
+    assert!(lower.contains("x-app: kept\r\n"), "{head}");
+    assert!(lower.contains("date: "), "{head}");
+    assert!(
+        !lower.contains("x-hop") && !lower.contains("keep-alive"),
+        "{head}"
+    );
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let h = &seen["headers"];
+    assert_eq!(seen["path"], "/a?x=1");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=app.test");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(h.get("connection").is_none(), "{h}");
+    assert_eq!(h["x-request-id"].as_str().unwrap().len(), 32, "{h}");
+
+    sock.write_all(b"POST /b HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nhey")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (seen["path"].as_str(), seen["body_len"].as_u64()),
+        (Some("/b"), Some(3))
+    );
+
+    sock.write_all(b"GET /c HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: mine\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["path"], "/c");
+    assert_eq!(seen["headers"]["x-request-id"], "mine");
+
+    let log = s.log_entries();
+    let paths: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
+    assert_eq!(paths, [("/a?x=1", 200), ("/b", 200), ("/c", 200)]);
+    assert_eq!(log[0].instance, "i0");
+    assert!(log[0].bytes_out > 100, "{:?}", log[0]);
+}
+
+/// A hand-written instance: answers the requests on each connection it accepts with
+/// `answers[n]` in turn (`n` counting over all connections), and records every request head.
+async fn scripted(
+    answers: Vec<&'static str>,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let answers = Arc::new(Mutex::new(answers.into_iter()));
+    let (seen, accepted) = (heads.clone(), conns.clone());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let (seen, answers) = (seen.clone(), answers.clone());
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).into_owned());
+                    let Some(answer) = answers.lock().unwrap().next() else {
+                        return;
+                    };
+                    sock.write_all(answer.as_bytes()).await.unwrap();
+                    if answer.contains("Connection: close") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads, conns)
+}
+
+// One thread: idle connections to instances are kept per thread, and the reuse is checked.
+#[tokio::test]
+async fn chunked_and_close_delimited_answers_reach_the_client_chunked() {
+    let (addr, heads, conns) = scripted(vec![
+        "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n\
+         HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
+         5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Kind: until-close\r\n\r\nuntil the end",
+        "HTTP/1.1 204 No Content\r\nX-Kind: none\r\n\r\n",
+    ])
+    .await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\n"),
+        "103 is dropped: {head}"
+    );
+    assert!(head.contains("X-Kind: chunked\r\n"), "{head}");
+    assert_eq!(body, "hello world");
+    sock.write_all(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked\r\n"), "{head}");
+    assert!(
+        !lower.contains("connection: close"),
+        "the client's connection stays: {head}"
+    );
+    assert_eq!(body, "until the end");
+    // The first two requests shared one connection to the instance; the one it closed
+    // is not reused.
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
+    sock.write_all(b"GET /3 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+    assert_eq!(body, "");
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    // The instance got the client's head with this hop's headers, in HTTP/1.1.
+    let heads = heads.lock().unwrap().clone();
+    assert!(
+        heads[0].starts_with("GET /1 HTTP/1.1\r\nHost: app.test\r\n"),
+        "{heads:?}"
+    );
+    assert!(
+        heads[0].contains("x-forwarded-proto: http\r\n"),
+        "{heads:?}"
+    );
+    let log = s.log_entries();
+    let seen: Vec<_> = log.iter().map(|e| (e.status, e.bytes_out)).collect();
+    assert_eq!(seen, [(200, 11), (200, 13), (204, 0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_answer_is_a_502_and_the_connection_goes_on() {
+    let (addr, _heads, _conns) = scripted(vec![
+        "HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ])
+    .await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{head}");
+    assert!(body.contains("not usable"), "{body}");
+    sock.write_all(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(body, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_queued_gives_its_place_up() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = upstream(slow(Duration::from_millis(1500), calls.clone())).await;
+    let config = ServiceConfig {
+        max_concurrency: 1,
+        queue_size: 1,
+        queue_timeout: Duration::from_secs(10),
+        ..ServiceConfig::default()
+    };
+    let s = setup(config, &[up.addr]).await;
+    let first = tokio::spawn(client().request(get(&s.url("/1"))));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.pool.snapshot().instances[0].in_flight == 0 {
+        assert!(Instant::now() < deadline, "the first request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut leaving = TcpStream::connect(s.addr).await.unwrap();
+    leaving
+        .write_all(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    while s.pool.snapshot().queue_depth == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the second request was never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(leaving);
+    while s.pool.snapshot().queue_depth != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the queue kept a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the request that left was never sent"
+    );
+    let log = s.log_entries();
+    let statuses: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
+    assert!(statuses.contains(&("/2", 499)), "{statuses:?}");
+}

@@ -1,0 +1,680 @@
+//! The HTTP/1 fast path: plain keep-alive exchanges (an HTTP/1.1 request without a body,
+//! answered with a length-delimited, chunked or close-delimited body) forwarded without
+//! hyper's dispatchers, over plain pooled sockets to the instance.
+//!
+//! A client connection starts here. Its request heads are parsed in place (`httparse`); one
+//! the fast path takes ([`head::parse_request`] says which) goes through the same routing,
+//! pool, gate, metrics and access log as any other, its head written to an idle socket of the
+//! instance, the response head parsed and rewritten, and the body relayed as it comes. The
+//! first request the fast path does not take (one with a body, an upgrade, HTTP/1.0, a host
+//! no service answers, a redirect, an h2c upstream, an h2 preface, anything malformed) is
+//! handed to hyper with the bytes read so far, and hyper serves the rest of the connection:
+//! everything the proxy does, it still does there.
+//!
+//! Why: per request, hyper's HTTP/1 server and client dispatch, the upstream connection's
+//! task and the boxed bodies between them cost about as much user-space CPU as all of a
+//! peer proxy's work (see docs/benchmarks.md, proxy). Here one task does the whole exchange.
+
+mod chunked;
+mod head;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::edge::EdgeSlot;
+use crate::forward::{self, ActiveGuard, ConnInfo, Failure, Finish};
+use crate::pool::Lease;
+use crate::routes::{Route, RouteTable};
+use crate::server::ProxyOptions;
+use chunked::Chunked;
+use head::{Framing, Parsed, ParsedResponse, RequestHead, ResponseExtras, ResponseHead};
+
+/// How a connection left the fast path.
+pub(crate) enum Served {
+    /// It is over (closed by either side, timed out, or drained).
+    Closed,
+    /// hyper serves the rest, starting with these bytes already read.
+    Other(BytesMut),
+}
+
+/// What a connection's exchanges share.
+pub(crate) struct Conn<'a> {
+    pub(crate) routes: &'a RouteTable,
+    pub(crate) edge: &'a EdgeSlot,
+    pub(crate) info: &'a ConnInfo,
+    pub(crate) options: &'a ProxyOptions,
+}
+
+/// How long a connection accepted just before a drain may take to send its first request.
+const FIRST_BYTES_WAIT: Duration = Duration::from_secs(1);
+
+/// Serves `io`'s requests while the fast path takes them.
+pub(crate) async fn serve<IO>(
+    conn: &Conn<'_>,
+    io: &mut IO,
+    drain: &mut watch::Receiver<bool>,
+) -> Served
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls = conn.info.proto == "https";
+    let options = conn.options;
+    // As hyper is configured: the wait for a head covers the idle time before it.
+    let head_wait = options.header_read_timeout.max(options.idle_keep_alive);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut served_any = false;
+    loop {
+        let deadline = tokio::time::Instant::now() + head_wait;
+        let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline));
+        let mut draining = *drain.borrow();
+        let req = loop {
+            match head::parse_request(&mut buf, options.max_header_bytes, tls) {
+                Parsed::Fast(req) => break req,
+                Parsed::Other => return Served::Other(buf),
+                Parsed::Partial => {}
+            }
+            if draining && buf.is_empty() {
+                if served_any {
+                    return Served::Closed;
+                }
+                // Accepted just before the drain: its request may be on the way.
+                let soon = tokio::time::Instant::now() + FIRST_BYTES_WAIT;
+                if deadline.deadline() > soon {
+                    deadline.as_mut().reset(soon);
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(8 * 1024);
+            }
+            tokio::select! {
+                read = io.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Served::Closed,
+                    Ok(_) => {}
+                },
+                () = deadline.as_mut() => return Served::Closed,
+                _ = drain.wait_for(|d| *d), if !draining => draining = true,
+            }
+        };
+        served_any = true;
+        let draining = *drain.borrow();
+        match exchange(conn, io, req, &mut buf, draining).await {
+            Next::Keep if !*drain.borrow() => {}
+            Next::Keep | Next::Close => return Served::Closed,
+            Next::Other(req) => {
+                // The head goes back in front of what follows it.
+                let mut all = BytesMut::from(&req.raw()[..]);
+                all.extend_from_slice(&buf);
+                return Served::Other(all);
+            }
+        }
+    }
+}
+
+/// What follows an exchange.
+enum Next {
+    Keep,
+    Close,
+    /// The request is not the fast path's after all (see [`eligible`]).
+    Other(RequestHead),
+}
+
+/// Whether the route takes `req` on the fast path: hyper answers the rest (a redirect to
+/// HTTPS, an h2c upstream, a head over the service's limits).
+fn eligible(conn: &Conn<'_>, route: &Route, req: &RequestHead) -> bool {
+    let config = route.pool.config();
+    if route.upstream.h2c
+        || req.count > config.limits.max_headers
+        || req.size > config.limits.max_header_bytes
+    {
+        return false;
+    }
+    conn.info.proto == "https"
+        || !config.https_redirect
+        || crate::edge::redirect(
+            conn.edge,
+            &crate::routes::normalized(req.host()),
+            &http::Method::GET,
+            Some(req.path()),
+        )
+        .is_none()
+}
+
+/// Forwards one request and relays its response.
+async fn exchange<IO>(
+    conn: &Conn<'_>,
+    io: &mut IO,
+    req: RequestHead,
+    buf: &mut BytesMut,
+    draining: bool,
+) -> Next
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(route) = conn.routes.lookup(req.host()) else {
+        return Next::Other(req);
+    };
+    if !eligible(conn, &route, &req) {
+        return Next::Other(req);
+    }
+    let start = Instant::now();
+    let info = conn.info;
+    info.active
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let active = ActiveGuard(info.active.clone());
+    let new_id = match req.client_request_id() {
+        Some(_) => None,
+        None => Some(crate::headers::new_request_id_bytes()),
+    };
+    let id = match (&new_id, req.client_request_id()) {
+        (Some(new), _) => std::str::from_utf8(new).unwrap_or_default(),
+        (None, Some(theirs)) => std::str::from_utf8(theirs).unwrap_or_default(),
+        (None, None) => "",
+    };
+    let log = forward::log_fields(
+        &route,
+        id,
+        req.method(),
+        req.host(),
+        req.path(),
+        info.client,
+    );
+    let span = tracing::debug_span!(
+        "request",
+        service = %route.pool.service(),
+        revision = %route.revision,
+        id = %id
+    );
+    let finish = Finish {
+        route: route.clone(),
+        start,
+        status: 0,
+        bytes_out: 0,
+        bytes_in_extra: 0,
+        body: None,
+        lease: None,
+        log,
+        _active: active,
+    };
+    let up_head = req.upstream_head(info.client, info.proto, new_id.as_ref().map(|i| &i[..]));
+    let hsts = (info.proto == "https")
+        .then(|| route.hsts.clone())
+        .flatten();
+    let exchange = Exchange {
+        conn,
+        route: &route,
+        req: &req,
+        up_head,
+        extras_close: draining,
+        hsts,
+    };
+    exchange.run(io, buf, finish).instrument(span).await
+}
+
+struct Exchange<'a> {
+    conn: &'a Conn<'a>,
+    route: &'a Arc<Route>,
+    req: &'a RequestHead,
+    up_head: Vec<u8>,
+    extras_close: bool,
+    hsts: Option<http::HeaderValue>,
+}
+
+/// How forwarding a request ended, before anything was written to the client.
+enum Outcome {
+    Answered(Lease, Answered),
+    /// The proxy answers itself: status, text, `Retry-After` seconds.
+    Refused(StatusCode, &'static str, Option<u64>),
+}
+
+/// The end of an exchange's upstream part.
+struct Done<'a> {
+    finish: Option<Finish>,
+    stream: Option<TcpStream>,
+    addr: std::net::SocketAddr,
+    sockets: &'a crate::idle::IdleSet<TcpStream>,
+}
+
+impl Done<'_> {
+    fn stream(&mut self) -> std::io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| cut("the instance's connection was already given back"))
+    }
+
+    /// The response came whole from the instance (`bytes` of body): the socket goes back
+    /// when `reusable`, and the request is recorded.
+    fn complete(&mut self, reusable: bool, bytes: u64) {
+        if let Some(stream) = self.stream.take()
+            && reusable
+        {
+            self.sockets.returner().give_back(self.addr, stream);
+        }
+        if let Some(mut finish) = self.finish.take() {
+            finish.bytes_out = bytes;
+        }
+    }
+}
+
+/// Reads what the client sends while its request is forwarded (a pipelined request stays in
+/// `buf`, up to `limit` bytes); returns when the client has closed its connection.
+async fn client_gone<IO>(io: &mut IO, buf: &mut BytesMut, limit: usize)
+where
+    IO: AsyncRead + Unpin,
+{
+    while buf.len() < limit {
+        buf.reserve(4 * 1024);
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// A response head read from an instance, with the connection it came on and the bytes
+/// after the head.
+struct Answered {
+    stream: TcpStream,
+    rest: BytesMut,
+    head: ResponseHead,
+}
+
+impl Exchange<'_> {
+    async fn run<IO>(self, io: &mut IO, buf: &mut BytesMut, mut finish: Finish) -> Next
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let config = self.route.pool.config().clone();
+        let deadline = tokio::time::Instant::from_std(finish.start) + config.timeouts.request;
+        // While the request waits for a slot and its answer, the client's connection is
+        // watched: a client that leaves gives its place up (hyper does the same).
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.forward(&mut finish, deadline) => outcome,
+            () = client_gone(io, buf, self.conn.options.max_header_bytes) => return Next::Close,
+        };
+        match outcome {
+            Outcome::Answered(mut lease, answered) => {
+                // An event stream has no deadline and, unless the service says otherwise,
+                // does not hold the instance's CPU.
+                let event_stream = answered.head.event_stream;
+                if event_stream && !config.streams_keep_cpu {
+                    lease.release_cpu();
+                }
+                let addr = lease.addr();
+                finish.lease = Some(lease);
+                let deadline = (!event_stream).then_some(deadline);
+                let stall = self.conn.options.idle_keep_alive;
+                self.relay(io, finish, answered, addr, deadline, stall)
+                    .await
+            }
+            Outcome::Refused(status, text, retry_after) => {
+                self.answer(io, finish, status, text, retry_after).await
+            }
+        }
+    }
+
+    /// Takes a slot and sends the request, retrying once elsewhere as the general path does.
+    async fn forward(&self, finish: &mut Finish, deadline: tokio::time::Instant) -> Outcome {
+        let route = self.route;
+        let first_byte_timeout = route.pool.config().timeouts.first_byte;
+        let mut avoid: Option<String> = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let lease = match route.pool.acquire(avoid.as_deref()).await {
+                Ok(l) => l,
+                Err(rejected) => {
+                    let (retry_after, text) = forward::refusal(rejected);
+                    let retry_after = forward::retry_after_secs(retry_after);
+                    return Outcome::Refused(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        text,
+                        Some(retry_after),
+                    );
+                }
+            };
+            if let Some(fields) = finish.log.as_mut() {
+                fields.entry.instance = lease.instance().to_owned();
+                fields.entry.queued_ms = forward::ms(lease.queued());
+                fields.entry.woke = lease.woke();
+            }
+            let first_byte = (tokio::time::Instant::now() + first_byte_timeout).min(deadline);
+            let sent = tokio::time::timeout_at(first_byte, self.send(lease.addr())).await;
+            let failure = match sent {
+                Ok(Ok(answered)) => return Outcome::Answered(lease, answered),
+                Ok(Err(failure)) => failure,
+                Err(_) if first_byte < deadline => Failure::FirstByteTimeout,
+                Err(_) => Failure::RequestTimeout,
+            };
+            let idempotent = self.req.idempotent();
+            match forward::after_failure(route, lease, failure, |sent_nothing| {
+                attempt == 1 && (sent_nothing || idempotent)
+            }) {
+                Ok(failed) => avoid = Some(failed),
+                Err((status, text)) => return Outcome::Refused(status, text, None),
+            }
+        }
+    }
+
+    /// Sends the head to `addr` on an idle socket, or a new one, and reads the response
+    /// head. A reused socket the instance closed meanwhile (its keep-alive timer ran out)
+    /// is replaced by a new one when the instance cannot have acted on the request: the
+    /// write failed, or the request is idempotent and no answer came.
+    async fn send(&self, addr: std::net::SocketAddr) -> Result<Answered, Failure> {
+        let clients = self.route.upstream.clients();
+        let extras = ResponseExtras {
+            head_request: self.req.method() == "HEAD",
+            hsts: self.hsts.as_ref(),
+            date: &head::http_date(),
+            close: self.extras_close,
+        };
+        let mut fresh = false;
+        loop {
+            let idle = if fresh {
+                None
+            } else {
+                clients.sockets.take(addr)
+            };
+            let reused = idle.is_some();
+            let mut stream = match idle {
+                Some(s) => s,
+                None => forward::connect_tcp(addr, self.route.upstream.connect_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        None => Failure::ConnectTimeout,
+                        Some(reason) => Failure::Connection {
+                            reason,
+                            sent_nothing: true,
+                        },
+                    })?,
+            };
+            if let Err(e) = stream.write_all(&self.up_head).await {
+                if reused {
+                    fresh = true;
+                    continue;
+                }
+                return Err(Failure::Connection {
+                    reason: format!("sending the request to instance {addr}: {e}"),
+                    sent_nothing: false,
+                });
+            }
+            let mut rest = BytesMut::with_capacity(8 * 1024);
+            loop {
+                match head::parse_response(&rest, &extras) {
+                    ParsedResponse::Final(len, head) => {
+                        rest.advance(len);
+                        return Ok(Answered { stream, rest, head });
+                    }
+                    ParsedResponse::Informational(len) => {
+                        rest.advance(len);
+                        continue;
+                    }
+                    ParsedResponse::Invalid(reason) => return Err(Failure::Other(reason)),
+                    ParsedResponse::Partial => {}
+                }
+                if rest.len() >= 64 * 1024 {
+                    return Err(Failure::Other("response head larger than 64 KiB".into()));
+                }
+                rest.reserve(8 * 1024);
+                match stream.read_buf(&mut rest).await {
+                    Ok(n) if n > 0 => {}
+                    result => {
+                        if reused && rest.is_empty() && self.req.idempotent() {
+                            fresh = true;
+                            break;
+                        }
+                        let why = match result {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "closed before answering".to_owned(),
+                        };
+                        return Err(Failure::Connection {
+                            reason: format!("instance {addr}: {why}"),
+                            sent_nothing: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the response head and relays the body. Once the instance's part is over, the
+    /// socket goes back to the pool (when the instance keeps it open) and the request is
+    /// recorded (metrics, access log, slot), before the last bytes go to the client.
+    async fn relay<IO>(
+        &self,
+        io: &mut IO,
+        finish: Finish,
+        answered: Answered,
+        addr: std::net::SocketAddr,
+        deadline: Option<tokio::time::Instant>,
+        stall: Duration,
+    ) -> Next
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Answered {
+            stream,
+            mut rest,
+            head,
+        } = answered;
+        let mut done = Done {
+            finish: Some(finish),
+            stream: Some(stream),
+            addr,
+            sockets: &self.route.upstream.clients().sockets,
+        };
+        if let Some(f) = done.finish.as_mut() {
+            f.status = head.status;
+        }
+        let relayed = async {
+            let mut out = head.head;
+            let reusable = head.reusable;
+            match head.framing {
+                Framing::Empty => {
+                    done.complete(reusable && rest.is_empty(), 0);
+                    write(io, &out, stall).await?;
+                }
+                Framing::Length(total) => {
+                    let mut left = total;
+                    let take = left.min(rest.len() as u64) as usize;
+                    out.extend_from_slice(&rest[..take]);
+                    left -= take as u64;
+                    let mut clean = rest.len() == take;
+                    if left == 0 {
+                        done.complete(reusable && clean, total);
+                    }
+                    write(io, &out, stall).await?;
+                    while left > 0 {
+                        rest.clear();
+                        rest.reserve(16 * 1024);
+                        if done.stream()?.read_buf(&mut rest).await? == 0 {
+                            return Err(cut("the instance closed mid-body"));
+                        }
+                        let take = left.min(rest.len() as u64) as usize;
+                        left -= take as u64;
+                        clean &= rest.len() == take;
+                        if left == 0 {
+                            done.complete(reusable && clean, total);
+                        }
+                        write(io, &rest[..take], stall).await?;
+                    }
+                }
+                Framing::Chunked => {
+                    let mut framing = Chunked::default();
+                    let used = framing.scan(&rest).map_err(cut)?;
+                    let mut clean = used == rest.len();
+                    out.extend_from_slice(&rest[..used]);
+                    if framing.done() {
+                        done.complete(reusable && clean, framing.data);
+                    }
+                    write(io, &out, stall).await?;
+                    while !framing.done() {
+                        rest.clear();
+                        rest.reserve(16 * 1024);
+                        if done.stream()?.read_buf(&mut rest).await? == 0 {
+                            return Err(cut("the instance closed mid-body"));
+                        }
+                        let used = framing.scan(&rest).map_err(cut)?;
+                        clean &= used == rest.len();
+                        if framing.done() {
+                            done.complete(reusable && clean, framing.data);
+                        }
+                        write(io, &rest[..used], stall).await?;
+                    }
+                }
+                Framing::UntilClose => {
+                    let mut sent = 0u64;
+                    if !rest.is_empty() {
+                        chunk(&mut out, &rest);
+                        sent += rest.len() as u64;
+                    }
+                    write(io, &out, stall).await?;
+                    loop {
+                        rest.clear();
+                        rest.reserve(16 * 1024);
+                        if done.stream()?.read_buf(&mut rest).await? == 0 {
+                            break;
+                        }
+                        out.clear();
+                        chunk(&mut out, &rest);
+                        sent += rest.len() as u64;
+                        write(io, &out, stall).await?;
+                    }
+                    done.complete(false, sent);
+                    write(io, b"0\r\n\r\n", stall).await?;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let result = match deadline {
+            Some(at) => tokio::time::timeout_at(at, relayed)
+                .await
+                .unwrap_or_else(|_| Err(cut("the request's timeout passed"))),
+            None => relayed.await,
+        };
+        match result {
+            Ok(()) if self.extras_close => Next::Close,
+            Ok(()) => Next::Keep,
+            Err(e) => {
+                tracing::debug!(client = %self.conn.info.client, "response cut: {e}");
+                Next::Close
+            }
+        }
+    }
+
+    /// Answers from the proxy itself.
+    async fn answer<IO>(
+        &self,
+        io: &mut IO,
+        mut finish: Finish,
+        status: StatusCode,
+        text: &str,
+        retry_after: Option<u64>,
+    ) -> Next
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        finish.status = status.as_u16();
+        let out = head::plain(
+            status,
+            text,
+            retry_after,
+            &head::http_date(),
+            self.extras_close,
+        );
+        finish.bytes_out = (text.len() + 1) as u64;
+        drop(finish);
+        match write(io, &out, self.conn.options.idle_keep_alive).await {
+            Ok(()) if !self.extras_close => Next::Keep,
+            _ => Next::Close,
+        }
+    }
+}
+
+fn cut(why: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(why.to_string())
+}
+
+/// Appends `data` as one chunk.
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes all of `data` to the client, which has `stall` to take each part of it.
+async fn write<IO>(io: &mut IO, data: &[u8], stall: Duration) -> std::io::Result<()>
+where
+    IO: AsyncWrite + Unpin,
+{
+    let written = async {
+        io.write_all(data).await?;
+        io.flush().await
+    };
+    match tokio::time::timeout(stall, written).await {
+        Ok(r) => r,
+        Err(_) => Err(cut("the client stopped reading its response")),
+    }
+}
+
+/// `inner`, with bytes already read from it in front.
+pub(crate) struct Prefixed<T> {
+    pub(crate) prefix: BytesMut,
+    pub(crate) inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
