@@ -451,7 +451,7 @@ pub(crate) fn http_date() -> Bytes {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
-        static CACHE: RefCell<(u64, Bytes)> = RefCell::new((u64::MAX, Bytes::new()));
+        static CACHE: RefCell<(u64, Bytes)> = const { RefCell::new((u64::MAX, Bytes::new())) };
     }
     let now = SystemTime::now();
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -72,10 +72,18 @@ where
     let head_wait = options.header_read_timeout.max(options.idle_keep_alive);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut served_any = false;
+    // Made once per connection, not per request: a drain watch and a timer are both
+    // registrations that cost more than the rest of a request's bookkeeping.
+    let mut draining = *drain.borrow();
+    let mut drained = std::pin::pin!(async {
+        let _ = drain.wait_for(|d| *d).await;
+    });
+    // The head deadline is lazy: a new wait only moves `waiting_since`; the timer, when it
+    // fires early, is set again for the wait's real end.
+    let mut waiting_since = tokio::time::Instant::now();
+    let mut cutoff: Option<tokio::time::Instant> = None;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(waiting_since + head_wait));
     loop {
-        let deadline = tokio::time::Instant::now() + head_wait;
-        let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline));
-        let mut draining = *drain.borrow();
         let req = loop {
             match head::parse_request(&mut buf, options.max_header_bytes, tls) {
                 Parsed::Fast(req) => break req,
@@ -87,9 +95,12 @@ where
                     return Served::Closed;
                 }
                 // Accepted just before the drain: its request may be on the way.
-                let soon = tokio::time::Instant::now() + FIRST_BYTES_WAIT;
-                if deadline.deadline() > soon {
-                    deadline.as_mut().reset(soon);
+                if cutoff.is_none() {
+                    let soon = tokio::time::Instant::now() + FIRST_BYTES_WAIT;
+                    cutoff = Some(soon);
+                    if timer.deadline() > soon {
+                        timer.as_mut().reset(soon);
+                    }
                 }
             }
             if buf.capacity() - buf.len() < 1024 {
@@ -100,18 +111,27 @@ where
                     Ok(0) | Err(_) => return Served::Closed,
                     Ok(_) => {}
                 },
-                () = deadline.as_mut() => return Served::Closed,
-                _ = drain.wait_for(|d| *d), if !draining => draining = true,
+                () = timer.as_mut() => {
+                    let due = (waiting_since + head_wait).min(cutoff.unwrap_or(waiting_since + head_wait));
+                    if tokio::time::Instant::now() >= due {
+                        return Served::Closed;
+                    }
+                    timer.as_mut().reset(due);
+                }
+                () = drained.as_mut(), if !draining => draining = true,
             }
         };
         served_any = true;
-        let draining = *drain.borrow();
-        match exchange(conn, io, req, &mut buf, draining).await {
-            Next::Keep if !*drain.borrow() => {}
+        let next = exchange(conn, io, req, &mut buf, draining).await;
+        if !draining && futures_util::FutureExt::now_or_never(drained.as_mut()).is_some() {
+            draining = true;
+        }
+        match next {
+            Next::Keep if !draining => waiting_since = tokio::time::Instant::now(),
             Next::Keep | Next::Close => return Served::Closed,
             Next::Other(req) => {
                 // The head goes back in front of what follows it.
-                let mut all = BytesMut::from(&req.raw()[..]);
+                let mut all = BytesMut::from(req.raw());
                 all.extend_from_slice(&buf);
                 return Served::Other(all);
             }

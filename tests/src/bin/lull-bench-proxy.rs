@@ -189,7 +189,7 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("start the driver's tokio runtime")?;
-    let lull = runtime.block_on(LullProxy::start(&upstreams))?;
+    let lull = runtime.block_on(LullProxy::start(&upstreams, PROXY_THREAD_NAME, true))?;
     let mut peers = Peers::default();
     let nginx = peers.start_nginx(scratch.path(), &upstreams)?;
     let haproxy = peers.start_haproxy(scratch.path(), &upstreams)?;
@@ -224,6 +224,14 @@ fn run(args: Args) -> Result<()> {
         wait_until_answering(target.h1, HOST).with_context(|| format!("{} (h1)", target.name))?;
     }
     if let Some(serve) = args.serve {
+        // For A/B runs of one's own: lull without its HTTP/1 fast path (hyper for every
+        // request), on threads of its own.
+        let hyper_only =
+            runtime.block_on(LullProxy::start(&upstreams, HYPER_ONLY_THREAD_NAME, false))?;
+        println!(
+            "lull without the HTTP/1 fast path: http://{} cpu of threads {HYPER_ONLY_THREAD_NAME}-*",
+            hyper_only.addr
+        );
         for target in &targets {
             println!(
                 "{:<8} http://{} (h2c: {}) cpu of {:?}",
@@ -239,6 +247,7 @@ fn run(args: Args) -> Result<()> {
         std::thread::sleep(serve);
         drop(peers);
         runtime.block_on(lull.proxy.shutdown(Duration::from_secs(1)));
+        runtime.block_on(hyper_only.proxy.shutdown(Duration::from_secs(1)));
         drop(runtime);
         return apps.stop();
     }
@@ -540,6 +549,8 @@ impl CpuControl for CgroupCpu {
 const PROXY_THREADS: usize = 2;
 /// Their names' prefix (`spawn_runtimes` appends `-<n>`).
 const PROXY_THREAD_NAME: &str = "lull-proxy";
+/// `--serve`'s second lull, without the HTTP/1 fast path.
+const HYPER_ONLY_THREAD_NAME: &str = "lull-hyper";
 
 struct LullProxy {
     proxy: Proxy,
@@ -551,7 +562,13 @@ struct LullProxy {
 
 impl LullProxy {
     /// The proxy as the daemon embeds it: one pool of all upstreams at `HOST`.
-    async fn start(upstreams: &[SocketAddr]) -> Result<LullProxy> {
+    /// lull on `upstreams`, served by threads named `thread_name`, its HTTP/1 fast path on
+    /// or off.
+    async fn start(
+        upstreams: &[SocketAddr],
+        thread_name: &str,
+        http1_fast_path: bool,
+    ) -> Result<LullProxy> {
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let metrics = Arc::new(ProxyMetrics::new());
         let pool = Pool::with_metrics(
@@ -571,13 +588,17 @@ impl LullProxy {
         }
         let routes = Arc::new(RouteTable::new());
         routes.insert(HOST, Route::new(pool, "rev-1"));
-        let proxy = Proxy::new(routes.clone(), ProxyOptions::default());
+        let options = ProxyOptions {
+            http1_fast_path,
+            ..ProxyOptions::default()
+        };
+        let proxy = Proxy::new(routes.clone(), options);
         // One current-thread runtime per CPU, each with its own SO_REUSEPORT socket, as the
         // daemon runs the proxy.
         let addr = proxy
             .listen_on(
                 SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                &lull_proxy::server::spawn_runtimes(PROXY_THREADS, PROXY_THREAD_NAME)
+                &lull_proxy::server::spawn_runtimes(PROXY_THREADS, thread_name)
                     .context("start the proxy's threads")?,
             )
             .context("start lull's proxy")?;
