@@ -12,8 +12,9 @@
 //!    wants any more; orders run one at a time, each bounded in time;
 //! 4. a name the CA refused is left out of the next orders for a jittered, doubling wait; an
 //!    order failing as a whole (CA down) waits likewise before that service's next one (a
-//!    changed name set retries at once); the certificate served keeps being served until it
-//!    expires (it is never dropped for a failed renewal);
+//!    changed name set retries at once); a rate limit waits an hour at least, and a wait the
+//!    CA asked for (`Retry-After`) is waited in full, up to a week; the certificate served
+//!    keeps being served until it expires (it is never dropped for a failed renewal);
 //! 5. a certificate past the warning point raises `certificate.expiring` once per certificate;
 //!    an expired one is dropped; one superseded by a new order is deleted (revoked when it
 //!    names what no service wants); one none of whose names any service wants, two passes in a
@@ -57,6 +58,9 @@ pub const ORDER_TIMEOUT: Duration = Duration::from_secs(600);
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The least wait after the CA said "rate limited".
 const RATE_LIMITED_WAIT: Duration = Duration::from_secs(3600);
+/// The longest wait the CA's `Retry-After` is believed for (a CA's mistake, or a hostile
+/// one, must not stop renewals for good).
+const CA_WAIT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Which names each service answers on (`(service, names)`), as the control plane knows now;
 /// an error when that cannot be known (the store failed).
@@ -549,7 +553,9 @@ impl AcmeManager {
     ) {
         self.orders_failed.fetch_add(1, Ordering::Relaxed);
         let error = e.to_string();
-        let rate_limited = error.contains("urn:ietf:params:acme:error:rateLimited");
+        let rate_limited = error.contains(super::client::RATE_LIMITED);
+        // The wait the CA asked for, counted from now (believed up to a week).
+        let ca_wait = e.ca_wait().map(|wait| wait.min(CA_WAIT_MAX));
         let backoff = |failure: &mut Failure| {
             failure.count += 1;
             let mut wait = policy::retry_after(
@@ -561,13 +567,16 @@ impl AcmeManager {
             if rate_limited {
                 wait = wait.max(RATE_LIMITED_WAIT);
             }
+            if let Some(asked) = ca_wait {
+                wait = wait.max(asked);
+            }
             let at = wait_until(wait);
             failure.retry_at = Some(at);
             failure.error = error.clone();
             at
         };
         // Names the CA refused are left out of the next orders; the others retry at once.
-        let refused: Vec<(String, String)> = match &e {
+        let refused: Vec<(String, String)> = match e.cause() {
             AcmeError::Order { failed, .. } => failed
                 .iter()
                 .filter(|(n, _)| names.contains(n))
@@ -595,6 +604,27 @@ impl AcmeManager {
                 last
             }
         };
+        let asked = match (e.ca_wait(), ca_wait) {
+            (Some(asked), Some(believed)) if !asked.is_zero() => format!(
+                " (the CA asked to wait until {}{})",
+                chrono::TimeDelta::from_std(asked)
+                    .ok()
+                    .and_then(|wait| Utc::now().checked_add_signed(wait))
+                    .map_or_else(
+                        || format!("{}s from now", asked.as_secs()),
+                        |at| at.to_rfc3339()
+                    ),
+                if believed < asked {
+                    format!(
+                        ", which lull caps at {} days",
+                        CA_WAIT_MAX.as_secs() / 86_400
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            _ => String::new(),
+        };
         let keeping = match current {
             Some(h) => format!(
                 "; the current certificate keeps being served until {}",
@@ -606,12 +636,17 @@ impl AcmeManager {
             service,
             "certificate.failed",
             format!(
-                "certificate for {} not {}: {error}; retry at {}{keeping}",
+                "certificate for {} not {}: {error}; retry at {}{asked}{keeping}",
                 names.join(", "),
                 if renewal { "renewed" } else { "issued" },
                 retry_at.to_rfc3339()
             ),
-            json!({ "names": names, "error": error, "retry_at": retry_at.to_rfc3339() }),
+            json!({
+                "names": names,
+                "error": error,
+                "retry_at": retry_at.to_rfc3339(),
+                "ca_retry_after_secs": e.ca_wait().map(|wait| wait.as_secs()),
+            }),
         );
     }
 
@@ -913,6 +948,8 @@ mod tests {
     struct FakeIssuer {
         refuse: StdMutex<Vec<String>>,
         down: AtomicBool,
+        /// The wait the CA asks for when down.
+        ca_wait: StdMutex<Option<Duration>>,
         orders: StdMutex<Vec<Vec<String>>>,
         revoked: StdMutex<Vec<Vec<u8>>>,
     }
@@ -922,7 +959,14 @@ mod tests {
             Box::pin(async move {
                 self.orders.lock().unwrap().push(names.to_vec());
                 if self.down.load(Ordering::SeqCst) {
-                    return Err(AcmeError::Other("connection refused".into()));
+                    let error = AcmeError::Other("connection refused".into());
+                    return Err(match *self.ca_wait.lock().unwrap() {
+                        Some(wait) => AcmeError::CaAskedToWait {
+                            error: Box::new(error),
+                            wait,
+                        },
+                        None => error,
+                    });
                 }
                 let refused: Vec<(String, String)> = names
                     .iter()
@@ -1159,5 +1203,61 @@ mod tests {
         assert_eq!(AcmeDir::open(&path).unwrap().list_certs().len(), 1);
         production.pass().await;
         assert_eq!(r.issuer.orders.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_wait_the_ca_asks_for_is_waited_in_full_up_to_a_week() {
+        let day = Duration::from_secs(86_400);
+        let retry_at = |r: &Rig| {
+            r.manager
+                .views()
+                .into_iter()
+                .find(|v| v.name == "a.example.com")
+                .unwrap()
+                .retry_at
+                .unwrap()
+        };
+        let last_event = |r: &Rig| r.events.lock().unwrap().last().unwrap().message.clone();
+        let within = |at: DateTime<Utc>, wait: Duration| {
+            let expected = wait_until(wait);
+            (expected - chrono::TimeDelta::minutes(1)..=expected).contains(&at)
+        };
+        // Two days asked, far above lull's own backoff (an hour at most in the rig): waited.
+        let r = rig("https://ca.test/dir", tempfile::tempdir().unwrap());
+        r.issuer.down.store(true, Ordering::SeqCst);
+        *r.issuer.ca_wait.lock().unwrap() = Some(2 * day);
+        want(&r, &[("web", &["a.example.com"])]);
+        r.manager.pass().await;
+        assert_eq!(status(&r, "a.example.com"), NameStatus::Failed);
+        assert!(within(retry_at(&r), 2 * day), "{}", retry_at(&r));
+        let message = last_event(&r);
+        assert!(
+            message.contains("(the CA asked to wait until "),
+            "{message}"
+        );
+        assert!(!message.contains("caps"), "{message}");
+        // No order is tried meanwhile.
+        r.manager.pass().await;
+        assert_eq!(r.issuer.orders.lock().unwrap().len(), 1);
+
+        // Thirty days asked: a week, and the event says so.
+        let r = rig("https://ca.test/dir", tempfile::tempdir().unwrap());
+        r.issuer.down.store(true, Ordering::SeqCst);
+        *r.issuer.ca_wait.lock().unwrap() = Some(30 * day);
+        want(&r, &[("web", &["a.example.com"])]);
+        r.manager.pass().await;
+        assert!(within(retry_at(&r), 7 * day), "{}", retry_at(&r));
+        let message = last_event(&r);
+        assert!(message.contains("which lull caps at 7 days"), "{message}");
+
+        // A wait shorter than lull's own backoff changes nothing.
+        let r = rig("https://ca.test/dir", tempfile::tempdir().unwrap());
+        r.issuer.down.store(true, Ordering::SeqCst);
+        *r.issuer.ca_wait.lock().unwrap() = Some(Duration::from_secs(1));
+        want(&r, &[("web", &["a.example.com"])]);
+        r.manager.pass().await;
+        // The rig's backoff: an hour, jittered to between half and all of it.
+        let at = retry_at(&r);
+        assert!(at >= wait_until(Duration::from_secs(1790)), "{at}");
     }
 }

@@ -1,6 +1,6 @@
 //! Renewal and retry timing: pure functions of the certificate's dates and the clock.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -30,6 +30,19 @@ pub fn retry_after(failures: u32, initial: Duration, max: Duration, jitter: f64)
         .unwrap_or(max)
         .min(max);
     full.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+/// The wait a CA's `Retry-After` value asks for, counted from `now`: delay-seconds, or an
+/// HTTP-date (RFC 9110, section 10.2.3), zero when that date is past; None when the value is
+/// neither.
+pub fn ca_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds is still "a very long time".
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// A jitter value in `0.0..1.0` from the OS's randomness.
@@ -71,5 +84,47 @@ mod tests {
         assert_eq!(retry_after(u32::MAX, initial, max, 1.0), max);
         let j = jitter();
         assert!((0.0..1.0).contains(&j));
+    }
+
+    #[test]
+    fn the_cas_retry_after_is_read_as_seconds_or_a_date() {
+        // Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let wait = |value| ca_retry_after(value, now);
+        assert_eq!(wait("3600"), Some(Duration::from_secs(3600)));
+        assert_eq!(wait(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(wait("0"), Some(Duration::ZERO));
+        assert_eq!(
+            wait("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        // An HTTP-date: the time from now to it, in each of the three forms RFC 9110 allows.
+        assert_eq!(
+            wait("Sun, 06 Nov 1994 09:49:37 GMT"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            wait("Sunday, 06-Nov-94 09:49:37 GMT"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            wait("Sun Nov  6 09:49:37 1994"),
+            Some(Duration::from_secs(3600))
+        );
+        // A date past asks for no wait.
+        assert_eq!(wait("Sat, 05 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        // Anything else is no answer.
+        for garbage in [
+            "",
+            "  ",
+            "-5",
+            "1.5",
+            "soon",
+            "3600s",
+            "Sun, 06 Nov 1994",
+            "0x10",
+        ] {
+            assert_eq!(wait(garbage), None, "{garbage:?}");
+        }
     }
 }

@@ -72,7 +72,8 @@ pub struct AcmeConfig {
     pub challenge: ChallengeKind,
     /// External account binding: key id and base64url HMAC key, for CAs that require one.
     pub eab: Option<(String, String)>,
-    /// The first retry after a failed order; each next one doubles (jittered) up to `retry_max`.
+    /// The first retry after a failed order; each next one doubles (jittered) up to `retry_max`
+    /// (longer when the CA rate-limits or asks for a wait with `Retry-After`).
     pub retry_initial: Duration,
     pub retry_max: Duration,
     /// How often certificates are checked for renewal and domains for their DNS records.
