@@ -32,8 +32,10 @@ where
 }
 
 impl Reusable for tokio::net::TcpStream {
+    /// Costs no system call unless the reactor saw the socket become readable (the instance
+    /// closed it): tokio answers `WouldBlock` from its cached readiness.
     fn usable(&self) -> bool {
-        true
+        !self.closed()
     }
 
     /// An idle connection has nothing to read: readable means the instance closed it (or

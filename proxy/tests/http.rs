@@ -1492,7 +1492,8 @@ async fn scripted(
                         return;
                     };
                     sock.write_all(answer.as_bytes()).await.unwrap();
-                    if answer.contains("Connection: close") {
+                    // `X-Then: hang-up`: closed as an app's keep-alive timer would, unsaid.
+                    if answer.contains("Connection: close") || answer.contains("X-Then: hang-up") {
                         return;
                     }
                 }
@@ -1630,4 +1631,29 @@ async fn a_client_that_leaves_while_queued_gives_its_place_up() {
     let log = s.log_entries();
     let statuses: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
     assert!(statuses.contains(&("/2", 499)), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_instance_closed_is_not_used_again() {
+    let (addr, heads, conns) = scripted(vec![
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Then: hang-up\r\n\r\nok",
+        "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+    ])
+    .await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut sock).await.1, "ok");
+    // The instance's close reaches the proxy's reactor while the connection is idle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Not idempotent: had it gone on the closed connection, it could not be sent again.
+    sock.write_all(b"POST /2 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 201 Created\r\n"), "{head}");
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    assert_eq!(heads.lock().unwrap().len(), 2);
 }
