@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -191,10 +191,7 @@ impl Http1Pool {
             }
             let replay = (reused
                 && req.body().shared.is_none()
-                && matches!(
-                    *req.method(),
-                    Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-                ))
+                && REPLAYABLE.contains(&req.method().as_str()))
             .then(|| {
                 (
                     req.method().clone(),
@@ -256,6 +253,14 @@ pub(crate) async fn connect_tcp(
         }
     }
 }
+
+/// Methods of requests sent again on a fresh connection when a reused one was dropped
+/// unanswered (the instance cannot have acted on them, and they carry no body).
+pub(crate) const REPLAYABLE: [&str; 4] = ["GET", "HEAD", "OPTIONS", "TRACE"];
+
+/// Methods of requests retried on another instance after a connection failure, when their
+/// body (if any) was not sent.
+pub(crate) const RETRY_SAFE: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
 
 /// The connection a request came on.
 #[derive(Clone)]
@@ -820,10 +825,7 @@ async fn forward(
         })
     });
     finish.body = shared.clone();
-    let retry_safe_method = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    );
+    let retry_safe_method = RETRY_SAFE.contains(&parts.method.as_str());
     let clients = route.upstream.clients();
     let h2c = match (&clients.h2c, upgrading) {
         (Some(h2), false) => Some(h2),

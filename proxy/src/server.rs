@@ -22,7 +22,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -527,7 +527,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>, tls: Optio
 }
 
 /// How long a connection accepted just before a drain may take to send its first bytes.
-const FIRST_BYTES_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_BYTES_WAIT: Duration = Duration::from_secs(1);
 
 /// Notes that the client's first bytes (or its end) were read.
 struct Heard<T> {
@@ -651,7 +651,11 @@ async fn serve<IO>(
             _ = close.wait_for(|c| *c) => return,
         };
         match served {
-            fast::Served::Closed => return,
+            fast::Served::Closed => {
+                // A clean end (a TLS client gets its close_notify).
+                let _ = tokio::time::timeout(FIRST_BYTES_WAIT, io.shutdown()).await;
+                return;
+            }
             fast::Served::Other(read) => prefix = read,
         }
     }
@@ -666,6 +670,10 @@ async fn serve<IO>(
     let mut deferred: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
+            // The connection first: one the fast path handed over has its request read
+            // already, and hyper must take it in before a drain's graceful shutdown (which
+            // drops a connection still telling HTTP/1 from HTTP/2).
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%client, "client connection ended: {e}");

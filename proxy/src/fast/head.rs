@@ -49,14 +49,22 @@ pub(crate) enum Parsed {
 /// 0), no `Upgrade`, `Expect`, `TE`, `Trailer`, `Keep-Alive` or `Proxy-*` header, a
 /// `Connection` header that only says `keep-alive`, and (on plain HTTP) not an ACME
 /// challenge. Heads longer than `max_bytes` are hyper's to refuse.
-pub(crate) fn parse_request(buf: &mut BytesMut, max_bytes: usize, tls: bool) -> Parsed {
+pub(crate) fn parse_request(
+    buf: &mut BytesMut,
+    max_bytes: usize,
+    max_headers: usize,
+    tls: bool,
+) -> Parsed {
     let mut parsed = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut req = httparse::Request::new(&mut parsed);
     let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Complete(len)) if len <= max_bytes => len,
         Ok(httparse::Status::Partial) if buf.len() <= max_bytes => return Parsed::Partial,
         _ => return Parsed::Other,
     };
+    if req.headers.len() > max_headers {
+        return Parsed::Other;
+    }
     let base = buf.as_ptr() as usize;
     let at = |s: &[u8]| {
         let start = s.as_ptr() as usize - base;
@@ -65,7 +73,13 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_bytes: usize, tls: bool) -> 
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Other;
     };
-    if !path.starts_with('/') || (!tls && path.starts_with(ACME_CHALLENGE_PREFIX)) {
+    // Origin form only, as the `http` crate reads it (it refuses some bytes httparse lets
+    // through, and drops a fragment); CONNECT is a tunnel, not an exchange.
+    if !path.starts_with('/')
+        || (!tls && path.starts_with(ACME_CHALLENGE_PREFIX))
+        || method == "CONNECT"
+        || http::uri::PathAndQuery::try_from(path).map_or(true, |p| p.as_str() != path)
+    {
         return Parsed::Other;
     }
     let mut host = None;
@@ -107,17 +121,18 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_bytes: usize, tls: bool) -> 
         {
             return Parsed::Other;
         } else if is("x-forwarded-for") {
-            if std::str::from_utf8(value).is_err() {
-                return Parsed::Other;
+            // Values that are not visible ASCII are dropped, as the general path drops them.
+            if headers::usable_request_id(value) {
+                forwarded_for.push(at(value));
             }
-            forwarded_for.push(at(value));
         } else if is("x-forwarded-proto") || is("x-forwarded-host") || is("forwarded") {
             // Replaced with this hop's.
         } else if is("x-request-id") {
-            if headers::usable_request_id(value) {
+            // The first usable one is the request's id; the general path keeps them all.
+            if request_id.is_none() && headers::usable_request_id(value) {
                 request_id = Some(at(value));
-                kept.push((at(name.as_bytes()), at(value)));
             }
+            kept.push((at(name.as_bytes()), at(value)));
         } else {
             kept.push((at(name.as_bytes()), at(value)));
         }
@@ -170,12 +185,16 @@ impl RequestHead {
         self.request_id.as_ref().map(|r| &self.raw[r.clone()])
     }
 
-    /// Whether the instance may see the request twice: the method is idempotent.
-    pub(crate) fn idempotent(&self) -> bool {
-        matches!(
-            self.method(),
-            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        )
+    /// Whether the request may go again on a fresh connection when a reused one was
+    /// dropped unanswered (the general path's list).
+    pub(crate) fn replayable(&self) -> bool {
+        crate::forward::REPLAYABLE.contains(&self.method())
+    }
+
+    /// Whether the request may go to another instance after a connection failure there
+    /// (the general path's list).
+    pub(crate) fn retry_safe(&self) -> bool {
+        crate::forward::RETRY_SAFE.contains(&self.method())
     }
 
     /// The head the instance gets: the client's, with this hop's forwarding headers, and
@@ -310,7 +329,11 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
                     if version == 0 {
                         close = false;
                     }
-                } else if !t.is_empty() && !t.eq_ignore_ascii_case("trailer") {
+                } else if !t.is_empty()
+                    && !t.eq_ignore_ascii_case("trailer")
+                    && !t.eq_ignore_ascii_case("content-length")
+                {
+                    // (A length the app names stays: it frames the body the client gets.)
                     named.push(t);
                 }
             }
@@ -324,19 +347,25 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
                 .to_ascii_lowercase();
             chunked = last == "chunked";
         } else if is("content-length") {
-            let Some(n) = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            else {
-                return ParsedResponse::Invalid(format!(
-                    "response head: Content-Length {:?}",
-                    String::from_utf8_lossy(h.value)
-                ));
-            };
-            if length.is_some_and(|l| l != n) {
-                return ParsedResponse::Invalid("response head: two Content-Lengths".into());
+            // Digits only, as hyper reads it; a list of equal values is one value.
+            for part in h.value.split(|&b| b == b',') {
+                let digits = part.trim_ascii();
+                let n = (!digits.is_empty()
+                    && digits.len() <= 19
+                    && digits.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                .flatten();
+                let Some(n) = n else {
+                    return ParsedResponse::Invalid(format!(
+                        "response head: Content-Length {:?}",
+                        String::from_utf8_lossy(h.value)
+                    ));
+                };
+                if length.is_some_and(|l| l != n) {
+                    return ParsedResponse::Invalid("response head: two Content-Lengths".into());
+                }
+                length = Some(n);
             }
-            length = Some(n);
         } else if is("date") {
             has_date = true;
         } else if is("strict-transport-security") {
@@ -344,6 +373,9 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
         } else if is("content-type") {
             event_stream = h.value.starts_with(b"text/event-stream");
         }
+    }
+    if encoded && version == 0 {
+        return ParsedResponse::Invalid("response head: HTTP/1.0 with Transfer-Encoding".into());
     }
     let framing = if extras.head_request || code == 204 || code == 304 {
         Framing::Empty
@@ -419,6 +451,7 @@ pub(crate) fn plain(
     text: &str,
     retry_after: Option<u64>,
     date: &[u8],
+    hsts: Option<&HeaderValue>,
     close: bool,
 ) -> Vec<u8> {
     let body = format!("{text}\n");
@@ -438,6 +471,9 @@ pub(crate) fn plain(
         body.len().to_string().as_bytes(),
     );
     line(&mut out, b"date", date);
+    if let Some(hsts) = hsts {
+        line(&mut out, b"strict-transport-security", hsts.as_bytes());
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -469,7 +505,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Parsed {
-        parse_request(&mut BytesMut::from(text), 64 * 1024, false)
+        parse_request(&mut BytesMut::from(text), 64 * 1024, 100, false)
     }
 
     fn fast(text: &str) -> RequestHead {
@@ -533,6 +569,9 @@ mod tests {
             "GET /.well-known/acme-challenge/t HTTP/1.1\r\nHost: a\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            "GET /a<b> HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a#frag HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT /x HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert!(matches!(parse(text), Parsed::Other), "{text:?}");
         }
@@ -540,13 +579,27 @@ mod tests {
         let mut buf =
             BytesMut::from("GET /.well-known/acme-challenge/t HTTP/1.1\r\nHost: a\r\n\r\n");
         assert!(matches!(
-            parse_request(&mut buf, 1024, true),
+            parse_request(&mut buf, 1024, 100, true),
             Parsed::Fast(_)
         ));
         // A head longer than allowed is hyper's to refuse.
         let mut long = BytesMut::from("GET / HTTP/1.1\r\nHost: a\r\nX: ");
         long.extend_from_slice(&[b'x'; 100]);
-        assert!(matches!(parse_request(&mut long, 64, false), Parsed::Other));
+        assert!(matches!(
+            parse_request(&mut long, 64, 100, false),
+            Parsed::Other
+        ));
+        // So is a complete one, and one with more headers than allowed.
+        let mut complete = BytesMut::from("GET / HTTP/1.1\r\nHost: a\r\nX: 0123456789\r\n\r\n");
+        assert!(matches!(
+            parse_request(&mut complete, 32, 100, false),
+            Parsed::Other
+        ));
+        let mut many = BytesMut::from("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n");
+        assert!(matches!(
+            parse_request(&mut many, 1024, 2, false),
+            Parsed::Other
+        ));
     }
 
     #[test]
@@ -558,7 +611,7 @@ mod tests {
         let mut buf = BytesMut::from(
             "GET /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
         );
-        let Parsed::Fast(first) = parse_request(&mut buf, 1024, false) else {
+        let Parsed::Fast(first) = parse_request(&mut buf, 1024, 100, false) else {
             panic!()
         };
         assert_eq!(first.path(), "/1");
@@ -660,6 +713,9 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "SSH-2.0\r\n\r\n",
         ] {
             assert!(
@@ -707,6 +763,7 @@ mod tests {
             "503 service unavailable: the service is paused",
             Some(2),
             b"D",
+            None,
             false,
         );
         let text = String::from_utf8(out).unwrap();

@@ -34,7 +34,7 @@ use crate::edge::EdgeSlot;
 use crate::forward::{self, ActiveGuard, ConnInfo, Failure, Finish};
 use crate::pool::Lease;
 use crate::routes::{Route, RouteTable};
-use crate::server::ProxyOptions;
+use crate::server::{FIRST_BYTES_WAIT, ProxyOptions};
 use chunked::Chunked;
 use head::{Framing, Parsed, ParsedResponse, RequestHead, ResponseExtras, ResponseHead};
 
@@ -53,9 +53,6 @@ pub(crate) struct Conn<'a> {
     pub(crate) info: &'a ConnInfo,
     pub(crate) options: &'a ProxyOptions,
 }
-
-/// How long a connection accepted just before a drain may take to send its first request.
-const FIRST_BYTES_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves `io`'s requests while the fast path takes them.
 pub(crate) async fn serve<IO>(
@@ -85,7 +82,8 @@ where
     let mut timer = std::pin::pin!(tokio::time::sleep_until(waiting_since + head_wait));
     loop {
         let req = loop {
-            match head::parse_request(&mut buf, options.max_header_bytes, tls) {
+            match head::parse_request(&mut buf, options.max_header_bytes, options.max_headers, tls)
+            {
                 Parsed::Fast(req) => break req,
                 Parsed::Other => return Served::Other(buf),
                 Parsed::Partial => {}
@@ -109,7 +107,9 @@ where
             tokio::select! {
                 read = io.read_buf(&mut buf) => match read {
                     Ok(0) | Err(_) => return Served::Closed,
-                    Ok(_) => {}
+                    // The drain's short wait is for a first request still to come; one
+                    // on its way has the usual time.
+                    Ok(_) => cutoff = None,
                 },
                 () = timer.as_mut() => {
                     let due = (waiting_since + head_wait).min(cutoff.unwrap_or(waiting_since + head_wait));
@@ -147,13 +147,21 @@ enum Next {
     Other(RequestHead),
 }
 
+/// Largest response head read from an instance (hyper's client reads up to about as much).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
+
+/// What an added `x-request-id` counts against a head's size (name, 32 hex digits, 4).
+const REQUEST_ID_LINE: usize = 12 + 32 + 4;
+
 /// Whether the route takes `req` on the fast path: hyper answers the rest (a redirect to
 /// HTTPS, an h2c upstream, a head over the service's limits).
 fn eligible(conn: &Conn<'_>, route: &Route, req: &RequestHead) -> bool {
     let config = route.pool.config();
+    // Counted as the general path counts them: after a request id is added.
+    let added = usize::from(req.client_request_id().is_none());
     if route.upstream.h2c
-        || req.count > config.limits.max_headers
-        || req.size > config.limits.max_header_bytes
+        || req.count + added > config.limits.max_headers
+        || req.size + added * (REQUEST_ID_LINE) > config.limits.max_header_bytes
     {
         return false;
     }
@@ -293,6 +301,9 @@ where
     while buf.len() < limit {
         buf.reserve(4 * 1024);
         match io.read_buf(buf).await {
+            // A client that sent its requests and closed its side waits for the answers
+            // (the loop sees the end again once they are served).
+            Ok(0) if !buf.is_empty() => break,
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -334,7 +345,8 @@ impl Exchange<'_> {
                 finish.lease = Some(lease);
                 let deadline = (!event_stream).then_some(deadline);
                 let stall = self.conn.options.idle_keep_alive;
-                self.relay(io, finish, answered, addr, deadline, stall)
+                let client = Client { io, buf };
+                self.relay(client, finish, answered, addr, deadline, stall)
                     .await
             }
             Outcome::Refused(status, text, retry_after) => {
@@ -376,9 +388,9 @@ impl Exchange<'_> {
                 Err(_) if first_byte < deadline => Failure::FirstByteTimeout,
                 Err(_) => Failure::RequestTimeout,
             };
-            let idempotent = self.req.idempotent();
+            let retry_safe = self.req.retry_safe();
             match forward::after_failure(route, lease, failure, |sent_nothing| {
-                attempt == 1 && (sent_nothing || idempotent)
+                attempt == 1 && (sent_nothing || retry_safe)
             }) {
                 Ok(failed) => avoid = Some(failed),
                 Err((status, text)) => return Outcome::Refused(status, text, None),
@@ -389,7 +401,7 @@ impl Exchange<'_> {
     /// Sends the head to `addr` on an idle socket, or a new one, and reads the response
     /// head. A reused socket the instance closed meanwhile (its keep-alive timer ran out)
     /// is replaced by a new one when the instance cannot have acted on the request: the
-    /// write failed, or the request is idempotent and no answer came.
+    /// write failed, or the request is replayable and no answer came.
     async fn send(&self, addr: std::net::SocketAddr) -> Result<Answered, Failure> {
         let clients = self.route.upstream.clients();
         let extras = ResponseExtras {
@@ -442,14 +454,14 @@ impl Exchange<'_> {
                     ParsedResponse::Invalid(reason) => return Err(Failure::Other(reason)),
                     ParsedResponse::Partial => {}
                 }
-                if rest.len() >= 64 * 1024 {
-                    return Err(Failure::Other("response head larger than 64 KiB".into()));
+                if rest.len() >= MAX_RESPONSE_HEAD {
+                    return Err(Failure::Other("response head larger than 400 KiB".into()));
                 }
                 rest.reserve(8 * 1024);
                 match stream.read_buf(&mut rest).await {
                     Ok(n) if n > 0 => {}
                     result => {
-                        if reused && rest.is_empty() && self.req.idempotent() {
+                        if reused && rest.is_empty() && self.req.replayable() {
                             fresh = true;
                             break;
                         }
@@ -469,10 +481,12 @@ impl Exchange<'_> {
 
     /// Writes the response head and relays the body. Once the instance's part is over, the
     /// socket goes back to the pool (when the instance keeps it open) and the request is
-    /// recorded (metrics, access log, slot), before the last bytes go to the client.
+    /// recorded (metrics, access log, slot), before the last bytes go to the client. A client
+    /// that leaves while the instance has not sent everything (a quiet event stream) ends the
+    /// exchange at once, as hyper would.
     async fn relay<IO>(
         &self,
-        io: &mut IO,
+        mut client: Client<'_, IO>,
         finish: Finish,
         answered: Answered,
         addr: std::net::SocketAddr,
@@ -496,13 +510,14 @@ impl Exchange<'_> {
         if let Some(f) = done.finish.as_mut() {
             f.status = head.status;
         }
+        let limit = self.conn.options.max_header_bytes;
         let relayed = async {
             let mut out = head.head;
             let reusable = head.reusable;
             match head.framing {
                 Framing::Empty => {
                     done.complete(reusable && rest.is_empty(), 0);
-                    write(io, &out, stall).await?;
+                    client.write(&out, stall).await?;
                 }
                 Framing::Length(total) => {
                     let mut left = total;
@@ -513,11 +528,9 @@ impl Exchange<'_> {
                     if left == 0 {
                         done.complete(reusable && clean, total);
                     }
-                    write(io, &out, stall).await?;
+                    client.write(&out, stall).await?;
                     while left > 0 {
-                        rest.clear();
-                        rest.reserve(16 * 1024);
-                        if done.stream()?.read_buf(&mut rest).await? == 0 {
+                        if client.read_upstream(&mut done, &mut rest, limit).await? == 0 {
                             return Err(cut("the instance closed mid-body"));
                         }
                         let take = left.min(rest.len() as u64) as usize;
@@ -526,52 +539,45 @@ impl Exchange<'_> {
                         if left == 0 {
                             done.complete(reusable && clean, total);
                         }
-                        write(io, &rest[..take], stall).await?;
+                        client.write(&rest[..take], stall).await?;
                     }
                 }
                 Framing::Chunked => {
                     let mut framing = Chunked::default();
-                    let used = framing.scan(&rest).map_err(cut)?;
+                    let used = framing.decode(&rest, &mut out).map_err(cut)?;
                     let mut clean = used == rest.len();
-                    out.extend_from_slice(&rest[..used]);
                     if framing.done() {
                         done.complete(reusable && clean, framing.data);
                     }
-                    write(io, &out, stall).await?;
+                    client.write(&out, stall).await?;
                     while !framing.done() {
-                        rest.clear();
-                        rest.reserve(16 * 1024);
-                        if done.stream()?.read_buf(&mut rest).await? == 0 {
+                        if client.read_upstream(&mut done, &mut rest, limit).await? == 0 {
                             return Err(cut("the instance closed mid-body"));
                         }
-                        let used = framing.scan(&rest).map_err(cut)?;
+                        out.clear();
+                        let used = framing.decode(&rest, &mut out).map_err(cut)?;
                         clean &= used == rest.len();
                         if framing.done() {
                             done.complete(reusable && clean, framing.data);
                         }
-                        write(io, &rest[..used], stall).await?;
+                        client.write(&out, stall).await?;
                     }
                 }
                 Framing::UntilClose => {
-                    let mut sent = 0u64;
-                    if !rest.is_empty() {
-                        chunk(&mut out, &rest);
-                        sent += rest.len() as u64;
-                    }
-                    write(io, &out, stall).await?;
+                    let mut sent = rest.len() as u64;
+                    chunked::encode(&mut out, &rest);
+                    client.write(&out, stall).await?;
                     loop {
-                        rest.clear();
-                        rest.reserve(16 * 1024);
-                        if done.stream()?.read_buf(&mut rest).await? == 0 {
+                        if client.read_upstream(&mut done, &mut rest, limit).await? == 0 {
                             break;
                         }
                         out.clear();
-                        chunk(&mut out, &rest);
+                        chunked::encode(&mut out, &rest);
                         sent += rest.len() as u64;
-                        write(io, &out, stall).await?;
+                        client.write(&out, stall).await?;
                     }
                     done.complete(false, sent);
-                    write(io, b"0\r\n\r\n", stall).await?;
+                    client.write(b"0\r\n\r\n", stall).await?;
                 }
             }
             Ok::<_, std::io::Error>(())
@@ -610,6 +616,7 @@ impl Exchange<'_> {
             text,
             retry_after,
             &head::http_date(),
+            self.hsts.as_ref(),
             self.extras_close,
         );
         finish.bytes_out = (text.len() + 1) as u64;
@@ -625,11 +632,35 @@ fn cut(why: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(why.to_string())
 }
 
-/// Appends `data` as one chunk.
-fn chunk(out: &mut Vec<u8>, data: &[u8]) {
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
+/// The client's side of an exchange while its response is relayed.
+struct Client<'a, IO> {
+    io: &'a mut IO,
+    /// What the client sent meanwhile (a pipelined request).
+    buf: &'a mut BytesMut,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Client<'_, IO> {
+    async fn write(&mut self, data: &[u8], stall: Duration) -> std::io::Result<()> {
+        write(self.io, data, stall).await
+    }
+
+    /// The instance's next bytes, in `rest` (cleared first); an error if the client leaves
+    /// first.
+    async fn read_upstream(
+        &mut self,
+        done: &mut Done<'_>,
+        rest: &mut BytesMut,
+        limit: usize,
+    ) -> std::io::Result<usize> {
+        rest.clear();
+        rest.reserve(16 * 1024);
+        let stream = done.stream()?;
+        tokio::select! {
+            biased;
+            read = stream.read_buf(rest) => read,
+            () = client_gone(self.io, self.buf, limit) => Err(cut("the client left")),
+        }
+    }
 }
 
 /// Writes all of `data` to the client, which has `stall` to take each part of it.
