@@ -282,7 +282,25 @@ pub(crate) struct StreamCount {
     pub done: tokio::sync::Notify,
 }
 
-pub(crate) struct ActiveGuard(pub(crate) Arc<AtomicUsize>);
+pub(crate) struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    /// Counts a request on its connection until dropped.
+    pub(crate) fn enter(active: &Arc<AtomicUsize>) -> ActiveGuard {
+        active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(active.clone())
+    }
+}
+
+/// The span a request's forwarding runs in.
+pub(crate) fn request_span(route: &Route, id: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        service = %route.pool.service(),
+        revision = %route.revision,
+        id = %id
+    )
+}
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -343,6 +361,27 @@ pub(crate) struct Finish {
     pub(crate) lease: Option<Lease>,
     pub(crate) log: Option<Box<LogFields>>,
     pub(crate) _active: ActiveGuard,
+}
+
+impl Finish {
+    pub(crate) fn new(
+        route: Arc<Route>,
+        start: Instant,
+        log: Option<Box<LogFields>>,
+        active: ActiveGuard,
+    ) -> Finish {
+        Finish {
+            route,
+            start,
+            status: 0,
+            bytes_out: 0,
+            bytes_in_extra: 0,
+            body: None,
+            lease: None,
+            log,
+            _active: active,
+        }
+    }
 }
 
 impl Drop for Finish {
@@ -682,8 +721,7 @@ pub(crate) async fn handle(
         );
     }
     let start = Instant::now();
-    conn.active.fetch_add(1, Ordering::AcqRel);
-    let active = ActiveGuard(conn.active.clone());
+    let active = ActiveGuard::enter(&conn.active);
     let host_value = request_host_value(&req);
     let host = host_value
         .as_ref()
@@ -717,23 +755,8 @@ pub(crate) async fn handle(
         None
     };
     let hsts = if tls { route.hsts.clone() } else { None };
-    let span = tracing::debug_span!(
-        "request",
-        service = %route.pool.service(),
-        revision = %route.revision,
-        id = %request_id.to_str().unwrap_or_default()
-    );
-    let finish = Finish {
-        route,
-        start,
-        status: 0,
-        bytes_out: 0,
-        bytes_in_extra: 0,
-        body: None,
-        lease: None,
-        log,
-        _active: active,
-    };
+    let span = request_span(&route, request_id.to_str().unwrap_or_default());
+    let finish = Finish::new(route, start, log, active);
     if let Some(resp) = redirect {
         return answer(finish, resp);
     }

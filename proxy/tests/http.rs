@@ -1361,6 +1361,12 @@ async fn a_reused_connection_dropped_under_a_get_is_replayed_on_a_fresh_one() {
     );
 }
 
+/// Sends `request` on `sock` and reads the response to it.
+async fn ask(sock: &mut TcpStream, request: &[u8]) -> (String, String) {
+    sock.write_all(request).await.unwrap();
+    read_response(sock).await
+}
+
 /// Reads one response from `sock`: its head, and its body (`Content-Length` or chunked,
 /// decoded).
 async fn read_response(sock: &mut TcpStream) -> (String, String) {
@@ -1433,10 +1439,11 @@ async fn plain_requests_and_then_others_share_one_client_connection() {
     assert!(h.get("connection").is_none(), "{h}");
     assert_eq!(h["x-request-id"].as_str().unwrap().len(), 32, "{h}");
 
-    sock.write_all(b"POST /b HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nhey")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(
+        &mut sock,
+        b"POST /b HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nhey",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -1444,10 +1451,11 @@ async fn plain_requests_and_then_others_share_one_client_connection() {
         (Some("/b"), Some(3))
     );
 
-    sock.write_all(b"GET /c HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: mine\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(
+        &mut sock,
+        b"GET /c HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: mine\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(seen["path"], "/c");
@@ -1516,20 +1524,14 @@ async fn chunked_and_close_delimited_answers_reach_the_client_chunked() {
     .await;
     let s = setup(ServiceConfig::default(), &[addr]).await;
     let mut sock = TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(&mut sock, b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     assert!(
         head.starts_with("HTTP/1.1 200 OK\r\n"),
         "103 is dropped: {head}"
     );
     assert!(head.contains("X-Kind: chunked\r\n"), "{head}");
     assert_eq!(body, "hello world");
-    sock.write_all(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(&mut sock, b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("transfer-encoding: chunked\r\n"), "{head}");
     assert!(
@@ -1540,10 +1542,7 @@ async fn chunked_and_close_delimited_answers_reach_the_client_chunked() {
     // The first two requests shared one connection to the instance; the one it closed
     // is not reused.
     assert_eq!(conns.load(Ordering::SeqCst), 1);
-    sock.write_all(b"GET /3 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(&mut sock, b"GET /3 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
     assert_eq!(body, "");
     assert_eq!(conns.load(Ordering::SeqCst), 2);
@@ -1571,16 +1570,10 @@ async fn a_malformed_answer_is_a_502_and_the_connection_goes_on() {
     .await;
     let s = setup(ServiceConfig::default(), &[addr]).await;
     let mut sock = TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(&mut sock, b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{head}");
     assert!(body.contains("not usable"), "{body}");
-    sock.write_all(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut sock).await;
+    let (head, body) = ask(&mut sock, b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert_eq!(body, "ok");
 }
@@ -1642,17 +1635,16 @@ async fn an_idle_connection_the_instance_closed_is_not_used_again() {
     .await;
     let s = setup(ServiceConfig::default(), &[addr]).await;
     let mut sock = TcpStream::connect(s.addr).await.unwrap();
-    sock.write_all(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut sock).await.1, "ok");
+    let (_, body) = ask(&mut sock, b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    assert_eq!(body, "ok");
     // The instance's close reaches the proxy's reactor while the connection is idle.
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Not idempotent: had it gone on the closed connection, it could not be sent again.
-    sock.write_all(b"POST /2 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut sock).await;
+    let (head, _) = ask(
+        &mut sock,
+        b"POST /2 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 201 Created\r\n"), "{head}");
     assert_eq!(conns.load(Ordering::SeqCst), 2);
     assert_eq!(heads.lock().unwrap().len(), 2);

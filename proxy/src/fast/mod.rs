@@ -195,18 +195,16 @@ where
     }
     let start = Instant::now();
     let info = conn.info;
-    info.active
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let active = ActiveGuard(info.active.clone());
+    let active = ActiveGuard::enter(&info.active);
     let new_id = match req.client_request_id() {
         Some(_) => None,
         None => Some(crate::headers::new_request_id_bytes()),
     };
-    let id = match (&new_id, req.client_request_id()) {
-        (Some(new), _) => std::str::from_utf8(new).unwrap_or_default(),
-        (None, Some(theirs)) => std::str::from_utf8(theirs).unwrap_or_default(),
-        (None, None) => "",
-    };
+    let id_bytes = new_id.as_ref().map(|i| &i[..]).or(req.client_request_id());
+    // Both are visible ASCII (generated hex digits, or a client's id checked usable).
+    let id = id_bytes
+        .and_then(|i| std::str::from_utf8(i).ok())
+        .unwrap_or_default();
     let log = forward::log_fields(
         &route,
         id,
@@ -215,23 +213,8 @@ where
         req.path(),
         info.client,
     );
-    let span = tracing::debug_span!(
-        "request",
-        service = %route.pool.service(),
-        revision = %route.revision,
-        id = %id
-    );
-    let finish = Finish {
-        route: route.clone(),
-        start,
-        status: 0,
-        bytes_out: 0,
-        bytes_in_extra: 0,
-        body: None,
-        lease: None,
-        log,
-        _active: active,
-    };
+    let span = forward::request_span(&route, id);
+    let finish = Finish::new(route.clone(), start, log, active);
     let up_head = req.upstream_head(info.client, info.proto, new_id.as_ref().map(|i| &i[..]));
     let hsts = (info.proto == "https")
         .then(|| route.hsts.clone())
