@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -43,6 +43,7 @@ use tracing::Instrument;
 use crate::access_log::AccessEntry;
 use crate::config::{ServiceConfig, UpstreamProtocol};
 use crate::edge::EdgeSlot;
+use crate::fast;
 use crate::headers::{self, Origin};
 use crate::idle::{IdleSet, Returner};
 use crate::pool::{Lease, Rejected};
@@ -273,6 +274,9 @@ pub(crate) struct ConnInfo {
     /// Fires when the proxy closes for good (ends WebSockets).
     pub closing: tokio::sync::watch::Receiver<bool>,
     pub streams: Arc<StreamCount>,
+    /// Bodiless requests go to HTTP/1 instances over plain sockets (`fast::upstream`), not
+    /// hyper's client ([`crate::ProxyOptions::http1_fast_path`]).
+    pub plain_upstream: bool,
 }
 
 /// Upgraded connections (WebSockets) still open, for shutdown.
@@ -870,6 +874,19 @@ async fn forward(
         }
     };
     let deadline = tokio::time::Instant::from_std(finish.start) + config.timeouts.request;
+    // A bodiless request to an HTTP/1 instance: a plain socket's exchange (HTTP/2 requests
+    // above all; the fast path already took HTTP/1 ones it could).
+    let plain_head = (conn.plain_upstream
+        && h2c.is_none()
+        && !upgrading
+        && fast::upstream::takes(&parts.method, &parts.headers, body_empty))
+    .then(|| {
+        fast::upstream::request_head(
+            &parts.method,
+            origin_form.path_and_query().map_or("/", |p| p.as_str()),
+            &parts.headers,
+        )
+    });
     let mut avoid: Option<String> = None;
     let mut attempt = 0;
     loop {
@@ -885,6 +902,41 @@ async fn forward(
             fields.entry.instance = lease.instance().to_owned();
             fields.entry.queued_ms = ms(lease.queued());
             fields.entry.woke = lease.woke();
+        }
+        if let Some(up_head) = plain_head.as_deref() {
+            let extras = fast::ResponseExtras {
+                form: fast::Form::Fields,
+                head_request: parts.method == Method::HEAD,
+                hsts: None,
+                date: b"",
+                close: false,
+            };
+            let addr = lease.addr();
+            let first_byte =
+                (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
+            let sent = tokio::time::timeout_at(
+                first_byte,
+                fast::upstream::send(&route, up_head, true, &extras, addr),
+            )
+            .await;
+            let failure = match sent {
+                Ok(Ok(answered)) => {
+                    finish.lease = Some(lease);
+                    return respond_plain(config, finish, answered, addr, deadline);
+                }
+                Ok(Err(failure)) => failure,
+                Err(_) if first_byte < deadline => Failure::FirstByteTimeout,
+                Err(_) => Failure::RequestTimeout,
+            };
+            match after_failure(&route, lease, failure, |sent_nothing| {
+                attempt == 1 && (sent_nothing || retry_safe_method)
+            }) {
+                Ok(failed) => {
+                    avoid = Some(failed);
+                    continue;
+                }
+                Err((status, text)) => return answer(finish, plain(status, text)),
+            }
         }
         let uri = if h2c.is_some() {
             match Uri::builder()
@@ -1194,6 +1246,38 @@ fn respond(
         c.give_back();
     }
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// The response to a request sent over a plain socket (see `fast::upstream`): its body read
+/// from the socket as hyper's server asks for it.
+fn respond_plain(
+    config: &ServiceConfig,
+    mut finish: Finish,
+    mut answered: fast::upstream::Answered,
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(answered.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    finish.status = status.as_u16();
+    let sse = answered.head.event_stream;
+    if sse
+        && !config.streams_keep_cpu
+        && let Some(l) = finish.lease.as_mut()
+    {
+        l.release_cpu();
+    }
+    let headers = std::mem::take(&mut answered.head.fields);
+    let pool = finish.route.upstream.clients().sockets.returner();
+    let body = ResponseBody {
+        inner: fast::upstream::SocketBody::new(answered, addr, pool),
+        finish: Some(finish),
+        deadline: (!sse).then(|| Box::pin(tokio::time::sleep_until(deadline))),
+        checkout: None,
+    };
+    let mut resp = Response::new(body.boxed_unsync());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 /// The last time bytes moved on a connection.

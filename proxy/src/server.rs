@@ -84,8 +84,11 @@ pub struct ProxyOptions {
     /// A client connection with no request in flight and no bytes moving is closed after this.
     pub idle_keep_alive: Duration,
     /// Serve plain HTTP/1.1 keep-alive exchanges without hyper (see `crate::fast`); hyper
-    /// takes a connection over at its first request the fast path does not take. Off:
-    /// hyper serves every connection (a bisection aid; same behaviour, more CPU).
+    /// takes a connection over at its first request the fast path does not take. The
+    /// requests hyper serves that have no body (HTTP/2 ones above all) go to HTTP/1
+    /// instances over the fast path's plain sockets (`crate::fast::upstream`). Off: hyper
+    /// serves every connection and its client every request (a bisection aid; same
+    /// behaviour, more CPU).
     pub http1_fast_path: bool,
 }
 
@@ -613,6 +616,7 @@ async fn serve<IO>(
         active: active.clone(),
         closing: shared.close.subscribe(),
         streams: shared.streams.clone(),
+        plain_upstream: shared.options.http1_fast_path,
     };
     let fast_info = info.clone();
     let handling = shared.clone();

@@ -1708,3 +1708,149 @@ async fn a_client_that_leaves_a_quiet_event_stream_frees_its_slot() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// One h2c (prior knowledge) connection to `addr`.
+async fn h2c_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn request(method: &str, url: &str) -> Request<TestBody> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Empty::new().map_err(|n| match n {}).boxed_unsync())
+        .unwrap()
+}
+
+// One thread: plain sockets to instances are kept per thread, and their reuse is checked.
+#[tokio::test]
+async fn bodiless_h2_requests_reach_http1_instances_over_plain_sockets() {
+    let (addr, heads, conns) = scripted(vec![
+        "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n\
+         HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
+         5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Sum: 1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-Secret\r\n\
+         X-Secret: s\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nabcde",
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Kind: until-close\r\n\r\nuntil the end",
+        "HTTP/1.1 204 No Content\r\nX-Kind: none\r\n\r\n",
+        "HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade",
+    ])
+    .await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let mut c = h2c_connect(s.addr).await;
+    let url = |p: &str| format!("http://{HOST}:{}{p}", s.addr.port());
+    let mut first = request("GET", &url("/1?q=1"));
+    first.headers_mut().append("cookie", "a=1".parse().unwrap());
+    first.headers_mut().append("cookie", "b=2".parse().unwrap());
+    let resp = c.send_request(first).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-kind"], "chunked");
+    assert!(resp.headers().contains_key("date"), "{:?}", resp.headers());
+    assert_eq!(text(resp).await, "hello world");
+
+    let resp = c.send_request(request("GET", &url("/2"))).await.unwrap();
+    let h = resp.headers().clone();
+    assert_eq!(text(resp).await, "abcde");
+    assert_eq!(h["content-length"], "5");
+    let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    for hop in ["connection", "keep-alive", "x-secret"] {
+        assert!(!h.contains_key(hop), "{hop} in {h:?}");
+    }
+
+    let resp = c.send_request(request("HEAD", &url("/3"))).await.unwrap();
+    assert_eq!(resp.headers()["content-length"], "100");
+    assert_eq!(text(resp).await, "");
+
+    let resp = c.send_request(request("GET", &url("/4"))).await.unwrap();
+    assert_eq!(resp.headers()["x-kind"], "until-close");
+    assert_eq!(text(resp).await, "until the end");
+    // The first four went on one connection to the instance; the one it closed is not used
+    // again.
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
+
+    let resp = c.send_request(request("GET", &url("/5"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(text(resp).await, "");
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+
+    // A request with a body still goes through hyper's client, on a connection of its own.
+    let post = Request::post(url("/6")).body(full("sent")).unwrap();
+    let resp = c.send_request(post).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(text(resp).await, "made");
+
+    let heads = heads.lock().unwrap().clone();
+    let host = format!("host: {HOST}:{}\r\n", s.addr.port());
+    assert!(
+        heads[0].starts_with(&format!("GET /1?q=1 HTTP/1.1\r\n{host}")),
+        "{heads:?}"
+    );
+    assert!(heads[0].contains("cookie: a=1; b=2\r\n"), "{heads:?}");
+    assert!(
+        heads[0].contains("x-forwarded-proto: http\r\n"),
+        "{heads:?}"
+    );
+    assert!(heads[0].contains("x-request-id: "), "{heads:?}");
+    assert!(heads[2].starts_with("HEAD /3 HTTP/1.1\r\n"), "{heads:?}");
+    assert!(heads[5].starts_with("POST /6 HTTP/1.1\r\n"), "{heads:?}");
+    let log = s.log_entries();
+    let seen: Vec<_> = log.iter().map(|e| (e.status, e.bytes_out)).collect();
+    assert_eq!(
+        seen,
+        [(200, 11), (200, 5), (200, 0), (200, 13), (204, 0), (201, 4)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_get_on_a_reused_socket_the_instance_dropped_is_replayed() {
+    let (addr, connections) = one_answer_per_connection().await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let mut c = h2c_connect(s.addr).await;
+    for n in 0..3 {
+        let url = format!("http://{HOST}:{}/{n}", s.addr.port());
+        let resp = c.send_request(request("GET", &url)).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {n}");
+        assert_eq!(text(resp).await, "answered");
+    }
+    assert!(connections.load(Ordering::SeqCst) >= 3);
+    assert!(!s.pool.snapshot().instances[0].suspect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_or_cut_answer_to_an_h2_request_is_not_passed_on_as_whole() {
+    let (addr, _, conns) = scripted(vec![
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Then: hang-up\r\n\r\nabc",
+        "HTTP/1.1 200 OK\r\nX-Bad: \x01\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ])
+    .await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    let mut c = h2c_connect(s.addr).await;
+    let url = |p: &str| format!("http://{HOST}:{}{p}", s.addr.port());
+    // Cut short mid-body: the client's stream is reset (before its head, when the cut is
+    // seen at once), not ended as if whole.
+    match c.send_request(request("GET", &url("/1"))).await {
+        Ok(resp) => assert!(resp.into_body().collect().await.is_err()),
+        Err(e) => assert!(format!("{e:?}").contains("Reset"), "{e:?}"),
+    }
+    let resp = c.send_request(request("GET", &url("/2"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let resp = c.send_request(request("GET", &url("/3"))).await.unwrap();
+    assert_eq!(text(resp).await, "ok");
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        3,
+        "no broken socket is reused"
+    );
+    let log = s.log_entries();
+    let seen: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
+    assert_eq!(seen, [("/1", 200), ("/2", 502), ("/3", 200)]);
+}

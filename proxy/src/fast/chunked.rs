@@ -36,6 +36,8 @@ pub(crate) struct Chunked {
     state: State,
     /// Chunk data bytes seen (the body's decoded length).
     pub(crate) data: u64,
+    /// Whether the data goes out as chunks (to an HTTP/1 client) or as it is.
+    reframe: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,17 +49,27 @@ impl Default for Chunked {
         Chunked {
             state: State::Size { size: 0, digits: 0 },
             data: 0,
+            reframe: true,
         }
     }
 }
 
 impl Chunked {
+    /// A decoder that appends the body's data as it is, with no framing (for a response
+    /// hyper's server frames, over HTTP/2 say).
+    pub(crate) fn unframed() -> Chunked {
+        Chunked {
+            reframe: false,
+            ..Chunked::default()
+        }
+    }
+
     pub(crate) fn done(&self) -> bool {
         self.state == State::Done
     }
 
     /// Reads `bytes`, appending their chunk data to `out` as chunks of the client's body
-    /// (and the last chunk once the body ends). Returns how many of `bytes` belong to the
+    /// (and the last chunk once the body ends), or as it is when [`Chunked::unframed`]. Returns how many of `bytes` belong to the
     /// body: all of them, or fewer when it ended inside them.
     pub(crate) fn decode(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, ChunkError> {
         let mut i = 0;
@@ -90,7 +102,11 @@ impl Chunked {
                 }
                 State::Data(n) => {
                     let take = n.min((bytes.len() - i) as u64) as usize;
-                    encode(out, &bytes[i..i + take]);
+                    if self.reframe {
+                        encode(out, &bytes[i..i + take]);
+                    } else {
+                        out.extend_from_slice(&bytes[i..i + take]);
+                    }
                     self.data += take as u64;
                     i += take;
                     let left = n - take as u64;
@@ -119,7 +135,9 @@ impl Chunked {
                 State::TrailerLf if b == b'\n' => State::TrailerStart,
                 State::FinalLf if b == b'\n' => {
                     self.state = State::Done;
-                    out.extend_from_slice(b"0\r\n\r\n");
+                    if self.reframe {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
                     return Ok(i + 1);
                 }
                 State::TrailerLf | State::FinalLf => {
@@ -205,6 +223,20 @@ mod tests {
         assert_eq!(empty.decode(b"0\r\n\r\nrest", &mut out).unwrap(), 5);
         assert!(empty.done());
         assert_eq!((empty.data, &out[..]), (0, &b"0\r\n\r\n"[..]));
+    }
+
+    #[test]
+    fn unframed_the_data_comes_out_as_it_is() {
+        let body = b"5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\n\r\nnext";
+        for split in 0..body.len() {
+            let mut c = Chunked::unframed();
+            let mut out = Vec::new();
+            let first = c.decode(&body[..split], &mut out).unwrap();
+            let second = c.decode(&body[split..], &mut out).unwrap();
+            assert!(c.done(), "split at {split}");
+            assert_eq!(first + second, body.len() - 4, "split at {split}");
+            assert_eq!(out, b"helloabc", "split at {split}");
+        }
     }
 
     #[test]

@@ -255,8 +255,10 @@ pub(crate) enum Framing {
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
     pub(crate) status: u16,
-    /// What the client gets: status line and headers, blank line included.
+    /// What the client gets ([`Form::Http1`]): status line and headers, blank line included.
     pub(crate) head: Vec<u8>,
+    /// The headers the client gets ([`Form::Fields`]).
+    pub(crate) fields: http::HeaderMap,
     pub(crate) framing: Framing,
     /// The instance keeps the connection open after this response.
     pub(crate) reusable: bool,
@@ -275,8 +277,19 @@ pub(crate) enum ParsedResponse {
     Invalid(String),
 }
 
+/// How the client's response head is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// HTTP/1.1 bytes, written to the client as they are (the fast path).
+    Http1,
+    /// A header map for hyper's server to send (a request hyper read, over HTTP/2 above
+    /// all): no `Date`, HSTS, `Connection` or framing header is added, hyper does that.
+    Fields,
+}
+
 /// What the response head to the client gets besides the instance's own headers.
 pub(crate) struct ResponseExtras<'a> {
+    pub(crate) form: Form,
     /// The request was a HEAD: no body follows whatever the headers say.
     pub(crate) head_request: bool,
     /// `Strict-Transport-Security` to add unless the app sent its own.
@@ -390,7 +403,49 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
     } else {
         Framing::UntilClose
     };
-    let mut head = Vec::with_capacity(len + 64);
+    let reusable = !close && framing != Framing::UntilClose;
+    let kept = resp.headers.iter().filter(|h| {
+        let is = |n: &str| h.name.eq_ignore_ascii_case(n);
+        let hop_by_hop = is("connection")
+            || is("keep-alive")
+            || is("te")
+            || is("transfer-encoding")
+            || is("upgrade")
+            || (h.name.len() >= 6 && h.name[..6].eq_ignore_ascii_case("proxy-"))
+            || named.iter().any(|n| is(n))
+            // A length that a transfer coding overrides is not passed on.
+            || (encoded && is("content-length"));
+        !hop_by_hop
+    });
+    let mut head = Vec::new();
+    let mut fields = http::HeaderMap::new();
+    if extras.form == Form::Fields {
+        fields.reserve(resp.headers.len());
+        for h in kept {
+            let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) else {
+                return ParsedResponse::Invalid(format!("response head: header {:?}", h.name));
+            };
+            fields.append(name, value);
+        }
+        if http::StatusCode::from_u16(code).is_err() {
+            return ParsedResponse::Invalid(format!("response head: status {code}"));
+        }
+        return ParsedResponse::Final(
+            len,
+            ResponseHead {
+                status: code,
+                head,
+                fields,
+                framing,
+                reusable,
+                event_stream,
+            },
+        );
+    }
+    head.reserve(len + 64);
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(code.to_string().as_bytes());
     head.push(b' ');
@@ -405,20 +460,8 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
         ),
     }
     head.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        let is = |n: &str| h.name.eq_ignore_ascii_case(n);
-        let hop_by_hop = is("connection")
-            || is("keep-alive")
-            || is("te")
-            || is("transfer-encoding")
-            || is("upgrade")
-            || (h.name.len() >= 6 && h.name[..6].eq_ignore_ascii_case("proxy-"))
-            || named.iter().any(|n| is(n))
-            // A length that a transfer coding overrides is not passed on.
-            || (encoded && is("content-length"));
-        if !hop_by_hop {
-            line(&mut head, h.name.as_bytes(), h.value);
-        }
+    for h in kept {
+        line(&mut head, h.name.as_bytes(), h.value);
     }
     if matches!(framing, Framing::Chunked | Framing::UntilClose) {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -438,8 +481,9 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
         ResponseHead {
             status: code,
             head,
+            fields,
             framing,
-            reusable: !close && framing != Framing::UntilClose,
+            reusable,
             event_stream,
         },
     )
@@ -628,6 +672,7 @@ mod tests {
     }
 
     const EXTRAS: ResponseExtras<'static> = ResponseExtras {
+        form: Form::Http1,
         head_request: false,
         hsts: None,
         date: b"Thu, 26 Nov 2026 10:00:00 GMT",
@@ -647,6 +692,28 @@ mod tests {
         );
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.reusable);
+    }
+
+    #[test]
+    fn as_fields_the_same_headers_go_and_nothing_is_added() {
+        let fields = ResponseExtras {
+            form: Form::Fields,
+            close: true,
+            ..EXTRAS
+        };
+        let text = "HTTP/1.1 200 Fine\r\nServer: app\r\nConnection: keep-alive, X-Secret\r\n\
+             X-Secret: s\r\nSet-Cookie: a\r\nSet-Cookie: b\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (len, h) = respond(text, &fields);
+        assert_eq!(len, text.len());
+        assert!(h.head.is_empty());
+        assert_eq!(h.framing, Framing::Chunked);
+        let names: Vec<_> = h.fields.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["server", "set-cookie"]);
+        assert_eq!(h.fields.get_all("set-cookie").iter().count(), 2);
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nX: \xff\x7f\r\n\r\n", &fields),
+            ParsedResponse::Invalid(_)
+        ));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 mod chunked;
 mod head;
+pub(crate) mod upstream;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,7 +37,9 @@ use crate::pool::Lease;
 use crate::routes::{Route, RouteTable};
 use crate::server::{FIRST_BYTES_WAIT, ProxyOptions};
 use chunked::Chunked;
-use head::{Framing, Parsed, ParsedResponse, RequestHead, ResponseExtras, ResponseHead};
+pub(crate) use head::{Form, ResponseExtras};
+use head::{Framing, Parsed, RequestHead};
+use upstream::Answered;
 
 /// How a connection left the fast path.
 pub(crate) enum Served {
@@ -147,9 +150,6 @@ enum Next {
     Other(RequestHead),
 }
 
-/// Largest response head read from an instance (hyper's client reads up to about as much).
-const MAX_RESPONSE_HEAD: usize = 400 * 1024;
-
 /// What an added `x-request-id` counts against a head's size (name, 32 hex digits, 4).
 const REQUEST_ID_LINE: usize = 12 + 32 + 4;
 
@@ -240,6 +240,8 @@ struct Exchange<'a> {
 }
 
 /// How forwarding a request ended, before anything was written to the client.
+// Moved once per request; boxing the answer would cost an allocation per request instead.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Answered(Lease, Answered),
     /// The proxy answers itself: status, text, `Retry-After` seconds.
@@ -292,14 +294,6 @@ where
         }
     }
     std::future::pending().await
-}
-
-/// A response head read from an instance, with the connection it came on and the bytes
-/// after the head.
-struct Answered {
-    stream: TcpStream,
-    rest: BytesMut,
-    head: ResponseHead,
 }
 
 impl Exchange<'_> {
@@ -381,85 +375,23 @@ impl Exchange<'_> {
         }
     }
 
-    /// Sends the head to `addr` on an idle socket, or a new one, and reads the response
-    /// head. A reused socket the instance closed meanwhile (its keep-alive timer ran out)
-    /// is replaced by a new one when the instance cannot have acted on the request: the
-    /// write failed, or the request is replayable and no answer came.
+    /// Sends the head to `addr` and reads the response head (see [`upstream::send`]).
     async fn send(&self, addr: std::net::SocketAddr) -> Result<Answered, Failure> {
-        let clients = self.route.upstream.clients();
         let extras = ResponseExtras {
+            form: Form::Http1,
             head_request: self.req.method() == "HEAD",
             hsts: self.hsts.as_ref(),
             date: &head::http_date(),
             close: self.extras_close,
         };
-        let mut fresh = false;
-        loop {
-            let idle = if fresh {
-                None
-            } else {
-                clients.sockets.take(addr)
-            };
-            let reused = idle.is_some();
-            let mut stream = match idle {
-                Some(s) => s,
-                None => forward::connect_tcp(addr, self.route.upstream.connect_timeout)
-                    .await
-                    .map_err(|e| match e {
-                        None => Failure::ConnectTimeout,
-                        Some(reason) => Failure::Connection {
-                            reason,
-                            sent_nothing: true,
-                        },
-                    })?,
-            };
-            if let Err(e) = stream.write_all(&self.up_head).await {
-                if reused {
-                    fresh = true;
-                    continue;
-                }
-                return Err(Failure::Connection {
-                    reason: format!("sending the request to instance {addr}: {e}"),
-                    sent_nothing: false,
-                });
-            }
-            let mut rest = BytesMut::with_capacity(8 * 1024);
-            loop {
-                match head::parse_response(&rest, &extras) {
-                    ParsedResponse::Final(len, head) => {
-                        rest.advance(len);
-                        return Ok(Answered { stream, rest, head });
-                    }
-                    ParsedResponse::Informational(len) => {
-                        rest.advance(len);
-                        continue;
-                    }
-                    ParsedResponse::Invalid(reason) => return Err(Failure::Other(reason)),
-                    ParsedResponse::Partial => {}
-                }
-                if rest.len() >= MAX_RESPONSE_HEAD {
-                    return Err(Failure::Other("response head larger than 400 KiB".into()));
-                }
-                rest.reserve(8 * 1024);
-                match stream.read_buf(&mut rest).await {
-                    Ok(n) if n > 0 => {}
-                    result => {
-                        if reused && rest.is_empty() && self.req.replayable() {
-                            fresh = true;
-                            break;
-                        }
-                        let why = match result {
-                            Err(e) => e.to_string(),
-                            Ok(_) => "closed before answering".to_owned(),
-                        };
-                        return Err(Failure::Connection {
-                            reason: format!("instance {addr}: {why}"),
-                            sent_nothing: false,
-                        });
-                    }
-                }
-            }
-        }
+        upstream::send(
+            self.route,
+            &self.up_head,
+            self.req.replayable(),
+            &extras,
+            addr,
+        )
+        .await
     }
 
     /// Writes the response head and relays the body. Once the instance's part is over, the
