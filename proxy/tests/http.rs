@@ -1854,3 +1854,29 @@ async fn a_malformed_or_cut_answer_to_an_h2_request_is_not_passed_on_as_whole() 
     let seen: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
     assert_eq!(seen, [("/1", 200), ("/2", 502), ("/3", 200)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_short_is_logged_with_the_bytes_relayed() {
+    let (addr, _, _) = scripted(vec![
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Then: hang-up\r\n\r\nabc",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Then: hang-up\r\n\r\n4\r\nabcd\r\n",
+    ])
+    .await;
+    let s = setup(ServiceConfig::default(), &[addr]).await;
+    for path in ["/length", "/chunked"] {
+        let mut sock = TcpStream::connect(s.addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+        sock.write_all(request.as_bytes()).await.unwrap();
+        // The client's connection is closed once the instance's is: no whole response.
+        let mut got = Vec::new();
+        sock.read_to_end(&mut got).await.unwrap();
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    }
+    let log = s.log_entries();
+    let seen: Vec<_> = log
+        .iter()
+        .map(|e| (e.path.as_str(), e.status, e.bytes_out))
+        .collect();
+    assert_eq!(seen, [("/length", 200, 3), ("/chunked", 200, 4)]);
+}

@@ -321,7 +321,9 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
         return ParsedResponse::Informational(len);
     }
     // What `Connection` says: close, keep-alive, and the headers it names.
-    let mut close = version == 0;
+    // `close` wins over `keep-alive`, wherever each is said; HTTP/1.0 closes unless told.
+    let mut said_close = false;
+    let mut said_keep_alive = false;
     let mut named: Vec<&str> = Vec::new();
     let mut chunked = false;
     let mut encoded = false;
@@ -337,11 +339,9 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             };
             for t in v.split(',').map(str::trim) {
                 if t.eq_ignore_ascii_case("close") {
-                    close = true;
+                    said_close = true;
                 } else if t.eq_ignore_ascii_case("keep-alive") {
-                    if version == 0 {
-                        close = false;
-                    }
+                    said_keep_alive = true;
                 } else if !t.is_empty()
                     && !t.eq_ignore_ascii_case("trailer")
                     && !t.eq_ignore_ascii_case("content-length")
@@ -387,6 +387,7 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             event_stream = h.value.starts_with(b"text/event-stream");
         }
     }
+    let close = said_close || (version == 0 && !said_keep_alive);
     if encoded && version == 0 {
         return ParsedResponse::Invalid("response head: HTTP/1.0 with Transfer-Encoding".into());
     }
@@ -737,6 +738,17 @@ mod tests {
         assert!(!close.reusable && close.event_stream);
         let http10 = respond("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &EXTRAS).1;
         assert!(!http10.reusable);
+        let kept = "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n";
+        assert!(respond(kept, &EXTRAS).1.reusable);
+        // Close wins, whichever comes first.
+        for both in ["close, keep-alive", "keep-alive, close"] {
+            for version in ["1.0", "1.1"] {
+                let text = format!(
+                    "HTTP/{version} 200 OK\r\nConnection: {both}\r\nContent-Length: 1\r\n\r\n"
+                );
+                assert!(!respond(&text, &EXTRAS).1.reusable, "{text}");
+            }
+        }
         let closing = respond(
             "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
             &EXTRAS,

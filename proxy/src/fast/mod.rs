@@ -251,6 +251,8 @@ enum Outcome {
 /// The end of an exchange's upstream part.
 struct Done<'a> {
     finish: Option<Finish>,
+    /// Body bytes read from the instance so far (what a response cut short is logged with).
+    body_bytes: u64,
     stream: Option<TcpStream>,
     addr: std::net::SocketAddr,
     sockets: &'a crate::idle::IdleSet<TcpStream>,
@@ -273,6 +275,14 @@ impl Done<'_> {
         }
         if let Some(mut finish) = self.finish.take() {
             finish.bytes_out = bytes;
+        }
+    }
+}
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.as_mut() {
+            finish.bytes_out = self.body_bytes;
         }
     }
 }
@@ -418,6 +428,7 @@ impl Exchange<'_> {
         } = answered;
         let mut done = Done {
             finish: Some(finish),
+            body_bytes: 0,
             stream: Some(stream),
             addr,
             sockets: &self.route.upstream.clients().sockets,
@@ -439,6 +450,7 @@ impl Exchange<'_> {
                     let take = left.min(rest.len() as u64) as usize;
                     out.extend_from_slice(&rest[..take]);
                     left -= take as u64;
+                    done.body_bytes += take as u64;
                     let mut clean = rest.len() == take;
                     if left == 0 {
                         done.complete(reusable && clean, total);
@@ -450,6 +462,7 @@ impl Exchange<'_> {
                         }
                         let take = left.min(rest.len() as u64) as usize;
                         left -= take as u64;
+                        done.body_bytes += take as u64;
                         clean &= rest.len() == take;
                         if left == 0 {
                             done.complete(reusable && clean, total);
@@ -460,6 +473,7 @@ impl Exchange<'_> {
                 Framing::Chunked => {
                     let mut framing = Chunked::default();
                     let used = framing.decode(&rest, &mut out).map_err(cut)?;
+                    done.body_bytes = framing.data;
                     let mut clean = used == rest.len();
                     if framing.done() {
                         done.complete(reusable && clean, framing.data);
@@ -471,6 +485,7 @@ impl Exchange<'_> {
                         }
                         out.clear();
                         let used = framing.decode(&rest, &mut out).map_err(cut)?;
+                        done.body_bytes = framing.data;
                         clean &= used == rest.len();
                         if framing.done() {
                             done.complete(reusable && clean, framing.data);
@@ -480,6 +495,7 @@ impl Exchange<'_> {
                 }
                 Framing::UntilClose => {
                     let mut sent = rest.len() as u64;
+                    done.body_bytes = sent;
                     chunked::encode(&mut out, &rest);
                     client.write(&out, stall).await?;
                     loop {
@@ -489,6 +505,7 @@ impl Exchange<'_> {
                         out.clear();
                         chunked::encode(&mut out, &rest);
                         sent += rest.len() as u64;
+                        done.body_bytes = sent;
                         client.write(&out, stall).await?;
                     }
                     done.complete(false, sent);
