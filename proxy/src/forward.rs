@@ -909,7 +909,6 @@ async fn forward(
                 head_request: parts.method == Method::HEAD,
                 hsts: None,
                 date: b"",
-                close: false,
             };
             let addr = lease.addr();
             let first_byte =

@@ -1880,3 +1880,34 @@ async fn a_response_cut_short_is_logged_with_the_bytes_relayed() {
         .collect();
     assert_eq!(seen, [("/length", 200, 3), ("/chunked", 200, 4)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_begins_mid_request_closes_the_connection_after_its_response() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = upstream(slow(Duration::from_millis(400), calls.clone())).await;
+    let s = Arc::new(setup(ServiceConfig::default(), &[up.addr]).await);
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    // A first exchange, so the connection is a kept-alive one on the fast path.
+    let request = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let (head, _) = ask(&mut sock, request.as_bytes()).await;
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    sock.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let draining = s.clone();
+    let shutdown =
+        tokio::spawn(async move { draining.proxy.shutdown(Duration::from_secs(5)).await });
+    let (head, body) = read_response(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{head}"
+    );
+    assert_eq!(body, "slow");
+    let mut rest = Vec::new();
+    sock.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(shutdown.await.unwrap().forced, 0);
+}

@@ -296,8 +296,6 @@ pub(crate) struct ResponseExtras<'a> {
     pub(crate) hsts: Option<&'a HeaderValue>,
     /// The `Date` to add unless the app sent its own.
     pub(crate) date: &'a [u8],
-    /// Tell the client the connection closes after this response.
-    pub(crate) close: bool,
 }
 
 /// Parses an instance's response head at the start of `buf` and rewrites it for the client:
@@ -473,9 +471,6 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
     if let (Some(hsts), false) = (extras.hsts, has_hsts) {
         line(&mut head, b"strict-transport-security", hsts.as_bytes());
     }
-    if extras.close {
-        head.extend_from_slice(b"connection: close\r\n");
-    }
     head.extend_from_slice(b"\r\n");
     ParsedResponse::Final(
         len,
@@ -488,6 +483,14 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             event_stream,
         },
     )
+}
+
+/// Tells the client, in an HTTP/1 response head made by [`parse_response`], that its
+/// connection closes after this response.
+pub(crate) fn add_close(head: &mut Vec<u8>) {
+    debug_assert!(head.ends_with(b"\r\n\r\n"));
+    head.truncate(head.len() - 2);
+    head.extend_from_slice(b"connection: close\r\n\r\n");
 }
 
 /// A short plain-text answer from the proxy itself (as `forward::plain` makes them).
@@ -677,7 +680,6 @@ mod tests {
         head_request: false,
         hsts: None,
         date: b"Thu, 26 Nov 2026 10:00:00 GMT",
-        close: false,
     };
 
     #[test]
@@ -699,7 +701,6 @@ mod tests {
     fn as_fields_the_same_headers_go_and_nothing_is_added() {
         let fields = ResponseExtras {
             form: Form::Fields,
-            close: true,
             ..EXTRAS
         };
         let text = "HTTP/1.1 200 Fine\r\nServer: app\r\nConnection: keep-alive, X-Secret\r\n\
@@ -812,15 +813,13 @@ mod tests {
         let hsts = HeaderValue::from_static("max-age=60");
         let extras = ResponseExtras {
             hsts: Some(&hsts),
-            close: true,
             ..EXTRAS
         };
-        let head = String::from_utf8(
-            respond("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &extras)
-                .1
-                .head,
-        )
-        .unwrap();
+        let mut head = respond("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &extras)
+            .1
+            .head;
+        add_close(&mut head);
+        let head = String::from_utf8(head).unwrap();
         assert!(
             head.contains("strict-transport-security: max-age=60\r\n"),
             "{head}"

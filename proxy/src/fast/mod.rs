@@ -75,6 +75,9 @@ where
     // Made once per connection, not per request: a drain watch and a timer are both
     // registrations that cost more than the rest of a request's bookkeeping.
     let mut draining = *drain.borrow();
+    // Looked at again as each response head is made: a drain that begins while a request is
+    // in flight still gets its response a `Connection: close`.
+    let drain_now = drain.clone();
     let mut drained = std::pin::pin!(async {
         let _ = drain.wait_for(|d| *d).await;
     });
@@ -125,7 +128,7 @@ where
             }
         };
         served_any = true;
-        let next = exchange(conn, io, req, &mut buf, draining).await;
+        let next = exchange(conn, io, req, &mut buf, &drain_now).await;
         if !draining && futures_util::FutureExt::now_or_never(drained.as_mut()).is_some() {
             draining = true;
         }
@@ -182,7 +185,7 @@ async fn exchange<IO>(
     io: &mut IO,
     req: RequestHead,
     buf: &mut BytesMut,
-    draining: bool,
+    drain: &watch::Receiver<bool>,
 ) -> Next
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -224,7 +227,7 @@ where
         route: &route,
         req: &req,
         up_head,
-        extras_close: draining,
+        drain,
         hsts,
     };
     exchange.run(io, buf, finish).instrument(span).await
@@ -235,7 +238,8 @@ struct Exchange<'a> {
     route: &'a Arc<Route>,
     req: &'a RequestHead,
     up_head: Vec<u8>,
-    extras_close: bool,
+    /// The proxy's drain: once it began, the client's connection closes after this exchange.
+    drain: &'a watch::Receiver<bool>,
     hsts: Option<http::HeaderValue>,
 }
 
@@ -307,6 +311,11 @@ where
 }
 
 impl Exchange<'_> {
+    /// Whether the proxy is draining: the response says `Connection: close`.
+    fn closing(&self) -> bool {
+        *self.drain.borrow()
+    }
+
     async fn run<IO>(self, io: &mut IO, buf: &mut BytesMut, mut finish: Finish) -> Next
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -392,7 +401,6 @@ impl Exchange<'_> {
             head_request: self.req.method() == "HEAD",
             hsts: self.hsts.as_ref(),
             date: &head::http_date(),
-            close: self.extras_close,
         };
         upstream::send(
             self.route,
@@ -437,8 +445,13 @@ impl Exchange<'_> {
             f.status = head.status;
         }
         let limit = self.conn.options.max_header_bytes;
+        // Looked at now rather than when the request was sent: a drain may have begun since.
+        let closing = self.closing();
         let relayed = async {
             let mut out = head.head;
+            if closing {
+                head::add_close(&mut out);
+            }
             let reusable = head.reusable;
             match head.framing {
                 Framing::Empty => {
@@ -521,7 +534,7 @@ impl Exchange<'_> {
             None => relayed.await,
         };
         match result {
-            Ok(()) if self.extras_close => Next::Close,
+            Ok(()) if closing => Next::Close,
             Ok(()) => Next::Keep,
             Err(e) => {
                 tracing::debug!(client = %self.conn.info.client, "response cut: {e}");
@@ -543,18 +556,19 @@ impl Exchange<'_> {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         finish.status = status.as_u16();
+        let close = self.closing();
         let out = head::plain(
             status,
             text,
             retry_after,
             &head::http_date(),
             self.hsts.as_ref(),
-            self.extras_close,
+            close,
         );
         finish.bytes_out = (text.len() + 1) as u64;
         drop(finish);
         match write(io, &out, self.conn.options.idle_keep_alive).await {
-            Ok(()) if !self.extras_close => Next::Keep,
+            Ok(()) if !close => Next::Keep,
             _ => Next::Close,
         }
     }
