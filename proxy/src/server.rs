@@ -672,6 +672,16 @@ async fn serve<IO>(
     let mut draining = false;
     // Draining came before the client's first bytes: shut down once they are in (see below).
     let mut deferred: Option<tokio::time::Instant> = None;
+    // Made once, not in each turn of the loop: the task wakes several times per request
+    // (more on HTTP/2), and a watch's wait registers with it and unregisters each time it
+    // is made and dropped.
+    let mut drained = std::pin::pin!(async {
+        let _ = drain.wait_for(|d| *d).await;
+    });
+    let mut closed = std::pin::pin!(async {
+        let _ = close.wait_for(|c| *c).await;
+    });
+    let mut recheck = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     loop {
         tokio::select! {
             // The connection first: one the fast path handed over has its request read
@@ -684,7 +694,7 @@ async fn serve<IO>(
                 }
                 return;
             }
-            _ = drain.wait_for(|d| *d), if !draining => {
+            () = drained.as_mut(), if !draining => {
                 draining = true;
                 // Before the first bytes are read, a graceful shutdown drops the connection
                 // without an answer (hyper-util is still telling HTTP/1 from HTTP/2), though
@@ -695,16 +705,19 @@ async fn serve<IO>(
                     conn.as_mut().graceful_shutdown();
                 } else {
                     deferred = Some(tokio::time::Instant::now());
+                    recheck.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(5)), if deferred.is_some() => {
+            () = recheck.as_mut(), if deferred.is_some() => {
                 let waited = deferred.map_or(Duration::ZERO, |since| since.elapsed());
                 if heard.load(Ordering::Acquire) || waited >= FIRST_BYTES_WAIT {
                     deferred = None;
                     conn.as_mut().graceful_shutdown();
+                } else {
+                    recheck.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
                 }
             }
-            _ = close.wait_for(|c| *c) => return,
+            () = closed.as_mut() => return,
             _ = ticker.tick() => {
                 // A client that stops reading its response would hold the instance's slot
                 // (and CPU) for as long as it likes: cut it once a write has waited for it as
