@@ -876,6 +876,7 @@ async fn forward(
     let deadline = tokio::time::Instant::from_std(finish.start) + config.timeouts.request;
     // A bodiless request to an HTTP/1 instance: a plain socket's exchange (HTTP/2 requests
     // above all; the fast path already took HTTP/1 ones it could).
+    let replayable = REPLAYABLE.contains(&parts.method.as_str());
     let plain_head = (conn.plain_upstream
         && h2c.is_none()
         && !upgrading
@@ -915,7 +916,7 @@ async fn forward(
                 (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
             let sent = tokio::time::timeout_at(
                 first_byte,
-                fast::upstream::send(&route, up_head, true, &extras, addr),
+                fast::upstream::send(&route, up_head, replayable, &extras, addr),
             )
             .await;
             let failure = match sent {
@@ -1266,6 +1267,7 @@ fn respond_plain(
         l.release_cpu();
     }
     let headers = std::mem::take(&mut answered.head.fields);
+    let reason = answered.head.reason.take();
     let pool = finish.route.upstream.clients().sockets.returner();
     let body = ResponseBody {
         inner: fast::upstream::SocketBody::new(answered, addr, pool),
@@ -1276,6 +1278,10 @@ fn respond_plain(
     let mut resp = Response::new(body.boxed_unsync());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
+    if let Some(reason) = reason {
+        // An app's own reason phrase, for an HTTP/1 client (as hyper's client keeps it).
+        resp.extensions_mut().insert(reason);
+    }
     resp
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Only the owning thread takes the lock on the request path (uncontended); the reaper runs on
 //! the same thread's runtime. Used for hyper's HTTP/1 client connections (the general path)
-//! and for the plain sockets of the HTTP/1 fast path (`crate::fast`).
+//! and for plain sockets (`crate::fast::upstream`: the HTTP/1 fast path's, and those of
+//! bodiless requests hyper's server read).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -85,10 +85,10 @@ pub struct ProxyOptions {
     pub idle_keep_alive: Duration,
     /// Serve plain HTTP/1.1 keep-alive exchanges without hyper (see `crate::fast`); hyper
     /// takes a connection over at its first request the fast path does not take. The
-    /// requests hyper serves that have no body (HTTP/2 ones above all) go to HTTP/1
-    /// instances over the fast path's plain sockets (`crate::fast::upstream`). Off: hyper
-    /// serves every connection and its client every request (a bisection aid; same
-    /// behaviour, more CPU).
+    /// `GET`, `HEAD` and `OPTIONS` requests without a body, `TE` or upgrade that hyper serves
+    /// (HTTP/2 ones above all) go to HTTP/1 instances over the fast path's plain sockets
+    /// (`crate::fast::upstream`). Off: hyper serves every connection and its client every
+    /// request (a bisection aid; the same answers, more CPU).
     pub http1_fast_path: bool,
 }
 

@@ -1,7 +1,9 @@
-//! Decodes an instance's chunked body as it arrives and encodes its data afresh for the
-//! client: the client gets clean framing (no chunk extensions, no trailers: the fast path
-//! only takes requests without `TE: trailers`, as hyper would drop them too), and the proxy
-//! knows where the body ends (the connection carries the next response after it).
+//! Decodes an instance's chunked body as it arrives and encodes its data afresh for an
+//! HTTP/1 client: the client gets clean framing (no chunk extensions, no trailers: the fast
+//! path only takes requests without `TE: trailers`, and hyper's HTTP/1 server drops trailers
+//! for the others too), and the proxy knows where the body ends (the connection carries the
+//! next response after it). Unframed, for a response hyper's server sends (over HTTP/2
+//! above all), the data goes as it is and the trailers are kept for it to send.
 //!
 //! Strict as hyper's decoder is: CRLF line ends only, hex sizes, optional whitespace before a
 //! `;` extension.
@@ -38,7 +40,12 @@ pub(crate) struct Chunked {
     pub(crate) data: u64,
     /// Whether the data goes out as chunks (to an HTTP/1 client) or as it is.
     reframe: bool,
+    /// Unframed: the trailer section's lines, CRLFs included, as they came.
+    trailers: Vec<u8>,
 }
+
+/// Largest trailer section kept (unframed); a larger one is an error.
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("malformed chunked body: {0}")]
@@ -50,13 +57,14 @@ impl Default for Chunked {
             state: State::Size { size: 0, digits: 0 },
             data: 0,
             reframe: true,
+            trailers: Vec::new(),
         }
     }
 }
 
 impl Chunked {
     /// A decoder that appends the body's data as it is, with no framing (for a response
-    /// hyper's server frames, over HTTP/2 say).
+    /// hyper's server frames, over HTTP/2 say), and keeps the trailers ([`Chunked::take_trailers`]).
     pub(crate) fn unframed() -> Chunked {
         Chunked {
             reframe: false,
@@ -125,14 +133,26 @@ impl Chunked {
                 State::TrailerStart => match b {
                     b'\r' => State::FinalLf,
                     b'\n' => return Err(ChunkError("bare LF in the trailers")),
-                    _ => State::TrailerLine,
+                    _ => {
+                        self.keep_trailer_byte(b)?;
+                        State::TrailerLine
+                    }
                 },
                 State::TrailerLine => match b {
-                    b'\r' => State::TrailerLf,
+                    b'\r' => {
+                        self.keep_trailer_byte(b)?;
+                        State::TrailerLf
+                    }
                     b'\n' => return Err(ChunkError("bare LF in the trailers")),
-                    _ => State::TrailerLine,
+                    _ => {
+                        self.keep_trailer_byte(b)?;
+                        State::TrailerLine
+                    }
                 },
-                State::TrailerLf if b == b'\n' => State::TrailerStart,
+                State::TrailerLf if b == b'\n' => {
+                    self.keep_trailer_byte(b)?;
+                    State::TrailerStart
+                }
                 State::FinalLf if b == b'\n' => {
                     self.state = State::Done;
                     if self.reframe {
@@ -148,6 +168,24 @@ impl Chunked {
             i += 1;
         }
         Ok(i)
+    }
+}
+
+impl Chunked {
+    fn keep_trailer_byte(&mut self, b: u8) -> Result<(), ChunkError> {
+        if self.reframe {
+            return Ok(());
+        }
+        if self.trailers.len() >= MAX_TRAILER_BYTES {
+            return Err(ChunkError("trailers larger than 64 KiB"));
+        }
+        self.trailers.push(b);
+        Ok(())
+    }
+
+    /// Unframed, once done: the trailer lines (`name: value` and CRLF each), if any.
+    pub(crate) fn take_trailers(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.trailers)
     }
 }
 
@@ -236,7 +274,23 @@ mod tests {
             assert!(c.done(), "split at {split}");
             assert_eq!(first + second, body.len() - 4, "split at {split}");
             assert_eq!(out, b"helloabc", "split at {split}");
+            assert!(c.take_trailers().is_empty());
         }
+        let body = b"1\r\nx\r\n0\r\nX-Sum: 1\r\nX-Other: a b\r\n\r\n";
+        for split in 0..body.len() {
+            let mut c = Chunked::unframed();
+            let mut out = Vec::new();
+            c.decode(&body[..split], &mut out).unwrap();
+            c.decode(&body[split..], &mut out).unwrap();
+            assert!(c.done());
+            assert_eq!(c.take_trailers(), b"X-Sum: 1\r\nX-Other: a b\r\n");
+        }
+        let mut framed = Chunked::default();
+        framed.decode(body, &mut Vec::new()).unwrap();
+        assert!(framed.take_trailers().is_empty(), "only kept unframed");
+        let mut big = b"0\r\n".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_TRAILER_BYTES + 1));
+        assert!(Chunked::unframed().decode(&big, &mut Vec::new()).is_err());
     }
 
     #[test]

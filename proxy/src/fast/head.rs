@@ -259,6 +259,8 @@ pub(crate) struct ResponseHead {
     pub(crate) head: Vec<u8>,
     /// The headers the client gets ([`Form::Fields`]).
     pub(crate) fields: http::HeaderMap,
+    /// The app's reason phrase when it is not the status code's usual one ([`Form::Fields`]).
+    pub(crate) reason: Option<hyper::ext::ReasonPhrase>,
     pub(crate) framing: Framing,
     /// The instance keeps the connection open after this response.
     pub(crate) reusable: bool,
@@ -283,7 +285,8 @@ pub(crate) enum Form {
     /// HTTP/1.1 bytes, written to the client as they are (the fast path).
     Http1,
     /// A header map for hyper's server to send (a request hyper read, over HTTP/2 above
-    /// all): no `Date`, HSTS, `Connection` or framing header is added, hyper does that.
+    /// all): no `Date`, HSTS, `Connection` or framing header is added (hyper's server adds
+    /// `Date` and frames the body; `forward::handle` adds HSTS).
     Fields,
 }
 
@@ -300,7 +303,8 @@ pub(crate) struct ResponseExtras<'a> {
 
 /// Parses an instance's response head at the start of `buf` and rewrites it for the client:
 /// hop-by-hop headers out (`Connection` and the headers it names, `Keep-Alive`, `Proxy-*`,
-/// `TE`, `Transfer-Encoding`, `Upgrade`), `Date` in when missing (as hyper adds it).
+/// `TE`, `Transfer-Encoding`, `Upgrade`); in [`Form::Http1`], `Date` in when missing (as hyper
+/// adds it) and HSTS when asked.
 pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedResponse {
     let mut parsed = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut parsed);
@@ -329,6 +333,7 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
     let mut has_date = false;
     let mut has_hsts = false;
     let mut event_stream = false;
+    let mut has_type = false;
     for h in resp.headers.iter() {
         let is = |n: &str| h.name.eq_ignore_ascii_case(n);
         if is("connection") {
@@ -381,7 +386,9 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             has_date = true;
         } else if is("strict-transport-security") {
             has_hsts = true;
-        } else if is("content-type") {
+        } else if is("content-type") && !has_type {
+            // The first, as the general path reads it.
+            has_type = true;
             event_stream = h.value.starts_with(b"text/event-stream");
         }
     }
@@ -429,15 +436,20 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             };
             fields.append(name, value);
         }
-        if http::StatusCode::from_u16(code).is_err() {
+        let Ok(status) = http::StatusCode::from_u16(code) else {
             return ParsedResponse::Invalid(format!("response head: status {code}"));
-        }
+        };
+        let reason = resp
+            .reason
+            .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
+            .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
         return ParsedResponse::Final(
             len,
             ResponseHead {
                 status: code,
                 head,
                 fields,
+                reason,
                 framing,
                 reusable,
                 event_stream,
@@ -478,6 +490,7 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             status: code,
             head,
             fields,
+            reason: None,
             framing,
             reusable,
             event_stream,

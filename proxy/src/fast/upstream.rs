@@ -77,6 +77,8 @@ pub(crate) async fn send(
             });
         }
         let mut rest = BytesMut::with_capacity(8 * 1024);
+        // Whether the instance answered anything (a 1xx it sent is gone from `rest`).
+        let mut heard = false;
         loop {
             match head::parse_response(&rest, extras) {
                 ParsedResponse::Final(len, head) => {
@@ -95,9 +97,9 @@ pub(crate) async fn send(
             }
             rest.reserve(8 * 1024);
             match stream.read_buf(&mut rest).await {
-                Ok(n) if n > 0 => {}
+                Ok(n) if n > 0 => heard = true,
                 result => {
-                    if reused && rest.is_empty() && replayable {
+                    if reused && !heard && replayable {
                         fresh = true;
                         break;
                     }
@@ -170,6 +172,41 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The trailer fields in `lines` (each `name: value` and CRLF), without those that only
+/// framing or the connection may carry.
+fn trailer_fields(lines: &[u8]) -> Result<HeaderMap, BoxError> {
+    let mut section = Vec::with_capacity(lines.len() + 2);
+    section.extend_from_slice(lines);
+    section.extend_from_slice(b"\r\n");
+    let mut parsed = [httparse::EMPTY_HEADER; 64];
+    let fields = match httparse::parse_headers(&section, &mut parsed) {
+        Ok(httparse::Status::Complete((_, fields))) => fields,
+        Ok(httparse::Status::Partial) => return Err("malformed trailers".into()),
+        Err(e) => return Err(format!("malformed trailers: {e}").into()),
+    };
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields.iter() {
+        let is = |n: &str| f.name.eq_ignore_ascii_case(n);
+        if is("connection")
+            || is("keep-alive")
+            || is("te")
+            || is("transfer-encoding")
+            || is("upgrade")
+            || is("content-length")
+            || is("host")
+            || (f.name.len() >= 6 && f.name[..6].eq_ignore_ascii_case("proxy-"))
+        {
+            continue;
+        }
+        let name = http::HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| format!("malformed trailer name {:?}", f.name))?;
+        let value = http::HeaderValue::from_bytes(f.value)
+            .map_err(|_| format!("malformed value of trailer {:?}", f.name))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 /// Where a body read from a socket is.
 enum State {
     /// This many bytes still to come.
@@ -187,6 +224,8 @@ pub(crate) struct SocketBody {
     stream: Option<TcpStream>,
     rest: BytesMut,
     state: State,
+    /// A chunked body's trailers, sent after its last data.
+    trailers: Option<HeaderMap>,
     reusable: bool,
     addr: SocketAddr,
     pool: Returner<TcpStream>,
@@ -206,6 +245,7 @@ impl SocketBody {
             stream: Some(stream),
             rest,
             state,
+            trailers: None,
             reusable: head.reusable,
             addr,
             pool,
@@ -247,6 +287,10 @@ impl SocketBody {
                 let used = decoder.decode(&self.rest, &mut out)?;
                 self.rest.advance(used);
                 if decoder.done() {
+                    let lines = decoder.take_trailers();
+                    if !lines.is_empty() {
+                        self.trailers = Some(trailer_fields(&lines)?);
+                    }
                     self.ended();
                 }
                 Ok((!out.is_empty()).then(|| Bytes::from(out)))
@@ -277,7 +321,7 @@ impl Body for SocketBody {
                 }
             }
             if matches!(this.state, State::Done) {
-                return Poll::Ready(None);
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             let Some(stream) = this.stream.as_mut() else {
                 return Poll::Ready(None);
@@ -312,7 +356,7 @@ impl Body for SocketBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done)
+        matches!(self.state, State::Done) && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
