@@ -1894,11 +1894,13 @@ async fn a_response_cut_short_is_logged_with_the_body_bytes_it_had() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_that_begins_mid_request_closes_the_connection_after_its_response() {
     let release = Arc::new(tokio::sync::Notify::new());
-    let held = release.clone();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (held, arriving) = (release.clone(), arrived.clone());
     let up = upstream(handler(move |req| {
-        let held = held.clone();
+        let (held, arriving) = (held.clone(), arriving.clone());
         async move {
             if req.uri().path() == "/held" {
+                arriving.notify_one();
                 held.notified().await;
             }
             Response::new(full("done"))
@@ -1919,6 +1921,8 @@ async fn a_drain_that_begins_mid_request_closes_the_connection_after_its_respons
     );
     let request = format!("GET /held HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
     sock.write_all(request.as_bytes()).await.unwrap();
+    // The request is at the app when the drain begins.
+    arrived.notified().await;
     let draining = s.clone();
     let shutdown =
         tokio::spawn(async move { draining.proxy.shutdown(Duration::from_secs(5)).await });

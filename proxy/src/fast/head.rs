@@ -232,7 +232,19 @@ impl RequestHead {
     }
 }
 
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Whether a header named `name` only concerns one hop (and the `Proxy-*` ones): never passed on.
+pub(super) fn hop_by_hop(name: &str) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    is("connection")
+        || is("keep-alive")
+        || is("te")
+        || is("transfer-encoding")
+        || is("upgrade")
+        || (name.len() >= 6 && name[..6].eq_ignore_ascii_case("proxy-"))
+}
+
+/// Appends a `name: value` line.
+pub(super) fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -412,12 +424,7 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
     let reusable = !close && framing != Framing::UntilClose;
     let kept = resp.headers.iter().filter(|h| {
         let is = |n: &str| h.name.eq_ignore_ascii_case(n);
-        let hop_by_hop = is("connection")
-            || is("keep-alive")
-            || is("te")
-            || is("transfer-encoding")
-            || is("upgrade")
-            || (h.name.len() >= 6 && h.name[..6].eq_ignore_ascii_case("proxy-"))
+        let hop_by_hop = hop_by_hop(h.name)
             || named.iter().any(|n| is(n))
             // A length that a transfer coding overrides is not passed on.
             || (encoded && is("content-length"));

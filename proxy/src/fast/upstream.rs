@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::chunked::Chunked;
-use super::head::{self, Framing, ParsedResponse, ResponseExtras, ResponseHead};
+use super::head::{self, Framing, ParsedResponse, ResponseExtras, ResponseHead, line};
 use crate::forward::{self, BoxError, Failure};
 use crate::idle::Returner;
 use crate::routes::Route;
@@ -165,13 +165,6 @@ pub(crate) fn request_head(method: &Method, path: &str, headers: &HeaderMap) -> 
     out
 }
 
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// The trailer fields in `lines` (each `name: value` and CRLF), without those that only
 /// framing or the connection may carry.
 fn trailer_fields(lines: &[u8]) -> Result<HeaderMap, BoxError> {
@@ -186,15 +179,9 @@ fn trailer_fields(lines: &[u8]) -> Result<HeaderMap, BoxError> {
     };
     let mut map = HeaderMap::with_capacity(fields.len());
     for f in fields.iter() {
-        let is = |n: &str| f.name.eq_ignore_ascii_case(n);
-        if is("connection")
-            || is("keep-alive")
-            || is("te")
-            || is("transfer-encoding")
-            || is("upgrade")
-            || is("content-length")
-            || is("host")
-            || (f.name.len() >= 6 && f.name[..6].eq_ignore_ascii_case("proxy-"))
+        if head::hop_by_hop(f.name)
+            || f.name.eq_ignore_ascii_case("content-length")
+            || f.name.eq_ignore_ascii_case("host")
         {
             continue;
         }
