@@ -296,6 +296,12 @@ impl ActiveGuard {
     }
 }
 
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The span a request's forwarding runs in.
 pub(crate) fn request_span(route: &Route, id: &str) -> tracing::Span {
     tracing::debug_span!(
@@ -304,11 +310,6 @@ pub(crate) fn request_span(route: &Route, id: &str) -> tracing::Span {
         revision = %route.revision,
         id = %id
     )
-}
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// What only the access log needs, gathered only when the route has one.
@@ -587,12 +588,13 @@ pub(crate) fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
     resp
 }
 
-fn unavailable(retry_after: Duration, text: &str) -> Response<ProxyBody> {
-    let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, text);
-    resp.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(retry_after)),
-    );
+/// The proxy's own answer: `status`, `text`, and `Retry-After` when given (seconds).
+fn refused(status: StatusCode, text: &str, retry_after: Option<u64>) -> Response<ProxyBody> {
+    let mut resp = plain(status, text);
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
 
@@ -888,6 +890,29 @@ async fn forward(
             &parts.headers,
         )
     });
+    if let Some(head) = plain_head.as_deref() {
+        let request = fast::upstream::Request {
+            head,
+            replayable,
+            retry_safe: retry_safe_method,
+            extras: fast::ResponseExtras {
+                form: fast::Form::Fields,
+                head_request: parts.method == Method::HEAD,
+                hsts: None,
+                date: b"",
+            },
+        };
+        return match fast::upstream::forward(&route, &mut finish, deadline, &request).await {
+            fast::upstream::Outcome::Answered(lease, answered) => {
+                let addr = lease.addr();
+                finish.lease = Some(lease);
+                respond_plain(config, finish, answered, addr, deadline)
+            }
+            fast::upstream::Outcome::Refused(status, text, retry_after) => {
+                answer(finish, refused(status, text, retry_after))
+            }
+        };
+    }
     let mut avoid: Option<String> = None;
     let mut attempt = 0;
     loop {
@@ -896,47 +921,17 @@ async fn forward(
             Ok(l) => l,
             Err(rejected) => {
                 let (retry_after, text) = refusal(rejected);
-                return answer(finish, unavailable(retry_after, text));
+                let secs = retry_after_secs(retry_after);
+                return answer(
+                    finish,
+                    refused(StatusCode::SERVICE_UNAVAILABLE, text, Some(secs)),
+                );
             }
         };
         if let Some(fields) = finish.log.as_mut() {
             fields.entry.instance = lease.instance().to_owned();
             fields.entry.queued_ms = ms(lease.queued());
             fields.entry.woke = lease.woke();
-        }
-        if let Some(up_head) = plain_head.as_deref() {
-            let extras = fast::ResponseExtras {
-                form: fast::Form::Fields,
-                head_request: parts.method == Method::HEAD,
-                hsts: None,
-                date: b"",
-            };
-            let addr = lease.addr();
-            let first_byte =
-                (tokio::time::Instant::now() + config.timeouts.first_byte).min(deadline);
-            let sent = tokio::time::timeout_at(
-                first_byte,
-                fast::upstream::send(&route, up_head, replayable, &extras, addr),
-            )
-            .await;
-            let failure = match sent {
-                Ok(Ok(answered)) => {
-                    finish.lease = Some(lease);
-                    return respond_plain(config, finish, answered, addr, deadline);
-                }
-                Ok(Err(failure)) => failure,
-                Err(_) if first_byte < deadline => Failure::FirstByteTimeout,
-                Err(_) => Failure::RequestTimeout,
-            };
-            match after_failure(&route, lease, failure, |sent_nothing| {
-                attempt == 1 && (sent_nothing || retry_safe_method)
-            }) {
-                Ok(failed) => {
-                    avoid = Some(failed);
-                    continue;
-                }
-                Err((status, text)) => return answer(finish, plain(status, text)),
-            }
         }
         let uri = if h2c.is_some() {
             match Uri::builder()
@@ -1266,8 +1261,13 @@ fn respond_plain(
     {
         l.release_cpu();
     }
-    let headers = std::mem::take(&mut answered.head.fields);
-    let reason = answered.head.reason.take();
+    let rendered = std::mem::replace(
+        &mut answered.head.rendered,
+        fast::Rendered::Http1(Vec::new()),
+    );
+    let fast::Rendered::Fields(headers, reason) = rendered else {
+        unreachable!("a plain request's response head is asked for as fields");
+    };
     let pool = finish.route.upstream.clients().sockets.returner();
     let body = ResponseBody {
         inner: fast::upstream::SocketBody::new(answered, addr, pool),

@@ -267,12 +267,8 @@ pub(crate) enum Framing {
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
     pub(crate) status: u16,
-    /// What the client gets ([`Form::Http1`]): status line and headers, blank line included.
-    pub(crate) head: Vec<u8>,
-    /// The headers the client gets ([`Form::Fields`]).
-    pub(crate) fields: http::HeaderMap,
-    /// The app's reason phrase when it is not the status code's usual one ([`Form::Fields`]).
-    pub(crate) reason: Option<hyper::ext::ReasonPhrase>,
+    /// What the client gets, in the form asked for.
+    pub(crate) rendered: Rendered,
     pub(crate) framing: Framing,
     /// The instance keeps the connection open after this response.
     pub(crate) reusable: bool,
@@ -289,6 +285,25 @@ pub(crate) enum ParsedResponse {
     /// The final head, of this many bytes.
     Final(usize, ResponseHead),
     Invalid(String),
+}
+
+/// A response head for the client, in a [`Form`].
+#[derive(Debug)]
+pub(crate) enum Rendered {
+    /// Status line and headers, blank line included.
+    Http1(Vec<u8>),
+    /// The headers, and the app's reason phrase when it is not the status code's usual one.
+    Fields(http::HeaderMap, Option<hyper::ext::ReasonPhrase>),
+}
+
+impl Rendered {
+    /// The HTTP/1 bytes ([`Form::Http1`]; empty for the other form).
+    pub(crate) fn into_http1(self) -> Vec<u8> {
+        match self {
+            Rendered::Http1(head) => head,
+            Rendered::Fields(..) => Vec::new(),
+        }
+    }
 }
 
 /// How the client's response head is given.
@@ -430,10 +445,8 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             || (encoded && is("content-length"));
         !hop_by_hop
     });
-    let mut head = Vec::new();
-    let mut fields = http::HeaderMap::new();
     if extras.form == Form::Fields {
-        fields.reserve(resp.headers.len());
+        let mut fields = http::HeaderMap::with_capacity(resp.headers.len());
         for h in kept {
             let (Ok(name), Ok(value)) = (
                 http::HeaderName::from_bytes(h.name.as_bytes()),
@@ -454,16 +467,14 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
             len,
             ResponseHead {
                 status: code,
-                head,
-                fields,
-                reason,
+                rendered: Rendered::Fields(fields, reason),
                 framing,
                 reusable,
                 event_stream,
             },
         );
     }
-    head.reserve(len + 64);
+    let mut head = Vec::with_capacity(len + 64);
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(code.to_string().as_bytes());
     head.push(b' ');
@@ -495,9 +506,7 @@ pub(crate) fn parse_response(buf: &[u8], extras: &ResponseExtras<'_>) -> ParsedR
         len,
         ResponseHead {
             status: code,
-            head,
-            fields,
-            reason: None,
+            rendered: Rendered::Http1(head),
             framing,
             reusable,
             event_stream,
@@ -709,7 +718,7 @@ mod tests {
         let (len, h) = respond(text, &EXTRAS);
         assert_eq!(len, text.len() - 2);
         assert_eq!(
-            String::from_utf8(h.head).unwrap(),
+            String::from_utf8(h.rendered.into_http1()).unwrap(),
             "HTTP/1.1 200 Fine\r\nServer: app\r\nContent-Length: 2\r\n\
              date: Thu, 26 Nov 2026 10:00:00 GMT\r\n\r\n"
         );
@@ -719,21 +728,24 @@ mod tests {
 
     #[test]
     fn as_fields_the_same_headers_go_and_nothing_is_added() {
-        let fields = ResponseExtras {
+        let as_fields = ResponseExtras {
             form: Form::Fields,
             ..EXTRAS
         };
         let text = "HTTP/1.1 200 Fine\r\nServer: app\r\nConnection: keep-alive, X-Secret\r\n\
              X-Secret: s\r\nSet-Cookie: a\r\nSet-Cookie: b\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let (len, h) = respond(text, &fields);
+        let (len, h) = respond(text, &as_fields);
         assert_eq!(len, text.len());
-        assert!(h.head.is_empty());
         assert_eq!(h.framing, Framing::Chunked);
-        let names: Vec<_> = h.fields.keys().map(|k| k.as_str()).collect();
+        let Rendered::Fields(fields, reason) = h.rendered else {
+            panic!("{:?}", h.rendered);
+        };
+        let names: Vec<_> = fields.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["server", "set-cookie"]);
-        assert_eq!(h.fields.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(fields.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(reason.as_ref().map(|r| r.as_bytes()), Some(&b"Fine"[..]));
         assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\nX: \xff\x7f\r\n\r\n", &fields),
+            parse_response(b"HTTP/1.1 200 OK\r\nX: \xff\x7f\r\n\r\n", &as_fields),
             ParsedResponse::Invalid(_)
         ));
     }
@@ -746,7 +758,7 @@ mod tests {
         )
         .1;
         assert_eq!(chunked.framing, Framing::Chunked);
-        let head = String::from_utf8(chunked.head).unwrap();
+        let head = String::from_utf8(chunked.rendered.into_http1()).unwrap();
         assert!(
             head.contains("transfer-encoding: chunked\r\n") && !head.contains("Content-Length")
         );
@@ -776,7 +788,11 @@ mod tests {
         )
         .1;
         assert!(!closing.reusable);
-        assert!(!String::from_utf8(closing.head).unwrap().contains("close"));
+        assert!(
+            !String::from_utf8(closing.rendered.into_http1())
+                .unwrap()
+                .contains("close")
+        );
         let no_content = respond("HTTP/1.1 204 No Content\r\n\r\n", &EXTRAS).1;
         assert_eq!(no_content.framing, Framing::Empty);
         let head_request = ResponseExtras {
@@ -790,7 +806,7 @@ mod tests {
         .1;
         assert_eq!(to_head.framing, Framing::Empty);
         assert!(
-            String::from_utf8(to_head.head)
+            String::from_utf8(to_head.rendered.into_http1())
                 .unwrap()
                 .contains("Content-Length: 100")
         );
@@ -837,7 +853,8 @@ mod tests {
         };
         let mut head = respond("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &extras)
             .1
-            .head;
+            .rendered
+            .into_http1();
         add_close(&mut head);
         let head = String::from_utf8(head).unwrap();
         assert!(
@@ -850,7 +867,7 @@ mod tests {
             &extras,
         )
         .1;
-        let head = String::from_utf8(own.head).unwrap();
+        let head = String::from_utf8(own.rendered.into_http1()).unwrap();
         assert!(!head.contains("max-age=60"), "{head}");
     }
 

@@ -32,14 +32,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::edge::EdgeSlot;
-use crate::forward::{self, ActiveGuard, ConnInfo, Failure, Finish};
-use crate::pool::Lease;
+use crate::forward::{self, ActiveGuard, ConnInfo, Finish};
 use crate::routes::{Route, RouteTable};
 use crate::server::{FIRST_BYTES_WAIT, ProxyOptions};
 use chunked::Chunked;
-pub(crate) use head::{Form, ResponseExtras};
+pub(crate) use head::{Form, Rendered, ResponseExtras};
 use head::{Framing, Parsed, RequestHead};
-use upstream::Answered;
+use upstream::{Answered, Outcome};
 
 /// How a connection left the fast path.
 pub(crate) enum Served {
@@ -243,15 +242,6 @@ struct Exchange<'a> {
     hsts: Option<http::HeaderValue>,
 }
 
-/// How forwarding a request ended, before anything was written to the client.
-// Moved once per request; boxing the answer would cost an allocation per request instead.
-#[allow(clippy::large_enum_variant)]
-enum Outcome {
-    Answered(Lease, Answered),
-    /// The proxy answers itself: status, text, `Retry-After` seconds.
-    Refused(StatusCode, &'static str, Option<u64>),
-}
-
 /// The end of an exchange's upstream part.
 struct Done<'a> {
     finish: Option<Finish>,
@@ -269,25 +259,28 @@ impl Done<'_> {
             .ok_or_else(|| cut("the instance's connection was already given back"))
     }
 
-    /// The response came whole from the instance (`bytes` of body): the socket goes back
-    /// when `reusable`, and the request is recorded.
-    fn complete(&mut self, reusable: bool, bytes: u64) {
+    /// The response came whole from the instance: the socket goes back when `reusable`,
+    /// and the request is recorded.
+    fn complete(&mut self, reusable: bool) {
         if let Some(stream) = self.stream.take()
             && reusable
         {
             self.sockets.returner().give_back(self.addr, stream);
         }
+        self.record();
+    }
+
+    /// Records the request (once), with the body bytes read so far.
+    fn record(&mut self) {
         if let Some(mut finish) = self.finish.take() {
-            finish.bytes_out = bytes;
+            finish.bytes_out = self.body_bytes;
         }
     }
 }
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
-        if let Some(finish) = self.finish.as_mut() {
-            finish.bytes_out = self.body_bytes;
-        }
+        self.record();
     }
 }
 
@@ -351,65 +344,21 @@ impl Exchange<'_> {
         }
     }
 
-    /// Takes a slot and sends the request, retrying once elsewhere as the general path does.
+    /// Takes a slot and sends the request (see [`upstream::forward`]).
     async fn forward(&self, finish: &mut Finish, deadline: tokio::time::Instant) -> Outcome {
-        let route = self.route;
-        let first_byte_timeout = route.pool.config().timeouts.first_byte;
-        let mut avoid: Option<String> = None;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let lease = match route.pool.acquire(avoid.as_deref()).await {
-                Ok(l) => l,
-                Err(rejected) => {
-                    let (retry_after, text) = forward::refusal(rejected);
-                    let retry_after = forward::retry_after_secs(retry_after);
-                    return Outcome::Refused(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        text,
-                        Some(retry_after),
-                    );
-                }
-            };
-            if let Some(fields) = finish.log.as_mut() {
-                fields.entry.instance = lease.instance().to_owned();
-                fields.entry.queued_ms = forward::ms(lease.queued());
-                fields.entry.woke = lease.woke();
-            }
-            let first_byte = (tokio::time::Instant::now() + first_byte_timeout).min(deadline);
-            let sent = tokio::time::timeout_at(first_byte, self.send(lease.addr())).await;
-            let failure = match sent {
-                Ok(Ok(answered)) => return Outcome::Answered(lease, answered),
-                Ok(Err(failure)) => failure,
-                Err(_) if first_byte < deadline => Failure::FirstByteTimeout,
-                Err(_) => Failure::RequestTimeout,
-            };
-            let retry_safe = self.req.retry_safe();
-            match forward::after_failure(route, lease, failure, |sent_nothing| {
-                attempt == 1 && (sent_nothing || retry_safe)
-            }) {
-                Ok(failed) => avoid = Some(failed),
-                Err((status, text)) => return Outcome::Refused(status, text, None),
-            }
-        }
-    }
-
-    /// Sends the head to `addr` and reads the response head (see [`upstream::send`]).
-    async fn send(&self, addr: std::net::SocketAddr) -> Result<Answered, Failure> {
         let extras = ResponseExtras {
             form: Form::Http1,
             head_request: self.req.method() == "HEAD",
             hsts: self.hsts.as_ref(),
             date: &head::http_date(),
         };
-        upstream::send(
-            self.route,
-            &self.up_head,
-            self.req.replayable(),
-            &extras,
-            addr,
-        )
-        .await
+        let request = upstream::Request {
+            head: &self.up_head,
+            replayable: self.req.replayable(),
+            retry_safe: self.req.retry_safe(),
+            extras,
+        };
+        upstream::forward(self.route, finish, deadline, &request).await
     }
 
     /// Writes the response head and relays the body. Once the instance's part is over, the
@@ -448,14 +397,14 @@ impl Exchange<'_> {
         // Looked at now rather than when the request was sent: a drain may have begun since.
         let closing = self.closing();
         let relayed = async {
-            let mut out = head.head;
+            let mut out = head.rendered.into_http1();
             if closing {
                 head::add_close(&mut out);
             }
             let reusable = head.reusable;
             match head.framing {
                 Framing::Empty => {
-                    done.complete(reusable && rest.is_empty(), 0);
+                    done.complete(reusable && rest.is_empty());
                     client.write(&out, stall).await?;
                 }
                 Framing::Length(total) => {
@@ -466,7 +415,7 @@ impl Exchange<'_> {
                     done.body_bytes += take as u64;
                     let mut clean = rest.len() == take;
                     if left == 0 {
-                        done.complete(reusable && clean, total);
+                        done.complete(reusable && clean);
                     }
                     client.write(&out, stall).await?;
                     while left > 0 {
@@ -478,7 +427,7 @@ impl Exchange<'_> {
                         done.body_bytes += take as u64;
                         clean &= rest.len() == take;
                         if left == 0 {
-                            done.complete(reusable && clean, total);
+                            done.complete(reusable && clean);
                         }
                         client.write(&rest[..take], stall).await?;
                     }
@@ -489,7 +438,7 @@ impl Exchange<'_> {
                     done.body_bytes = framing.data;
                     let mut clean = used == rest.len();
                     if framing.done() {
-                        done.complete(reusable && clean, framing.data);
+                        done.complete(reusable && clean);
                     }
                     client.write(&out, stall).await?;
                     while !framing.done() {
@@ -501,14 +450,13 @@ impl Exchange<'_> {
                         done.body_bytes = framing.data;
                         clean &= used == rest.len();
                         if framing.done() {
-                            done.complete(reusable && clean, framing.data);
+                            done.complete(reusable && clean);
                         }
                         client.write(&out, stall).await?;
                     }
                 }
                 Framing::UntilClose => {
-                    let mut sent = rest.len() as u64;
-                    done.body_bytes = sent;
+                    done.body_bytes = rest.len() as u64;
                     chunked::encode(&mut out, &rest);
                     client.write(&out, stall).await?;
                     loop {
@@ -517,11 +465,10 @@ impl Exchange<'_> {
                         }
                         out.clear();
                         chunked::encode(&mut out, &rest);
-                        sent += rest.len() as u64;
-                        done.body_bytes = sent;
+                        done.body_bytes += rest.len() as u64;
                         client.write(&out, stall).await?;
                     }
-                    done.complete(false, sent);
+                    done.complete(false);
                     client.write(b"0\r\n\r\n", stall).await?;
                 }
             }

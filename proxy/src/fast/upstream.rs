@@ -12,15 +12,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, Method, header};
+use http::{HeaderMap, Method, StatusCode, header};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::chunked::Chunked;
 use super::head::{self, Framing, ParsedResponse, ResponseExtras, ResponseHead, line};
-use crate::forward::{self, BoxError, Failure};
+use crate::forward::{self, BoxError, Failure, Finish};
 use crate::idle::Returner;
+use crate::pool::Lease;
 use crate::routes::Route;
 
 /// Largest response head read from an instance (hyper's client reads up to about as much).
@@ -32,6 +33,80 @@ pub(crate) struct Answered {
     pub(crate) stream: TcpStream,
     pub(crate) rest: BytesMut,
     pub(crate) head: ResponseHead,
+}
+
+/// How forwarding a request ended, before anything was written to the client.
+// Moved once per request; boxing the answer would cost an allocation per request instead.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Outcome {
+    Answered(Lease, Answered),
+    /// The proxy answers itself: status, text, `Retry-After` seconds.
+    Refused(StatusCode, &'static str, Option<u64>),
+}
+
+/// A request to send over plain sockets.
+pub(crate) struct Request<'a> {
+    /// Its HTTP/1.1 head, as the instance gets it.
+    pub(crate) head: &'a [u8],
+    /// Sent again on a fresh socket when a reused one was dropped unanswered.
+    pub(crate) replayable: bool,
+    /// Sent to another instance after a connection failure ([`forward::RETRY_SAFE`]).
+    pub(crate) retry_safe: bool,
+    pub(crate) extras: ResponseExtras<'a>,
+}
+
+/// Takes a slot of `route`'s pool and sends `request` to that instance, within the
+/// first-byte timeout (and `deadline`), retrying once on another instance as the general
+/// path does. The instance is recorded in `finish`'s access-log fields.
+pub(crate) async fn forward(
+    route: &Route,
+    finish: &mut Finish,
+    deadline: tokio::time::Instant,
+    request: &Request<'_>,
+) -> Outcome {
+    let first_byte_timeout = route.pool.config().timeouts.first_byte;
+    let mut avoid: Option<String> = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let lease = match route.pool.acquire(avoid.as_deref()).await {
+            Ok(l) => l,
+            Err(rejected) => {
+                let (retry_after, text) = forward::refusal(rejected);
+                let retry_after = forward::retry_after_secs(retry_after);
+                return Outcome::Refused(StatusCode::SERVICE_UNAVAILABLE, text, Some(retry_after));
+            }
+        };
+        if let Some(fields) = finish.log.as_mut() {
+            fields.entry.instance = lease.instance().to_owned();
+            fields.entry.queued_ms = forward::ms(lease.queued());
+            fields.entry.woke = lease.woke();
+        }
+        let first_byte = (tokio::time::Instant::now() + first_byte_timeout).min(deadline);
+        let sent = tokio::time::timeout_at(
+            first_byte,
+            send(
+                route,
+                request.head,
+                request.replayable,
+                &request.extras,
+                lease.addr(),
+            ),
+        )
+        .await;
+        let failure = match sent {
+            Ok(Ok(answered)) => return Outcome::Answered(lease, answered),
+            Ok(Err(failure)) => failure,
+            Err(_) if first_byte < deadline => Failure::FirstByteTimeout,
+            Err(_) => Failure::RequestTimeout,
+        };
+        match forward::after_failure(route, lease, failure, |sent_nothing| {
+            attempt == 1 && (sent_nothing || request.retry_safe)
+        }) {
+            Ok(failed) => avoid = Some(failed),
+            Err((status, text)) => return Outcome::Refused(status, text, None),
+        }
+    }
 }
 
 /// Sends `up_head` to `addr` on an idle socket, or a new one, and reads the response head.
