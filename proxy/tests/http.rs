@@ -184,10 +184,10 @@ fn client() -> Client<HttpConnector, TestBody> {
 }
 
 fn get(url: &str) -> Request<TestBody> {
-    Request::get(url)
-        .header("host", HOST)
-        .body(Empty::new().map_err(|n| match n {}).boxed_unsync())
-        .unwrap()
+    let mut req = request("GET", url);
+    req.headers_mut()
+        .insert("host", http::HeaderValue::from_static(HOST));
+    req
 }
 
 async fn text(resp: Response<Incoming>) -> String {
