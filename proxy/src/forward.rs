@@ -495,11 +495,52 @@ where
     }
 }
 
+/// A request's body as the client sends it: read by hyper's server, or by the proxy's own
+/// HTTP/2 server.
+pub(crate) enum ClientBody {
+    Hyper(Incoming),
+    H2(crate::h2::body::RecvBody),
+    /// The request ended with its head.
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// What a request body shares with the forwarding code (absent for an empty body).
 pub(crate) struct RequestShared {
     /// The client's body, until the instance's connection first asks for it: a request
     /// whose body was never touched can be retried on another instance.
-    slot: Mutex<Option<Incoming>>,
+    slot: Mutex<Option<ClientBody>>,
     bytes: AtomicU64,
     over_limit: AtomicBool,
     /// Told when the body has been sent whole: the first-byte timeout starts then.
@@ -509,7 +550,7 @@ pub(crate) struct RequestShared {
 /// The request body sent to an instance.
 pub(crate) struct RequestBody {
     shared: Option<Arc<RequestShared>>,
-    body: Option<Incoming>,
+    body: Option<ClientBody>,
     hint: SizeHint,
     limit: Option<u64>,
 }
@@ -550,7 +591,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
             None => {
                 // A stored permit: the waiter may not be waiting yet.
                 shared.sent.notify_one();
@@ -713,7 +754,7 @@ pub(crate) async fn handle(
     routes: &RouteTable,
     edge: &EdgeSlot,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let tls = conn.proto == "https";
     // ACME's HTTP-01 challenges, for any Host and before routing (see `crate::edge`): one
@@ -790,7 +831,7 @@ fn answer(mut finish: Finish, resp: Response<ProxyBody>) -> Response<ProxyBody> 
 
 async fn forward(
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     host_value: Option<HeaderValue>,
     mut finish: Finish,
 ) -> Response<ProxyBody> {

@@ -9,6 +9,7 @@ pub mod edge;
 mod fast;
 pub mod forward;
 pub mod gate;
+mod h2;
 pub mod headers;
 pub mod health;
 mod idle;

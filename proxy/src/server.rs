@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -30,7 +32,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::edge::{Edge, EdgeSlot};
 use crate::fast;
-use crate::forward::{self, Activity, ConnInfo, StreamCount, Touch};
+use crate::forward::{self, Activity, ClientBody, ConnInfo, StreamCount, Touch};
+use crate::h2;
 use crate::routes::RouteTable;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +75,10 @@ pub struct ListenerFd {
 /// routed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyOptions {
-    /// Largest request head hyper reads (HTTP/1 buffer; HTTP/2 header list).
+    /// Largest request head read (HTTP/1: its bytes; HTTP/2: its header list, as
+    /// SETTINGS_MAX_HEADER_LIST_SIZE counts it; past it, 431).
     pub max_header_bytes: usize,
-    /// Most request headers (HTTP/1).
+    /// Most request headers (HTTP/1 and HTTP/2).
     pub max_headers: usize,
     /// Time a client has to send a whole request head (TLS handshake included). On HTTP/1
     /// it also bounds the wait for the next request on a kept-alive connection (hyper starts
@@ -90,6 +94,10 @@ pub struct ProxyOptions {
     /// (`crate::fast::upstream`). Off: hyper serves every connection and its client every
     /// request (a bisection aid; the same answers, more CPU).
     pub http1_fast_path: bool,
+    /// Serve HTTP/2 (h2c with prior knowledge, TLS with ALPN h2) with the proxy's own
+    /// server (`crate::h2`) instead of hyper's. h2c is told from HTTP/1 by the fast path, so
+    /// without it hyper serves h2c.
+    pub own_http2: bool,
 }
 
 impl Default for ProxyOptions {
@@ -100,6 +108,7 @@ impl Default for ProxyOptions {
             header_read_timeout: Duration::from_secs(30),
             idle_keep_alive: Duration::from_secs(75),
             http1_fast_path: true,
+            own_http2: true,
         }
     }
 }
@@ -598,7 +607,8 @@ impl Drop for ConnGuard {
 }
 
 /// Serves one client connection: on the fast path while it takes the requests (`http1`:
-/// HTTP/1 is possible, i.e. not TLS with ALPN h2), then with hyper.
+/// HTTP/1 is possible, i.e. not TLS with ALPN h2), then with the proxy's own HTTP/2 server
+/// (h2c with prior knowledge, ALPN h2) or hyper.
 async fn serve<IO>(
     shared: Arc<Shared>,
     io: IO,
@@ -618,20 +628,6 @@ async fn serve<IO>(
         streams: shared.streams.clone(),
         plain_upstream: shared.options.http1_fast_path,
     };
-    let fast_info = info.clone();
-    let handling = shared.clone();
-    let service = service_fn(move |req| {
-        let shared = handling.clone();
-        let info = info.clone();
-        // Boxed: a request's future is a few KiB, and hyper moves the one it is given (into
-        // its dispatcher's slot; on HTTP/2 into a task of its own, more than once). Moving a
-        // box instead copies a pointer; the future is written once, into the heap.
-        Box::pin(async move {
-            Ok::<_, std::convert::Infallible>(
-                forward::handle(&shared.routes, &shared.edge, &info, req).await,
-            )
-        })
-    });
     let heard = Arc::new(AtomicBool::new(false));
     let mut io = Touch::new(
         Heard {
@@ -647,7 +643,7 @@ async fn serve<IO>(
         let conn = fast::Conn {
             routes: &shared.routes,
             edge: &shared.edge,
-            info: &fast_info,
+            info: &info,
             options: &shared.options,
         };
         let served = tokio::select! {
@@ -663,73 +659,162 @@ async fn serve<IO>(
             fast::Served::Other(read) => prefix = read,
         }
     }
+    let watch = Watch {
+        client,
+        heard,
+        activity,
+        active,
+        idle: shared.options.idle_keep_alive,
+        drain,
+        close,
+    };
+    let own_h2 = shared.options.own_http2
+        && (!http1 || (shared.options.http1_fast_path && prefix.starts_with(H2C_PREFACE_LINE)));
+    if own_h2 {
+        // One reference per request, not one per field of the connection's info.
+        let handling = Arc::new((shared.clone(), info));
+        let service = move |req| -> h2::conn::Answer {
+            let handling = handling.clone();
+            Box::pin(async move {
+                let (shared, info) = &*handling;
+                forward::handle(&shared.routes, &shared.edge, info, req).await
+            })
+        };
+        let options = &shared.options;
+        let config = h2::Config {
+            limits: h2::hpack::Limits {
+                list_size: options.max_header_bytes,
+                count: options.max_headers,
+            },
+            ..h2::Config::default()
+        };
+        let conn = std::pin::pin!(h2::Connection::new(io, prefix, service, config));
+        watch.drive(conn, |c| c.get_mut().graceful_shutdown()).await;
+        return;
+    }
+    let handling = Arc::new((shared.clone(), info));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let handling = handling.clone();
+        // Boxed: a request's future is a few KiB, and hyper moves the one it is given (into
+        // its dispatcher's slot; on HTTP/2 into a task of its own, more than once). Moving a
+        // box instead copies a pointer; the future is written once, into the heap.
+        Box::pin(async move {
+            let (shared, info) = &*handling;
+            Ok::<_, std::convert::Infallible>(
+                forward::handle(
+                    &shared.routes,
+                    &shared.edge,
+                    info,
+                    req.map(ClientBody::Hyper),
+                )
+                .await,
+            )
+        })
+    });
     let io = TokioIo::new(fast::Prefixed { prefix, inner: io });
-    let conn = shared.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let idle = shared.options.idle_keep_alive;
-    let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut ticker = tokio::time::interval(tick);
-    let mut draining = false;
-    // Draining came before the client's first bytes: shut down once they are in (see below).
-    let mut deferred: Option<tokio::time::Instant> = None;
-    // Made once, not in each turn of the loop: the task wakes several times per request
-    // (more on HTTP/2), and a watch's wait registers with it and unregisters each time it
-    // is made and dropped.
-    let mut drained = std::pin::pin!(async {
-        let _ = drain.wait_for(|d| *d).await;
-    });
-    let mut closed = std::pin::pin!(async {
-        let _ = close.wait_for(|c| *c).await;
-    });
-    let mut recheck = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-    loop {
-        tokio::select! {
-            // The connection first: one the fast path handed over has its request read
-            // already, and hyper must take it in before a drain's graceful shutdown (which
-            // drops a connection still telling HTTP/1 from HTTP/2).
-            biased;
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%client, "client connection ended: {e}");
-                }
-                return;
-            }
-            () = drained.as_mut(), if !draining => {
-                draining = true;
-                // Before the first bytes are read, a graceful shutdown drops the connection
-                // without an answer (hyper-util is still telling HTTP/1 from HTTP/2), though
-                // the client may have sent its request already: the socket was accepted just
-                // before the drain. Let it be read first; hyper then answers that request and
-                // closes.
-                if heard.load(Ordering::Acquire) {
-                    conn.as_mut().graceful_shutdown();
-                } else {
-                    deferred = Some(tokio::time::Instant::now());
-                    recheck.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
-                }
-            }
-            () = recheck.as_mut(), if deferred.is_some() => {
-                let waited = deferred.map_or(Duration::ZERO, |since| since.elapsed());
-                if heard.load(Ordering::Acquire) || waited >= FIRST_BYTES_WAIT {
-                    deferred = None;
-                    conn.as_mut().graceful_shutdown();
-                } else {
-                    recheck.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
-                }
-            }
-            () = closed.as_mut() => return,
-            _ = ticker.tick() => {
-                // A client that stops reading its response would hold the instance's slot
-                // (and CPU) for as long as it likes: cut it once a write has waited for it as
-                // long as an idle connection may last.
-                if activity.write_stalled() >= idle {
-                    tracing::debug!(%client, "client stopped reading its response: connection cut");
+    let conn = std::pin::pin!(shared.builder.serve_connection_with_upgrades(io, service));
+    watch.drive(conn, |c| c.graceful_shutdown()).await;
+}
+
+/// The first line of an h2c connection's preface, as the fast path hands it over.
+const H2C_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// What a served connection is watched for: a drain, the proxy closing, an idle client, a
+/// client that stopped reading.
+struct Watch {
+    client: SocketAddr,
+    heard: Arc<AtomicBool>,
+    activity: Arc<Activity>,
+    active: Arc<AtomicUsize>,
+    idle: Duration,
+    drain: watch::Receiver<bool>,
+    close: watch::Receiver<bool>,
+}
+
+impl Watch {
+    /// Runs `conn` to its end, asking it to finish (`shut`: a graceful shutdown) on a drain
+    /// or once idle, and dropping it when the proxy closes or the client stops reading.
+    async fn drive<C, E>(
+        self,
+        mut conn: std::pin::Pin<&mut C>,
+        shut: impl Fn(std::pin::Pin<&mut C>),
+    ) where
+        C: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let Watch {
+            client,
+            heard,
+            activity,
+            active,
+            idle,
+            mut drain,
+            mut close,
+        } = self;
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut ticker = tokio::time::interval(tick);
+        let mut draining = false;
+        // Draining came before the client's first bytes: shut down once they are in (see below).
+        let mut deferred: Option<tokio::time::Instant> = None;
+        // Made once, not in each turn of the loop: the task wakes several times per request
+        // (more on HTTP/2), and a watch's wait registers with it and unregisters each time it
+        // is made and dropped.
+        let mut drained = std::pin::pin!(async {
+            let _ = drain.wait_for(|d| *d).await;
+        });
+        let mut closed = std::pin::pin!(async {
+            let _ = close.wait_for(|c| *c).await;
+        });
+        let mut recheck = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        loop {
+            tokio::select! {
+                // The connection first: one the fast path handed over has its request read
+                // already, and hyper must take it in before a drain's graceful shutdown (which
+                // drops a connection still telling HTTP/1 from HTTP/2).
+                biased;
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%client, "client connection ended: {e}");
+                    }
                     return;
                 }
-                if !draining && active.load(Ordering::Acquire) == 0 && activity.idle() >= idle {
-                    tracing::debug!(%client, "idle client connection closed");
+                () = drained.as_mut(), if !draining => {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    // Before the first bytes are read, a graceful shutdown drops the connection
+                    // without an answer (hyper-util is still telling HTTP/1 from HTTP/2), though
+                    // the client may have sent its request already: the socket was accepted just
+                    // before the drain. Let it be read first; hyper then answers that request and
+                    // closes.
+                    if heard.load(Ordering::Acquire) {
+                        shut(conn.as_mut());
+                    } else {
+                        deferred = Some(tokio::time::Instant::now());
+                        recheck.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
+                    }
+                }
+                () = recheck.as_mut(), if deferred.is_some() => {
+                    let waited = deferred.map_or(Duration::ZERO, |since| since.elapsed());
+                    if heard.load(Ordering::Acquire) || waited >= FIRST_BYTES_WAIT {
+                        deferred = None;
+                        shut(conn.as_mut());
+                    } else {
+                        recheck.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
+                    }
+                }
+                () = closed.as_mut() => return,
+                _ = ticker.tick() => {
+                    // A client that stops reading its response would hold the instance's slot
+                    // (and CPU) for as long as it likes: cut it once a write has waited for it as
+                    // long as an idle connection may last.
+                    if activity.write_stalled() >= idle {
+                        tracing::debug!(%client, "client stopped reading its response: connection cut");
+                        return;
+                    }
+                    if !draining && active.load(Ordering::Acquire) == 0 && activity.idle() >= idle {
+                        tracing::debug!(%client, "idle client connection closed");
+                        draining = true;
+                        shut(conn.as_mut());
+                    }
                 }
             }
         }

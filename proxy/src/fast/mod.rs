@@ -36,7 +36,7 @@ use crate::forward::{self, ActiveGuard, ConnInfo, Finish};
 use crate::routes::{Route, RouteTable};
 use crate::server::{FIRST_BYTES_WAIT, ProxyOptions};
 use chunked::Chunked;
-pub(crate) use head::{Form, Rendered, ResponseExtras};
+pub(crate) use head::{Form, Rendered, ResponseExtras, http_date};
 use head::{Framing, Parsed, RequestHead};
 use upstream::{Answered, Outcome};
 
