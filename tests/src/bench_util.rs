@@ -78,6 +78,55 @@ impl BenchArgs {
     }
 }
 
+/// Sleeps for `duration`, or until SIGINT or SIGTERM arrives: a driver serving until
+/// stopped (`--serve`) then cleans up (peers, apps, cgroups) as at the end of its time.
+/// Returns whether a signal cut the sleep short.
+pub fn sleep_unless_stopped(duration: Duration) -> Result<bool> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn stop(_: libc::c_int) {
+        STOPPED.store(true, Ordering::SeqCst);
+    }
+    let action = SigAction::new(SigHandler::Handler(stop), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.with_context(|| format!("handle {signal}"))?;
+    }
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        if STOPPED.load(Ordering::SeqCst) {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+    }
+    Ok(false)
+}
+
+/// Makes `command`'s process get SIGTERM when the thread that spawns it ends: the
+/// drivers spawn their apps and peers (nginx, haproxy) from their main thread, so a driver
+/// killed by a signal, which runs none of its cleanup, takes them with it instead of leaving
+/// them serving.
+pub fn die_with_parent(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
+    // getppid and raise, which are async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody would send it.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Fails naming the Debian package of the first of `tools` (`(program, version flag,
 /// package)`) that cannot be run.
 pub fn require_tools(tools: &[(&str, &str, &str)]) -> Result<()> {

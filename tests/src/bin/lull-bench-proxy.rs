@@ -243,8 +243,13 @@ fn run(args: Args) -> Result<()> {
                 target.cpu
             );
         }
-        println!("send Host: {HOST}; serving for {} s", serve.as_secs());
-        std::thread::sleep(serve);
+        println!(
+            "send Host: {HOST}; serving for {} s (or until SIGINT/SIGTERM)",
+            serve.as_secs()
+        );
+        if lull_tests::bench_util::sleep_unless_stopped(serve)? {
+            println!("stopped by a signal: cleaning up");
+        }
         drop(peers);
         runtime.block_on(lull.proxy.shutdown(Duration::from_secs(1)));
         runtime.block_on(hyper_only.proxy.shutdown(Duration::from_secs(1)));
@@ -417,6 +422,7 @@ impl Apps {
         gate.gate.restore()?;
         let port = lull_tests::bench_util::free_port()?;
         let mut command = Command::new(app);
+        lull_tests::bench_util::die_with_parent(&mut command);
         command
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
@@ -696,7 +702,8 @@ impl Peers {
         let path = dir.join("nginx.conf");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
         let log = fs::File::create(dir.join("stderr.log"))?;
-        let child = Command::new("nginx")
+        let mut command = Command::new("nginx");
+        let child = lull_tests::bench_util::die_with_parent(&mut command)
             .arg("-p")
             .arg(&dir)
             .arg("-c")
@@ -762,7 +769,8 @@ impl Peers {
         let path = dir.join("haproxy.cfg");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
         let log = fs::File::create(dir.join("stderr.log"))?;
-        let child = Command::new("haproxy")
+        let mut command = Command::new("haproxy");
+        let child = lull_tests::bench_util::die_with_parent(&mut command)
             .arg("-db")
             .arg("-f")
             .arg(&path)

@@ -397,7 +397,8 @@ struct Apps {
 impl Apps {
     fn start(&mut self, app: &Path) -> Result<()> {
         let port = lull_tests::bench_util::free_port()?;
-        let mut child = Command::new(app)
+        let mut command = Command::new(app);
+        let mut child = lull_tests::bench_util::die_with_parent(&mut command)
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -567,6 +568,7 @@ impl Servers {
         let exe = std::env::current_exe().context("find this executable")?;
         let log = dir.join("lull.log");
         let mut command = Command::new(exe);
+        lull_tests::bench_util::die_with_parent(&mut command);
         command
             .arg("serve-lull")
             .arg("--cert")
@@ -651,7 +653,8 @@ impl Servers {
         );
         let path = dir.join("nginx.conf");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
-        let child = Command::new("nginx")
+        let mut command = Command::new("nginx");
+        let child = lull_tests::bench_util::die_with_parent(&mut command)
             .arg("-p")
             .arg(&dir)
             .arg("-c")
@@ -704,7 +707,8 @@ impl Servers {
         );
         let path = dir.join("haproxy.cfg");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
-        let child = Command::new("haproxy")
+        let mut command = Command::new("haproxy");
+        let child = lull_tests::bench_util::die_with_parent(&mut command)
             .arg("-db")
             .arg("-f")
             .arg(&path)
