@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lull_netns::network::{AttachRequest, InstanceNetwork, LiveInstance};
 use lull_proxy::gate::CpuControl;
-use lull_runtime::cgroup::{CpuGate, Gate, InstanceCgroup, Resources};
+use lull_runtime::cgroup::{CpuGate, Gate, InstanceCgroup, Resources, UsageCounter};
 use lull_runtime::host::Runtime;
 use lull_runtime::instance::{
     ExitStatus, FileBind, Instance, InstanceRequest, ProcessOverrides, Recovered, StartGate,
@@ -29,6 +29,8 @@ use super::{
 pub struct InstanceCpu {
     gate: CpuGate,
     cgroup: InstanceCgroup,
+    /// The usage counter kept open; `None` if it could not be opened (then read by path).
+    usage: Option<UsageCounter>,
     /// Idle tier 2; `None` where the host has no freezer for the instance.
     freezer: Option<lull_runtime::cgroup::Freezer>,
 }
@@ -45,9 +47,17 @@ impl InstanceCpu {
                 None
             }
         };
+        let usage = match cgroup.usage_counter() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::debug!(cgroup = %cgroup.cgroups_path().display(), "usage counter not kept open: {e}");
+                None
+            }
+        };
         InstanceCpu {
             gate,
             cgroup,
+            usage,
             freezer,
         }
     }
@@ -66,7 +76,10 @@ impl CpuControl for InstanceCpu {
     }
 
     fn usage_ns(&self) -> Option<u64> {
-        self.cgroup.cpu_usage_ns().ok()
+        match &self.usage {
+            Some(counter) => counter.read_ns().ok(),
+            None => self.cgroup.cpu_usage_ns().ok(),
+        }
     }
 
     fn freeze(&self) -> Result<(), String> {

@@ -6,6 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::usage::{UsageCounter, UsageKind};
 use super::{CgroupError, CgroupLayout, Controller, CpuLimit, V1Hierarchies};
 
 /// An instance's cgroup directories.
@@ -126,16 +127,24 @@ impl InstanceCgroup {
 
     /// Total CPU time used, in nanoseconds (v1 `cpuacct.usage`, v2 `cpu.stat` `usage_usec`).
     pub fn cpu_usage_ns(&self) -> Result<u64, CgroupError> {
-        match &self.dirs {
-            CgroupDirs::V2(dir) => {
-                let usec = read_keyed(&dir.join("cpu.stat"), "usage_usec")?;
-                Ok(usec.saturating_mul(1_000))
-            }
+        let (path, kind) = self.usage_file()?;
+        kind.parse(&read(&path)?, &path)
+    }
+
+    /// The CPU usage counter, opened once for reads over and over (the CPU gate's).
+    pub fn usage_counter(&self) -> Result<UsageCounter, CgroupError> {
+        let (path, kind) = self.usage_file()?;
+        UsageCounter::open(path, kind)
+    }
+
+    fn usage_file(&self) -> Result<(PathBuf, UsageKind), CgroupError> {
+        Ok(match &self.dirs {
+            CgroupDirs::V2(dir) => (dir.join("cpu.stat"), UsageKind::CpuStatUsec),
             CgroupDirs::V1(_) => {
                 let dir = self.require_dir(Controller::Cpuacct)?;
-                read_number(&dir.join("cpuacct.usage"))
+                (dir.join("cpuacct.usage"), UsageKind::CpuacctNs)
             }
-        }
+        })
     }
 
     /// Memory in use, in bytes (v1 `memory.usage_in_bytes`, v2 `memory.current`).
@@ -268,7 +277,7 @@ fn read_number(path: &Path) -> Result<u64, CgroupError> {
     parse_number(&read(path)?, path)
 }
 
-fn parse_number(text: &str, path: &Path) -> Result<u64, CgroupError> {
+pub(super) fn parse_number(text: &str, path: &Path) -> Result<u64, CgroupError> {
     text.trim().parse().map_err(|_| CgroupError::Parse {
         path: path.to_path_buf(),
         reason: format!("{:?} is not a number", text.trim()),
@@ -277,7 +286,10 @@ fn parse_number(text: &str, path: &Path) -> Result<u64, CgroupError> {
 
 /// Reads `key N` from a flat keyed file (`cpu.stat`, `memory.events`, `memory.oom_control`).
 fn read_keyed(path: &Path, key: &str) -> Result<u64, CgroupError> {
-    let text = read(path)?;
+    parse_keyed(&read(path)?, path, key)
+}
+
+pub(super) fn parse_keyed(text: &str, path: &Path, key: &str) -> Result<u64, CgroupError> {
     for line in text.lines() {
         let mut fields = line.split_whitespace();
         if fields.next() == Some(key) {

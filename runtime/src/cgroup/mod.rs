@@ -26,6 +26,7 @@ mod gate;
 mod instance;
 mod layout;
 mod limits;
+mod usage;
 
 #[cfg(test)]
 mod host_tests;
@@ -37,3 +38,4 @@ pub use gate::{CpuGate, Gate, GateError, GateState};
 pub use instance::{CgroupDirs, InstanceCgroup};
 pub use layout::{CgroupLayout, Controller, V1Hierarchies};
 pub use limits::{CpuLimit, Resources};
+pub use usage::UsageCounter;
