@@ -105,6 +105,9 @@ impl ControlWrite {
 ///   than the one before (Q/P → 1000/P → 1000/1000000).
 /// - restore: on v1 quota → configured (or -1), then period → configured. The quota write
 ///   unthrottles at once; the intermediate Q/1000000 is valid since Q ≥ 1000. Burst stays 0.
+/// - on v1, when the restored period is the throttled one (1 s, as for every instance: the
+///   gate's group keeps one period), the period is written once, after the first quota write,
+///   and never again: each write to a bandwidth file takes every CPU's run-queue lock.
 ///
 /// On v2 `cpu.max` takes quota and period in one write.
 ///
@@ -119,6 +122,9 @@ pub struct CpuGate {
     restore_writes: Box<[ControlWrite]>,
     burst_reset: Option<ControlWrite>,
     burst_is_zero: AtomicBool,
+    /// v1 with one period for both states: the period's one write, and whether it holds.
+    period_pin: Option<ControlWrite>,
+    period_is_pinned: AtomicBool,
     desired: AtomicU8,
     applied: AtomicU8,
     busy: AtomicBool,
@@ -143,6 +149,8 @@ impl CpuGate {
                     cgroups_path: cgroup.cgroups_path().to_path_buf(),
                 })?;
         let throttled = CpuLimit::THROTTLED;
+        let mut period_pin = None;
+        let mut period_is_pinned = false;
         let (throttle_writes, restore_writes, burst_path) = if cgroup.is_v2() {
             let path = dir.join("cpu.max");
             let cpu_max = open(fs, &path)?;
@@ -160,17 +168,28 @@ impl CpuGate {
             let period_path = dir.join("cpu.cfs_period_us");
             let quota = open(fs, &quota_path)?;
             let period = open(fs, &period_path)?;
-            (
-                vec![
-                    ControlWrite::new(&quota, &quota_path, throttled.cfs_quota_value()),
-                    ControlWrite::new(&period, &period_path, throttled.period_us().to_string()),
-                ],
-                vec![
-                    ControlWrite::new(&quota, &quota_path, limit.cfs_quota_value()),
-                    ControlWrite::new(&period, &period_path, limit.period_us().to_string()),
-                ],
-                dir.join("cpu.cfs_burst_us"),
-            )
+            let mut throttle = vec![ControlWrite::new(
+                &quota,
+                &quota_path,
+                throttled.cfs_quota_value(),
+            )];
+            let mut restore = vec![ControlWrite::new(
+                &quota,
+                &quota_path,
+                limit.cfs_quota_value(),
+            )];
+            let throttled_period = throttled.period_us().to_string();
+            if limit.period_us() == throttled.period_us() {
+                period_is_pinned = fs
+                    .read_control(&period_path)
+                    .is_ok_and(|current| current.trim() == throttled_period);
+                period_pin = Some(ControlWrite::new(&period, &period_path, throttled_period));
+            } else {
+                throttle.push(ControlWrite::new(&period, &period_path, throttled_period));
+                let restored_period = limit.period_us().to_string();
+                restore.push(ControlWrite::new(&period, &period_path, restored_period));
+            }
+            (throttle, restore, dir.join("cpu.cfs_burst_us"))
         };
         let (burst_reset, burst_is_zero) = if fs.exists(&burst_path) {
             let file = open(fs, &burst_path)?;
@@ -197,6 +216,8 @@ impl CpuGate {
             restore_writes: restore_writes.into_boxed_slice(),
             burst_reset,
             burst_is_zero: AtomicBool::new(burst_is_zero),
+            period_pin,
+            period_is_pinned: AtomicBool::new(period_is_pinned),
             desired: AtomicU8::new(GateState::Unknown as u8),
             applied: AtomicU8::new(GateState::Unknown as u8),
             busy: AtomicBool::new(false),
@@ -274,6 +295,12 @@ impl CpuGate {
         };
         for write in writes.iter() {
             write.write()?;
+        }
+        if let Some(pin) = &self.period_pin
+            && !self.period_is_pinned.load(Ordering::SeqCst)
+        {
+            pin.write()?;
+            self.period_is_pinned.store(true, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -480,6 +507,47 @@ mod tests {
         assert_eq!(
             fs::read(tree.cpu_dir.join("cpu.cfs_period_us")).unwrap(),
             b"100000"
+        );
+    }
+
+    #[test]
+    fn v1_gate_with_one_period_writes_it_once() {
+        // An instance's gate: restored is "no quota" at the throttled period (1 s).
+        let tree = v1_tree("-1\n", "100000\n", None);
+        let fs = FakeCgroupFs::new();
+        let gate = CpuGate::open_with(&fs, &tree.cgroup, CpuLimit::GATE_OPEN).unwrap();
+        let period = tree.cpu_dir.join("cpu.cfs_period_us");
+        // The period's write fails once: the next call writes it again.
+        fs.fail_writes(&period, libc::EINVAL);
+        assert!(gate.throttle().is_err());
+        assert_eq!(gate.state(), GateState::Unknown);
+        fs.clear_failures();
+        fs.clear_writes();
+        assert!(gate.throttle().unwrap());
+        assert!(gate.restore().unwrap());
+        assert!(gate.throttle().unwrap());
+        assert!(gate.restore().unwrap());
+        assert_eq!(
+            names(&fs),
+            pairs(&[
+                ("cpu.cfs_quota_us", "1000"),
+                ("cpu.cfs_period_us", "1000000"),
+                ("cpu.cfs_quota_us", "-1"),
+                ("cpu.cfs_quota_us", "1000"),
+                ("cpu.cfs_quota_us", "-1"),
+            ])
+        );
+        assert_eq!(fs::read(&period).unwrap(), b"1000000");
+
+        // A group whose period already holds 1 s is never written it.
+        let tree = v1_tree("-1\n", "1000000\n", None);
+        let fs = FakeCgroupFs::new();
+        let gate = CpuGate::open_with(&fs, &tree.cgroup, CpuLimit::GATE_OPEN).unwrap();
+        assert!(gate.restore().unwrap());
+        assert!(gate.throttle().unwrap());
+        assert_eq!(
+            names(&fs),
+            pairs(&[("cpu.cfs_quota_us", "-1"), ("cpu.cfs_quota_us", "1000")])
         );
     }
 
