@@ -133,11 +133,22 @@ impl Setup {
     fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
-    fn log_entries(&self) -> Vec<AccessEntry> {
-        let text = std::fs::read_to_string(self.log_dir.path().join("app.log")).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+    /// The access log once it holds at least `count` lines (a request is logged as its last
+    /// bytes go to the client, so a client may read its answer a moment before the line).
+    async fn log_entries(&self, count: usize) -> Vec<AccessEntry> {
+        let path = self.log_dir.path().join("app.log");
+        let started = std::time::Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let entries: Vec<AccessEntry> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if entries.len() >= count || started.elapsed() > Duration::from_secs(5) {
+                return entries;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -257,7 +268,7 @@ async fn headers_are_rewritten_and_the_request_is_logged() {
         serde_json::from_str(&text(client().request(req).await.unwrap()).await).unwrap();
     assert_eq!(seen["headers"]["x-request-id"], "mine-1");
 
-    let log = s.log_entries();
+    let log = s.log_entries(2).await;
     assert_eq!(log.len(), 2, "{log:?}");
     let e = &log[0];
     assert_eq!(e.request_id, id);
@@ -627,7 +638,7 @@ async fn a_1gib_upload_streams_in_bounded_memory() {
         growth_mib < 64,
         "RSS grew {growth_mib} MiB for a 1 GiB upload"
     );
-    let log = s.log_entries();
+    let log = s.log_entries(1).await;
     assert_eq!(log[0].bytes_in, SIZE);
 }
 
@@ -1060,7 +1071,7 @@ async fn woken_instances_are_logged_and_streams_can_release_the_cpu() {
             "plain"
         );
     }
-    let log = s.log_entries();
+    let log = s.log_entries(2).await;
     assert_eq!(log.len(), 2);
     assert!(
         log[1].woke,
@@ -1461,7 +1472,7 @@ async fn plain_requests_and_then_others_share_one_client_connection() {
     assert_eq!(seen["path"], "/c");
     assert_eq!(seen["headers"]["x-request-id"], "mine");
 
-    let log = s.log_entries();
+    let log = s.log_entries(3).await;
     let paths: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
     assert_eq!(paths, [("/a?x=1", 200), ("/b", 200), ("/c", 200)]);
     assert_eq!(log[0].instance, "i0");
@@ -1556,7 +1567,7 @@ async fn chunked_and_close_delimited_answers_reach_the_client_chunked() {
         heads[0].contains("x-forwarded-proto: http\r\n"),
         "{heads:?}"
     );
-    let log = s.log_entries();
+    let log = s.log_entries(3).await;
     let seen: Vec<_> = log.iter().map(|e| (e.status, e.bytes_out)).collect();
     assert_eq!(seen, [(200, 11), (200, 13), (204, 0)]);
 }
@@ -1621,7 +1632,7 @@ async fn a_client_that_leaves_while_queued_gives_its_place_up() {
         1,
         "the request that left was never sent"
     );
-    let log = s.log_entries();
+    let log = s.log_entries(2).await;
     let statuses: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
     assert!(statuses.contains(&("/2", 499)), "{statuses:?}");
 }
@@ -1807,7 +1818,7 @@ async fn bodiless_h2_requests_reach_http1_instances_over_plain_sockets() {
     assert!(heads[0].contains("x-request-id: "), "{heads:?}");
     assert!(heads[2].starts_with("HEAD /3 HTTP/1.1\r\n"), "{heads:?}");
     assert!(heads[5].starts_with("POST /6 HTTP/1.1\r\n"), "{heads:?}");
-    let log = s.log_entries();
+    let log = s.log_entries(6).await;
     let seen: Vec<_> = log.iter().map(|e| (e.status, e.bytes_out)).collect();
     assert_eq!(
         seen,
@@ -1860,7 +1871,7 @@ async fn a_malformed_or_cut_answer_to_an_h2_request_is_not_passed_on_as_whole() 
         3,
         "no broken socket is reused"
     );
-    let log = s.log_entries();
+    let log = s.log_entries(3).await;
     let seen: Vec<_> = log.iter().map(|e| (e.path.as_str(), e.status)).collect();
     assert_eq!(seen, [("/1", 200), ("/2", 502), ("/3", 200)]);
 }
@@ -1883,7 +1894,7 @@ async fn a_response_cut_short_is_logged_with_the_body_bytes_it_had() {
         let got = String::from_utf8_lossy(&got).into_owned();
         assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
     }
-    let log = s.log_entries();
+    let log = s.log_entries(2).await;
     let seen: Vec<_> = log
         .iter()
         .map(|e| (e.path.as_str(), e.status, e.bytes_out))

@@ -223,13 +223,20 @@ async fn scenario(host: &Host, t: &TestRuntime, image: &ImageRecord, layers: Vec
     );
     assert_eq!((status, body.as_str()), (200, HELLO));
     assert_eq!(pool.snapshot().instances[0].gate.restores, restores + 1);
-    // The metrics saw both requests, and the gate's transitions as the meter counts them.
+    // The metrics saw both requests, and the gate's transitions as the meter counts them. A
+    // request is recorded as its last bytes go to the client, so the client may be a moment
+    // ahead of the count.
+    let counted = r#"lull_proxy_requests_total{service="svc",class="2xx"} 2"#;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let text = loop {
+        let text = metrics.encode();
+        if text.contains(counted) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(text.contains(counted), "{text}");
     let meter = pool.snapshot().instances[0].gate;
-    let text = metrics.encode();
-    assert!(
-        text.contains(r#"lull_proxy_requests_total{service="svc",class="2xx"} 2"#),
-        "{text}"
-    );
     for (direction, count) in [("restore", meter.restores), ("throttle", meter.throttles)] {
         let line = format!(
             r#"lull_proxy_gate_transitions_total{{service="svc",instance="gated",direction="{direction}"}} {count}"#

@@ -259,15 +259,14 @@ impl Done<'_> {
             .ok_or_else(|| cut("the instance's connection was already given back"))
     }
 
-    /// The response came whole from the instance: the socket goes back when `reusable`,
-    /// and the request is recorded.
+    /// The response came whole from the instance: the socket goes back when `reusable`.
+    /// The request is recorded by [`Client::write_last`] (or when this is dropped).
     fn complete(&mut self, reusable: bool) {
         if let Some(stream) = self.stream.take()
             && reusable
         {
             self.sockets.returner().give_back(self.addr, stream);
         }
-        self.record();
     }
 
     /// Records the request (once), with the body bytes read so far.
@@ -362,10 +361,11 @@ impl Exchange<'_> {
     }
 
     /// Writes the response head and relays the body. Once the instance's part is over, the
-    /// socket goes back to the pool (when the instance keeps it open) and the request is
-    /// recorded (metrics, access log, slot), before the last bytes go to the client. A client
-    /// that leaves while the instance has not sent everything (a quiet event stream) ends the
-    /// exchange at once, as hyper would.
+    /// socket goes back to the pool (when the instance keeps it open); the request is recorded
+    /// (metrics, access log, slot and CPU gate) as soon as the last bytes are handed to the
+    /// client's connection, or before waiting for a client that cannot take them at once
+    /// ([`Client::write_last`]). A client that leaves while the instance has not sent
+    /// everything (a quiet event stream) ends the exchange at once, as hyper would.
     async fn relay<IO>(
         &self,
         mut client: Client<'_, IO>,
@@ -405,7 +405,7 @@ impl Exchange<'_> {
             match head.framing {
                 Framing::Empty => {
                     done.complete(reusable && rest.is_empty());
-                    client.write(&out, stall).await?;
+                    client.write_last(&mut done, &out, stall).await?;
                 }
                 Framing::Length(total) => {
                     let mut left = total;
@@ -416,6 +416,7 @@ impl Exchange<'_> {
                     let mut clean = rest.len() == take;
                     if left == 0 {
                         done.complete(reusable && clean);
+                        return client.write_last(&mut done, &out, stall).await;
                     }
                     client.write(&out, stall).await?;
                     while left > 0 {
@@ -428,6 +429,7 @@ impl Exchange<'_> {
                         clean &= rest.len() == take;
                         if left == 0 {
                             done.complete(reusable && clean);
+                            return client.write_last(&mut done, &rest[..take], stall).await;
                         }
                         client.write(&rest[..take], stall).await?;
                     }
@@ -439,6 +441,7 @@ impl Exchange<'_> {
                     let mut clean = used == rest.len();
                     if framing.done() {
                         done.complete(reusable && clean);
+                        return client.write_last(&mut done, &out, stall).await;
                     }
                     client.write(&out, stall).await?;
                     while !framing.done() {
@@ -451,6 +454,7 @@ impl Exchange<'_> {
                         clean &= used == rest.len();
                         if framing.done() {
                             done.complete(reusable && clean);
+                            return client.write_last(&mut done, &out, stall).await;
                         }
                         client.write(&out, stall).await?;
                     }
@@ -469,7 +473,7 @@ impl Exchange<'_> {
                         client.write(&out, stall).await?;
                     }
                     done.complete(false);
-                    client.write(b"0\r\n\r\n", stall).await?;
+                    client.write_last(&mut done, b"0\r\n\r\n", stall).await?;
                 }
             }
             Ok::<_, std::io::Error>(())
@@ -537,6 +541,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Client<'_, IO> {
         write(self.io, data, stall).await
     }
 
+    /// Writes a response's last bytes and records the request (`done`) once they are handed
+    /// to the client's connection: the client is not kept waiting by the recording (the CPU
+    /// gate's throttle, metrics, the access log line). A client that cannot take them at once
+    /// does not hold the instance's slot and CPU while it waits: the request is recorded first.
+    async fn write_last(
+        &mut self,
+        done: &mut Done<'_>,
+        data: &[u8],
+        stall: Duration,
+    ) -> std::io::Result<()> {
+        let (sent, flushed) = write_now(self.io, data)?;
+        done.record();
+        if flushed {
+            return Ok(());
+        }
+        write(self.io, &data[sent..], stall).await
+    }
+
     /// The instance's next bytes, in `rest` (cleared first); an error if the client leaves
     /// first.
     async fn read_upstream(
@@ -553,6 +575,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Client<'_, IO> {
             read = stream.read_buf(rest) => read,
             () = client_gone(self.io, self.buf, limit) => Err(cut("the client left")),
         }
+    }
+}
+
+/// Writes what of `data` the connection takes without waiting, then flushes likewise: how many
+/// bytes it took, and whether all of them are on their way.
+fn write_now<IO>(io: &mut IO, data: &[u8]) -> std::io::Result<(usize, bool)>
+where
+    IO: AsyncWrite + Unpin,
+{
+    // Nothing waits on this context: whatever is still pending is awaited afterwards with
+    // the task's own waker, which replaces this one.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut sent = 0;
+    while sent < data.len() {
+        match Pin::new(&mut *io).poll_write(&mut cx, &data[sent..]) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => sent += n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok((sent, false)),
+        }
+    }
+    match Pin::new(&mut *io).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok((sent, true)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok((sent, false)),
     }
 }
 
