@@ -28,13 +28,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use lull_daemon::host::real::InstanceCpu;
 use lull_proxy::config::ServiceConfig;
 use lull_proxy::gate::{CpuControl, NoCpuControl};
 use lull_proxy::metrics::ProxyMetrics;
 use lull_proxy::pool::{InstanceSpec, Pool, PoolEvent};
 use lull_proxy::{Proxy, ProxyOptions, Route, RouteTable};
 use lull_runtime::cgroup::{
-    CgroupLayout, Controller, CpuGate, CpuLimit, Gate, InstanceCgroup, V1Hierarchies,
+    CgroupLayout, Controller, CpuGate, CpuLimit, InstanceCgroup, V1Hierarchies,
 };
 use lull_tests::scratch::{ScratchDir, unique_name};
 
@@ -42,8 +43,7 @@ use lull_tests::scratch::{ScratchDir, unique_name};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str =
-    "usage: lull-bench-proxy [--smoke] [--app PATH] [--markdown PATH] [--serve SECONDS]";
+const USAGE: &str = "usage: lull-bench-proxy [--smoke] [--gate-only] [--app PATH] [--markdown PATH] [--serve SECONDS]";
 
 /// The host clients send; lull routes it to the pool of the four instances.
 const HOST: &str = "bench.local";
@@ -69,6 +69,9 @@ struct Args {
     /// Only start the four apps, lull, nginx and haproxy, print their addresses and keep them
     /// up this long (for profiling a contender under a load of one's own).
     serve: Option<Duration>,
+    /// Only the CPU gate's rows (for A/B runs of the gate); lull's best rate comes from one
+    /// wrk run at 50 connections instead of the closed-loop table.
+    gate_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -78,6 +81,7 @@ fn parse_args() -> Result<Args> {
         app: exe.with_file_name("lull-fixture-app"),
         markdown: None,
         serve: None,
+        gate_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -87,6 +91,7 @@ fn parse_args() -> Result<Args> {
         };
         match arg.as_str() {
             "--smoke" => parsed.smoke = true,
+            "--gate-only" => parsed.gate_only = true,
             "--app" => parsed.app = value("--app")?.into(),
             "--markdown" => parsed.markdown = Some(value("--markdown")?.into()),
             "--serve" => {
@@ -257,8 +262,13 @@ fn run(args: Args) -> Result<()> {
         return apps.stop();
     }
 
-    let (direct_best, lull_best) = closed_loop(&plan, &targets, scratch.path(), &mut report)?;
-    fixed_rate_peers(&plan, &targets, direct_best, &mut report)?;
+    let lull_best = if args.gate_only {
+        wrk(lull.addr, RATE_CONNS, plan.seconds)?.rps
+    } else {
+        let (direct_best, lull_best) = closed_loop(&plan, &targets, scratch.path(), &mut report)?;
+        fixed_rate_peers(&plan, &targets, direct_best, &mut report)?;
+        lull_best
+    };
     cpu_gate(
         &plan,
         &runtime,
@@ -413,13 +423,14 @@ impl Apps {
         if cgroup.controller_dir(Controller::Cpu).is_none() {
             bail!("the host has no cpu cgroup controller");
         }
-        let gate = CpuGate::open(&cgroup, CpuLimit::new(None, 100_000)?)
+        let gate = CpuGate::open(&cgroup, lull_runtime::instance::gate_limit())
             .with_context(|| format!("open the cpu gate of /{name}"))?;
         let gate = Arc::new(CgroupCpu {
-            gate,
+            cpu: InstanceCpu::new(gate, cgroup.clone()),
             cgroup: cgroup.clone(),
         });
-        gate.gate.restore()?;
+        gate.restore()
+            .map_err(|e| anyhow!("restore /{name}: {e}"))?;
         let port = lull_tests::bench_util::free_port()?;
         let mut command = Command::new(app);
         lull_tests::bench_util::die_with_parent(&mut command);
@@ -474,7 +485,7 @@ impl Apps {
     fn stop(&mut self) -> Result<()> {
         for app in &mut self.apps {
             // A throttled app needs its CPU to die quickly.
-            let _ = app.gate.gate.restore();
+            let _ = app.gate.restore();
             let _ = app.child.kill();
             let _ = app.child.wait();
         }
@@ -500,9 +511,10 @@ impl Drop for Apps {
     }
 }
 
-/// The proxy's CPU control over the runtime's gate and the instance cgroup's usage counter.
+/// The daemon's CPU control of an instance (the runtime's gate, the cgroup's usage counter),
+/// and the cgroup to check its quota in.
 struct CgroupCpu {
-    gate: CpuGate,
+    cpu: InstanceCpu,
     cgroup: InstanceCgroup,
 }
 
@@ -530,21 +542,15 @@ impl CgroupCpu {
 
 impl CpuControl for CgroupCpu {
     fn restore(&self) -> Result<(), String> {
-        self.gate
-            .restore()
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+        self.cpu.restore()
     }
 
     fn throttle(&self) -> Result<(), String> {
-        self.gate
-            .throttle()
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+        self.cpu.throttle()
     }
 
     fn usage_ns(&self) -> Option<u64> {
-        self.cgroup.cpu_usage_ns().ok()
+        self.cpu.usage_ns()
     }
 }
 
