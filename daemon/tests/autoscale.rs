@@ -222,9 +222,12 @@ async fn forty_connections_start_the_missing_instances_at_once_then_scale_back_i
     let outs = rig.events("web", "scale.out");
     assert_eq!(added(&outs), 3, "{outs:?}");
     assert_eq!(outs.last().unwrap().fields["desired"], 4);
-    assert!(
-        outs.iter().all(|e| e.fields["ready"] == 1),
-        "decided before any new one was ready: {outs:?}"
+    // The first decision comes before any new instance is ready; the later ones follow within
+    // moments (the spread below), without waiting for it. A fake instance can turn ready inside
+    // that spread, so only the first decision's view of readiness is pinned.
+    assert_eq!(
+        outs[0].fields["ready"], 1,
+        "the first decision came before any new instance was ready: {outs:?}"
     );
     let spread = outs.last().unwrap().time.as_datetime() - outs[0].time.as_datetime();
     assert!(
