@@ -140,7 +140,9 @@ impl Setup {
         let started = std::time::Instant::now();
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let entries: Vec<AccessEntry> = text
+            // Whole lines only: the last one may be on its way.
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            let entries: Vec<AccessEntry> = whole
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect();

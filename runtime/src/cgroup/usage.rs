@@ -56,12 +56,13 @@ impl UsageCounter {
             source,
         };
         let n = self.file.read_at(&mut buf, 0).map_err(read)?;
-        let text = if n < buf.len() {
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        } else {
-            std::fs::read_to_string(&self.path).map_err(read)?
-        };
-        self.kind.parse(&text, &self.path)
+        if n == buf.len() {
+            let text = std::fs::read_to_string(&self.path).map_err(read)?;
+            return self.kind.parse(&text, &self.path);
+        }
+        // The kernel writes ASCII; anything else fails to parse below, naming the file.
+        let text = std::str::from_utf8(&buf[..n]).unwrap_or_default();
+        self.kind.parse(text, &self.path)
     }
 
     pub fn path(&self) -> &Path {

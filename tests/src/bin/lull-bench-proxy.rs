@@ -1,8 +1,9 @@
-//! `lull-bench-proxy [--smoke] [--app PATH] [--markdown PATH]`: the proxy benchmarks that
-//! `cargo xtask bench proxy` builds and runs (as root). Same machine, same run, same upstream:
-//! four instances of the fixture app as plain host processes on loopback, each in a cgroup of
-//! its own (one group per instance, under the cpu and cpuacct hierarchies on v1, or in the
-//! unified hierarchy on v2; not the runtime's two-level layout), and in front of them:
+//! `lull-bench-proxy [--smoke] [--gate-only] [--app PATH] [--markdown PATH] [--serve SECONDS]`:
+//! the proxy benchmarks that `cargo xtask bench proxy` builds and runs (as root). Same machine,
+//! same run, same upstream: four instances of the fixture app as plain host processes on
+//! loopback, each in a cgroup of its own (one group per instance, under the cpu and cpuacct
+//! hierarchies on v1, or in the unified hierarchy on v2; not the runtime's two-level layout),
+//! and in front of them:
 //!
 //! - direct: the load generator talks to one instance, no proxy (one URL can only name one);
 //! - lull: `lull_proxy::Proxy` in this process on a tokio runtime of its own (2 workers), all
@@ -14,6 +15,9 @@
 //! median of 3 runs; a fixed request rate (half of direct's best req/s) from this program's own
 //! open-loop client; and the CPU gate on the same instances: per-request cost, the time from the
 //! last response to the throttle, and the share of a CPU a spinning instance gets while idle.
+//!
+//! `--gate-only` runs the CPU gate's rows alone (for side-by-side runs of two builds);
+//! `--serve` only starts the contenders and keeps them up, for a load and a profiler of one's own.
 //!
 //! Targets are reported, never enforced: the program fails only when the harness does.
 
