@@ -6,6 +6,7 @@ pub mod busybox;
 pub mod cpu;
 pub mod daemon;
 pub mod e2e;
+pub mod forwarding;
 pub mod host_net;
 pub mod http;
 pub mod oci_layout;

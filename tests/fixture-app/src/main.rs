@@ -1,7 +1,8 @@
 //! The web app lull's tests and benchmarks deploy: a small HTTP/1.1 server using only std, built
 //! as a static binary so it runs in an image with nothing else in it.
 //!
-//! Endpoints: `/` (greeting), `/healthz`, `/sleep?ms=N`, `/burn?ms=N`, `/env`, `/echo` (streams
+//! Endpoints: `/` (greeting), `/healthz`, `/sleep?ms=N`, `/burn?ms=N`, `/env`, `/headers` (the
+//! request's headers, a `name: value` line each, names lowercased), `/echo` (streams
 //! the request body back), `/log?lines=N` (writes lines to stdout), `/bytes?n=N` (streams N bytes
 //! of a fixed pattern, for throughput tests). Environment: `PORT` (default 8080), `SPIN=1` (a
 //! thread spinning forever), `LOG_EVERY_MS=N` (a `tick <seq>` line every N ms).
@@ -339,6 +340,13 @@ fn route(req: &Request) -> Response {
             vars.sort();
             Response::text(200, vars.concat())
         }
+        "/headers" => Response::text(
+            200,
+            req.headers
+                .iter()
+                .map(|(name, value)| format!("{name}: {value}\n"))
+                .collect::<String>(),
+        ),
         "/log" => match http::query_u64(&req.query, "lines", MAX_LOG_LINES) {
             Ok(lines) => match log_lines(lines) {
                 Ok(()) => Response::text(200, format!("logged {lines} lines\n")),
@@ -639,6 +647,20 @@ mod tests {
         let (head, body) = split_head(&response);
         assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
         assert!(String::from_utf8_lossy(body).contains("missing parameter n"));
+    }
+
+    #[test]
+    fn headers_endpoint_lists_the_request_headers() {
+        let response = exchange(
+            "GET /headers HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 192.0.2.7\r\n\
+             Connection: close\r\n\r\n",
+        );
+        let (head, body) = split_head(&response);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert_eq!(
+            String::from_utf8_lossy(body),
+            "host: app.example\nx-forwarded-for: 192.0.2.7\nconnection: close\n"
+        );
     }
 
     #[test]

@@ -41,6 +41,7 @@ use lull_proxy::{Proxy, ProxyOptions, Route, RouteTable};
 use lull_runtime::cgroup::{
     CgroupLayout, Controller, CpuGate, CpuLimit, InstanceCgroup, V1Hierarchies,
 };
+use lull_tests::forwarding;
 use lull_tests::scratch::{ScratchDir, unique_name};
 
 /// The allocator `lull daemon` serves the proxy with (see the cli crate).
@@ -231,6 +232,16 @@ fn run(args: Args) -> Result<()> {
     ];
     for target in &targets {
         wait_until_answering(target.h1, HOST).with_context(|| format!("{} (h1)", target.name))?;
+        if target.name != "direct" {
+            let response = lull_tests::bench_util::proxy_get(
+                target.h1.port(),
+                HOST,
+                "/headers",
+                Duration::from_secs(5),
+            )
+            .with_context(|| format!("GET /headers through {}", target.name))?;
+            forwarding::check(target.name, HOST, &response.body)?;
+        }
     }
     if let Some(serve) = args.serve {
         // For A/B runs of one's own: lull without its HTTP/1 fast path (hyper for every
@@ -685,6 +696,7 @@ impl Peers {
              error_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n\
+             {forwarding_http}\
              \x20 access_log off;\n\
              \x20 client_body_temp_path {d}/body;\n\
              \x20 proxy_temp_path {d}/proxy;\n\
@@ -704,10 +716,12 @@ impl Peers {
              \x20   location / {{\n\
              \x20     proxy_pass http://app;\n\
              \x20     proxy_http_version 1.1;\n\
-             \x20     proxy_set_header Connection \"\";\n\
+             {forwarding_location}\
              \x20   }}\n\
              \x20 }}\n\
-             }}\n"
+             }}\n",
+            forwarding_http = forwarding::NGINX_HTTP,
+            forwarding_location = forwarding::NGINX_LOCATION,
         );
         let path = dir.join("nginx.conf");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
@@ -770,11 +784,13 @@ impl Peers {
              frontend bench\n\
              \x20 bind 127.0.0.1:{h1}\n\
              \x20 bind 127.0.0.1:{h2} proto h2\n\
+             {forwarding_frontend}\
              \x20 default_backend app\n\
              backend app\n\
              \x20 balance leastconn\n\
              {servers}",
-            pid = dir.join("haproxy.pid").display()
+            pid = dir.join("haproxy.pid").display(),
+            forwarding_frontend = forwarding::HAPROXY_FRONTEND,
         );
         let path = dir.join("haproxy.cfg");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;

@@ -44,6 +44,7 @@ use lull_proxy::server::{bind_reuse_port, spawn_runtimes};
 use lull_proxy::tls::{self, CertStore, Certificate, CertificateFiles};
 use lull_proxy::{Proxy, ProxyOptions, Route, RouteTable};
 use lull_tests::bench_util::Report;
+use lull_tests::forwarding;
 use lull_tests::scratch::ScratchDir;
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
@@ -560,6 +561,7 @@ impl Servers {
                     server.log.display()
                 )
             })?;
+            check_forwarding(server.name, server.addr)?;
         }
         Ok(servers)
     }
@@ -621,6 +623,7 @@ impl Servers {
              error_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n\
+             {forwarding_http}\
              \x20 access_log off;\n\
              \x20 client_body_temp_path {d}/body;\n\
              \x20 proxy_temp_path {d}/proxy;\n\
@@ -644,12 +647,14 @@ impl Servers {
              \x20   location / {{\n\
              \x20     proxy_pass http://app;\n\
              \x20     proxy_http_version 1.1;\n\
-             \x20     proxy_set_header Connection \"\";\n\
+             {forwarding_location}\
              \x20   }}\n\
              \x20 }}\n\
              }}\n",
             chain = leaf.chain.display(),
             key = leaf.key.display(),
+            forwarding_http = forwarding::NGINX_HTTP,
+            forwarding_location = forwarding::NGINX_LOCATION,
         );
         let path = dir.join("nginx.conf");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
@@ -698,12 +703,14 @@ impl Servers {
              \x20 http-reuse always\n\
              frontend bench\n\
              \x20 bind 127.0.0.1:{port} ssl crt {crt} alpn h2,http/1.1\n\
+             {forwarding_frontend}\
              \x20 default_backend app\n\
              backend app\n\
              \x20 balance leastconn\n\
              {servers}",
             pid = dir.join("haproxy.pid").display(),
             crt = leaf.combined.display(),
+            forwarding_frontend = forwarding::HAPROXY_FRONTEND,
         );
         let path = dir.join("haproxy.cfg");
         fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
@@ -827,6 +834,25 @@ fn wait_until_answering(addr: SocketAddr) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What the fixture app received from `name` (curl, no verification: only the headers matter),
+/// checked by [`forwarding::check`].
+fn check_forwarding(name: &str, addr: SocketAddr) -> Result<()> {
+    let output = Command::new("curl")
+        .args(["-sSk", "--http1.1", "--max-time", "5", "-H"])
+        .arg(format!("Host: {HOST}"))
+        .arg(format!("https://{addr}/headers"))
+        .output()
+        .context("run curl")?;
+    if !output.status.success() {
+        bail!(
+            "GET /headers through {name}: curl {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    forwarding::check(name, HOST, &String::from_utf8_lossy(&output.stdout))
 }
 
 // ---------------------------------------------------------------------------------------------
