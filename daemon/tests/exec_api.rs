@@ -288,3 +288,74 @@ async fn exec_requests_are_checked_and_streams_round_trip() {
     let out = exec(c, "web", &body(&["echo", "still here"]), b"").await;
     assert_eq!(out.stdout, "still here\n");
 }
+
+/// Polls `cond` every 10 ms for up to 10 s.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// GET / with `host` through the proxy; the status.
+async fn get(proxy: std::net::SocketAddr, host: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_holds_the_instances_cpu_until_it_ends() {
+    let d = daemon().await;
+    let c = &d.client;
+    let state = create(
+        c,
+        json!({"name": "web", "source": {"type": "image", "reference": "fake/app:1"}}),
+    )
+    .await;
+    assert_eq!(state, "succeeded");
+    let host = &d._plane.host;
+    let id = host.running_of("web", 1).pop().expect("one instance");
+    let cpu = host.cpu(&id).expect("the instance's CPU control");
+    eventually("the idle instance is throttled", || cpu.is_throttled()).await;
+
+    // A command waiting for its input: the CPU is restored before it starts and stays so.
+    let io = c
+        .upgrade(
+            Method::POST,
+            "/v1/services/web/exec",
+            &body(&["sh", "-c", "read line; echo got $line"]),
+            UPGRADE_PROTOCOL,
+        )
+        .await
+        .unwrap();
+    assert!(!cpu.is_throttled(), "restored before the command ran");
+    let throttles = cpu.throttles();
+    // A request that starts and ends meanwhile leaves the held instance alone.
+    assert_eq!(get(d._plane.proxy_addr, "web.localhost").await, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !cpu.is_throttled(),
+        "a request's end throttled an instance under exec"
+    );
+    assert_eq!(cpu.throttles(), throttles);
+
+    let (mut rd, mut wr) = tokio::io::split(io);
+    write_frame(&mut wr, FrameKind::Stdin, b"it\n")
+        .await
+        .unwrap();
+    write_frame(&mut wr, FrameKind::StdinEof, b"")
+        .await
+        .unwrap();
+    let out = collect(&mut rd).await;
+    assert_eq!(out.stdout, "got it\n", "{out:?}");
+    // The stream over, the gate throttles the idle instance again.
+    eventually("throttled once the exec ended", || cpu.is_throttled()).await;
+}

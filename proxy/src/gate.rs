@@ -293,8 +293,8 @@ impl InstanceGate {
         Left { idle, busy }
     }
 
-    /// A health check starts holding the CPU (not counted as a request). Returns whether the
-    /// CPU had to be restored.
+    /// A health check (or an operator's command, `Pool::hold_cpu`) starts holding the CPU
+    /// (not counted as a request). Returns whether the CPU had to be restored.
     pub fn enter_probe(&self) -> bool {
         let mut s = lock(&self.state);
         if s.holders() == 0 {
@@ -304,7 +304,7 @@ impl InstanceGate {
         self.restore_locked(&mut s)
     }
 
-    /// A health check stops holding the CPU.
+    /// A health check (or an operator's command) stops holding the CPU.
     pub fn leave_probe(&self) -> Idle {
         let mut s = lock(&self.state);
         debug_assert!(s.probes > 0, "gate probe left more often than entered");

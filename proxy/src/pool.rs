@@ -416,6 +416,24 @@ impl Pool {
         }
     }
 
+    /// Holds instance `id`'s CPU until the returned guard is dropped: restored now (thawed if
+    /// frozen) and never throttled or frozen while held, as for a health check. For an
+    /// operator's command running in the instance (`lull exec`): not a request, so it takes no
+    /// slot and counts as no traffic. `None` when the instance is not in the pool.
+    pub fn hold_cpu(self: &Arc<Self>, id: &str) -> Option<CpuHold> {
+        let slot = self
+            .lock()
+            .entries
+            .iter()
+            .find(|e| e.slot.id == id)
+            .map(|e| e.slot.clone())?;
+        slot.gate.enter_probe();
+        Some(CpuHold {
+            pool: self.clone(),
+            slot,
+        })
+    }
+
     /// Requests in flight on instance `id`; `None` when it is not in the pool.
     pub fn in_flight(&self, id: &str) -> Option<u32> {
         self.lock()
@@ -890,6 +908,35 @@ fn pick(inner: &mut Inner, max: u32, avoid: Option<&str>) -> Option<usize> {
     Some(i)
 }
 
+/// An instance's CPU held by [`Pool::hold_cpu`]; dropping it lets the gate throttle the
+/// instance again once nothing else holds it.
+pub struct CpuHold {
+    pool: Arc<Pool>,
+    slot: Arc<Slot>,
+}
+
+impl CpuHold {
+    pub fn instance(&self) -> &str {
+        &self.slot.id
+    }
+}
+
+impl std::fmt::Debug for CpuHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuHold")
+            .field("service", &self.pool.service)
+            .field("instance", &self.slot.id)
+            .finish()
+    }
+}
+
+impl Drop for CpuHold {
+    fn drop(&mut self) {
+        let idle = self.slot.gate.leave_probe();
+        self.pool.on_idle(&self.slot, idle);
+    }
+}
+
 #[cfg(all(test, not(lull_loom)))]
 mod tests {
     use super::*;
@@ -1244,6 +1291,34 @@ mod tests {
         assert_eq!(cpu.calls(), ["throttle", "restore"]);
         drop(l2);
         assert_eq!(cpu.calls(), ["throttle", "restore", "throttle"]);
+    }
+
+    #[tokio::test]
+    async fn an_operators_cpu_hold_outlasts_requests_and_takes_no_slot() {
+        let f = fixture(&["a"], |c| c.max_concurrency = 1);
+        let cpu = &f.cpus["a"];
+        assert_eq!(cpu.calls(), ["throttle"], "idle once healthy");
+        assert!(f.pool.hold_cpu("nope").is_none(), "not in the pool");
+        let hold = f.pool.hold_cpu("a").unwrap();
+        assert_eq!(hold.instance(), "a");
+        assert_eq!(cpu.calls(), ["throttle", "restore"], "restored at once");
+        // A request still gets the one slot, and its end does not throttle a held instance.
+        let lease = f.pool.acquire(None).await.unwrap();
+        assert!(!lease.woke(), "the hold had restored it");
+        assert_eq!(f.pool.in_flight("a"), Some(1));
+        drop(lease);
+        assert_eq!(cpu.calls(), ["throttle", "restore"]);
+        drop(hold);
+        assert_eq!(cpu.calls(), ["throttle", "restore", "throttle"]);
+        // A hold that outlives its instance's removal leaves the drained gate alone.
+        let hold = f.pool.hold_cpu("a").unwrap();
+        f.pool.remove_instance("a");
+        drop(hold);
+        assert_eq!(
+            cpu.calls(),
+            ["throttle", "restore", "throttle", "restore"],
+            "restored by the hold, never throttled after the removal"
+        );
     }
 
     #[tokio::test]

@@ -29,6 +29,10 @@
 //! ended and its output is drained (output still open 2 s after the end is cut), then closes the
 //! connection. A command that cannot be found or run ends with code 127 or 126. A client that
 //! goes away closes the command's input and output: on a tty the command is hung up.
+//!
+//! While the stream is open the instance's CPU is held through its pool's gate
+//! (`Pool::hold_cpu`): an idle instance is restored before the command starts and is neither
+//! throttled nor frozen until the stream ends, whatever its requests do meanwhile.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -339,6 +343,15 @@ pub async fn exec(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
         .exec_target(r.param("name"), body.instance.as_deref())
         .await?;
     tracing::info!(service = r.param("name"), instance = %id, tty = body.tty, "exec");
+    // The command runs with the instance's CPU: the gate neither throttles nor freezes it until
+    // the stream ends (a request ending meanwhile leaves it alone too).
+    let hold = match c.engine.hold_cpu(r.param("name"), &id).await {
+        Ok(hold) => hold,
+        Err(e) => {
+            tracing::warn!(service = r.param("name"), instance = %id, "hold the CPU for an exec: {e}");
+            None
+        }
+    };
     let process = c
         .engine
         .host()
@@ -347,7 +360,12 @@ pub async fn exec(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
         .map_err(host_exec_error)?;
     Ok(Reply::Upgrade {
         protocol: UPGRADE_PROTOCOL,
-        handler: Box::new(move |io| Box::pin(pump(io, process))),
+        handler: Box::new(move |io| {
+            Box::pin(async move {
+                pump(io, process).await;
+                drop(hold);
+            })
+        }),
     })
 }
 

@@ -666,6 +666,13 @@ impl Actor {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Command::HoldCpu { instance, reply } => {
+                let hold = self
+                    .sets
+                    .iter()
+                    .find_map(|set| set.pool.hold_cpu(&instance));
+                let _ = reply.send(hold);
+            }
             Command::Adopt {
                 instances,
                 serving,

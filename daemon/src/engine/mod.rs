@@ -61,6 +61,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lull_proxy::RouteTable;
+use lull_proxy::pool::CpuHold;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::host::{HostError, InstanceHost, RecoveredInstance};
@@ -320,6 +321,11 @@ pub(crate) enum Command {
     },
     Status {
         reply: oneshot::Sender<ServiceStatus>,
+    },
+    /// Hold an instance's CPU through its pool's gate (`lull exec`).
+    HoldCpu {
+        instance: String,
+        reply: oneshot::Sender<Option<CpuHold>>,
     },
     Adopt {
         instances: Vec<RecoveredInstance>,
@@ -594,6 +600,20 @@ impl Engine {
     pub async fn status(&self, service: &str) -> Result<ServiceStatus, EngineError> {
         let tx = self.existing(service)?;
         self.ask(service, tx, |reply| Command::Status { reply })
+            .await
+    }
+
+    /// Holds `instance`'s CPU through the gate of the pool it is in (see
+    /// [`lull_proxy::pool::Pool::hold_cpu`]) until the guard is dropped; `None` when no pool of
+    /// the service has it.
+    pub async fn hold_cpu(
+        &self,
+        service: &str,
+        instance: &str,
+    ) -> Result<Option<CpuHold>, EngineError> {
+        let tx = self.existing(service)?;
+        let instance = instance.to_owned();
+        self.ask(service, tx, |reply| Command::HoldCpu { instance, reply })
             .await
     }
 

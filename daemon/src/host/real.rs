@@ -611,7 +611,8 @@ impl RealHost {
             return Err(instance_err(id, "exec")("it is not running".into()));
         }
         // An idle instance may be throttled: the command gets the CPU back for its start. The
-        // proxy's gate throttles it again once a request to it ends.
+        // exec route also holds it through the proxy's gate for the whole stream
+        // (`Pool::hold_cpu`); this covers an instance no pool has.
         if let Ok(gate) = instance.open_gate()
             && let Err(e) = gate.restore()
         {
