@@ -2,7 +2,8 @@
 //! this process over the fake host, whose exec runs the command as a plain host process (with
 //! `FAKE_INSTANCE=<id>` in its environment). Bad requests, unknown services and instances, a
 //! service without a running instance, and the framed stream: stdin, stdout, stderr, exit codes,
-//! a command that does not exist, and a terminal with its size and a resize.
+//! a command that does not exist, a terminal with its size and a resize, and the instance's CPU
+//! held through the gate while an exec runs.
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 
 struct Daemon {
     client: Client,
-    _plane: InProcess,
+    plane: InProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -25,7 +26,7 @@ async fn daemon() -> Daemon {
     let plane = InProcess::start(dir.path()).await;
     Daemon {
         client: plane.client.clone(),
-        _plane: plane,
+        plane,
         _dir: dir,
     }
 }
@@ -321,7 +322,7 @@ async fn an_exec_holds_the_instances_cpu_until_it_ends() {
     )
     .await;
     assert_eq!(state, "succeeded");
-    let host = &d._plane.host;
+    let host = &d.plane.host;
     let id = host.running_of("web", 1).pop().expect("one instance");
     let cpu = host.cpu(&id).expect("the instance's CPU control");
     eventually("the idle instance is throttled", || cpu.is_throttled()).await;
@@ -339,7 +340,7 @@ async fn an_exec_holds_the_instances_cpu_until_it_ends() {
     assert!(!cpu.is_throttled(), "restored before the command ran");
     let throttles = cpu.throttles();
     // A request that starts and ends meanwhile leaves the held instance alone.
-    assert_eq!(get(d._plane.proxy_addr, "web.localhost").await, 200);
+    assert_eq!(get(d.plane.proxy_addr, "web.localhost").await, 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !cpu.is_throttled(),
