@@ -63,6 +63,11 @@ const START_DEADLINE: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections of the fixed-rate client (hey's default).
 const RATE_CONNS: usize = 50;
+/// Every fixed-rate run first runs its schedule this long unrecorded: each proxy's upstream
+/// connections are warm at the run's concurrency, whatever its idle timeout did to them
+/// while the other contenders ran (lull's 4 s `upstream_idle` had closed them; nginx keeps
+/// them 60 s), and the apps have a thread per connection ready.
+const RATE_WARMUP: Duration = Duration::from_secs(1);
 /// Request rate of the sparse gate measurement: one connection, so every request finds all
 /// instances idle (throttled, with the gate on) and wakes one.
 const SPARSE_RATE: f64 = 200.0;
@@ -1014,8 +1019,9 @@ struct RateRun {
 }
 
 /// `conns` connections to `addr` each send `GET /` at `rate / conns` per second for
-/// `duration`, on a fixed schedule (staggered between connections); a request whose slot has
-/// passed is sent at once. Latency runs from sending the request to reading the whole response.
+/// `duration`, on a fixed schedule (staggered between connections), after [`RATE_WARMUP`] of
+/// the same schedule unrecorded; a request whose slot has passed is sent at once. Latency runs
+/// from sending the request to reading the whole response.
 fn fixed_rate(
     addr: SocketAddr,
     host: &str,
@@ -1032,7 +1038,8 @@ fn fixed_rate(
         connections.push(conn);
     }
     let start = Instant::now() + Duration::from_millis(20);
-    let end = start + duration;
+    let measured_from = start + RATE_WARMUP;
+    let end = measured_from + duration;
     let threads: Vec<_> = connections
         .into_iter()
         .enumerate()
@@ -1048,10 +1055,11 @@ fn fixed_rate(
                         break;
                     }
                     k += 1;
+                    let recorded = slot >= measured_from;
                     let now = Instant::now();
                     if slot > now {
                         std::thread::sleep(slot - now);
-                    } else if now - slot > Duration::from_millis(1) {
+                    } else if recorded && now - slot > Duration::from_millis(1) {
                         late += 1;
                     }
                     let sent = Instant::now();
@@ -1059,7 +1067,9 @@ fn fixed_rate(
                     if status != 200 {
                         bail!("{} answered {status}", conn.addr);
                     }
-                    latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+                    if recorded {
+                        latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+                    }
                 }
                 Ok((latencies, late))
             })
@@ -1078,7 +1088,7 @@ fn fixed_rate(
         run.late += late;
     }
     // Over the time actually taken: a client that fell behind sends its last requests late.
-    run.achieved = run.latencies_us.len() as f64 / start.elapsed().as_secs_f64();
+    run.achieved = run.latencies_us.len() as f64 / measured_from.elapsed().as_secs_f64();
     Ok(run)
 }
 
@@ -1610,8 +1620,9 @@ fn fixed_rate_peers(
         })
         .collect();
     report.details.push(format!(
-        "fixed rate: {rate:.0} req/s ({}) over {RATE_CONNS} keep-alive connections of this program's own client (one thread each, a fixed staggered schedule, latency from send to the last body byte, µs clock; hey prints 0.1 ms steps, too coarse for these targets), {} s, median p99 of {} runs: {}",
+        "fixed rate: {rate:.0} req/s ({}) over {RATE_CONNS} keep-alive connections of this program's own client (one thread each, a fixed staggered schedule, latency from send to the last body byte, µs clock, after {} s of the same schedule unrecorded; hey prints 0.1 ms steps, too coarse for these targets), {} s, median p99 of {} runs: {}",
         rate_of.words(),
+        RATE_WARMUP.as_secs(),
         plan.seconds,
         plan.runs,
         text.join("; ")
