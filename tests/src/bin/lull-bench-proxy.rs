@@ -12,8 +12,9 @@
 //!   foreground as children with their configs, pid and log files in a scratch dir.
 //!
 //! Loads: wrk (HTTP/1.1) and h2load (h2c with prior knowledge) at 1, 50 and 256 connections,
-//! median of 3 runs; a fixed request rate (half of direct's best req/s) from this program's own
-//! open-loop client; and the CPU gate on the same instances: per-request cost, the time from the
+//! median of 3 runs; fixed request rates from this program's own open-loop client (half of
+//! direct's best with the load and the proxy pinned to separate CPUs, and half of the slowest
+//! proxy's best with the CPUs shared); and the CPU gate on the same instances: per-request cost, the time from the
 //! last response to the throttle, and the share of a CPU a spinning instance gets while idle.
 //!
 //! `--gate-only` runs the CPU gate's rows alone (for side-by-side runs of two builds);
@@ -41,8 +42,8 @@ use lull_proxy::{Proxy, ProxyOptions, Route, RouteTable};
 use lull_runtime::cgroup::{
     CgroupLayout, Controller, CpuGate, CpuLimit, InstanceCgroup, V1Hierarchies,
 };
-use lull_tests::forwarding;
 use lull_tests::scratch::{ScratchDir, unique_name};
+use lull_tests::{affinity, forwarding};
 
 /// The allocator `lull daemon` serves the proxy with (see the cli crate).
 #[global_allocator]
@@ -200,7 +201,7 @@ fn run(args: Args) -> Result<()> {
     // connections run on the per-CPU runtimes of `proxy_runtimes`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("lull-bench")
+        .thread_name(DRIVER_THREAD_NAME)
         .enable_all()
         .build()
         .context("start the driver's tokio runtime")?;
@@ -286,16 +287,12 @@ fn run(args: Args) -> Result<()> {
         wrk(lull.addr, RATE_CONNS, plan.seconds)?.rps
     } else {
         let bests = closed_loop(&plan, &targets, scratch.path(), &mut report)?;
-        fixed_rate_peers(
-            &plan,
-            &targets,
-            RateOf::HalfOfDirect(bests.direct),
-            &mut report,
-        )?;
+        split_fixed_rate(&plan, &targets, &apps, &peers, &mut report)?;
         fixed_rate_peers(
             &plan,
             &targets,
             RateOf::HalfOfSlowestProxy(bests.slowest_proxy),
+            None,
             &mut report,
         )?;
         bests.lull
@@ -375,24 +372,29 @@ impl CpuOf {
         let ns = match *self {
             CpuOf::Nothing | CpuOf::Tree(0) => return None,
             CpuOf::Threads(pid, prefix) => tasks_ns(pid, Some(prefix)),
-            CpuOf::Tree(root) => {
-                let mut pids = vec![root];
-                if let Ok(entries) = fs::read_dir("/proc") {
-                    for entry in entries.flatten() {
-                        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok())
-                        else {
-                            continue;
-                        };
-                        if parent_pid(pid) == Some(root) {
-                            pids.push(pid);
-                        }
-                    }
-                }
-                pids.into_iter().map(|pid| tasks_ns(pid, None)).sum()
-            }
+            CpuOf::Tree(root) => tree_pids(root)
+                .into_iter()
+                .map(|pid| tasks_ns(pid, None))
+                .sum(),
         };
         Some(Duration::from_nanos(ns))
     }
+}
+
+/// `root` and its children.
+fn tree_pids(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if parent_pid(pid) == Some(root) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
 }
 
 /// The parent of `pid`, from `/proc/<pid>/stat` (the field after the state, which follows the
@@ -592,6 +594,8 @@ impl CpuControl for CgroupCpu {
 const PROXY_THREADS: usize = 2;
 /// Their names' prefix (`spawn_runtimes` appends `-<n>`).
 const PROXY_THREAD_NAME: &str = "lull-proxy";
+/// The driver's runtime thread (pools, health checks, gate timers).
+const DRIVER_THREAD_NAME: &str = "lull-driver";
 /// `--serve`'s second lull, without the HTTP/1 fast path.
 const HYPER_ONLY_THREAD_NAME: &str = "lull-hyper";
 
@@ -1021,13 +1025,15 @@ struct RateRun {
 /// `conns` connections to `addr` each send `GET /` at `rate / conns` per second for
 /// `duration`, on a fixed schedule (staggered between connections), after [`RATE_WARMUP`] of
 /// the same schedule unrecorded; a request whose slot has passed is sent at once. Latency runs
-/// from sending the request to reading the whole response.
+/// from sending the request to reading the whole response. The client's threads run on
+/// `cpus` when given.
 fn fixed_rate(
     addr: SocketAddr,
     host: &str,
     rate: f64,
     conns: usize,
     duration: Duration,
+    cpus: Option<&[usize]>,
 ) -> Result<RateRun> {
     let interval = Duration::from_secs_f64(conns as f64 / rate);
     let mut connections = Vec::with_capacity(conns);
@@ -1045,7 +1051,11 @@ fn fixed_rate(
         .enumerate()
         .map(|(i, mut conn)| {
             let offset = interval.mul_f64(i as f64 / conns as f64);
+            let cpus = cpus.map(<[usize]>::to_vec);
             std::thread::spawn(move || -> Result<(Vec<f64>, usize)> {
+                if let Some(cpus) = cpus {
+                    affinity::pin_current_thread(&cpus)?;
+                }
                 let mut latencies = Vec::new();
                 let mut late = 0;
                 let mut k = 0u32;
@@ -1145,6 +1155,17 @@ fn wrk(addr: SocketAddr, conns: usize, seconds: u64) -> Result<Load> {
         );
     }
     parse_wrk(&text).with_context(|| format!("parse wrk's output: {text}"))
+}
+
+/// [`wrk`] on `cpus` only (it inherits the affinity of the thread that starts it).
+fn wrk_pinned(addr: SocketAddr, conns: usize, seconds: u64, cpus: &[usize]) -> Result<Load> {
+    let cpus = cpus.to_vec();
+    std::thread::spawn(move || {
+        affinity::pin_current_thread(&cpus)?;
+        wrk(addr, conns, seconds)
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread running wrk panicked"))?
 }
 
 fn parse_wrk(text: &str) -> Result<Load> {
@@ -1278,7 +1299,6 @@ fn parse_h2load(text: &str, log: &str) -> Result<Load> {
 
 /// The best HTTP/1.1 median req/s of the closed-loop runs.
 struct Bests {
-    direct: f64,
     lull: f64,
     /// The lesser of the proxies' bests (lull, nginx, haproxy): a rate each of them sustains.
     slowest_proxy: f64,
@@ -1291,7 +1311,6 @@ fn closed_loop(
     scratch: &Path,
     report: &mut Report,
 ) -> Result<Bests> {
-    let mut direct_best: f64 = 0.0;
     let mut proxy_bests: Vec<f64> = vec![0.0; targets.len()];
     for (protocol, tool) in [("HTTP/1.1", "wrk"), ("h2c", "h2load")] {
         for &conns in &plan.concurrencies {
@@ -1337,7 +1356,6 @@ fn closed_loop(
                 .collect();
             let direct = medians[0];
             if tool == "wrk" {
-                direct_best = direct_best.max(direct.map_or(0.0, |d| d.rps));
                 for (best, median) in proxy_bests.iter_mut().zip(&medians) {
                     *best = best.max(median.map_or(0.0, |l| l.rps));
                 }
@@ -1380,7 +1398,6 @@ fn closed_loop(
         }
     }
     Ok(Bests {
-        direct: direct_best,
         lull: proxy_bests[1],
         slowest_proxy: proxy_bests[1..]
             .iter()
@@ -1504,15 +1521,151 @@ fn rate_result(runs: &[RateRun]) -> RateResult {
     }
 }
 
-/// The rate of a fixed-rate comparison, from a best closed-loop HTTP/1.1 median.
+/// The CPUs of a split run: the load generator and the apps on one side, the proxy on the
+/// other, so that a fixed-rate run measures what the proxy adds rather than how it shares the
+/// CPUs with the load it serves (on 2 CPUs shared, half of direct's best is about every
+/// proxy's maximum: a proxied request costs about twice a direct one).
+struct Split {
+    clients: Vec<usize>,
+    proxy: Vec<usize>,
+    /// Every CPU this process may use: where the threads go back to.
+    all: Vec<usize>,
+}
+
+impl Split {
+    /// The first half of the CPUs this process may use for the clients and the apps, the rest
+    /// for the proxy; `None` with fewer than two.
+    fn of_allowed() -> Result<Option<Split>> {
+        let all = affinity::allowed_cpus()?;
+        if all.len() < 2 {
+            return Ok(None);
+        }
+        let (clients, proxy) = all.split_at(all.len() / 2);
+        Ok(Some(Split {
+            clients: clients.to_vec(),
+            proxy: proxy.to_vec(),
+            all: all.clone(),
+        }))
+    }
+
+    fn words(&self) -> String {
+        let list = |cpus: &[usize]| {
+            cpus.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        format!(
+            "the load generator and the apps on CPU {}, the proxy on CPU {}",
+            list(&self.clients),
+            list(&self.proxy)
+        )
+    }
+}
+
+/// The threads pinned for a split run; dropping it lets them run on every CPU again.
+struct Pinned {
+    /// Processes, and the prefix of the thread names pinned (all threads when `None`).
+    tasks: Vec<(u32, Option<&'static str>)>,
+    all: Vec<usize>,
+}
+
+impl Pinned {
+    /// Pins the apps to the clients' side, and lull's threads (proxy and driver), nginx's
+    /// master and workers and haproxy's threads to the proxy's.
+    fn pin(split: &Split, apps: &Apps, peers: &Peers) -> Result<Pinned> {
+        let mut pinned = Pinned {
+            tasks: Vec::new(),
+            all: split.all.clone(),
+        };
+        let mut pin = |pid: u32, prefix: Option<&'static str>, cpus: &[usize]| -> Result<()> {
+            pinned.tasks.push((pid, prefix));
+            let n = affinity::pin_threads(pid, prefix, cpus)?;
+            if n == 0 {
+                bail!("no thread of process {pid} named {prefix:?} to pin");
+            }
+            Ok(())
+        };
+        for app in &apps.apps {
+            pin(app.child.id(), None, &split.clients)?;
+        }
+        let me = std::process::id();
+        pin(me, Some(PROXY_THREAD_NAME), &split.proxy)?;
+        pin(me, Some(DRIVER_THREAD_NAME), &split.proxy)?;
+        for peer in ["nginx", "haproxy"] {
+            for pid in tree_pids(peers.pid(peer)) {
+                pin(pid, None, &split.proxy)?;
+            }
+        }
+        Ok(pinned)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for &(pid, prefix) in &self.tasks {
+            if let Err(e) = affinity::pin_threads(pid, prefix, &self.all) {
+                eprintln!("lull-bench-proxy: unpin process {pid}: {e:#}");
+            }
+        }
+    }
+}
+
+/// Issue 4's fixed-rate comparison: half of direct's best, with the CPUs split (see [`Split`]):
+/// direct's best is measured with wrk and the apps on the clients' side, then each contender
+/// at half of it, the proxy on its own side.
+fn split_fixed_rate(
+    plan: &Plan,
+    targets: &[Target],
+    apps: &Apps,
+    peers: &Peers,
+    report: &mut Report,
+) -> Result<()> {
+    let Some(split) = Split::of_allowed()? else {
+        report.details.push(
+            "fixed rate at half of direct's best: not run, this process may use fewer than 2 CPUs"
+                .into(),
+        );
+        return Ok(());
+    };
+    let _pinned = Pinned::pin(&split, apps, peers)?;
+    let mut direct = Vec::new();
+    for run in 0..plan.runs {
+        let load = wrk_pinned(targets[0].h1, RATE_CONNS, plan.seconds, &split.clients)?;
+        eprintln!(
+            "wrk c={RATE_CONNS} direct, {} run {}/{}: {:.0} req/s",
+            split.words(),
+            run + 1,
+            plan.runs,
+            load.rps
+        );
+        direct.push(load);
+    }
+    let best = median_run(&direct).rps;
+    let list: Vec<String> = direct.iter().map(|l| format!("{:.0}", l.rps)).collect();
+    report.details.push(format!(
+        "direct with {}: wrk (HTTP/1.1) c={RATE_CONNS}, {} s per run, req/s of each run: {}",
+        split.words(),
+        plan.seconds,
+        list.join("/")
+    ));
+    fixed_rate_peers(
+        plan,
+        targets,
+        RateOf::HalfOfDirect(best),
+        Some(&split),
+        report,
+    )
+}
+
+/// The rate of a fixed-rate comparison, from a closed-loop HTTP/1.1 median.
 #[derive(Clone, Copy)]
 enum RateOf {
-    /// Issue 4's: half of direct's best. On a machine where the load generator, the apps and
-    /// the proxy share two CPUs, that is about every proxy's maximum, so the p99s it gives are
-    /// the proxies' queues.
+    /// Issue 4's: half of direct's best, measured and run with the CPUs split.
     HalfOfDirect(f64),
-    /// Half of the lesser of the proxies' bests: a rate each sustains, so the p99s compare
-    /// what each adds below saturation. No target: issue 4's is at the rate above.
+    /// Half of the lesser of the proxies' bests (CPUs shared): a rate each sustains when
+    /// sharing the CPUs with the load, so the p99s compare what each adds below saturation.
+    /// No target: issue 4's is at the rate above.
     HalfOfSlowestProxy(f64),
 }
 
@@ -1527,10 +1680,12 @@ impl RateOf {
 
     fn words(self) -> String {
         match self {
-            RateOf::HalfOfDirect(best) => format!("half of direct's best wrk median, {best:.0}"),
+            RateOf::HalfOfDirect(best) => {
+                format!("half of direct's median wrk req/s at {RATE_CONNS} connections, {best:.0}")
+            }
             RateOf::HalfOfSlowestProxy(best) => {
                 format!(
-                    "half of the lesser of lull's, nginx's and haproxy's best wrk medians, {best:.0}"
+                    "half of the lesser of lull's, nginx's and haproxy's best wrk medians, {best:.0}; every process on every CPU"
                 )
             }
         }
@@ -1541,14 +1696,16 @@ fn fixed_rate_peers(
     plan: &Plan,
     targets: &[Target],
     rate_of: RateOf,
+    split: Option<&Split>,
     report: &mut Report,
 ) -> Result<()> {
     let rate = rate_of.rate();
     let duration = Duration::from_secs(plan.seconds);
+    let clients = split.map(|s| s.clients.as_slice());
     let mut runs: Vec<Vec<RateRun>> = (0..targets.len()).map(|_| Vec::new()).collect();
     for run in 0..plan.runs {
         for (i, target) in targets.iter().enumerate() {
-            let r = fixed_rate(target.h1, HOST, rate, RATE_CONNS, duration)
+            let r = fixed_rate(target.h1, HOST, rate, RATE_CONNS, duration, clients)
                 .with_context(|| format!("fixed rate against {}", target.name))?;
             eprintln!(
                 "fixed rate {rate:.0} req/s run {}/{}: {:<8} achieved {:.0} req/s, p50 {:.1} µs p99 {:.1} µs, {} late",
@@ -1572,7 +1729,7 @@ fn fixed_rate_peers(
         RateOf::HalfOfDirect(_) => {
             report.rows.push(Row {
                 name: format!(
-                    "p99 lull adds over direct at {rate:.0} req/s (half of direct's best)"
+                    "p99 lull adds over direct at {rate:.0} req/s (half of direct's best; proxy on a CPU of its own)"
                 ),
                 target: "≤ 500 µs".into(),
                 measured: format!("{lull_added:.0} µs"),
@@ -1581,7 +1738,8 @@ fn fixed_rate_peers(
                 pass: Some(lull_added <= 500.0),
             });
             report.rows.push(Row {
-                name: "p99 lull adds vs the lesser that nginx, haproxy add, same rate".into(),
+                name: "p99 lull adds vs the lesser that nginx, haproxy add, same rate and CPUs"
+                    .into(),
                 target: "≤ peers'".into(),
                 measured: format!("{lull_added:.0} µs"),
                 baseline: format!("{peer_added:.0} µs"),
@@ -1619,8 +1777,9 @@ fn fixed_rate_peers(
             )
         })
         .collect();
+    let cpus = split.map_or_else(String::new, |s| format!(", {}", s.words()));
     report.details.push(format!(
-        "fixed rate: {rate:.0} req/s ({}) over {RATE_CONNS} keep-alive connections of this program's own client (one thread each, a fixed staggered schedule, latency from send to the last body byte, µs clock, after {} s of the same schedule unrecorded; hey prints 0.1 ms steps, too coarse for these targets), {} s, median p99 of {} runs: {}",
+        "fixed rate: {rate:.0} req/s ({}{cpus}) over {RATE_CONNS} keep-alive connections of this program's own client (one thread each, a fixed staggered schedule, latency from send to the last body byte, µs clock, after {} s of the same schedule unrecorded; hey prints 0.1 ms steps, too coarse for these targets), {} s, median p99 of {} runs: {}",
         rate_of.words(),
         RATE_WARMUP.as_secs(),
         plan.seconds,
@@ -1661,7 +1820,7 @@ fn cpu_gate(
         let mut on = Vec::new();
         let mut wakes = 0;
         for _ in 0..plan.runs {
-            off.push(fixed_rate(lull.addr, HOST, rate, conns, duration).context("gate off")?);
+            off.push(fixed_rate(lull.addr, HOST, rate, conns, duration, None).context("gate off")?);
             let pool = lull.gate_route(GATE_HOST, &instances);
             let before: u64 = pool
                 .snapshot()
@@ -1669,7 +1828,7 @@ fn cpu_gate(
                 .iter()
                 .map(|i| i.gate.restores)
                 .sum();
-            let run = fixed_rate(lull.addr, GATE_HOST, rate, conns, duration);
+            let run = fixed_rate(lull.addr, GATE_HOST, rate, conns, duration, None);
             let after: u64 = pool
                 .snapshot()
                 .instances
