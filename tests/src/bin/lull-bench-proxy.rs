@@ -153,7 +153,13 @@ impl Plan {
 
 fn main() -> ExitCode {
     lull_tests::bench_util::init_logging();
-    match parse_args().and_then(run) {
+    let mut args = std::env::args().skip(1).peekable();
+    let result = if args.peek().is_some_and(|a| a == "--rate-client") {
+        rate_client(args.skip(1))
+    } else {
+        parse_args().and_then(run)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lull-bench-proxy: error: {e:#}");
@@ -1014,12 +1020,126 @@ impl Conn {
     }
 }
 
-/// Latencies (µs) of a fixed-rate run, and the rate it achieved.
+/// A fixed-rate run's figures, as its client process reported them.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct RateRun {
-    latencies_us: Vec<f64>,
+    p50_us: f64,
+    p99_us: f64,
+    /// The rate achieved over the recorded part.
     achieved: f64,
-    /// Requests sent more than 1 ms after their scheduled time (the client could not keep up).
+    /// Requests sent more than 1 ms after their scheduled time (the answer to the one before
+    /// on the connection came late, or the client could not keep up).
     late: usize,
+}
+
+impl RateRun {
+    /// The client process's one line: `p50 p99 achieved late`.
+    fn parse(line: &str) -> Result<RateRun> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [p50, p99, achieved, late] = fields[..] else {
+            bail!("the fixed-rate client printed {line:?}, not `p50 p99 achieved late`");
+        };
+        let number = |name: &str, value: &str| -> Result<f64> {
+            value
+                .parse()
+                .with_context(|| format!("the fixed-rate client's {name}, {value:?}"))
+        };
+        Ok(RateRun {
+            p50_us: number("p50", p50)?,
+            p99_us: number("p99", p99)?,
+            achieved: number("achieved rate", achieved)?,
+            late: late
+                .parse()
+                .with_context(|| format!("the fixed-rate client's late count, {late:?}"))?,
+        })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{:.1} {:.1} {:.1} {}",
+            self.p50_us, self.p99_us, self.achieved, self.late
+        )
+    }
+}
+
+/// The arguments of `--rate-client`.
+const RATE_CLIENT_USAGE: &str = "--rate-client ADDR HOST RATE CONNS MILLIS [CPU,CPU...]";
+
+/// [`open_loop`] in a process of its own (this program with `--rate-client`), so that the
+/// client shares no process with a contender: lull's proxy runs in this one, and sharing it
+/// with the client's threads slowed lull's answers at a fixed rate (p99 1.3-1.9 ms and 2700-5300
+/// late sends at 21780 req/s, against 0.6-1.5 ms and 70-810 with lull in a process of its own;
+/// nginx and haproxy 0.5-2.6 ms either way).
+fn fixed_rate(
+    addr: SocketAddr,
+    host: &str,
+    rate: f64,
+    conns: usize,
+    duration: Duration,
+    cpus: Option<&[usize]>,
+) -> Result<RateRun> {
+    let exe = std::env::current_exe().context("find this executable")?;
+    let mut command = Command::new(exe);
+    lull_tests::bench_util::die_with_parent(&mut command);
+    command.args([
+        "--rate-client".to_owned(),
+        addr.to_string(),
+        host.to_owned(),
+        format!("{rate}"),
+        conns.to_string(),
+        duration.as_millis().to_string(),
+    ]);
+    if let Some(cpus) = cpus {
+        let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
+        command.arg(list.join(","));
+    }
+    let output = command
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the fixed-rate client")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("the fixed-rate client failed ({}): {text}", output.status);
+    }
+    RateRun::parse(text.trim())
+}
+
+/// `--rate-client`: runs [`open_loop`] and prints its [`RateRun`] line.
+fn rate_client(mut args: impl Iterator<Item = String>) -> Result<()> {
+    let mut next = |name: &str| {
+        args.next()
+            .with_context(|| format!("{name} missing: {RATE_CLIENT_USAGE}"))
+    };
+    let addr: SocketAddr = next("ADDR")?.parse().context("ADDR")?;
+    let host = next("HOST")?;
+    let rate: f64 = next("RATE")?.parse().context("RATE")?;
+    let conns: usize = next("CONNS")?.parse().context("CONNS")?;
+    let millis: u64 = next("MILLIS")?.parse().context("MILLIS")?;
+    let cpus = match args.next() {
+        Some(list) => Some(
+            list.split(',')
+                .map(|c| c.parse::<usize>().with_context(|| format!("CPU {c:?}")))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    if let Some(extra) = args.next() {
+        bail!("unexpected {extra:?}: {RATE_CLIENT_USAGE}");
+    }
+    if rate <= 0.0 || conns == 0 {
+        bail!("RATE and CONNS must be positive: {RATE_CLIENT_USAGE}");
+    }
+    let run = open_loop(
+        addr,
+        &host,
+        rate,
+        conns,
+        Duration::from_millis(millis),
+        cpus.as_deref(),
+    )?;
+    println!("{}", run.line());
+    Ok(())
 }
 
 /// `conns` connections to `addr` each send `GET /` at `rate / conns` per second for
@@ -1027,7 +1147,7 @@ struct RateRun {
 /// the same schedule unrecorded; a request whose slot has passed is sent at once. Latency runs
 /// from sending the request to reading the whole response. The client's threads run on
 /// `cpus` when given.
-fn fixed_rate(
+fn open_loop(
     addr: SocketAddr,
     host: &str,
     rate: f64,
@@ -1085,21 +1205,22 @@ fn fixed_rate(
             })
         })
         .collect();
-    let mut run = RateRun {
-        latencies_us: Vec::new(),
-        achieved: 0.0,
-        late: 0,
-    };
+    let mut all = Vec::new();
+    let mut late = 0;
     for thread in threads {
-        let (latencies, late) = thread
+        let (latencies, thread_late) = thread
             .join()
             .map_err(|_| anyhow!("a client thread panicked"))??;
-        run.latencies_us.extend(latencies);
-        run.late += late;
+        all.extend(latencies);
+        late += thread_late;
     }
-    // Over the time actually taken: a client that fell behind sends its last requests late.
-    run.achieved = run.latencies_us.len() as f64 / measured_from.elapsed().as_secs_f64();
-    Ok(run)
+    Ok(RateRun {
+        p50_us: percentile(&all, 50.0),
+        p99_us: percentile(&all, 99.0),
+        // Over the time actually taken: a client that fell behind sends its last requests late.
+        achieved: all.len() as f64 / measured_from.elapsed().as_secs_f64(),
+        late,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1505,14 +1626,8 @@ struct RateResult {
 }
 
 fn rate_result(runs: &[RateRun]) -> RateResult {
-    let p99s: Vec<f64> = runs
-        .iter()
-        .map(|r| percentile(&r.latencies_us, 99.0))
-        .collect();
-    let p50s: Vec<f64> = runs
-        .iter()
-        .map(|r| percentile(&r.latencies_us, 50.0))
-        .collect();
+    let p99s: Vec<f64> = runs.iter().map(|r| r.p99_us).collect();
+    let p50s: Vec<f64> = runs.iter().map(|r| r.p50_us).collect();
     RateResult {
         p99_us: percentile(&p99s, 50.0),
         p50_us: percentile(&p50s, 50.0),
@@ -1713,8 +1828,8 @@ fn fixed_rate_peers(
                 plan.runs,
                 target.name,
                 r.achieved,
-                percentile(&r.latencies_us, 50.0),
-                percentile(&r.latencies_us, 99.0),
+                r.p50_us,
+                r.p99_us,
                 r.late
             );
             runs[i].push(r);
@@ -1848,7 +1963,8 @@ fn cpu_gate(
             }
         }
         let (off, on) = (rate_result(&off), rate_result(&on));
-        let requests = rate * duration.as_secs_f64() * plan.runs as f64;
+        // The unrecorded warm-up's requests wake instances too.
+        let requests = rate * (duration + RATE_WARMUP).as_secs_f64() * plan.runs as f64;
         eprintln!(
             "gate {label}: off p50 {:.1} p99 {:.1} µs, on p50 {:.1} p99 {:.1} µs, {wakes} wakes",
             off.p50_us, off.p99_us, on.p50_us, on.p99_us
@@ -2205,6 +2321,40 @@ fn print_table<const N: usize>(headers: &[&str], cells: &[[String; N]]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_clients_line_is_read_back() {
+        let run = RateRun {
+            p50_us: 112.5,
+            p99_us: 1642.0,
+            achieved: 21772.3,
+            late: 4087,
+        };
+        assert_eq!(RateRun::parse(&run.line()).unwrap(), run);
+        let err = RateRun::parse("112.5 1642.0 21772.3").unwrap_err();
+        assert!(
+            err.to_string().contains("not `p50 p99 achieved late`"),
+            "{err}"
+        );
+        let err = RateRun::parse("112.5 x 21772.3 3").unwrap_err();
+        assert!(format!("{err:#}").contains("p99, \"x\""), "{err:#}");
+        assert!(
+            RateRun::parse("1 2 3 -4").is_err(),
+            "a count is never negative"
+        );
+    }
+
+    #[test]
+    fn the_rate_client_names_what_is_missing() {
+        let args = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let err = rate_client(args(&["127.0.0.1:1", "h"]).into_iter()).unwrap_err();
+        assert!(err.to_string().starts_with("RATE missing"), "{err}");
+        let err = rate_client(args(&["127.0.0.1:1", "h", "10", "0", "5"]).into_iter()).unwrap_err();
+        assert!(err.to_string().contains("must be positive"), "{err}");
+        let err = rate_client(args(&["127.0.0.1:1", "h", "10", "1", "5", "0,x"]).into_iter())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("CPU \"x\""), "{err:#}");
+    }
 
     #[test]
     fn wrk_output_is_parsed() {
