@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 
-/// The CPUs this process may run on, ascending.
+/// The CPUs the calling thread may run on, ascending (the process's, from a thread nobody
+/// pinned).
 pub fn allowed_cpus() -> Result<Vec<usize>> {
     let set = sched_getaffinity(Pid::from_raw(0)).context("read this process's CPU affinity")?;
     Ok((0..CpuSet::count())

@@ -348,7 +348,7 @@ pub async fn exec(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
     let hold = match c.engine.hold_cpu(r.param("name"), &id).await {
         Ok(hold) => hold,
         Err(e) => {
-            tracing::warn!(service = r.param("name"), instance = %id, "hold the CPU for an exec: {e}");
+            tracing::warn!(service = r.param("name"), instance = %id, error = %e, "hold the CPU for an exec");
             None
         }
     };

@@ -1095,12 +1095,15 @@ fn fixed_rate(
     }
     let output = command
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
         .output()
         .context("run the fixed-rate client")?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        bail!("the fixed-rate client failed ({}): {text}", output.status);
+        bail!(
+            "the fixed-rate client failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     RateRun::parse(text.trim())
 }
@@ -1111,11 +1114,18 @@ fn rate_client(mut args: impl Iterator<Item = String>) -> Result<()> {
         args.next()
             .with_context(|| format!("{name} missing: {RATE_CLIENT_USAGE}"))
     };
-    let addr: SocketAddr = next("ADDR")?.parse().context("ADDR")?;
+    fn value<T: std::str::FromStr>(name: &str, text: String) -> Result<T>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        text.parse()
+            .with_context(|| format!("{name} {text:?}: {RATE_CLIENT_USAGE}"))
+    }
+    let addr: SocketAddr = value("ADDR", next("ADDR")?)?;
     let host = next("HOST")?;
-    let rate: f64 = next("RATE")?.parse().context("RATE")?;
-    let conns: usize = next("CONNS")?.parse().context("CONNS")?;
-    let millis: u64 = next("MILLIS")?.parse().context("MILLIS")?;
+    let rate: f64 = value("RATE", next("RATE")?)?;
+    let conns: usize = value("CONNS", next("CONNS")?)?;
+    let millis: u64 = value("MILLIS", next("MILLIS")?)?;
     let cpus = match args.next() {
         Some(list) => Some(
             list.split(',')
@@ -1127,7 +1137,7 @@ fn rate_client(mut args: impl Iterator<Item = String>) -> Result<()> {
     if let Some(extra) = args.next() {
         bail!("unexpected {extra:?}: {RATE_CLIENT_USAGE}");
     }
-    if rate <= 0.0 || conns == 0 {
+    if !(rate.is_finite() && rate > 0.0) || conns == 0 {
         bail!("RATE and CONNS must be positive: {RATE_CLIENT_USAGE}");
     }
     let run = open_loop(
@@ -1708,7 +1718,11 @@ impl Pinned {
         pin(me, Some(PROXY_THREAD_NAME), &split.proxy)?;
         pin(me, Some(DRIVER_THREAD_NAME), &split.proxy)?;
         for peer in ["nginx", "haproxy"] {
-            for pid in tree_pids(peers.pid(peer)) {
+            let root = peers.pid(peer);
+            if root == 0 {
+                bail!("{peer} is not running: nothing to pin");
+            }
+            for pid in tree_pids(root) {
                 pin(pid, None, &split.proxy)?;
             }
         }
@@ -1718,8 +1732,13 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        for &(pid, prefix) in &self.tasks {
-            if let Err(e) = affinity::pin_threads(pid, prefix, &self.all) {
+        // Every thread of each process, not only those pinned: threads they started meanwhile
+        // inherited the pin, whatever their names.
+        let mut pids: Vec<u32> = self.tasks.iter().map(|&(pid, _)| pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            if let Err(e) = affinity::pin_threads(pid, None, &self.all) {
                 eprintln!("lull-bench-proxy: unpin process {pid}: {e:#}");
             }
         }
@@ -1844,7 +1863,7 @@ fn fixed_rate_peers(
         RateOf::HalfOfDirect(_) => {
             report.rows.push(Row {
                 name: format!(
-                    "p99 lull adds over direct at {rate:.0} req/s (half of direct's best; proxy on a CPU of its own)"
+                    "p99 lull adds over direct at {rate:.0} req/s (half of direct's best; proxy on CPUs of its own)"
                 ),
                 target: "≤ 500 µs".into(),
                 measured: format!("{lull_added:.0} µs"),
