@@ -419,8 +419,9 @@ impl Pool {
     /// Holds instance `id`'s CPU until the returned guard is dropped: restored now (thawed if
     /// frozen) and never throttled or frozen while held, as for a health check. For an
     /// operator's command running in the instance (`lull exec`): not a request, so it takes no
-    /// slot and counts as no traffic. `None` when the instance is not in the pool.
-    pub fn hold_cpu(self: &Arc<Self>, id: &str) -> Option<CpuHold> {
+    /// slot and counts as no traffic. `None` when the instance is not in the pool. The hold
+    /// tells whether the CPU could be restored ([`CpuHold::cpu_restored`]).
+    pub fn hold_cpu(&self, id: &str) -> Option<CpuHold> {
         let slot = self
             .lock()
             .entries
@@ -428,9 +429,11 @@ impl Pool {
             .find(|e| e.slot.id == id)
             .map(|e| e.slot.clone())?;
         slot.gate.enter_probe();
+        let cpu_restored = !slot.gate.meter().is_throttled;
         Some(CpuHold {
-            pool: self.clone(),
+            service: self.service.clone(),
             slot,
+            cpu_restored,
         })
     }
 
@@ -684,44 +687,7 @@ impl Pool {
 
     /// Acts on what the gate said once something stopped holding an instance's CPU.
     pub(crate) fn on_idle(&self, slot: &Arc<Slot>, idle: Idle) {
-        let (delay, generation) = match idle {
-            Idle::Nothing => return,
-            Idle::Throttled => return Self::arm_freeze(slot),
-            Idle::Timer { delay, generation } => (delay, generation),
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(service = %self.service, instance = %slot.id, "no tokio runtime for the idle timer: the instance stays unthrottled");
-            return;
-        };
-        let slot = Arc::downgrade(slot);
-        runtime.spawn(async move {
-            tokio::time::sleep(delay).await;
-            if let Some(slot) = slot.upgrade()
-                && slot.gate.on_idle_timer(generation)
-            {
-                Self::arm_freeze(&slot);
-            }
-        });
-    }
-
-    /// Idle tier 2: once throttled, a service with `freeze_after` freezes the instance after
-    /// that much more idle time (any activity in between makes the timer a no-op).
-    fn arm_freeze(slot: &Arc<Slot>) {
-        let Some((delay, generation)) = slot.gate.freeze_timer() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let slot = Arc::downgrade(slot);
-        runtime.spawn(async move {
-            tokio::time::sleep(delay).await;
-            if let Some(slot) = slot.upgrade() {
-                // The kernel takes a moment to freeze every task: not on a proxy thread.
-                let _ = tokio::task::spawn_blocking(move || slot.gate.on_freeze_timer(generation))
-                    .await;
-            }
-        });
+        on_idle(&self.service, slot, idle);
     }
 
     fn after_leave(&self, slot: &Arc<Slot>, left: Left) {
@@ -880,6 +846,49 @@ impl Pool {
     }
 }
 
+/// Acts on what an instance's gate said once something stopped holding its CPU: arms the
+/// idle timer, or the freeze timer once throttled. The timers hold the slot weakly.
+fn on_idle(service: &str, slot: &Arc<Slot>, idle: Idle) {
+    let (delay, generation) = match idle {
+        Idle::Nothing => return,
+        Idle::Throttled => return arm_freeze(slot),
+        Idle::Timer { delay, generation } => (delay, generation),
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(service, instance = %slot.id, "no tokio runtime for the idle timer: the instance stays unthrottled");
+        return;
+    };
+    let slot = Arc::downgrade(slot);
+    runtime.spawn(async move {
+        tokio::time::sleep(delay).await;
+        if let Some(slot) = slot.upgrade()
+            && slot.gate.on_idle_timer(generation)
+        {
+            arm_freeze(&slot);
+        }
+    });
+}
+
+/// Idle tier 2: once throttled, a service with `freeze_after` freezes the instance after
+/// that much more idle time (any activity in between makes the timer a no-op).
+fn arm_freeze(slot: &Arc<Slot>) {
+    let Some((delay, generation)) = slot.gate.freeze_timer() else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let slot = Arc::downgrade(slot);
+    runtime.spawn(async move {
+        tokio::time::sleep(delay).await;
+        if let Some(slot) = slot.upgrade() {
+            // The kernel takes a moment to freeze every task: not on a proxy thread.
+            let _ =
+                tokio::task::spawn_blocking(move || slot.gate.on_freeze_timer(generation)).await;
+        }
+    });
+}
+
 fn oldest_wait(inner: &Inner) -> Duration {
     inner
         .queue
@@ -909,23 +918,33 @@ fn pick(inner: &mut Inner, max: u32, avoid: Option<&str>) -> Option<usize> {
 }
 
 /// An instance's CPU held by [`Pool::hold_cpu`]; dropping it lets the gate throttle the
-/// instance again once nothing else holds it.
+/// instance again once nothing else holds it. It does not keep the pool alive: the instance's
+/// gate and its timers work on their own.
 pub struct CpuHold {
-    pool: Arc<Pool>,
+    service: String,
     slot: Arc<Slot>,
+    cpu_restored: bool,
 }
 
 impl CpuHold {
     pub fn instance(&self) -> &str {
         &self.slot.id
     }
+
+    /// Whether the instance had its CPU when the hold began: false when restoring (or
+    /// thawing) it failed, so the instance may still be throttled (the gate logged why and
+    /// counts the failure).
+    pub fn cpu_restored(&self) -> bool {
+        self.cpu_restored
+    }
 }
 
 impl std::fmt::Debug for CpuHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CpuHold")
-            .field("service", &self.pool.service)
+            .field("service", &self.service)
             .field("instance", &self.slot.id)
+            .field("cpu_restored", &self.cpu_restored)
             .finish()
     }
 }
@@ -933,7 +952,7 @@ impl std::fmt::Debug for CpuHold {
 impl Drop for CpuHold {
     fn drop(&mut self) {
         let idle = self.slot.gate.leave_probe();
-        self.pool.on_idle(&self.slot, idle);
+        on_idle(&self.service, &self.slot, idle);
     }
 }
 
@@ -946,6 +965,8 @@ mod tests {
     #[derive(Default)]
     pub(crate) struct FakeCpu {
         pub(crate) calls: Mutex<Vec<&'static str>>,
+        /// Makes `restore` fail (the call is still recorded).
+        pub(crate) fail_restore: std::sync::atomic::AtomicBool,
     }
 
     impl FakeCpu {
@@ -957,6 +978,9 @@ mod tests {
     impl CpuControl for FakeCpu {
         fn restore(&self) -> Result<(), String> {
             self.calls.lock().unwrap().push("restore");
+            if self.fail_restore.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("cpu.cfs_quota_us: permission denied".into());
+            }
             Ok(())
         }
         fn throttle(&self) -> Result<(), String> {
@@ -1319,6 +1343,31 @@ mod tests {
             ["throttle", "restore", "throttle", "restore"],
             "restored by the hold, never throttled after the removal"
         );
+    }
+
+    #[tokio::test]
+    async fn a_cpu_hold_tells_a_failed_restore_and_outlives_its_pool() {
+        let f = fixture(&["a"], |_| {});
+        let cpu = &f.cpus["a"];
+        let hold = f.pool.hold_cpu("a").unwrap();
+        assert!(hold.cpu_restored());
+        drop(hold);
+        cpu.fail_restore
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let hold = f.pool.hold_cpu("a").unwrap();
+        assert!(!hold.cpu_restored(), "the restore failed: {hold:?}");
+        assert_eq!(f.pool.snapshot().instances[0].gate.failures, 1);
+        drop(hold);
+        // Restoring works again; a hold that outlives its pool still lets the gate throttle.
+        cpu.fail_restore
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let hold = f.pool.hold_cpu("a").unwrap();
+        assert!(hold.cpu_restored());
+        let Fixture { pool, .. } = f;
+        assert_eq!(Arc::strong_count(&pool), 1, "the hold keeps no pool alive");
+        drop(pool);
+        drop(hold);
+        assert_eq!(cpu.calls().last(), Some(&"throttle"));
     }
 
     #[tokio::test]

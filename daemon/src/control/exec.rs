@@ -346,6 +346,12 @@ pub async fn exec(c: Arc<Control>, r: ApiRequest) -> Result<Reply, ApiError> {
     // The command runs with the instance's CPU: the gate neither throttles nor freezes it until
     // the stream ends (a request ending meanwhile leaves it alone too).
     let hold = match c.engine.hold_cpu(r.param("name"), &id).await {
+        Ok(Some(hold)) if !hold.cpu_restored() => {
+            // The host restores the CPU once more when it starts the command; the gate's
+            // failure count (metrics) and its log line say why the first try failed.
+            tracing::warn!(service = r.param("name"), instance = %id, "the gate could not restore the CPU for an exec");
+            Some(hold)
+        }
         Ok(hold) => hold,
         Err(e) => {
             tracing::warn!(service = r.param("name"), instance = %id, error = %e, "hold the CPU for an exec");
