@@ -32,7 +32,8 @@
 //!   `FileDescriptorStoreMax=` of at least the proxy's sockets (addresses × CPUs) plus two,
 //!   and `NotifyAccess=all`: after an upgrade the old daemon tells systemd the new main pid
 //!   (`MAINPID=`), and the new daemon's own messages come from a process that was not the main
-//!   one when it started. The watchdog (`WatchdogSec=`) is fed at half its interval.
+//!   one when it started. The watchdog (`WatchdogSec=`) is fed at half its interval while the
+//!   state store and every proxy thread answer (see [`crate::watchdog`]).
 //!
 //! Only a crash (`kill -9`) leaves a gap: until the next daemon is up, connections are
 //! refused, unless systemd holds the sockets in its fd store.
@@ -233,7 +234,8 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: Option<&str>) -> Result<ExitC
     let daemon = Running::start_with(&config, cgroup_parent, passed.listeners).await?;
     daemon.store_fds();
     report_ready(passed.ready);
-    let _watchdog = spawn_watchdog(daemon.control.store.clone());
+    let _watchdog =
+        crate::watchdog::spawn(daemon.control.store.clone(), daemon.proxy_threads.clone());
     loop {
         match wait_for_signal().await {
             Signal::Stop => break,
@@ -261,7 +263,7 @@ pub async fn run(args: &DaemonArgs, cgroup_parent: Option<&str>) -> Result<ExitC
 }
 
 /// Sends `state` to systemd when it started us; a failure is logged.
-fn notify(state: &[(&str, &str)]) {
+pub(crate) fn notify(state: &[(&str, &str)]) {
     if let Err(e) = lull_systemd::notify(state) {
         tracing::warn!("sd_notify: {e}");
     }
@@ -280,43 +282,6 @@ fn report_ready(handover: Option<OwnedFd>) {
         }
         None => notify(&[("READY", "1"), ("STATUS", "serving")]),
     }
-}
-
-/// Feeds systemd's watchdog at half its interval, when it set one.
-fn spawn_watchdog(store: Arc<dyn Store>) -> Option<tokio::task::JoinHandle<()>> {
-    let interval = match lull_systemd::watchdog_interval() {
-        Ok(Some(interval)) => interval,
-        Ok(None) => return None,
-        Err(e) => {
-            tracing::warn!("{e}");
-            return None;
-        }
-    };
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval / 2);
-        loop {
-            tick.tick().await;
-            // A ping says the daemon works: its runtime runs this task, and its state store
-            // answers. A daemon whose store hangs is restarted by systemd (instances adopted).
-            let store = store.clone();
-            let answered = tokio::time::timeout(
-                interval / 4,
-                tokio::task::spawn_blocking(move || store.list_services().map(|s| s.len())),
-            )
-            .await;
-            match answered {
-                // `systemctl status lull` shows the status line.
-                Ok(Ok(Ok(services))) => notify(&[
-                    ("WATCHDOG", "1"),
-                    ("STATUS", &format!("serving {services} service(s)")),
-                ]),
-                Ok(Ok(Err(e))) => {
-                    tracing::error!("watchdog: the state store failed ({e}): no ping")
-                }
-                _ => tracing::error!("watchdog: the state store did not answer in time: no ping"),
-            }
-        }
-    }))
 }
 
 enum Signal {
@@ -445,6 +410,8 @@ pub struct Running {
     /// Duplicates of the admin socket and the metrics socket, to pass on.
     admin_fd: OwnedFd,
     metrics_fd: Option<OwnedFd>,
+    /// The runtimes of the proxy's threads (none without a listener), for the watchdog.
+    proxy_threads: Vec<tokio::runtime::Handle>,
 }
 
 impl Running {
@@ -610,9 +577,11 @@ impl Running {
             // the adopted instances answer here, not into pools with none in rotation.
             wait_for_rotation(&routes, ROTATION_WAIT).await;
         }
+        let mut proxy_threads = Vec::new();
         if !http_sockets.is_empty() || !https_sockets.is_empty() {
             let runtimes = lull_proxy::server::spawn_runtimes(cpus, "lull-proxy")
                 .context("start the proxy's threads")?;
+            proxy_threads = runtimes.clone();
             for sockets in http_sockets {
                 let bound = proxy
                     .listen_on_sockets(sockets, &runtimes)
@@ -693,6 +662,7 @@ impl Running {
             acme_task,
             admin_fd,
             metrics_fd,
+            proxy_threads,
         })
     }
 

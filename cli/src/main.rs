@@ -14,6 +14,7 @@ mod run;
 mod secrets;
 mod size;
 mod up;
+mod watchdog;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
