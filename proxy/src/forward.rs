@@ -277,6 +277,40 @@ pub(crate) struct ConnInfo {
     /// Bodiless requests go to HTTP/1 instances over plain sockets (`fast::upstream`), not
     /// hyper's client ([`crate::ProxyOptions::http1_fast_path`]).
     pub plain_upstream: bool,
+    /// Set by a server that records each request once it has written the response's last
+    /// bytes (the proxy's own HTTP/2 server): see [`AfterWrite`].
+    pub after_write: Option<AfterWrite>,
+}
+
+/// Requests whose response has ended but whose last bytes may still wait in their
+/// connection's write buffer: the connection records them ([`Finish`] dropped: pool slot,
+/// CPU gate, metrics, access log) once it has tried to write those bytes, so that recording
+/// (a throttle is a cgroup write) never delays a response, and a client slow to read never
+/// holds an instance's slot or CPU (the connection writes what it can and records then,
+/// written or not).
+#[derive(Clone, Default)]
+pub(crate) struct AfterWrite(Arc<Mutex<Vec<Finish>>>);
+
+impl AfterWrite {
+    fn defer(&self, finish: Finish) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(finish);
+    }
+
+    /// Records every request deferred so far. `spare` is the caller's own vector, swapped
+    /// in so that neither side allocates once warm; the records are made outside the lock.
+    pub(crate) fn record(&self, spare: &mut Vec<Finish>) {
+        {
+            let mut deferred = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if deferred.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *deferred, spare);
+        }
+        spare.clear();
+    }
 }
 
 /// Upgraded connections (WebSockets) still open, for shutdown.
@@ -432,15 +466,44 @@ struct ResponseBody<B> {
     finish: Option<Finish>,
     deadline: Option<Pin<Box<Sleep>>>,
     checkout: Option<Checkout>,
+    /// Where the request is recorded when it ended whole, if the client's connection
+    /// records after writing (else at once).
+    after_write: Option<AfterWrite>,
 }
 
 impl<B> ResponseBody<B> {
     /// The response ended whole: the connection may serve another request.
     fn ended(&mut self) {
-        self.finish.take();
+        self.record();
         if let Some(c) = self.checkout.take() {
             c.give_back();
         }
+    }
+
+    fn record(&mut self) {
+        let Some(finish) = self.finish.take() else {
+            return;
+        };
+        let Some(after_write) = &self.after_write else {
+            return drop(finish);
+        };
+        // A request body nobody will read goes now, as it would with the record (its reader
+        // decides whether the client's upload is still wanted), not once the connection
+        // records. One the instance's connection may still read stays where it is.
+        if let Some(shared) = &finish.body
+            && Arc::strong_count(shared) == 1
+        {
+            drop(shared.slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
+        after_write.defer(finish);
+    }
+}
+
+impl<B> Drop for ResponseBody<B> {
+    fn drop(&mut self) {
+        // Dropped unpolled (the response ended with its head: a 204, an empty answer) or
+        // mid-way (the client reset the stream or left).
+        self.record();
     }
 }
 
@@ -824,6 +887,7 @@ fn answer(mut finish: Finish, resp: Response<ProxyBody>) -> Response<ProxyBody> 
         finish: Some(finish),
         deadline: None,
         checkout: None,
+        after_write: None,
     }
     .boxed_unsync();
     Response::from_parts(parts, body)
@@ -947,7 +1011,14 @@ async fn forward(
             fast::upstream::Outcome::Answered(lease, answered) => {
                 let addr = lease.addr();
                 finish.lease = Some(lease);
-                respond_plain(config, finish, answered, addr, deadline)
+                respond_plain(
+                    config,
+                    conn.after_write.clone(),
+                    finish,
+                    answered,
+                    addr,
+                    deadline,
+                )
             }
             fast::upstream::Outcome::Refused(status, text, retry_after) => {
                 answer(finish, refused(status, text, retry_after))
@@ -1274,6 +1345,7 @@ fn respond(
         finish: Some(finish),
         deadline: (!sse).then_some(deadline),
         checkout,
+        after_write: conn.after_write.clone(),
     };
     if body.inner.is_end_stream()
         && let Some(c) = body.checkout.take()
@@ -1288,6 +1360,7 @@ fn respond(
 /// from the socket as hyper's server asks for it.
 fn respond_plain(
     config: &ServiceConfig,
+    after_write: Option<AfterWrite>,
     mut finish: Finish,
     mut answered: fast::upstream::Answered,
     addr: SocketAddr,
@@ -1315,6 +1388,7 @@ fn respond_plain(
         finish: Some(finish),
         deadline: (!sse).then(|| Box::pin(tokio::time::sleep_until(deadline))),
         checkout: None,
+        after_write,
     };
     let mut resp = Response::new(body.boxed_unsync());
     *resp.status_mut() = status;

@@ -627,6 +627,7 @@ async fn serve<IO>(
         closing: shared.close.subscribe(),
         streams: shared.streams.clone(),
         plain_upstream: shared.options.http1_fast_path,
+        after_write: None,
     };
     let heard = Arc::new(AtomicBool::new(false));
     let mut io = Touch::new(
@@ -671,6 +672,12 @@ async fn serve<IO>(
     let own_h2 = shared.options.own_http2
         && (!http1 || (shared.options.http1_fast_path && prefix.starts_with(H2C_PREFACE_LINE)));
     if own_h2 {
+        // Each request is recorded once its response's last bytes were written.
+        let after_write = forward::AfterWrite::default();
+        let info = ConnInfo {
+            after_write: Some(after_write.clone()),
+            ..info
+        };
         // One reference per request, not one per field of the connection's info.
         let handling = Arc::new((shared.clone(), info));
         let service = move |req| -> h2::conn::Answer {
@@ -688,7 +695,13 @@ async fn serve<IO>(
             },
             ..h2::Config::default()
         };
-        let conn = std::pin::pin!(h2::Connection::new(io, prefix, service, config));
+        let conn = std::pin::pin!(h2::Connection::new(
+            io,
+            prefix,
+            service,
+            config,
+            after_write
+        ));
         watch.drive(conn, |c| c.get_mut().graceful_shutdown()).await;
         return;
     }

@@ -8,7 +8,7 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -17,6 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lull_proxy::config::ServiceConfig;
+use lull_proxy::pool::{InstanceSpec, Pool};
+use lull_proxy::routes::Route;
 use lull_proxy::{Proxy, ProxyOptions, RouteTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1113,6 +1115,81 @@ async fn a_window_the_client_changes_mid_stream_applies_at_once() {
     c.send(WINDOW_UPDATE, 0, 1, &100_000u32.to_be_bytes()).await;
     got += c.data_to_end().await;
     assert_eq!(got, 50_000);
+}
+
+/// A CPU control whose throttle, once armed, takes [`SLOW_THROTTLE`] (a cgroup write on a busy
+/// host, exaggerated).
+#[derive(Default)]
+struct SlowThrottle {
+    armed: AtomicBool,
+    throttles: AtomicUsize,
+}
+
+const SLOW_THROTTLE: Duration = Duration::from_secs(1);
+
+impl lull_proxy::gate::CpuControl for SlowThrottle {
+    fn restore(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn throttle(&self) -> Result<(), String> {
+        if self.armed.load(Ordering::SeqCst) {
+            std::thread::sleep(SLOW_THROTTLE);
+        }
+        self.throttles.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn usage_ns(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The request is recorded (slot, CPU gate, metrics, log) once the response's last bytes went
+/// out: the throttle after a request never delays its answer, here an empty one (ending with
+/// its head) and one with a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_recorded_after_its_answer_is_written() {
+    let instance = instance().await;
+    let routes = Arc::new(RouteTable::new());
+    let (tx, _events) = tokio::sync::mpsc::unbounded_channel();
+    let pool = Pool::new(HOST, Arc::new(ServiceConfig::default()), tx);
+    let cpu = Arc::new(SlowThrottle::default());
+    pool.add_instance(InstanceSpec {
+        id: "slow".into(),
+        addr: instance.addr,
+        cpu: cpu.clone(),
+    });
+    pool.set_healthy("slow", true, "test");
+    assert_eq!(cpu.throttles.load(Ordering::SeqCst), 1, "idle once healthy");
+    routes.insert(HOST, Route::new(pool.clone(), "rev-1"));
+    // The proxy on a thread of its own, as the daemon runs it: the slow throttle blocks that
+    // thread, not the test's runtime (whose I/O would stall with it).
+    let proxy = Proxy::new(routes, ProxyOptions::default());
+    let runtimes = lull_proxy::server::spawn_runtimes(1, "h2-after-write").unwrap();
+    let sockets = lull_proxy::server::bind_reuse_port("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = proxy.listen_on_sockets(sockets, &runtimes).unwrap();
+    cpu.armed.store(true, Ordering::SeqCst);
+    let mut c = Raw::connect(addr, &[]).await;
+    for (stream, path, status) in [(1, "/a", "200"), (3, "/early", "204")] {
+        let started = std::time::Instant::now();
+        c.request(stream, path, &[], true).await;
+        let a = c.answer(stream).await;
+        let took = started.elapsed();
+        assert_eq!(a.status(), status);
+        assert!(
+            took < SLOW_THROTTLE,
+            "{path}: the answer waited {took:?} for the throttle"
+        );
+        // Recorded after: the slot is free again and the instance throttled.
+        let throttled = (stream as usize).div_ceil(2) + 1;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while cpu.throttles.load(Ordering::SeqCst) < throttled {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{path}: the request was never recorded"));
+        assert_eq!(pool.in_flight("slow"), Some(0));
+    }
 }
 
 /// Waits (10 s at most) for `count` to leave 0.

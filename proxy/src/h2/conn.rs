@@ -23,7 +23,7 @@ mod send;
 use super::body::Recv;
 use super::frame::{self, Code, Error, setting};
 use super::hpack::{self, Limits};
-use crate::forward::{ClientBody, ProxyBody};
+use crate::forward::{AfterWrite, ClientBody, Finish, ProxyBody};
 
 /// The PING sent with a graceful shutdown's first GOAWAY.
 const SHUTDOWN_PING: &[u8; 8] = b"lull-bye";
@@ -187,6 +187,10 @@ pub(crate) struct Connection<IO, S> {
     /// How long to read on after a connection error (see `poll_linger`).
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     write_shut: bool,
+    /// Requests whose response ended, recorded after each write (see [`AfterWrite`]);
+    /// `recording` is the vector swapped with it.
+    after_write: AfterWrite,
+    recording: Vec<Finish>,
 }
 
 impl<IO, S> Connection<IO, S>
@@ -195,7 +199,15 @@ where
     S: FnMut(Request<ClientBody>) -> Answer + Unpin,
 {
     /// Serves `io`, whose first bytes (the preface at least begun) may already be in `read`.
-    pub(crate) fn new(io: IO, read: BytesMut, service: S, config: Config) -> Self {
+    /// `after_write` is where the responses' bodies put their requests to be recorded once
+    /// the connection has written their last bytes (the `ConnInfo` its service uses).
+    pub(crate) fn new(
+        io: IO,
+        read: BytesMut,
+        service: S,
+        config: Config,
+        after_write: AfterWrite,
+    ) -> Self {
         let mut wbuf = BytesMut::with_capacity(16 * 1024);
         frame::put_settings(
             &mut wbuf,
@@ -253,6 +265,8 @@ where
             flushing: false,
             linger: None,
             write_shut: false,
+            after_write,
+            recording: Vec::new(),
         }
     }
 
@@ -359,6 +373,9 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
+            // Written, or the client takes no more now: either way the responses that ended
+            // are recorded (a slow reader holds no instance's slot or CPU).
+            self.after_write.record(&mut self.recording);
             let settled = self.wbuf.is_empty() && !self.flushing;
             if settled && self.failed {
                 return self.poll_linger(cx);
