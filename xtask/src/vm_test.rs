@@ -59,6 +59,7 @@ const STEPS: &[(u64, &str)] = &[
     (1, "export-crun"),
     (1, "source-export-crun"),
     (1, "gate"),
+    (1, "cpu-limit-view"),
     (1, "restart"),
     (1, "watchdog"),
     (1, "journal-fields"),

@@ -199,6 +199,18 @@ YAML
     rc=$(( rc | $? ))
     report gate $rc "cpu.max '$(cpu_max)' ${throttle_ms} ms after the response (polled every 200 ms); /burn?ms=300 answered in ${burn_ms} ms: $burn"
 
+    # What the app reads of its CPU limit at /sys/fs/cgroup/cpu.max (seen through its root
+    # from here): the limit group's value (1 vCPU by default), not the gate's state in its own
+    # group. Runtimes size themselves from it (Go's GOMAXPROCS, the JVM).
+    begin
+    app=$(app_cgroup)
+    pid=$(head -n 1 "$app/cgroup.procs")
+    inside=$(cat /proc/"$pid"/root/sys/fs/cgroup/cpu.max 2>&1)
+    limit=$(cat "$(dirname "$app")/cpu.max" 2>&1)
+    rc=0
+    [ "$inside" = "100000 100000" ] && [ "$inside" = "$limit" ] || rc=1
+    report cpu-limit-view $rc "inside the instance: '$inside'; limit group: '$limit'; app group (the gate): '$(cpu_max)'"
+
     # systemctl restart with a client running across it: no failed request, instances adopted.
     begin
     before=$(app_pids)

@@ -118,6 +118,24 @@ fn cpu_limit_writes(
     })
 }
 
+/// On cgroup v2, the app's view of its CPU limit: the instance's cgroup namespace starts at its
+/// own group, whose `cpu.max` holds the gate's state (`max 1000000` while busy, 1 ms a second
+/// while idle), so a runtime sizing itself from `/sys/fs/cgroup/cpu.max` (Go's GOMAXPROCS, the
+/// JVM's processor count) would see no limit, or a tiny one. The limit group's `cpu.max` is
+/// bound read-only over it instead: what the app reads there is its configured limit (live),
+/// whatever the gate does. On v1 the cpu hierarchy's view is the limit group already
+/// (`Instances::cgroup_binds`), so nothing is needed.
+fn cpu_limit_view(limit_cgroup: &InstanceCgroup) -> Option<FileBind> {
+    if !limit_cgroup.is_v2() {
+        return None;
+    }
+    let dir = limit_cgroup.controller_dir(Controller::Cpu)?;
+    Some(FileBind {
+        read_only: true,
+        ..FileBind::new(dir.join("cpu.max"), "/sys/fs/cgroup/cpu.max")
+    })
+}
+
 /// Removes the (empty) group `cgroups_path` from every cgroup hierarchy mounted on the host.
 fn remove_everywhere(cgroups_path: &str) -> Result<(), CgroupError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -564,7 +582,11 @@ impl InstanceManager {
             process,
             hostname: req.id.clone(),
             netns: req.netns,
-            files: req.files,
+            files: {
+                let mut files = req.files;
+                files.extend(cpu_limit_view(&limit_cgroup));
+                files
+            },
             cgroups_path: self.cgroups_path(&req.id),
             resources,
             log_limits: req.log_limits,
@@ -880,6 +902,31 @@ mod tests {
         cfg.cgroups_path = "lull/web-1/app".into();
         write_json_atomic(&InstancePaths::new(dir.path()).launch(), &cfg).unwrap();
         assert_eq!(recorded_cgroups_path(dir.path(), "web-1"), None);
+    }
+
+    #[test]
+    fn on_v2_the_app_reads_its_limit_groups_cpu_max() {
+        use crate::cgroup::V1Hierarchies;
+        let v2 = CgroupLayout::V2 {
+            mount_point: PathBuf::from("/sys/fs/cgroup"),
+        };
+        let limit = InstanceCgroup::new(&v2, Path::new("/lull.service/instances/web-1")).unwrap();
+        assert_eq!(
+            cpu_limit_view(&limit),
+            Some(FileBind {
+                source: PathBuf::from("/sys/fs/cgroup/lull.service/instances/web-1/cpu.max"),
+                destination: PathBuf::from("/sys/fs/cgroup/cpu.max"),
+                read_only: true,
+                owned_by_app: false,
+            })
+        );
+        // On v1 the cpu hierarchy's view is the limit group itself (`cgroup_binds`).
+        let v1 = CgroupLayout::V1(V1Hierarchies {
+            cpu: Some(PathBuf::from("/sys/fs/cgroup/cpu")),
+            ..V1Hierarchies::default()
+        });
+        let limit = InstanceCgroup::new(&v1, Path::new("/lull/web-1")).unwrap();
+        assert_eq!(cpu_limit_view(&limit), None);
     }
 
     #[test]

@@ -326,7 +326,7 @@ mod bind_tests {
 #[cfg(test)]
 mod cgroup_mount_tests {
     use super::*;
-    use crate::instance::config::CgroupBind;
+    use crate::instance::config::{CgroupBind, FileBind};
     use crate::instance::test_support::sample_launch_config;
 
     #[test]
@@ -380,5 +380,44 @@ mod cgroup_mount_tests {
             assert_eq!(m["source"], format!("/sys/fs/cgroup/{ctrl}/lull/web-1"));
             assert!(m["options"].as_array().unwrap().iter().any(|o| o == "ro"));
         }
+    }
+
+    #[test]
+    fn v2_hosts_bind_the_limit_groups_cpu_max_over_the_cgroup_mount() {
+        let mut cfg = sample_launch_config();
+        let user = ResolvedUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/root".into(),
+        };
+        cfg.files.push(FileBind {
+            read_only: true,
+            ..FileBind::new(
+                "/sys/fs/cgroup/lull/web-1/cpu.max",
+                "/sys/fs/cgroup/cpu.max",
+            )
+        });
+        let json = serde_json::to_value(build_spec(&cfg, &user)).unwrap();
+        let mounts = json["mounts"].as_array().unwrap();
+        let at = |destination: &str| {
+            mounts
+                .iter()
+                .position(|m| m["destination"] == destination)
+                .unwrap_or_else(|| panic!("no mount at {destination}: {mounts:?}"))
+        };
+        let (cgroup, view) = (at("/sys/fs/cgroup"), at("/sys/fs/cgroup/cpu.max"));
+        assert_eq!(mounts[cgroup]["type"], "cgroup");
+        assert!(cgroup < view, "mounted over the cgroup mount, so after it");
+        let view = &mounts[view];
+        assert_eq!(view["type"], "bind");
+        assert_eq!(view["source"], "/sys/fs/cgroup/lull/web-1/cpu.max");
+        assert!(
+            view["options"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o == "ro")
+        );
     }
 }
