@@ -299,6 +299,24 @@ async fn a_root_app_reads_but_cannot_raise_its_own_limits() {
 }
 
 #[tokio::test]
+async fn a_root_app_runs_under_the_seccomp_filter() {
+    let f = fixture();
+    // A user namespace needs no capability, only the filter refuses it; threads and forks
+    // (busybox forks for each command) still work.
+    let script = "grep '^Seccomp:' /proc/self/status; \
+                  if unshare -U true 2>/dev/null; then echo userns; else echo refused; fi; \
+                  if unshare -n true 2>/dev/null; then echo netns; else echo refused; fi; \
+                  echo forked | cat";
+    let (inst, out) = run_to_success(&f, request(&f, &unique_name("i"), script)).await;
+    assert_eq!(
+        out,
+        ["Seccomp:\t2", "refused", "refused", "forked"],
+        "the filter (mode 2) refuses new namespaces"
+    );
+    f.manager.delete(inst).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_root_app_cannot_open_host_devices() {
     let f = fixture();
     // The host's first disk (virtio or SCSI) and /dev/mem: made with CAP_MKNOD, refused by the

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod overlay;
 pub mod pidfd;
 pub mod process;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod user;

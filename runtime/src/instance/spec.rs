@@ -2,7 +2,7 @@
 //!
 //! Defaults follow runc's: the default mounts, masked and read-only paths of `oci-spec`, own
 //! pid/ipc/uts/mount/cgroup/network namespaces, Docker's default capability set (not all
-//! capabilities), `no_new_privileges`.
+//! capabilities), `no_new_privileges`, and a seccomp filter ([`super::seccomp`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -127,6 +127,7 @@ pub fn build_spec(cfg: &LaunchConfig, user: &ResolvedUser) -> Spec {
     devices.extend(resources.devices().clone().unwrap_or_default());
     resources.set_devices(Some(devices));
     linux.set_resources(Some(resources));
+    linux.set_seccomp(Some(super::seccomp::profile()));
     spec.set_linux(Some(linux));
     if !cfg.cgroup_binds.is_empty() {
         spec.set_mounts(Some(v1_cgroup_mounts(
