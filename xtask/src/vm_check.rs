@@ -14,6 +14,8 @@ use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
 const MARKER: &str = "LULL-VM-RESULT ";
+/// Where Debian's libseccomp-dev puts `libseccomp.a` (the guest links it statically).
+const SECCOMP_LIB_DIR: &str = "/usr/lib/x86_64-linux-gnu";
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const THROTTLED_CPU_MAX: &str = "1000 1000000";
 const RESTORED_CPU_MAX: &str = "max 100000";
@@ -192,8 +194,9 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
         .context("xtask has no parent directory")
 }
 
-/// `RUSTFLAGS="-C target-feature=+crt-static" cargo build -p lull-tests --bin lull-vm-guest
-/// --release --target x86_64-unknown-linux-gnu`, in its own target dir so that normal builds keep
+/// `RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static cargo build -p
+/// lull-tests --bin lull-vm-guest --release --target x86_64-unknown-linux-gnu`, in its own
+/// target dir so that normal builds keep
 /// their artifacts.
 fn build_guest(root: &Path) -> anyhow::Result<PathBuf> {
     let target_dir = root.join("target/static");
@@ -202,6 +205,10 @@ fn build_guest(root: &Path) -> anyhow::Result<PathBuf> {
     let status = Command::new(cargo)
         .current_dir(root)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // libcontainer's seccomp support links libseccomp: statically here (libseccomp-dev
+        // ships the archive), as a static binary cannot load the shared library.
+        .env("LIBSECCOMP_LINK_TYPE", "static")
+        .env("LIBSECCOMP_LIB_PATH", SECCOMP_LIB_DIR)
         .args([
             "build",
             "-p",
